@@ -1,0 +1,190 @@
+//! Types and constants shared by the eBPF programs and the agent.
+//!
+//! Every map the guard uses is described here once: its name (which is also its pin file name
+//! under the pin dir), its size, and the `#[repr(C)]` layout of its keys and values. Ports in map
+//! keys and values are in **host byte order**; the programs convert the kernel's network-order
+//! `user_port` before any lookup.
+#![no_std]
+
+/// Bumped whenever a map layout below changes. The agent refuses to adopt pins written by a
+/// different layout instead of misreading them.
+pub const ABI_VERSION: u32 = 1;
+
+/// Number of distinct reserved ranges. A range is one bit in an allowed cgroup's mask.
+pub const MAX_RANGES: usize = 64;
+/// Number of allowed cgroups (all ranges together).
+pub const MAX_ALLOWED: u32 = 4096;
+/// Number of simultaneous leases: one per port at most.
+pub const MAX_LEASES: u32 = 65536;
+/// Deepest cgroup level the allowed-cgroup walk looks at (the root is level 0).
+pub const MAX_CGROUP_LEVEL: u32 = 63;
+/// Size of the denial event ring buffer in bytes (a power of two, multiple of the page size).
+pub const EVENTS_BYTES: u32 = 256 * 1024;
+
+/// `Array<PortEntry>` indexed by port (host order), 65536 entries: the O(1) "is it reserved" test.
+pub const MAP_PORTS: &str = "PG_PORTS";
+/// `Array<RangeDef>` indexed by range slot, [`MAX_RANGES`] entries: the ranges as configured.
+pub const MAP_RANGES: &str = "PG_RANGES";
+/// `HashMap<u64 cgroup id, u64 range mask>`: bit `s` set means the cgroup (and every cgroup below
+/// it) may bind unleased ports of the range in slot `s`.
+pub const MAP_ALLOWED: &str = "PG_ALLOWED";
+/// `HashMap<u32 port (host order), Lease>`: a leased port is bindable only from its cgroup or below.
+pub const MAP_LEASES: &str = "PG_LEASES";
+/// `Array<GuardConfig>`, one entry: mode, errno and bookkeeping.
+pub const MAP_CONFIG: &str = "PG_CONFIG";
+/// `PerCpuArray<u64>` indexed by [`counter_index`].
+pub const MAP_COUNTERS: &str = "PG_COUNTERS";
+/// `RingBuf` of [`DenialEvent`].
+pub const MAP_EVENTS: &str = "PG_EVENTS";
+
+/// Program names in the object (the function names).
+pub const PROG_BIND4: &str = "port_guard_bind4";
+pub const PROG_BIND6: &str = "port_guard_bind6";
+
+/// Load-time constant: 1 when the kernel has `bpf_set_retval` for cgroup sock_addr programs
+/// (6.1+). With 0 the call is dead code the verifier removes, so the object loads on 5.10.
+pub const GLOBAL_USE_RETVAL: &str = "USE_RETVAL";
+
+/// Protocol bits in [`PortEntry::protocols`] and [`RangeDef::protocols`].
+pub const PROTO_TCP: u16 = 1;
+pub const PROTO_UDP: u16 = 2;
+
+/// Kinds of counters, per range slot and protocol.
+pub const COUNTER_ALLOWED: u32 = 0;
+pub const COUNTER_DENIED: u32 = 1;
+pub const COUNTER_AUDITED: u32 = 2;
+pub const COUNTER_KINDS: u32 = 3;
+/// Entries in [`MAP_COUNTERS`].
+pub const COUNTERS_LEN: u32 = MAX_RANGES as u32 * 2 * COUNTER_KINDS;
+
+/// Index into [`MAP_COUNTERS`] for range slot `slot`, protocol index `proto` (0 tcp, 1 udp) and
+/// counter `kind`.
+#[inline(always)]
+pub const fn counter_index(slot: u32, proto: u32, kind: u32) -> u32 {
+    (slot * 2 + proto) * COUNTER_KINDS + kind
+}
+
+/// `GuardConfig::mode` values.
+pub const MODE_ENFORCE: u32 = 0;
+pub const MODE_AUDIT: u32 = 1;
+
+/// Value of [`MAP_PORTS`]. `slot` is the range slot plus one; 0 means "not reserved".
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[repr(C)]
+pub struct PortEntry {
+    pub slot: u16,
+    pub protocols: u16,
+}
+
+/// Value of [`MAP_RANGES`]. `in_use` is 1 for a configured slot.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[repr(C)]
+pub struct RangeDef {
+    pub first: u16,
+    pub last: u16,
+    pub protocols: u16,
+    pub in_use: u16,
+}
+
+/// Value of [`MAP_LEASES`].
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[repr(C)]
+pub struct Lease {
+    /// The lessee cgroup's id (its inode number on the cgroup2 mount).
+    pub cgroup_id: u64,
+    /// The lessee cgroup's level (root = 0): the program compares the caller's ancestor at this
+    /// level with `cgroup_id`, one helper call whatever the depth.
+    pub level: u32,
+    pub _pad: u32,
+    /// When the lease was made, seconds since the Unix epoch.
+    pub since: u64,
+}
+
+/// Value of [`MAP_CONFIG`] slot 0.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[repr(C)]
+pub struct GuardConfig {
+    /// [`ABI_VERSION`] of the agent that wrote it.
+    pub abi: u32,
+    /// [`MODE_ENFORCE`] or [`MODE_AUDIT`].
+    pub mode: u32,
+    /// Positive errno a refused bind returns where the kernel can set it (EPERM, EACCES,
+    /// EADDRINUSE).
+    pub errno: u32,
+    /// Bit flags, [`FLAG_PROTECT_EPHEMERAL`].
+    pub flags: u32,
+    /// Bit `l` set when some allowed cgroup sits at level `l`: the walk skips other levels.
+    pub allowed_levels: u64,
+    /// The attach cgroup's id, for `status`.
+    pub attach_cgroup_id: u64,
+    /// The spawn parent cgroup's id, for `status` and the allocator.
+    pub spawn_parent_id: u64,
+}
+
+/// The reserved ranges were merged into net.ipv4.ip_local_reserved_ports.
+pub const FLAG_PROTECT_EPHEMERAL: u32 = 1;
+/// The kernel sets the configured errno (bpf_set_retval); without it refused binds get EPERM.
+pub const FLAG_RETVAL: u32 = 2;
+
+/// Event kinds in [`DenialEvent::action`].
+pub const ACTION_DENIED: u8 = 1;
+pub const ACTION_AUDITED: u8 = 2;
+
+/// One refused (or, in audit mode, would-be-refused) bind, sent through [`MAP_EVENTS`].
+#[derive(Clone, Copy, Debug)]
+#[repr(C)]
+pub struct DenialEvent {
+    pub cgroup_id: u64,
+    /// Thread id (kernel pid).
+    pub pid: u32,
+    /// Process id (kernel tgid).
+    pub tgid: u32,
+    /// Port, host order.
+    pub port: u16,
+    /// [`PROTO_TCP`] or [`PROTO_UDP`].
+    pub protocol: u8,
+    /// 4 or 6: the hook that saw it (a v4-mapped bind on a v6 socket is 6).
+    pub family: u8,
+    /// [`ACTION_DENIED`] or [`ACTION_AUDITED`].
+    pub action: u8,
+    /// 1 when the port was leased to another cgroup.
+    pub leased: u8,
+    pub _pad: [u8; 2],
+    /// The errno the caller got (0 in audit mode).
+    pub errno: u32,
+    pub comm: [u8; 16],
+}
+
+#[cfg(feature = "user")]
+mod pod {
+    // SAFETY: all of these are #[repr(C)], Copy, and have explicit padding, so every bit pattern
+    // is a valid value.
+    unsafe impl aya::Pod for super::PortEntry {}
+    unsafe impl aya::Pod for super::RangeDef {}
+    unsafe impl aya::Pod for super::Lease {}
+    unsafe impl aya::Pod for super::GuardConfig {}
+    unsafe impl aya::Pod for super::DenialEvent {}
+}
+
+#[cfg(test)]
+mod tests {
+    use core::mem::size_of;
+
+    use super::*;
+
+    #[test]
+    fn layouts_have_no_hidden_padding() {
+        assert_eq!(size_of::<PortEntry>(), 4);
+        assert_eq!(size_of::<RangeDef>(), 8);
+        assert_eq!(size_of::<Lease>(), 24);
+        assert_eq!(size_of::<GuardConfig>(), 40);
+        assert_eq!(size_of::<DenialEvent>(), 48);
+    }
+
+    #[test]
+    fn counter_indices_are_distinct_and_in_bounds() {
+        let last = counter_index(MAX_RANGES as u32 - 1, 1, COUNTER_KINDS - 1);
+        assert_eq!(last, COUNTERS_LEN - 1);
+        assert_ne!(counter_index(0, 1, 0), counter_index(1, 0, 0));
+    }
+}

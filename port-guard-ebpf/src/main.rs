@@ -1,0 +1,207 @@
+//! The guard: `cgroup/bind4` and `cgroup/bind6` programs that refuse reserved ports.
+//!
+//! Both hooks call [`decide`]. The common bind (port not reserved) costs one array lookup. A
+//! reserved port is then checked against its lease (one helper call: the caller's ancestor at the
+//! lessee's level) or, unleased, against the allowed cgroups of its range (one hash lookup per
+//! level that holds an allowed cgroup). Everything else is refused: counted, reported through the
+//! ring buffer, and, in enforce mode, answered with the configured errno.
+//!
+//! # Minimum kernel version
+//! 5.8 (ring buffer; cgroup bpf_link needs 5.7). `bpf_set_retval` for sock_addr hooks needs 6.1:
+//! the agent probes for it and loads with `USE_RETVAL = 0` on older kernels, where a refused bind
+//! gets EPERM.
+#![no_std]
+#![no_main]
+
+use aya_ebpf::{
+    bindings::bpf_sock_addr,
+    helpers::{
+        bpf_get_current_comm, bpf_get_current_pid_tgid,
+        generated::{bpf_get_current_ancestor_cgroup_id, bpf_get_current_cgroup_id, bpf_set_retval},
+    },
+    macros::{cgroup_sock_addr, map},
+    maps::{Array, HashMap, PerCpuArray, RingBuf},
+    programs::SockAddrContext,
+};
+use port_guard_common::{
+    counter_index, DenialEvent, GuardConfig, Lease, PortEntry, RangeDef, ACTION_AUDITED,
+    ACTION_DENIED, COUNTERS_LEN, COUNTER_ALLOWED, COUNTER_AUDITED, COUNTER_DENIED, EVENTS_BYTES,
+    MAX_ALLOWED, MAX_CGROUP_LEVEL, MAX_LEASES, MAX_RANGES, MODE_AUDIT, PROTO_TCP, PROTO_UDP,
+};
+
+/// Set by the agent at load time (`EbpfLoader::override_global`). Read with `read_volatile` so the
+/// compiler keeps the load and the verifier, seeing a frozen `.rodata` value, prunes the branch:
+/// on 5.10 a reachable call to `bpf_set_retval` fails with "invalid func unknown#187".
+#[no_mangle]
+static USE_RETVAL: u32 = 1;
+
+// The map names below must match port_guard_common::MAP_*: they are the pin file names.
+#[map(name = "PG_PORTS")]
+static PG_PORTS: Array<PortEntry> = Array::pinned(65536, 0);
+
+#[map(name = "PG_RANGES")]
+static PG_RANGES: Array<RangeDef> = Array::pinned(MAX_RANGES as u32, 0);
+
+#[map(name = "PG_ALLOWED")]
+static PG_ALLOWED: HashMap<u64, u64> = HashMap::pinned(MAX_ALLOWED, 0);
+
+#[map(name = "PG_LEASES")]
+static PG_LEASES: HashMap<u32, Lease> = HashMap::pinned(MAX_LEASES, 0);
+
+#[map(name = "PG_CONFIG")]
+static PG_CONFIG: Array<GuardConfig> = Array::pinned(1, 0);
+
+#[map(name = "PG_COUNTERS")]
+static PG_COUNTERS: PerCpuArray<u64> = PerCpuArray::pinned(COUNTERS_LEN, 0);
+
+#[map(name = "PG_EVENTS")]
+static PG_EVENTS: RingBuf = RingBuf::pinned(EVENTS_BYTES, 0);
+
+const IPPROTO_TCP: u32 = 6;
+const IPPROTO_UDP: u32 = 17;
+/// MPTCP listens on TCP ports: treat it as TCP or it would be a way around a tcp range.
+const IPPROTO_MPTCP: u32 = 262;
+const EPERM: u32 = 1;
+
+/// bind() proceeds.
+const ALLOW: i32 = 1;
+/// bind() fails (EPERM, or the errno set with bpf_set_retval).
+const DENY: i32 = 0;
+
+#[cgroup_sock_addr(bind4)]
+pub fn port_guard_bind4(ctx: SockAddrContext) -> i32 {
+    decide(&ctx, 4)
+}
+
+#[cgroup_sock_addr(bind6)]
+pub fn port_guard_bind6(ctx: SockAddrContext) -> i32 {
+    decide(&ctx, 6)
+}
+
+#[inline(always)]
+fn decide(ctx: &SockAddrContext, family: u8) -> i32 {
+    let sa: &bpf_sock_addr = unsafe { &*ctx.sock_addr };
+    // user_port holds the port in network byte order in its low 16 bits.
+    let port = u16::from_be(sa.user_port as u16);
+    let Some(entry) = PG_PORTS.get(port as u32) else {
+        return ALLOW;
+    };
+    if entry.slot == 0 {
+        return ALLOW;
+    }
+    let (proto_bit, proto_idx) = match sa.protocol {
+        IPPROTO_TCP | IPPROTO_MPTCP => (PROTO_TCP, 0),
+        IPPROTO_UDP => (PROTO_UDP, 1),
+        _ => return ALLOW,
+    };
+    if entry.protocols & proto_bit == 0 {
+        return ALLOW;
+    }
+    let slot = (entry.slot - 1) as u32;
+
+    let lease = unsafe { PG_LEASES.get(&(port as u32)) };
+    let leased = lease.is_some();
+    let permitted = match lease {
+        Some(lease) => {
+            let ancestor = unsafe { bpf_get_current_ancestor_cgroup_id(lease.level as i32) };
+            ancestor == lease.cgroup_id
+        }
+        None => allowed_by_range(slot),
+    };
+    if permitted {
+        count(slot, proto_idx, COUNTER_ALLOWED);
+        return ALLOW;
+    }
+    refuse(slot, proto_idx, port, proto_bit as u8, family, leased)
+}
+
+/// Whether the caller's cgroup or one of its ancestors is allowed for range `slot`.
+#[inline(always)]
+fn allowed_by_range(slot: u32) -> bool {
+    let levels = match PG_CONFIG.get(0) {
+        Some(c) => c.allowed_levels,
+        None => return false,
+    };
+    let bit = 1u64 << slot;
+    let mut level = 0u32;
+    while level <= MAX_CGROUP_LEVEL {
+        if levels >> level == 0 {
+            break;
+        }
+        if levels & (1u64 << level) != 0 {
+            let id = unsafe { bpf_get_current_ancestor_cgroup_id(level as i32) };
+            if id == 0 {
+                // The caller is shallower than `level`: nothing deeper can match.
+                break;
+            }
+            if let Some(mask) = unsafe { PG_ALLOWED.get(&id) } {
+                if mask & bit != 0 {
+                    return true;
+                }
+            }
+        }
+        level += 1;
+    }
+    false
+}
+
+#[inline(always)]
+fn refuse(slot: u32, proto_idx: u32, port: u16, protocol: u8, family: u8, leased: bool) -> i32 {
+    let (audit, errno) = match PG_CONFIG.get(0) {
+        Some(c) => (c.mode == MODE_AUDIT, c.errno),
+        None => (false, EPERM),
+    };
+    let use_retval = unsafe { core::ptr::read_volatile(&USE_RETVAL) } != 0;
+    let errno = if audit {
+        0
+    } else if use_retval {
+        errno
+    } else {
+        EPERM
+    };
+    count(slot, proto_idx, if audit { COUNTER_AUDITED } else { COUNTER_DENIED });
+    if let Some(mut entry) = PG_EVENTS.reserve::<DenialEvent>(0) {
+        let pid_tgid = bpf_get_current_pid_tgid();
+        let comm = bpf_get_current_comm().unwrap_or([0u8; 16]);
+        entry.write(DenialEvent {
+            cgroup_id: unsafe { bpf_get_current_cgroup_id() },
+            pid: pid_tgid as u32,
+            tgid: (pid_tgid >> 32) as u32,
+            port,
+            protocol,
+            family,
+            action: if audit { ACTION_AUDITED } else { ACTION_DENIED },
+            leased: leased as u8,
+            _pad: [0; 2],
+            errno,
+            comm,
+        });
+        entry.submit(0);
+    }
+    if audit {
+        return ALLOW;
+    }
+    if use_retval && errno != EPERM {
+        // Minimum kernel version 6.1 for sock_addr programs; pruned on older kernels.
+        unsafe { bpf_set_retval(-(errno as i32)) };
+    }
+    DENY
+}
+
+#[inline(always)]
+fn count(slot: u32, proto_idx: u32, kind: u32) {
+    if let Some(c) = PG_COUNTERS.get_ptr_mut(counter_index(slot, proto_idx, kind)) {
+        // Per-CPU slot: no other writer while this program runs on this CPU.
+        unsafe { *c += 1 };
+    }
+}
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    loop {}
+}
+
+#[link_section = "license"]
+#[no_mangle]
+static LICENSE: [u8; 4] = *b"GPL\0";

@@ -1,0 +1,68 @@
+//! The command line. Doc comments are the help text.
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+
+use crate::guard::DEFAULT_PIN_DIR;
+
+/// Keeps reserved ports (libvirt's migration range) away from every process that is not meant to
+/// have them, with a cgroup bind4/bind6 eBPF guard, and hands out per-port leases.
+#[derive(Debug, Parser)]
+#[command(name = "port-guard", version)]
+pub struct Cli {
+    /// Where the guard's maps and links are pinned (on bpffs).
+    #[arg(long, global = true, default_value = DEFAULT_PIN_DIR, value_name = "DIR")]
+    pub pin_dir: PathBuf,
+    /// Config file (TOML). The default path may be absent (defaults apply); a named one must exist.
+    #[arg(long, global = true, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// More log output (-vv for debug).
+    #[arg(short, long, global = true, action = clap::ArgAction::Count)]
+    pub verbose: u8,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Load the guard (or adopt it from the pins), apply the config, log denials.
+    Daemon(DaemonArgs),
+    /// Show the guard's ranges, allowed cgroups, leases and counters (from the pins).
+    Status {
+        /// One JSON object instead of the table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Detach the guard and remove its pins.
+    Unload,
+}
+
+#[derive(Debug, Args)]
+pub struct DaemonArgs {
+    /// Cgroup to attach to (default "/": the whole host).
+    #[arg(long, value_name = "CGROUP")]
+    pub attach: Option<String>,
+    /// A reserved range: 49152-49215, 49152-49215/tcp, 5000/udp, 6000-6010/tcp+udp. Replaces the
+    /// config file's ranges; repeat for several.
+    #[arg(long, value_name = "SPEC")]
+    pub reserve: Vec<String>,
+    /// A cgroup (and everything below it) allowed to bind unleased ports of every range.
+    #[arg(long, value_name = "CGROUP")]
+    pub allow: Vec<String>,
+    /// enforce: refuse; audit: log what would be refused, refuse nothing.
+    #[arg(long, value_name = "enforce|audit")]
+    pub mode: Option<String>,
+    /// What a refused bind() returns.
+    #[arg(long, value_name = "eperm|eacces|eaddrinuse")]
+    pub errno: Option<String>,
+    /// Keep the kernel from auto-picking reserved ports (net.ipv4.ip_local_reserved_ports).
+    #[arg(long)]
+    pub protect_ephemeral: bool,
+    /// Parent of the cgroups `spawn` creates (default /port-guard).
+    #[arg(long, value_name = "CGROUP")]
+    pub spawn_parent: Option<String>,
+    /// Unload the guard when the daemon exits (default: it keeps enforcing).
+    #[arg(long)]
+    pub unload_on_exit: bool,
+}

@@ -1,0 +1,252 @@
+//! `port-guard daemon`: validate, load or adopt, then log denials until a signal.
+
+use std::{
+    path::Path,
+    time::{Duration, Instant},
+};
+
+use anyhow::{bail, Context as _, Result};
+use aya::maps::{MapData, RingBuf};
+use log::{error, info, warn};
+use port_guard_common::{FLAG_RETVAL, MAP_EVENTS};
+use tokio::{
+    io::unix::AsyncFd,
+    signal::unix::{signal, SignalKind},
+};
+
+use crate::{
+    cgroup::{Cgroup2, CgroupPath},
+    cli::DaemonArgs,
+    config::{build_policy, check_cgroups, ConfigFile, Overrides},
+    events,
+    guard::{self, CgroupNames, Guard, PinDir, Resolved},
+    policy::{Errno, Policy},
+    probe,
+};
+
+/// Everything the daemon needs to (re)build its policy.
+struct Source<'a> {
+    config: Option<&'a Path>,
+    flags: Overrides,
+}
+
+impl Source<'_> {
+    fn policy(&self, cg: &Cgroup2) -> Result<Policy> {
+        let (file, path) = ConfigFile::load(self.config)?;
+        let policy = build_policy(&file, path.as_deref(), &self.flags)?;
+        check_cgroups(&policy, cg)?;
+        if policy.protect_ephemeral {
+            bail!(crate::Unsupported(
+                "protect_ephemeral = true: ephemeral-port protection is not available in this version; remove it from the config (or the --protect-ephemeral flag)"
+            ));
+        }
+        Ok(policy)
+    }
+}
+
+pub fn run(pin: &PinDir, config: Option<&Path>, args: DaemonArgs) -> Result<()> {
+    let source = Source {
+        config,
+        flags: Overrides {
+            attach: args.attach,
+            reserve: args.reserve,
+            allow: args.allow,
+            mode: args.mode,
+            errno: args.errno,
+            protect_ephemeral: args.protect_ephemeral,
+            spawn_parent: args.spawn_parent,
+        },
+    };
+    // Everything that can be checked without touching the kernel comes first.
+    let cg = Cgroup2::find()?;
+    let policy = source.policy(&cg)?;
+    let features = probe::probe()?;
+    for line in features.describe() {
+        info!("{line}");
+    }
+
+    pin.prepare()?;
+    let _lock = pin.lock()?;
+    let created_spawn_parent = !cg.dir(&policy.spawn_parent).exists();
+    let spawn_parent_id = cg.create(&policy.spawn_parent)?;
+    let started = Instant::now();
+    let resolved = Resolved::new(policy, &cg, spawn_parent_id)?;
+    let guard = match Guard::start(pin, &resolved, features, &cg) {
+        Ok(g) => g,
+        Err(e) => {
+            if created_spawn_parent {
+                let _ = std::fs::remove_dir(cg.dir(&resolved.policy.spawn_parent));
+            }
+            if !pin.exists() {
+                let _ = std::fs::remove_dir(pin.path());
+            }
+            return Err(e.into());
+        }
+    };
+    if guard.adopted {
+        info!("adopted the guard pinned at {} (its maps and leases are kept)", pin.path().display());
+    }
+    let p = &resolved.policy;
+    info!(
+        "guard enforcing: attach={} mode={} errno={} ranges={} leases={} pin_dir={} ({} ms)",
+        p.attach,
+        p.mode.name(),
+        if features.set_retval { p.errno.c_name() } else { "EPERM" },
+        p.reserve
+            .iter()
+            .map(|r| {
+                let allow: Vec<&str> = r.allow.iter().map(CgroupPath::as_str).collect();
+                format!("{}[allow:{}]", r.spec, if allow.is_empty() { "-".into() } else { allow.join(",") })
+            })
+            .collect::<Vec<_>>()
+            .join(" "),
+        guard.maps.leases().map(|l| l.len()).unwrap_or(0),
+        pin.path().display(),
+        started.elapsed().as_millis(),
+    );
+
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("starting the tokio runtime")?;
+    let unload = rt.block_on(serve(pin, &cg, &source, guard, resolved, features))?;
+    if unload || args.unload_on_exit {
+        match guard::unload(pin) {
+            Ok(()) => info!("guard detached and unpinned (--unload-on-exit)"),
+            Err(guard::GuardError::NotLoaded(_)) => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Ok(())
+}
+
+/// The event loop. Returns whether the caller should unload.
+async fn serve(
+    pin: &PinDir,
+    cg: &Cgroup2,
+    source: &Source<'_>,
+    mut guard: Guard,
+    mut resolved: Resolved,
+    features: probe::Features,
+) -> Result<bool> {
+    let ring = guard
+        .ebpf
+        .take_map(MAP_EVENTS)
+        .context("the object has no event ring buffer")?;
+    let ring: RingBuf<MapData> = RingBuf::try_from(ring)?;
+    // SAFETY: the ring buffer owns its fd, and the AsyncFd owns the ring buffer: the fd stays
+    // open for as long as it is registered.
+    let mut ring = unsafe { AsyncFd::register(ring) }
+        .map_err(|e| e.into_parts().1)
+        .context("watching the event ring buffer")?;
+    let mut sigterm = signal(SignalKind::terminate())?;
+    let mut sigint = signal(SignalKind::interrupt())?;
+    let mut sighup = signal(SignalKind::hangup())?;
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    let mut names = CgroupNames::new(cg);
+    let mut last_walk = Instant::now() - Duration::from_secs(60);
+
+    loop {
+        tokio::select! {
+            ready = ring.readable_mut() => {
+                let mut ready = ready.context("waiting for denial events")?;
+                let errno = resolved.policy.errno;
+                let retval = guard.maps.config().map(|c| c.flags & FLAG_RETVAL != 0).unwrap_or(false);
+                drain(ready.get_inner_mut(), &mut names, &mut last_walk, errno, retval);
+                ready.clear_ready();
+            }
+            _ = sigterm.recv() => { info!("SIGTERM: exiting, the guard stays in place"); break; }
+            _ = sigint.recv() => { info!("SIGINT: exiting, the guard stays in place"); break; }
+            _ = sighup.recv() => {
+                match reload(cg, source, &mut guard, &resolved, features) {
+                    Ok(r) => {
+                        info!("SIGHUP: config reloaded: mode={} errno={} ranges={}", r.policy.mode.name(), r.policy.errno.name(),
+                            r.policy.reserve.iter().map(|x| x.spec.to_string()).collect::<Vec<_>>().join(" "));
+                        resolved = r;
+                    }
+                    Err(e) => error!("SIGHUP: new config refused, the old one stays in force: {e:#}"),
+                }
+            }
+            _ = tick.tick() => {
+                if !pin.has_links() {
+                    info!("the guard's pins at {} are gone (`port-guard unload`?): exiting", pin.path().display());
+                    return Ok(false);
+                }
+                refresh_allowed(cg, &mut guard, &mut resolved, features);
+            }
+        }
+    }
+    // Log what arrived before the signal.
+    let errno = resolved.policy.errno;
+    drain(ring.get_mut(), &mut names, &mut last_walk, errno, features.set_retval);
+    Ok(false)
+}
+
+fn drain(
+    ring: &mut RingBuf<MapData>,
+    names: &mut CgroupNames<'_>,
+    last_walk: &mut Instant,
+    errno: Errno,
+    retval: bool,
+) {
+    while let Some(item) = ring.next() {
+        let Some(ev) = events::decode(&item) else {
+            warn!("short event record ({} bytes)", item.len());
+            continue;
+        };
+        let cgroup = names.name_throttled(ev.cgroup_id, last_walk, Duration::from_secs(1));
+        warn!("{}", events::log_line(&ev, &cgroup, errno, retval));
+    }
+}
+
+/// SIGHUP: builds and checks the new policy completely, then updates the maps in place.
+fn reload(
+    cg: &Cgroup2,
+    source: &Source<'_>,
+    guard: &mut Guard,
+    old: &Resolved,
+    features: probe::Features,
+) -> Result<Resolved> {
+    let policy = source.policy(cg)?;
+    if policy.attach != old.policy.attach {
+        bail!(
+            "attach changed from {} to {}: restart the daemon to move the guard",
+            old.policy.attach,
+            policy.attach
+        );
+    }
+    let spawn_parent_id = if policy.spawn_parent == old.policy.spawn_parent {
+        old.spawn_parent_id
+    } else {
+        cg.create(&policy.spawn_parent)?
+    };
+    let r = Resolved::new(policy, cg, spawn_parent_id)?;
+    guard.maps.write_policy(&r, features)?;
+    Ok(r)
+}
+
+/// Allowed cgroups are matched by id, and a cgroup that is removed and created again (systemd
+/// restarting libvirtd.service) gets a new one: follow the paths. A path that is missing for now
+/// keeps its last id.
+fn refresh_allowed(cg: &Cgroup2, guard: &mut Guard, resolved: &mut Resolved, features: probe::Features) {
+    let mut next = resolved.clone();
+    let mut changed = false;
+    for (i, r) in resolved.policy.reserve.iter().enumerate() {
+        for (j, path) in r.allow.iter().enumerate() {
+            if let Ok(id) = cg.id(path) {
+                let old = resolved.allowed[i][j].0;
+                if id != old {
+                    info!("allowed cgroup {path} was re-created (id {old} -> {id}); following it");
+                    next.allowed[i][j].0 = id;
+                    changed = true;
+                }
+            }
+        }
+    }
+    if changed {
+        match guard.maps.write_policy(&next, features) {
+            Ok(()) => *resolved = next,
+            Err(e) => error!("updating allowed cgroups: {e}"),
+        }
+    }
+}

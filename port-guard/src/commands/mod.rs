@@ -1,0 +1,5 @@
+//! One file per verb: each parses nothing and decides little, calling the library.
+
+pub mod daemon;
+pub mod status;
+pub mod unload;

@@ -1,0 +1,10 @@
+use anyhow::Result;
+use log::info;
+
+use crate::guard::{self, PinDir};
+
+pub fn run(pin: &PinDir) -> Result<()> {
+    guard::unload(pin)?;
+    info!("guard at {} detached and unpinned", pin.path().display());
+    Ok(())
+}

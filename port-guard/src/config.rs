@@ -1,0 +1,341 @@
+//! The TOML config file and the daemon's flags, merged into a [`Policy`]. Flags override the file;
+//! `--reserve` replaces the file's ranges, and `--allow` applies to every range in effect.
+
+use std::{
+    fs, io,
+    path::{Path, PathBuf},
+};
+
+use serde::Deserialize;
+
+use crate::{
+    cgroup::{Cgroup2, CgroupError, CgroupPath},
+    policy::{
+        check_ranges, Errno, Mode, Policy, PolicyError, PortRange, Protocols, Reservation,
+        ReserveSpec, DEFAULT_RESERVE,
+    },
+};
+
+/// Where the config comes from when `--config` is not given.
+pub const DEFAULT_CONFIG: &str = "/etc/port-guard/config.toml";
+/// The default parent of the cgroups `spawn` creates.
+pub const DEFAULT_SPAWN_PARENT: &str = "/port-guard";
+
+/// A config problem (exit status 2).
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("cannot read config {path}: {source}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    /// TOML syntax, an unknown key or a value of the wrong type.
+    #[error("config {path}: {message}")]
+    Parse { path: PathBuf, message: String },
+    /// A bad value.
+    #[error("{0}")]
+    Policy(#[from] PolicyError),
+    /// A bad value in the file, with where it is.
+    #[error("config {path}: {source}")]
+    PolicyIn {
+        path: PathBuf,
+        #[source]
+        source: PolicyError,
+    },
+    /// A bad cgroup path.
+    #[error(transparent)]
+    Cgroup(#[from] CgroupError),
+    /// A cgroup the policy names twice for one range.
+    #[error("{what} {path} is named twice")]
+    Duplicate { what: &'static str, path: CgroupPath },
+}
+
+impl ConfigError {
+    pub fn is_usage(&self) -> bool {
+        match self {
+            ConfigError::Cgroup(e) => e.is_usage(),
+            _ => true,
+        }
+    }
+}
+
+/// The file, as written. Unknown keys are errors: a typo in a security policy must not pass.
+#[derive(Debug, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ConfigFile {
+    pub attach: Option<String>,
+    pub mode: Option<String>,
+    pub errno: Option<String>,
+    pub protect_ephemeral: Option<bool>,
+    pub spawn_parent: Option<String>,
+    pub reserve: Option<Vec<ReserveEntry>>,
+}
+
+/// A `[[reserve]]` table.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ReserveEntry {
+    /// `A-B` or `A`.
+    pub ports: String,
+    /// Defaults to `["tcp"]`.
+    #[serde(default)]
+    pub protocols: Option<Vec<String>>,
+    #[serde(default)]
+    pub allow: Vec<String>,
+}
+
+impl ConfigFile {
+    /// Reads `path`. A missing file is the defaults only when it is the default path; a config
+    /// the operator named must exist.
+    pub fn load(path: Option<&Path>) -> Result<(ConfigFile, Option<PathBuf>), ConfigError> {
+        let (path, explicit) = match path {
+            Some(p) => (p.to_owned(), true),
+            None => (PathBuf::from(DEFAULT_CONFIG), false),
+        };
+        match fs::read_to_string(&path) {
+            Ok(text) => Ok((ConfigFile::parse(&path, &text)?, Some(path))),
+            Err(e) if e.kind() == io::ErrorKind::NotFound && !explicit => {
+                Ok((ConfigFile::default(), None))
+            }
+            Err(source) => Err(ConfigError::Read { path, source }),
+        }
+    }
+
+    pub fn parse(path: &Path, text: &str) -> Result<ConfigFile, ConfigError> {
+        toml::from_str(text).map_err(|e| {
+            // toml's Display spans several lines (a source excerpt): keep its message and name
+            // the line it points at instead.
+            let at = e
+                .span()
+                .map(|span| {
+                    let start = span.start.min(text.len());
+                    let line_no = text[..start].matches('\n').count() + 1;
+                    let line = text.lines().nth(line_no - 1).unwrap_or("").trim();
+                    format!(" at line {line_no} `{line}`")
+                })
+                .unwrap_or_default();
+            ConfigError::Parse {
+                path: path.to_owned(),
+                message: format!("{}{at}", e.message().trim_end()),
+            }
+        })
+    }
+}
+
+/// The daemon flags that shape the policy.
+#[derive(Debug, Default, Clone)]
+pub struct Overrides {
+    pub attach: Option<String>,
+    pub reserve: Vec<String>,
+    pub allow: Vec<String>,
+    pub mode: Option<String>,
+    pub errno: Option<String>,
+    pub protect_ephemeral: bool,
+    pub spawn_parent: Option<String>,
+}
+
+/// Merges the file and the flags into a policy, checking syntax only (no cgroup needs to exist).
+pub fn build_policy(
+    file: &ConfigFile,
+    file_path: Option<&Path>,
+    flags: &Overrides,
+) -> Result<Policy, ConfigError> {
+    let in_file = |source: PolicyError| match file_path {
+        Some(path) => ConfigError::PolicyIn {
+            path: path.to_owned(),
+            source,
+        },
+        None => ConfigError::Policy(source),
+    };
+    let attach: CgroupPath = flags
+        .attach
+        .as_deref()
+        .or(file.attach.as_deref())
+        .unwrap_or("/")
+        .parse()?;
+    let mode = match (&flags.mode, &file.mode) {
+        (Some(m), _) => m.parse::<Mode>()?,
+        (None, Some(m)) => m.parse::<Mode>().map_err(in_file)?,
+        (None, None) => Mode::default(),
+    };
+    let errno = match (&flags.errno, &file.errno) {
+        (Some(e), _) => e.parse::<Errno>()?,
+        (None, Some(e)) => e.parse::<Errno>().map_err(in_file)?,
+        (None, None) => Errno::default(),
+    };
+    let spawn_parent: CgroupPath = flags
+        .spawn_parent
+        .as_deref()
+        .or(file.spawn_parent.as_deref())
+        .unwrap_or(DEFAULT_SPAWN_PARENT)
+        .parse()?;
+    let flag_allow = flags
+        .allow
+        .iter()
+        .map(|a| a.parse::<CgroupPath>())
+        .collect::<Result<Vec<_>, _>>()?;
+
+    let mut reserve = if !flags.reserve.is_empty() {
+        flags
+            .reserve
+            .iter()
+            .map(|s| {
+                Ok(Reservation {
+                    spec: s.parse::<ReserveSpec>()?,
+                    allow: Vec::new(),
+                })
+            })
+            .collect::<Result<Vec<_>, ConfigError>>()?
+    } else if let Some(entries) = &file.reserve {
+        entries
+            .iter()
+            .map(|e| {
+                let range = e.ports.parse::<PortRange>().map_err(in_file)?;
+                let protocols = match &e.protocols {
+                    None => Protocols::TCP,
+                    Some(list) => {
+                        Protocols::parse_list(&e.ports, list.iter().map(String::as_str))
+                            .map_err(in_file)?
+                    }
+                };
+                let allow = e
+                    .allow
+                    .iter()
+                    .map(|a| a.parse::<CgroupPath>())
+                    .collect::<Result<Vec<_>, _>>()?;
+                Ok(Reservation {
+                    spec: ReserveSpec { range, protocols },
+                    allow,
+                })
+            })
+            .collect::<Result<Vec<_>, ConfigError>>()?
+    } else {
+        vec![Reservation {
+            spec: DEFAULT_RESERVE,
+            allow: Vec::new(),
+        }]
+    };
+    for r in &mut reserve {
+        for a in &flag_allow {
+            if !r.allow.contains(a) {
+                r.allow.push(a.clone());
+            }
+        }
+        let mut seen = r.allow.clone();
+        seen.sort();
+        if let Some(w) = seen.windows(2).find(|w| w[0] == w[1]) {
+            return Err(ConfigError::Duplicate {
+                what: "allowed cgroup",
+                path: w[0].clone(),
+            });
+        }
+    }
+    check_ranges(&reserve).map_err(|e| if flags.reserve.is_empty() { in_file(e) } else { e.into() })?;
+    Ok(Policy {
+        attach,
+        mode,
+        errno,
+        protect_ephemeral: flags.protect_ephemeral || file.protect_ephemeral.unwrap_or(false),
+        spawn_parent,
+        reserve,
+    })
+}
+
+/// Checks that every cgroup the policy names exists (the spawn parent is created later).
+pub fn check_cgroups(policy: &Policy, cg: &Cgroup2) -> Result<(), ConfigError> {
+    cg.id(&policy.attach)?;
+    for r in &policy.reserve {
+        for a in &r.allow {
+            cg.id(a)?;
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<Policy, ConfigError> {
+        let path = Path::new("/etc/port-guard/config.toml");
+        let file = ConfigFile::parse(path, text)?;
+        build_policy(&file, Some(path), &Overrides::default())
+    }
+
+    const SPEC_EXAMPLE: &str = r#"
+attach = "/"
+mode = "enforce"            # "audit": log what would be denied, deny nothing
+errno = "eaddrinuse"        # what a refused bind() returns: eperm | eacces | eaddrinuse
+protect_ephemeral = true    # keep the kernel from auto-picking reserved ports (ip_local_reserved_ports)
+spawn_parent = "/port-guard"
+
+[[reserve]]
+ports = "49152-49215"       # libvirt's migration_port_min..migration_port_max
+protocols = ["tcp"]
+allow = ["/machine.slice", "/system.slice/libvirtd.service", "/system.slice/virtqemud.service"]
+"#;
+
+    #[test]
+    fn parses_the_spec_example() {
+        let p = parse(SPEC_EXAMPLE).unwrap();
+        assert_eq!(p.attach, CgroupPath::root());
+        assert_eq!(p.errno, Errno::Eaddrinuse);
+        assert!(p.protect_ephemeral);
+        assert_eq!(p.reserve.len(), 1);
+        assert_eq!(p.reserve[0].spec, DEFAULT_RESERVE);
+        assert_eq!(p.reserve[0].allow.len(), 3);
+    }
+
+    #[test]
+    fn defaults_without_file_or_flags() {
+        let p = build_policy(&ConfigFile::default(), None, &Overrides::default()).unwrap();
+        assert_eq!(p.mode, Mode::Enforce);
+        assert_eq!(p.reserve, vec![Reservation { spec: DEFAULT_RESERVE, allow: vec![] }]);
+        assert_eq!(p.spawn_parent.as_str(), DEFAULT_SPAWN_PARENT);
+        assert!(!p.protect_ephemeral);
+    }
+
+    #[test]
+    fn flags_override_the_file() {
+        let path = Path::new("/c.toml");
+        let file = ConfigFile::parse(path, SPEC_EXAMPLE).unwrap();
+        let flags = Overrides {
+            reserve: vec!["61000-61009/udp".into(), "61010".into()],
+            allow: vec!["/a".into()],
+            mode: Some("audit".into()),
+            ..Default::default()
+        };
+        let p = build_policy(&file, Some(path), &flags).unwrap();
+        assert_eq!(p.mode, Mode::Audit);
+        assert_eq!(p.reserve.len(), 2);
+        assert!(p.reserve.iter().all(|r| r.allow == vec!["/a".parse().unwrap()]));
+    }
+
+    #[test]
+    fn rejects_bad_files_with_one_line_naming_the_value() {
+        for (text, needle) in [
+            ("colour = \"red\"", "colour"),
+            ("mode = \"block\"", "block"),
+            ("errno = \"enoent\"", "enoent"),
+            ("attach = \"/a/../b\"", "/a/../b"),
+            ("[[reserve]]\nports = \"0\"", "\"0\""),
+            ("[[reserve]]\nports = \"70000\"", "70000"),
+            ("[[reserve]]\nports = \"10-5\"", "10-5"),
+            ("[[reserve]]\nports = \"10\"\nprotocols = [\"sctp\"]", "sctp"),
+            ("[[reserve]]\nports = \"10\"\nprotocols = []", "no protocol"),
+            ("[[reserve]]\nports = \"10\"\nallow = [\"x\"]", "\"x\""),
+            ("[[reserve]]\nports = \"10\"\ncolour = 1", "colour"),
+            ("[[reserve]]\nports = \"10-20\"\n[[reserve]]\nports = \"20-30\"", "overlap"),
+            ("[[reserve]]\nports = \"10\"\nallow = [\"/a\", \"/a/\"]", "twice"),
+            ("mode = 3", "mode"),
+        ] {
+            let e = parse(text).unwrap_err();
+            let msg = e.to_string();
+            assert!(e.is_usage());
+            assert!(msg.contains(needle), "{text:?}: {msg}");
+            assert!(!msg.contains('\n'), "{text:?}: {msg}");
+        }
+    }
+}

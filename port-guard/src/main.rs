@@ -1,0 +1,56 @@
+use std::{io::Write as _, process::ExitCode};
+
+use clap::Parser as _;
+use port_guard::{
+    cli::{Cli, Command},
+    commands, exit_code,
+    guard::PinDir,
+};
+
+fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => {
+            use clap::error::ErrorKind;
+            if matches!(e.kind(), ErrorKind::DisplayHelp | ErrorKind::DisplayVersion | ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand) {
+                let _ = e.print();
+                return ExitCode::from(if e.use_stderr() { 2 } else { 0 });
+            }
+            // One line: clap's first, without the usage and hint that follow it.
+            let text = e.render().to_string();
+            let line = text.lines().next().unwrap_or("invalid arguments");
+            eprintln!("port-guard: {}", line.trim_start_matches("error: "));
+            return ExitCode::from(2);
+        }
+    };
+    init_logging(cli.verbose);
+    let pin = PinDir::new(&cli.pin_dir);
+    let result = match cli.command {
+        Command::Daemon(args) => commands::daemon::run(&pin, cli.config.as_deref(), args),
+        Command::Status { json } => commands::status::run(&pin, json),
+        Command::Unload => commands::unload::run(&pin),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            // One line: the error and its causes, joined.
+            eprintln!("port-guard: {e:#}");
+            ExitCode::from(exit_code(&e))
+        }
+    }
+}
+
+fn init_logging(verbose: u8) {
+    let level = match verbose {
+        0 => log::LevelFilter::Info,
+        1 => log::LevelFilter::Debug,
+        _ => log::LevelFilter::Trace,
+    };
+    env_logger::Builder::new()
+        .filter_level(level)
+        .parse_default_env()
+        .format(|buf, record| {
+            writeln!(buf, "{} {:<5} {}", buf.timestamp_millis(), record.level(), record.args())
+        })
+        .init();
+}
