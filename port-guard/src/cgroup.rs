@@ -22,7 +22,7 @@ pub enum CgroupError {
     #[error("no cgroup2 filesystem is mounted (checked /proc/self/mountinfo); mount one, e.g. `mount -t cgroup2 none /sys/fs/cgroup`")]
     NoMount,
     /// A filesystem operation failed.
-    #[error("{op} {path}: {source}")]
+    #[error("{op} {path}")]
     Io {
         op: &'static str,
         path: PathBuf,

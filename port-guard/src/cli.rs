@@ -34,6 +34,42 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Lease a free port (or --port N) to a fresh cgroup below the spawn parent, move into it,
+    /// replace {port} in every argument, print the port as the first stdout line, exec CMD. The
+    /// lease ends when that cgroup empties.
+    Spawn {
+        /// Name of the cgroup to create below the spawn parent (default vm-PID).
+        #[arg(long)]
+        name: Option<String>,
+        /// Lease this port instead of the first free one.
+        #[arg(long, value_parser = clap::value_parser!(u16).range(1..))]
+        port: Option<u16>,
+        /// Print one JSON object ({"port", "pid", "cgroup"}) instead of the bare port.
+        #[arg(long)]
+        json: bool,
+        /// The command and its arguments.
+        #[arg(last = true, required = true, value_name = "CMD")]
+        cmd: Vec<String>,
+    },
+    /// Lease a free port (or --port N) to an existing cgroup and print it.
+    Lease {
+        /// The lessee: only processes in it or below may bind the port.
+        #[arg(long, value_name = "CGROUP")]
+        cgroup: String,
+        /// Lease this port instead of the first free one.
+        #[arg(long, value_parser = clap::value_parser!(u16).range(1..))]
+        port: Option<u16>,
+        /// Print one JSON object ({"port", "cgroup"}).
+        #[arg(long)]
+        json: bool,
+    },
+    /// End a lease: by port, or every lease of a cgroup.
+    Release {
+        #[arg(long, conflicts_with = "cgroup", required_unless_present = "cgroup")]
+        port: Option<u16>,
+        #[arg(long, value_name = "CGROUP")]
+        cgroup: Option<String>,
+    },
     /// Detach the guard and remove its pins.
     Unload,
 }

@@ -25,7 +25,7 @@ pub const DEFAULT_SPAWN_PARENT: &str = "/port-guard";
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     /// The file could not be read.
-    #[error("cannot read config {path}: {source}")]
+    #[error("cannot read config {path}")]
     Read {
         path: PathBuf,
         #[source]
@@ -35,10 +35,10 @@ pub enum ConfigError {
     #[error("config {path}: {message}")]
     Parse { path: PathBuf, message: String },
     /// A bad value.
-    #[error("{0}")]
+    #[error(transparent)]
     Policy(#[from] PolicyError),
     /// A bad value in the file, with where it is.
-    #[error("config {path}: {source}")]
+    #[error("config {path}")]
     PolicyIn {
         path: PathBuf,
         #[source]

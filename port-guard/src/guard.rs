@@ -69,10 +69,10 @@ pub enum GuardError {
     #[error("pin dir {0} is not on a bpf filesystem; mount one (`mount -t bpf bpf {1}`) or choose a pin dir under /sys/fs/bpf")]
     NotBpffs(PathBuf, PathBuf),
     /// Loading the object failed.
-    #[error("loading the eBPF object: {0}")]
+    #[error("loading the eBPF object")]
     Load(#[source] Box<EbpfError>),
     /// A program could not be loaded or attached.
-    #[error("{what} {program}: {source}")]
+    #[error("{what} {program}")]
     Program {
         what: &'static str,
         program: &'static str,
@@ -80,7 +80,7 @@ pub enum GuardError {
         source: Box<ProgramError>,
     },
     /// A link could not be made or pinned.
-    #[error("{what} link of {program}: {source}")]
+    #[error("{what} link of {program}")]
     Link {
         what: &'static str,
         program: &'static str,
@@ -88,14 +88,14 @@ pub enum GuardError {
         source: Box<LinkError>,
     },
     /// A link could not be pinned.
-    #[error("pin link of {program}: {source}")]
+    #[error("pin link of {program}")]
     Pin {
         program: &'static str,
         #[source]
         source: Box<PinError>,
     },
     /// A pinned map could not be opened or used.
-    #[error("map {name}: {source}")]
+    #[error("map {name}")]
     Map {
         name: &'static str,
         #[source]
@@ -111,7 +111,7 @@ pub enum GuardError {
     #[error(transparent)]
     Cgroup(#[from] CgroupError),
     /// A filesystem or syscall failure.
-    #[error("{op} {path}: {source}")]
+    #[error("{op} {path}")]
     Io {
         op: &'static str,
         path: PathBuf,
@@ -711,11 +711,12 @@ pub struct LeaseStatus {
 pub struct CgroupNames<'a> {
     cg: &'a Cgroup2,
     cache: Option<StdHashMap<u64, CgroupPath>>,
+    missing: StdHashMap<u64, std::time::Instant>,
 }
 
 impl<'a> CgroupNames<'a> {
     pub fn new(cg: &'a Cgroup2) -> Self {
-        CgroupNames { cg, cache: None }
+        CgroupNames { cg, cache: None, missing: StdHashMap::new() }
     }
 
     /// The path of `id`, or `(gone, id N)` for a cgroup that no longer exists.
@@ -732,16 +733,42 @@ impl<'a> CgroupNames<'a> {
         name
     }
 
-    /// Like [`CgroupNames::name`], but never walks the tree more than once per `min_interval`.
-    pub fn name_throttled(&mut self, id: u64, last_walk: &mut std::time::Instant, min_interval: std::time::Duration) -> String {
+    /// The path of `id` if it exists, walking the tree again on a cache miss.
+    pub fn lookup(&mut self, id: u64) -> Option<CgroupPath> {
+        if let Some(p) = self.cache.as_ref().and_then(|c| c.get(&id)) {
+            return Some(p.clone());
+        }
+        let fresh = self.cg.paths_by_id();
+        let found = fresh.get(&id).cloned();
+        self.cache = Some(fresh);
+        found
+    }
+
+    /// Like [`CgroupNames::name`] for the denial log: a miss walks the tree again (a cgroup made
+    /// after the last walk), but an id the walk did not find is not looked for again for
+    /// `retry`, so a flood of denials from a vanished cgroup costs one walk.
+    pub fn name_for_log(&mut self, id: u64, retry: std::time::Duration) -> String {
         if let Some(p) = self.cache.as_ref().and_then(|c| c.get(&id)) {
             return p.to_string();
         }
-        if self.cache.is_some() && last_walk.elapsed() < min_interval {
-            return format!("(id {id})");
+        if let Some(t) = self.missing.get(&id) {
+            if t.elapsed() < retry {
+                return format!("(gone, id {id})");
+            }
         }
-        *last_walk = std::time::Instant::now();
-        self.name(id)
+        match self.lookup(id) {
+            Some(p) => {
+                self.missing.remove(&id);
+                p.to_string()
+            }
+            None => {
+                if self.missing.len() > 4096 {
+                    self.missing.clear();
+                }
+                self.missing.insert(id, std::time::Instant::now());
+                format!("(gone, id {id})")
+            }
+        }
     }
 }
 

@@ -9,8 +9,10 @@ pub mod commands;
 pub mod config;
 pub mod events;
 pub mod guard;
+pub mod leases;
 pub mod policy;
 pub mod probe;
+pub mod reaper;
 pub mod sys;
 
 /// A config asks for something this version or this kernel cannot do (exit status 2).
@@ -25,6 +27,9 @@ pub fn exit_code(err: &anyhow::Error) -> u8 {
             return if e.is_usage() { 2 } else { 1 };
         }
         if let Some(e) = cause.downcast_ref::<cgroup::CgroupError>() {
+            return if e.is_usage() { 2 } else { 1 };
+        }
+        if let Some(e) = cause.downcast_ref::<leases::LeaseError>() {
             return if e.is_usage() { 2 } else { 1 };
         }
         if cause.downcast_ref::<policy::PolicyError>().is_some()

@@ -29,6 +29,11 @@ fn main() -> ExitCode {
         Command::Daemon(args) => commands::daemon::run(&pin, cli.config.as_deref(), args),
         Command::Status { json } => commands::status::run(&pin, json),
         Command::Unload => commands::unload::run(&pin),
+        Command::Spawn { name, port, json, cmd } => {
+            commands::spawn::run(&pin, commands::spawn::SpawnArgs { name, port, json, cmd })
+        }
+        Command::Lease { cgroup, port, json } => commands::lease::lease(&pin, &cgroup, port, json),
+        Command::Release { port, cgroup } => commands::lease::release(&pin, port, cgroup.as_deref()),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -14,13 +14,13 @@ const BPF_FUNC_SET_RETVAL: i32 = 187;
 #[derive(Debug, thiserror::Error)]
 pub enum ProbeError {
     /// bpf(2) refused for lack of privilege.
-    #[error("no permission to load BPF programs ({source}); run as root or with CAP_BPF, CAP_NET_ADMIN and CAP_SYS_ADMIN")]
+    #[error("no permission to load BPF programs (run as root, or with CAP_BPF, CAP_NET_ADMIN and CAP_SYS_ADMIN)")]
     Permission {
         #[source]
         source: io::Error,
     },
     /// The kernel has no bpf(2) or no cgroup sock_addr programs.
-    #[error("this kernel cannot load cgroup bind programs ({source}); it needs CONFIG_BPF_SYSCALL and CONFIG_CGROUP_BPF, 5.8 or newer")]
+    #[error("this kernel cannot load cgroup bind programs (it needs CONFIG_BPF_SYSCALL, CONFIG_CGROUP_BPF, 5.8 or newer)")]
     Unsupported {
         #[source]
         source: io::Error,

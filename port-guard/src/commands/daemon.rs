@@ -22,6 +22,7 @@ use crate::{
     guard::{self, CgroupNames, Guard, PinDir, Resolved},
     policy::{Errno, Policy},
     probe,
+    reaper::Reaper,
 };
 
 /// Everything the daemon needs to (re)build its policy.
@@ -144,7 +145,14 @@ async fn serve(
     let mut sighup = signal(SignalKind::hangup())?;
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     let mut names = CgroupNames::new(cg);
-    let mut last_walk = Instant::now() - Duration::from_secs(60);
+    let mut reaper = Reaper::new().context("starting the lease reaper (inotify)")?;
+    // Leases whose VM ended while no daemon ran.
+    reaper.scan(&mut guard.maps, cg, &mut names, Some(&resolved.policy.spawn_parent));
+    let inotify = reaper.watcher.fd().try_clone().context("duplicating the inotify fd")?;
+    // SAFETY: the AsyncFd owns its duplicate of the inotify fd.
+    let inotify = unsafe { AsyncFd::register(inotify) }
+        .map_err(|e| e.into_parts().1)
+        .context("watching cgroup.events")?;
 
     loop {
         tokio::select! {
@@ -152,7 +160,14 @@ async fn serve(
                 let mut ready = ready.context("waiting for denial events")?;
                 let errno = resolved.policy.errno;
                 let retval = guard.maps.config().map(|c| c.flags & FLAG_RETVAL != 0).unwrap_or(false);
-                drain(ready.get_inner_mut(), &mut names, &mut last_walk, errno, retval);
+                drain(ready.get_inner_mut(), &mut names, errno, retval);
+                ready.clear_ready();
+            }
+            ready = inotify.readable() => {
+                let mut ready = ready.context("waiting for cgroup events")?;
+                if reaper.watcher.drain() {
+                    reaper.scan(&mut guard.maps, cg, &mut names, Some(&resolved.policy.spawn_parent));
+                }
                 ready.clear_ready();
             }
             _ = sigterm.recv() => { info!("SIGTERM: exiting, the guard stays in place"); break; }
@@ -173,19 +188,19 @@ async fn serve(
                     return Ok(false);
                 }
                 refresh_allowed(cg, &mut guard, &mut resolved, features);
+                reaper.scan(&mut guard.maps, cg, &mut names, Some(&resolved.policy.spawn_parent));
             }
         }
     }
     // Log what arrived before the signal.
     let errno = resolved.policy.errno;
-    drain(ring.get_mut(), &mut names, &mut last_walk, errno, features.set_retval);
+    drain(ring.get_mut(), &mut names, errno, features.set_retval);
     Ok(false)
 }
 
 fn drain(
     ring: &mut RingBuf<MapData>,
     names: &mut CgroupNames<'_>,
-    last_walk: &mut Instant,
     errno: Errno,
     retval: bool,
 ) {
@@ -194,7 +209,7 @@ fn drain(
             warn!("short event record ({} bytes)", item.len());
             continue;
         };
-        let cgroup = names.name_throttled(ev.cgroup_id, last_walk, Duration::from_secs(1));
+        let cgroup = names.name_for_log(ev.cgroup_id, Duration::from_secs(1));
         warn!("{}", events::log_line(&ev, &cgroup, errno, retval));
     }
 }

@@ -1,5 +1,7 @@
 //! One file per verb: each parses nothing and decides little, calling the library.
 
 pub mod daemon;
+pub mod lease;
+pub mod spawn;
 pub mod status;
 pub mod unload;

@@ -1,0 +1,67 @@
+//! `port-guard lease` and `release`: leases for orchestrators that start qemu themselves.
+
+use anyhow::{bail, Result};
+use log::info;
+
+use crate::{
+    cgroup::{self, Cgroup2, CgroupPath},
+    commands::spawn::{enter, spawn_parent},
+    guard::{Maps, PinDir},
+    leases,
+};
+
+/// Leases a port to `cgroup`. This process claims and probes it from a scratch cgroup below the
+/// spawn parent (the probe bind must come from the lessee), then hands the lease to `cgroup` in
+/// one map update, and goes back where it was.
+pub fn lease(pin: &PinDir, cgroup: &str, port: Option<u16>, json: bool) -> Result<()> {
+    let target: CgroupPath = cgroup.parse()?;
+    let cg = Cgroup2::find()?;
+    let target_id = cg.id(&target)?;
+    let mut maps = Maps::open(pin)?;
+    let parent = spawn_parent(&maps, &cg)?;
+    let pid = std::process::id();
+    let scratch = parent.join(&format!("lease-{pid}"))?;
+    let scratch_id = cg.create(&scratch)?;
+    let original = cgroup::of_pid(pid).unwrap_or_else(CgroupPath::root);
+    let result = (|| -> Result<u16> {
+        enter(&cg, &scratch)?;
+        let port = leases::allocate(&mut maps, scratch_id, scratch.level(), port)?;
+        if let Err(e) = leases::hand_over(&mut maps, port, target_id, target.level()) {
+            let _ = leases::release(&mut maps, port);
+            return Err(e.into());
+        }
+        Ok(port)
+    })();
+    let back = enter(&cg, &original);
+    let _ = std::fs::remove_dir(cg.dir(&scratch));
+    let port = result?;
+    back?;
+    if json {
+        println!("{}", serde_json::json!({ "port": port, "cgroup": target.as_str() }));
+    } else {
+        println!("{port}");
+    }
+    Ok(())
+}
+
+pub fn release(pin: &PinDir, port: Option<u16>, cgroup: Option<&str>) -> Result<()> {
+    let mut maps = Maps::open(pin)?;
+    match (port, cgroup) {
+        (Some(port), None) => {
+            leases::release(&mut maps, port)?;
+            info!("released port {port}");
+        }
+        (None, Some(c)) => {
+            let path: CgroupPath = c.parse()?;
+            let cg = Cgroup2::find()?;
+            let id = cg.id(&path)?;
+            let ports = leases::release_cgroup(&mut maps, id)?;
+            if ports.is_empty() {
+                bail!("cgroup {path} holds no lease");
+            }
+            info!("released {} lease(s) of {path}: {ports:?}", ports.len());
+        }
+        _ => bail!(crate::Unsupported("give exactly one of --port N and --cgroup CGROUP")),
+    }
+    Ok(())
+}

@@ -1,0 +1,110 @@
+//! `port-guard spawn`: lease a port to a fresh cgroup, move into it, exec the command.
+
+use std::{io::Write as _, os::unix::process::CommandExt as _, process::Command};
+
+use anyhow::{bail, Context as _, Result};
+
+use crate::{
+    cgroup::{self, Cgroup2, CgroupPath},
+    guard::{CgroupNames, Maps, PinDir},
+    leases,
+};
+
+pub struct SpawnArgs {
+    pub name: Option<String>,
+    pub port: Option<u16>,
+    pub json: bool,
+    pub cmd: Vec<String>,
+}
+
+/// The spawn parent recorded by the daemon.
+pub fn spawn_parent(maps: &Maps, cg: &Cgroup2) -> Result<CgroupPath> {
+    let id = maps.config()?.spawn_parent_id;
+    if id == 0 {
+        bail!("the guard has no spawn parent cgroup; start the daemon with --spawn-parent");
+    }
+    let name = CgroupNames::new(cg).name(id);
+    name.parse::<CgroupPath>()
+        .map_err(|_| anyhow::anyhow!("the spawn parent cgroup (id {id}) no longer exists; restart the daemon to create it"))
+}
+
+/// Moves this process into `path`.
+pub fn enter(cg: &Cgroup2, path: &CgroupPath) -> Result<()> {
+    let procs = cg.dir(path).join("cgroup.procs");
+    std::fs::write(&procs, "0").with_context(|| format!("moving into cgroup {path} ({})", procs.display()))
+}
+
+/// Replaces every `{port}` in `args`.
+pub fn substitute(args: &[String], port: u16) -> Vec<String> {
+    args.iter().map(|a| a.replace("{port}", &port.to_string())).collect()
+}
+
+pub fn run(pin: &PinDir, args: SpawnArgs) -> Result<()> {
+    let cg = Cgroup2::find()?;
+    let mut maps = Maps::open(pin)?;
+    let parent = spawn_parent(&maps, &cg)?;
+    let pid = std::process::id();
+    let path = match &args.name {
+        Some(n) => {
+            let p = parent.join(n)?;
+            if p.level() != parent.level() + 1 {
+                bail!(crate::Unsupported("--name must be one cgroup name, without '/'"));
+            }
+            p
+        }
+        None => parent.join(&format!("vm-{pid}"))?,
+    };
+    let dir = cg.dir(&path);
+    std::fs::create_dir(&dir).map_err(|e| match e.kind() {
+        std::io::ErrorKind::AlreadyExists => anyhow::anyhow!(crate::Unsupported("cgroup already exists; choose another --name"))
+            .context(format!("cgroup {path}")),
+        _ => anyhow::Error::new(e).context(format!("creating cgroup {path}")),
+    })?;
+    let original = cgroup::of_pid(pid).unwrap_or_else(CgroupPath::root);
+    let undo = |cg: &Cgroup2| {
+        let _ = enter(cg, &original);
+        let _ = std::fs::remove_dir(cg.dir(&path));
+    };
+    let result = (|| -> Result<(u16, std::io::Error)> {
+        enter(&cg, &path)?;
+        let id = cg.id(&path)?;
+        let port = leases::allocate(&mut maps, id, path.level(), args.port)?;
+        let argv = substitute(&args.cmd, port);
+        let line = if args.json {
+            serde_json::json!({ "port": port, "pid": pid, "cgroup": path.as_str() }).to_string()
+        } else {
+            port.to_string()
+        };
+        let mut out = std::io::stdout().lock();
+        writeln!(out, "{line}").and_then(|()| out.flush()).context("writing the port to stdout")?;
+        drop(out);
+        // Only returns on failure.
+        let err = Command::new(&argv[0]).args(&argv[1..]).exec();
+        Ok((port, err))
+    })();
+    match result {
+        Ok((port, err)) => {
+            let _ = leases::release(&mut maps, port);
+            undo(&cg);
+            Err(anyhow::Error::new(err).context(format!("executing {:?}", args.cmd[0])))
+        }
+        Err(e) => {
+            undo(&cg);
+            Err(e)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn substitutes_every_placeholder() {
+        let args: Vec<String> = ["-incoming", "tcp:[::]:{port}", "x{port}y{port}", "plain"]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+        assert_eq!(substitute(&args, 49153), ["-incoming", "tcp:[::]:49153", "x49153y49153", "plain"]);
+    }
+}
