@@ -332,8 +332,9 @@ allow = ["/machine.slice", "/system.slice/libvirtd.service", "/system.slice/virt
             ("mode = 3", "mode"),
         ] {
             let e = parse(text).unwrap_err();
-            let msg = e.to_string();
             assert!(e.is_usage());
+            // As main prints it: the error and its causes on one line.
+            let msg = format!("{:#}", anyhow::Error::new(e));
             assert!(msg.contains(needle), "{text:?}: {msg}");
             assert!(!msg.contains('\n'), "{text:?}: {msg}");
         }

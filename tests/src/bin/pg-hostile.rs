@@ -1,0 +1,102 @@
+//! A hostile port grabber for the integration tests: for DURATION_MS it tries to bind and listen
+//! on every port of FIRST..=LAST (tcp, v4 and v6 wildcards), holds what it gets for HOLD_MS, lets
+//! go and starts over, the way another allocator (a GlusterFS brick, say) would race libvirt.
+//! Prints one JSON line: attempts, grabbed, and refusals by errno.
+//!
+//! Usage: pg-hostile FIRST LAST DURATION_MS HOLD_MS (SIGTERM ends it early)
+
+use std::{
+    collections::BTreeMap,
+    sync::atomic::{AtomicBool, Ordering},
+    net::{Ipv4Addr, Ipv6Addr, SocketAddr},
+    time::{Duration, Instant},
+};
+
+fn grab(addr: SocketAddr) -> Result<i32, i32> {
+    let domain = if addr.is_ipv4() { libc::AF_INET } else { libc::AF_INET6 };
+    // SAFETY: plain socket calls on an fd this function owns until it returns it.
+    unsafe {
+        let fd = libc::socket(domain, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0);
+        if fd < 0 {
+            return Err(*libc::__errno_location());
+        }
+        let one: libc::c_int = 1;
+        if !addr.is_ipv4() {
+            libc::setsockopt(fd, libc::IPPROTO_IPV6, libc::IPV6_V6ONLY, (&one as *const i32).cast(), 4);
+        }
+        let r = match addr {
+            SocketAddr::V4(a) => {
+                let sa = libc::sockaddr_in {
+                    sin_family: libc::AF_INET as u16,
+                    sin_port: a.port().to_be(),
+                    sin_addr: libc::in_addr { s_addr: u32::from(*a.ip()).to_be() },
+                    sin_zero: [0; 8],
+                };
+                libc::bind(fd, (&sa as *const libc::sockaddr_in).cast(), size_of::<libc::sockaddr_in>() as u32)
+            }
+            SocketAddr::V6(a) => {
+                let sa = libc::sockaddr_in6 {
+                    sin6_family: libc::AF_INET6 as u16,
+                    sin6_port: a.port().to_be(),
+                    sin6_flowinfo: 0,
+                    sin6_addr: libc::in6_addr { s6_addr: a.ip().octets() },
+                    sin6_scope_id: 0,
+                };
+                libc::bind(fd, (&sa as *const libc::sockaddr_in6).cast(), size_of::<libc::sockaddr_in6>() as u32)
+            }
+        };
+        if r != 0 || libc::listen(fd, 1) != 0 {
+            let e = *libc::__errno_location();
+            libc::close(fd);
+            return Err(e);
+        }
+        Ok(fd)
+    }
+}
+
+static STOP: AtomicBool = AtomicBool::new(false);
+
+extern "C" fn on_term(_: libc::c_int) {
+    STOP.store(true, Ordering::Relaxed);
+}
+
+fn main() {
+    // SIGTERM ends the run early and still prints the summary.
+    // SAFETY: the handler only stores to an atomic.
+    unsafe { libc::signal(libc::SIGTERM, on_term as *const () as libc::sighandler_t) };
+    let args: Vec<u64> = std::env::args()
+        .skip(1)
+        .map(|a| a.parse().expect("usage: pg-hostile FIRST LAST DURATION_MS HOLD_MS"))
+        .collect();
+    let [first, last, duration, hold] = args[..] else {
+        panic!("usage: pg-hostile FIRST LAST DURATION_MS HOLD_MS");
+    };
+    let deadline = Instant::now() + Duration::from_millis(duration);
+    let (mut attempts, mut grabbed) = (0u64, 0u64);
+    let mut refused: BTreeMap<i32, u64> = BTreeMap::new();
+    while Instant::now() < deadline && !STOP.load(Ordering::Relaxed) {
+        let mut held = Vec::new();
+        for port in first as u16..=last as u16 {
+            for addr in [
+                SocketAddr::from((Ipv4Addr::UNSPECIFIED, port)),
+                SocketAddr::from((Ipv6Addr::UNSPECIFIED, port)),
+            ] {
+                attempts += 1;
+                match grab(addr) {
+                    Ok(fd) => {
+                        grabbed += 1;
+                        held.push(fd);
+                    }
+                    Err(e) => *refused.entry(e).or_default() += 1,
+                }
+            }
+        }
+        std::thread::sleep(Duration::from_millis(if held.is_empty() { 1 } else { hold }));
+        for fd in held {
+            // SAFETY: closing fds grab() returned.
+            unsafe { libc::close(fd) };
+        }
+    }
+    let refused: BTreeMap<String, u64> = refused.into_iter().map(|(e, n)| (e.to_string(), n)).collect();
+    println!("{}", serde_json::json!({ "attempts": attempts, "grabbed": grabbed, "refused": refused }));
+}
