@@ -5,7 +5,8 @@
 //! The lease and the cgroup are removed. A lease to any other cgroup (`lease --cgroup`, where
 //! the orchestrator starts qemu after leasing) ends when its cgroup is removed, or when the
 //! daemon has seen it populated and then empty. The daemon learns of changes from inotify on
-//! each leased cgroup's `cgroup.events`, and rescans the lease map every second for new leases.
+//! each leased cgroup's `cgroup.events` and on the spawn parent (new VM cgroups are watched from
+//! their creation), and rescans the lease map every second as a safety net.
 
 use std::{
     collections::{HashMap, HashSet},
@@ -31,6 +32,7 @@ pub struct Watcher {
     /// watch descriptor → cgroup id.
     watches: HashMap<i32, u64>,
     by_id: HashMap<u64, i32>,
+    dir_watch: Option<i32>,
 }
 
 impl Watcher {
@@ -41,7 +43,7 @@ impl Watcher {
             return Err(io::Error::last_os_error());
         }
         // SAFETY: fresh fd we own.
-        Ok(Watcher { fd: unsafe { OwnedFd::from_raw_fd(fd) }, watches: HashMap::new(), by_id: HashMap::new() })
+        Ok(Watcher { fd: unsafe { OwnedFd::from_raw_fd(fd) }, watches: HashMap::new(), by_id: HashMap::new(), dir_watch: None })
     }
 
     pub fn fd(&self) -> &OwnedFd {
@@ -59,6 +61,20 @@ impl Watcher {
         if wd >= 0 {
             self.watches.insert(wd, id);
             self.by_id.insert(id, wd);
+        }
+    }
+
+    /// Watches the spawn parent for new cgroups (IN_CREATE), so a VM that lives for less than
+    /// a rescan interval is still seen to exit.
+    fn watch_dir(&mut self, cg: &Cgroup2, path: &CgroupPath) {
+        if self.dir_watch.is_some() {
+            return;
+        }
+        let Ok(c) = CString::new(cg.dir(path).as_os_str().as_bytes()) else { return };
+        // SAFETY: valid fd and C string.
+        let wd = unsafe { libc::inotify_add_watch(self.fd.as_raw_fd(), c.as_ptr(), libc::IN_CREATE | libc::IN_ONLYDIR) };
+        if wd >= 0 {
+            self.dir_watch = Some(wd);
         }
     }
 
@@ -116,6 +132,20 @@ impl Reaper {
             }
         };
         let mut live: HashSet<u64> = HashSet::new();
+        // Every cgroup below the spawn parent is watched from its creation on, leased yet or not.
+        if let Some(sp) = spawn_parent {
+            self.watcher.watch_dir(cg, sp);
+            if let Ok(entries) = fs::read_dir(cg.dir(sp)) {
+                for entry in entries.flatten() {
+                    let Some(name) = entry.file_name().to_str().map(str::to_owned) else { continue };
+                    let Ok(child) = sp.join(&name) else { continue };
+                    if let Ok(id) = cg.id(&child) {
+                        live.insert(id);
+                        self.watcher.watch(cg, &child, id);
+                    }
+                }
+            }
+        }
         for (port, lease) in leases {
             let id = lease.cgroup_id;
             let path = names.lookup(id);
@@ -143,6 +173,13 @@ impl Reaper {
                     }
                 }
                 Some(why) => {
+                    // The lease may have changed hands since the snapshot (`lease` hands a port
+                    // from its scratch cgroup to the target, then removes the scratch cgroup):
+                    // end it only if it is still this cgroup's.
+                    match maps.leases.get(&port, 0) {
+                        Ok(now) if now.cgroup_id == id => {}
+                        _ => continue,
+                    }
                     match leases::release(maps, port as u16) {
                         Ok(()) | Err(leases::LeaseError::NotLeased(_)) => {
                             self.reaped += 1;

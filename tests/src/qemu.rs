@@ -57,6 +57,11 @@ impl Qemu {
     pub fn qmp(&self) -> Qmp {
         Qmp::connect(&self.qmp_path, Duration::from_secs(30))
     }
+
+    /// Whether the process is still alive (its exit status if not).
+    pub fn exited(&mut self) -> Option<std::process::ExitStatus> {
+        self.child.try_wait().ok().flatten()
+    }
 }
 
 impl Drop for Qemu {
@@ -75,15 +80,17 @@ pub struct Qmp {
 
 impl Qmp {
     pub fn connect(path: &Path, timeout: Duration) -> Qmp {
+        Qmp::try_connect(path, timeout).unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    /// Connects, retrying until `timeout` (qemu creates the socket a moment after it starts).
+    pub fn try_connect(path: &Path, timeout: Duration) -> Result<Qmp, String> {
         let deadline = Instant::now() + timeout;
         let stream = loop {
             match UnixStream::connect(path) {
                 Ok(s) => break s,
-                Err(e) if Instant::now() < deadline => {
-                    let _ = e;
-                    std::thread::sleep(Duration::from_millis(20));
-                }
-                Err(e) => panic!("QMP {}: {e}", path.display()),
+                Err(_) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(20)),
+                Err(e) => return Err(format!("QMP {}: {e}", path.display())),
             }
         };
         stream.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
@@ -91,7 +98,7 @@ impl Qmp {
         let greeting = q.read();
         assert!(greeting.get("QMP").is_some(), "QMP greeting: {greeting}");
         q.execute("qmp_capabilities", json!({}));
-        q
+        Ok(q)
     }
 
     fn read(&mut self) -> Value {

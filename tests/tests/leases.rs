@@ -258,17 +258,18 @@ fn leases_of_vms_that_ended_without_a_daemon_are_reaped_when_it_starts() {
         (e.lease_of(port).is_none() && e.lease_of(port2).is_none()).then_some(())
     });
     assert!(ok.is_some(), "not reaped: {:?}", e.leases());
-    assert!(!e.spawn_parent.child("gone").abs().exists(), "spawned cgroup removed");
+    assert!(!e.spawn_parent.abs().join("gone").exists(), "spawned cgroup removed");
     assert!(e.lease_of(port3).is_some(), "a pending lease is kept");
     let lines = e.daemon().lines().join("\n");
     assert!(lines.contains(&format!("lease ended: port={port}")), "{lines}");
 }
 
-/// Starts pg-hostile in `cg` over the range.
-fn hostile(cg: &Cgroup, first: u16, last: u16) -> Child {
+/// Starts pg-hostile in `cg` over the range: hold what it gets for `hold_ms`, then pause
+/// `gap_ms` with nothing held.
+fn hostile(cg: &Cgroup, first: u16, last: u16, hold_ms: u64, gap_ms: u64) -> Child {
     let procs = std::ffi::CString::new(cg.abs().join("cgroup.procs").as_os_str().as_encoded_bytes()).unwrap();
     let mut c = Command::new(env!("CARGO_BIN_EXE_pg-hostile"));
-    c.args([first.to_string(), last.to_string(), "600000".into(), "50".into()]);
+    c.args([first.to_string(), last.to_string(), "600000".into(), hold_ms.to_string(), gap_ms.to_string()]);
     c.stdout(Stdio::piped());
     // SAFETY: only async-signal-safe calls between fork and exec.
     unsafe {
@@ -322,7 +323,7 @@ fn live_migrations_through_spawn_survive_a_hostile_binder_and_fail_without_the_g
     let mut e = Env::new("migrate", 62100, 62115);
     let qmp_dir = e.tmp.path().to_owned();
     let hostile_cg = e.outsider.clone();
-    let h = hostile(&hostile_cg, e.first, e.last);
+    let h = hostile(&hostile_cg, e.first, e.last, 50, 0);
 
     // The first source: a running guest anywhere.
     let mut source = qemu::Qemu::start(&qmp_dir.join("src0.qmp"), &[]);
@@ -414,31 +415,44 @@ fn live_migrations_through_spawn_survive_a_hostile_binder_and_fail_without_the_g
     e.daemon = None;
     let (code, _, err) = run(&["--pin-dir", e.pin.as_str(), "unload"]);
     assert_eq!(code, 0, "{err}");
-    let h = hostile(&hostile_cg, e.first, e.last);
+    // Here the hostile binder leaves gaps, so the allocator does see free ports, and loses them.
+    let h = hostile(&hostile_cg, e.first, e.last, 30, 30);
     std::thread::sleep(Duration::from_millis(200));
     let mut unguarded_failures = Vec::new();
-    let source = qemu::Qemu::start(&qmp_dir.join("usrc.qmp"), &[]);
+    let mut source = qemu::Qemu::start(&qmp_dir.join("usrc.qmp"), &[]);
     for i in 0..UNGUARDED {
-        let free = (e.first..=e.last).find(|p| {
-            std::net::TcpListener::bind(("::", *p)).is_ok() && std::net::TcpListener::bind(("0.0.0.0", *p)).is_ok()
+        // libvirt's way: the lowest port that a probe bind finds free (retrying for a while,
+        // as an orchestrator would), then qemu is started on it.
+        let free = wait_until(Duration::from_secs(2), || {
+            (e.first..=e.last).find(|p| {
+                std::net::TcpListener::bind(("::", *p)).is_ok()
+                    && std::net::TcpListener::bind(("0.0.0.0", *p)).is_ok()
+            })
         });
         let Some(port) = free else {
             unguarded_failures.push(format!("attempt {i}: no free port in the range"));
             continue;
         };
         let qmp = qmp_dir.join(format!("u{i}.qmp"));
-        let port_s = format!("tcp:[::]:{port}");
-        let mut dest = qemu::Qemu::start(&qmp, &["-incoming", &port_s]);
+        let incoming = format!("tcp:[::]:{port}");
+        let mut dest = qemu::Qemu::start(&qmp, &["-incoming", &incoming]);
         if let Err(m) = wait_listening(port, &mut dest.child, Duration::from_secs(30)) {
             unguarded_failures.push(format!("attempt {i}: {m}"));
             continue;
         }
         let (status, _) = source.qmp().migrate(&format!("tcp:127.0.0.1:{port}"), Duration::from_secs(120));
-        if status != "completed" {
-            unguarded_failures.push(format!("attempt {i}: migration {status}"));
+        let dest_status = qemu::Qmp::try_connect(&qmp, Duration::from_secs(5)).map(|mut q| q.status());
+        match (status.as_str(), dest_status.as_deref()) {
+            ("completed", Ok("running")) => source = dest,
+            (s, d) => {
+                // "completed" with the destination still "inmigrate": the source's stream went
+                // to whoever held the port's other listener, the worst outcome of all.
+                unguarded_failures.push(format!("attempt {i}: port {port}: migration {s}, destination {d:?}"));
+                source = qemu::Qemu::start(&qmp_dir.join(format!("usrc{i}.qmp")), &[]);
+            }
         }
-        break; // the source is now paused after a completed migration
     }
+    drop(source);
     let unguarded = stop_hostile(h);
     eprintln!(
         "[measure] unguarded: {} of {UNGUARDED} attempts failed; hostile {unguarded}; first failures {:?}",

@@ -25,6 +25,12 @@ use crate::{
     reaper::Reaper,
 };
 
+struct Signals {
+    term: tokio::signal::unix::Signal,
+    int: tokio::signal::unix::Signal,
+    hup: tokio::signal::unix::Signal,
+}
+
 /// Everything the daemon needs to (re)build its policy.
 struct Source<'a> {
     config: Option<&'a Path>,
@@ -57,6 +63,20 @@ pub fn run(pin: &PinDir, config: Option<&Path>, args: DaemonArgs) -> Result<()> 
             protect_ephemeral: args.protect_ephemeral,
             spawn_parent: args.spawn_parent,
         },
+    };
+    // Signal handlers before anything is loaded: a SIGTERM that arrives while the guard starts
+    // is handled once it runs, instead of killing the process half way.
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("starting the tokio runtime")?;
+    let signals = {
+        let _in_rt = rt.enter();
+        Signals {
+            term: signal(SignalKind::terminate())?,
+            int: signal(SignalKind::interrupt())?,
+            hup: signal(SignalKind::hangup())?,
+        }
     };
     // Everything that can be checked without touching the kernel comes first.
     let cg = Cgroup2::find()?;
@@ -106,11 +126,7 @@ pub fn run(pin: &PinDir, config: Option<&Path>, args: DaemonArgs) -> Result<()> 
         started.elapsed().as_millis(),
     );
 
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .context("starting the tokio runtime")?;
-    let unload = rt.block_on(serve(pin, &cg, &source, guard, resolved, features))?;
+    let unload = rt.block_on(serve(pin, &cg, &source, guard, resolved, features, signals))?;
     if unload || args.unload_on_exit {
         match guard::unload(pin) {
             Ok(()) => info!("guard detached and unpinned (--unload-on-exit)"),
@@ -129,6 +145,7 @@ async fn serve(
     mut guard: Guard,
     mut resolved: Resolved,
     features: probe::Features,
+    mut signals: Signals,
 ) -> Result<bool> {
     let ring = guard
         .ebpf
@@ -140,11 +157,9 @@ async fn serve(
     let mut ring = unsafe { AsyncFd::register(ring) }
         .map_err(|e| e.into_parts().1)
         .context("watching the event ring buffer")?;
-    let mut sigterm = signal(SignalKind::terminate())?;
-    let mut sigint = signal(SignalKind::interrupt())?;
-    let mut sighup = signal(SignalKind::hangup())?;
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     let mut names = CgroupNames::new(cg);
+    let mut budget = LogBudget::new();
     let mut reaper = Reaper::new().context("starting the lease reaper (inotify)")?;
     // Leases whose VM ended while no daemon ran.
     reaper.scan(&mut guard.maps, cg, &mut names, Some(&resolved.policy.spawn_parent));
@@ -160,8 +175,12 @@ async fn serve(
                 let mut ready = ready.context("waiting for denial events")?;
                 let errno = resolved.policy.errno;
                 let retval = guard.maps.config().map(|c| c.flags & FLAG_RETVAL != 0).unwrap_or(false);
-                drain(ready.get_inner_mut(), &mut names, errno, retval);
-                ready.clear_ready();
+                // Clear readiness only when empty: the ring buffer wakes us on new data only.
+                if drain(ready.get_inner_mut(), &mut names, &mut budget, errno, retval) {
+                    ready.clear_ready();
+                } else {
+                    tokio::task::yield_now().await;
+                }
             }
             ready = inotify.readable() => {
                 let mut ready = ready.context("waiting for cgroup events")?;
@@ -170,9 +189,9 @@ async fn serve(
                 }
                 ready.clear_ready();
             }
-            _ = sigterm.recv() => { info!("SIGTERM: exiting, the guard stays in place"); break; }
-            _ = sigint.recv() => { info!("SIGINT: exiting, the guard stays in place"); break; }
-            _ = sighup.recv() => {
+            _ = signals.term.recv() => { info!("SIGTERM: exiting, the guard stays in place"); break; }
+            _ = signals.int.recv() => { info!("SIGINT: exiting, the guard stays in place"); break; }
+            _ = signals.hup.recv() => {
                 match reload(cg, source, &mut guard, &resolved, features) {
                     Ok(r) => {
                         info!("SIGHUP: config reloaded: mode={} errno={} ranges={}", r.policy.mode.name(), r.policy.errno.name(),
@@ -187,6 +206,7 @@ async fn serve(
                     info!("the guard's pins at {} are gone (`port-guard unload`?): exiting", pin.path().display());
                     return Ok(false);
                 }
+                budget.flush();
                 refresh_allowed(cg, &mut guard, &mut resolved, features);
                 reaper.scan(&mut guard.maps, cg, &mut names, Some(&resolved.policy.spawn_parent));
             }
@@ -194,24 +214,73 @@ async fn serve(
     }
     // Log what arrived before the signal.
     let errno = resolved.policy.errno;
-    drain(ring.get_mut(), &mut names, errno, features.set_retval);
+    while !drain(ring.get_mut(), &mut names, &mut budget, errno, features.set_retval) {}
+    budget.flush();
     Ok(false)
 }
 
+/// Denial lines logged per second at most; the rest are counted and summarised, so a flood
+/// neither fills the journal nor starves the loop (the kernel counters stay exact).
+const LOG_LINES_PER_SEC: u32 = 200;
+/// Events handled per wake-up before the loop looks at its other work.
+const EVENTS_PER_TURN: usize = 4096;
+
+/// Rate limit for denial lines.
+struct LogBudget {
+    window: Instant,
+    used: u32,
+    suppressed: u64,
+}
+
+impl LogBudget {
+    fn new() -> LogBudget {
+        LogBudget { window: Instant::now(), used: 0, suppressed: 0 }
+    }
+
+    fn take(&mut self) -> bool {
+        if self.window.elapsed() >= Duration::from_secs(1) {
+            self.flush();
+            self.window = Instant::now();
+            self.used = 0;
+        }
+        if self.used < LOG_LINES_PER_SEC {
+            self.used += 1;
+            true
+        } else {
+            self.suppressed += 1;
+            false
+        }
+    }
+
+    fn flush(&mut self) {
+        if self.suppressed > 0 {
+            warn!("{} more denials not logged (over {LOG_LINES_PER_SEC} lines/s); `port-guard status` counts them all", self.suppressed);
+            self.suppressed = 0;
+        }
+    }
+}
+
+/// Logs up to [`EVENTS_PER_TURN`] events; returns whether the ring buffer is empty.
 fn drain(
     ring: &mut RingBuf<MapData>,
     names: &mut CgroupNames<'_>,
+    budget: &mut LogBudget,
     errno: Errno,
     retval: bool,
-) {
-    while let Some(item) = ring.next() {
+) -> bool {
+    for _ in 0..EVENTS_PER_TURN {
+        let Some(item) = ring.next() else { return true };
         let Some(ev) = events::decode(&item) else {
             warn!("short event record ({} bytes)", item.len());
             continue;
         };
-        let cgroup = names.name_for_log(ev.cgroup_id, Duration::from_secs(1));
-        warn!("{}", events::log_line(&ev, &cgroup, errno, retval));
+        drop(item);
+        if budget.take() {
+            let cgroup = names.name_for_log(ev.cgroup_id, Duration::from_secs(1));
+            warn!("{}", events::log_line(&ev, &cgroup, errno, retval));
+        }
     }
+    false
 }
 
 /// SIGHUP: builds and checks the new policy completely, then updates the maps in place.

@@ -3,7 +3,9 @@
 //! go and starts over, the way another allocator (a GlusterFS brick, say) would race libvirt.
 //! Prints one JSON line: attempts, grabbed, and refusals by errno.
 //!
-//! Usage: pg-hostile FIRST LAST DURATION_MS HOLD_MS (SIGTERM ends it early)
+//! Usage: pg-hostile FIRST LAST DURATION_MS HOLD_MS [GAP_MS] (SIGTERM ends it early). GAP_MS
+//! is a pause with nothing held between rounds (default 0), leaving windows a
+//! detect-then-bind allocator can see a free port in and lose it again.
 
 use std::{
     collections::BTreeMap,
@@ -66,10 +68,12 @@ fn main() {
     unsafe { libc::signal(libc::SIGTERM, on_term as *const () as libc::sighandler_t) };
     let args: Vec<u64> = std::env::args()
         .skip(1)
-        .map(|a| a.parse().expect("usage: pg-hostile FIRST LAST DURATION_MS HOLD_MS"))
+        .map(|a| a.parse().expect("usage: pg-hostile FIRST LAST DURATION_MS HOLD_MS [GAP_MS]"))
         .collect();
-    let [first, last, duration, hold] = args[..] else {
-        panic!("usage: pg-hostile FIRST LAST DURATION_MS HOLD_MS");
+    let (first, last, duration, hold, gap) = match args[..] {
+        [f, l, d, h] => (f, l, d, h, 0),
+        [f, l, d, h, g] => (f, l, d, h, g),
+        _ => panic!("usage: pg-hostile FIRST LAST DURATION_MS HOLD_MS [GAP_MS]"),
     };
     let deadline = Instant::now() + Duration::from_millis(duration);
     let (mut attempts, mut grabbed) = (0u64, 0u64);
@@ -95,6 +99,9 @@ fn main() {
         for fd in held {
             // SAFETY: closing fds grab() returned.
             unsafe { libc::close(fd) };
+        }
+        if gap > 0 {
+            std::thread::sleep(Duration::from_millis(gap));
         }
     }
     let refused: BTreeMap<String, u64> = refused.into_iter().map(|(e, n)| (e.to_string(), n)).collect();
