@@ -23,6 +23,7 @@ use aya_ebpf::{
     maps::{Array, HashMap, PerCpuArray, RingBuf},
     programs::SockAddrContext,
 };
+use aya_log_ebpf::debug;
 use port_guard_common::{
     counter_index, DenialEvent, GuardConfig, Lease, PortEntry, RangeDef, ACTION_AUDITED,
     ACTION_DENIED, COUNTERS_LEN, COUNTER_ALLOWED, COUNTER_AUDITED, COUNTER_DENIED, EVENTS_BYTES,
@@ -112,7 +113,7 @@ fn decide(ctx: &SockAddrContext, family: u8) -> i32 {
         count(slot, proto_idx, COUNTER_ALLOWED);
         return ALLOW;
     }
-    refuse(slot, proto_idx, port, proto_bit as u8, family, leased)
+    refuse(ctx, slot, proto_idx, port, proto_bit as u8, family, leased)
 }
 
 /// Whether the caller's cgroup or one of its ancestors is allowed for range `slot`.
@@ -146,7 +147,15 @@ fn allowed_by_range(slot: u32) -> bool {
 }
 
 #[inline(always)]
-fn refuse(slot: u32, proto_idx: u32, port: u16, protocol: u8, family: u8, leased: bool) -> i32 {
+fn refuse(
+    ctx: &SockAddrContext,
+    slot: u32,
+    proto_idx: u32,
+    port: u16,
+    protocol: u8,
+    family: u8,
+    leased: bool,
+) -> i32 {
     let (audit, errno) = match PG_CONFIG.get(0) {
         Some(c) => (c.mode == MODE_AUDIT, c.errno),
         None => (false, EPERM),
@@ -178,6 +187,9 @@ fn refuse(slot: u32, proto_idx: u32, port: u16, protocol: u8, family: u8, leased
         });
         entry.submit(0);
     }
+    // Only with `daemon -v`: the agent loads with AYA_LOG_LEVEL below debug otherwise, and the
+    // record is never written.
+    debug!(ctx, "refused bind: port {} proto {} family {} leased {} audit {}", port, protocol, family, leased as u8, audit as u8);
     if audit {
         return ALLOW;
     }

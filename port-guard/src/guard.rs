@@ -562,9 +562,12 @@ impl Guard {
         adopted: bool,
     ) -> Result<Guard, GuardError> {
         let use_retval: u32 = features.set_retval.into();
+        // The programs' aya-log records are debug only: written when the agent logs debug.
+        let log_level: u8 = if log::log_enabled!(log::Level::Debug) { 4 } else { 3 };
         let mut ebpf = EbpfLoader::new()
             .default_map_pin_directory(pin.path())
             .override_global(GLOBAL_USE_RETVAL, &use_retval, true)
+            .override_global(aya_log::LEVEL, &log_level, false)
             .load(OBJECT)
             .map_err(|e| GuardError::Load(Box::new(e)))?;
         let mut maps = Maps::build(|name| take(&mut ebpf, name))?;

@@ -51,8 +51,13 @@ fn init_logging(verbose: u8) {
         1 => log::LevelFilter::Debug,
         _ => log::LevelFilter::Trace,
     };
+    // aya's own loader chatter (relocations, and a multi-line dump when the kernel refuses the
+    // object's BTF, which these programs do not need) only with -vv.
+    let aya_level = if verbose >= 2 { log::LevelFilter::Debug } else { log::LevelFilter::Error };
     env_logger::Builder::new()
         .filter_level(level)
+        .filter_module("aya", aya_level)
+        .filter_module("aya_obj", aya_level)
         .parse_default_env()
         .format(|buf, record| {
             writeln!(buf, "{} {:<5} {}", buf.timestamp_millis(), record.level(), record.args())

@@ -158,6 +158,15 @@ async fn serve(
         .map_err(|e| e.into_parts().1)
         .context("watching the event ring buffer")?;
     let mut tick = tokio::time::interval(Duration::from_secs(1));
+    // The programs' own debug records (aya-log), read for as long as the daemon runs.
+    let mut ebpf_log = match aya_log::EbpfLogger::init(&mut guard.ebpf) {
+        // SAFETY: the logger owns its ring buffer fd; the AsyncFd owns the logger.
+        Ok(l) => Some(unsafe { AsyncFd::register(l) }.map_err(|e| e.into_parts().1).context("watching the aya-log ring buffer")?),
+        Err(e) => {
+            warn!("no eBPF log records: {e}");
+            None
+        }
+    };
     let mut names = CgroupNames::new(cg);
     let mut budget = LogBudget::new();
     let mut reaper = Reaper::new().context("starting the lease reaper (inotify)")?;
@@ -187,6 +196,11 @@ async fn serve(
                 if reaper.watcher.drain() {
                     reaper.scan(&mut guard.maps, cg, &mut names, Some(&resolved.policy.spawn_parent));
                 }
+                ready.clear_ready();
+            }
+            ready = async { ebpf_log.as_mut().expect("guarded by the if").readable_mut().await }, if ebpf_log.is_some() => {
+                let mut ready = ready.context("waiting for eBPF log records")?;
+                ready.get_inner_mut().flush();
                 ready.clear_ready();
             }
             _ = signals.term.recv() => { info!("SIGTERM: exiting, the guard stays in place"); break; }
