@@ -48,7 +48,8 @@ fn io_err<'a>(op: &'static str, path: &'a Path) -> impl FnOnce(io::Error) -> Cgr
 
 /// A cgroup path as in the `0::` line of /proc/PID/cgroup: `/` or `/a/b`, no `.`/`..`, no empty
 /// components, no NUL, UTF-8, each component at most 255 bytes.
-#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize)]
+#[serde(transparent)]
 pub struct CgroupPath(String);
 
 impl CgroupPath {

@@ -70,6 +70,13 @@ pub enum Command {
         #[arg(long, value_name = "CGROUP")]
         cgroup: Option<String>,
     },
+    /// Preflight (BPF, cgroup2, bpffs, kernel features and fallbacks) and every socket already
+    /// holding a reserved port. Exit status 1 when something fails or conflicts.
+    Check {
+        /// One JSON object instead of the report.
+        #[arg(long)]
+        json: bool,
+    },
     /// Detach the guard and remove its pins.
     Unload,
 }
@@ -95,6 +102,10 @@ pub struct DaemonArgs {
     /// Keep the kernel from auto-picking reserved ports (net.ipv4.ip_local_reserved_ports).
     #[arg(long)]
     pub protect_ephemeral: bool,
+    /// Start even if this kernel cannot give refused binds the configured errno (before 6.1 they
+    /// get EPERM); without it the daemon refuses to start there.
+    #[arg(long)]
+    pub allow_fallback: bool,
     /// Parent of the cgroups `spawn` creates (default /port-guard).
     #[arg(long, value_name = "CGROUP")]
     pub spawn_parent: Option<String>,

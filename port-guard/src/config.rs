@@ -69,6 +69,7 @@ pub struct ConfigFile {
     pub mode: Option<String>,
     pub errno: Option<String>,
     pub protect_ephemeral: Option<bool>,
+    pub allow_fallback: Option<bool>,
     pub spawn_parent: Option<String>,
     pub reserve: Option<Vec<ReserveEntry>>,
 }
@@ -133,6 +134,7 @@ pub struct Overrides {
     pub mode: Option<String>,
     pub errno: Option<String>,
     pub protect_ephemeral: bool,
+    pub allow_fallback: bool,
     pub spawn_parent: Option<String>,
 }
 
@@ -238,6 +240,7 @@ pub fn build_policy(
         mode,
         errno,
         protect_ephemeral: flags.protect_ephemeral || file.protect_ephemeral.unwrap_or(false),
+        allow_fallback: flags.allow_fallback || file.allow_fallback.unwrap_or(false),
         spawn_parent,
         reserve,
     })

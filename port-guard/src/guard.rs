@@ -110,6 +110,9 @@ pub enum GuardError {
     /// A cgroup problem.
     #[error(transparent)]
     Cgroup(#[from] CgroupError),
+    /// Restoring the ephemeral port sysctl failed.
+    #[error(transparent)]
+    Ephemeral(#[from] crate::ephemeral::EphemeralError),
     /// A filesystem or syscall failure.
     #[error("{op} {path}")]
     Io {
@@ -200,6 +203,19 @@ impl PinDir {
             return Err(io_err("lock", &self.0)(e));
         }
         Ok(dir)
+    }
+}
+
+/// Whether the pin dir is (or would be) on bpffs, for `check`.
+pub fn bpffs_state(pin: &PinDir) -> (bool, String) {
+    let at = nearest_existing(pin.path());
+    match is_bpffs(&at) {
+        Ok(true) => (true, format!("{} is on bpffs", at.display())),
+        Ok(false) if pin.path().starts_with("/sys/fs/bpf") => {
+            (true, "not mounted on /sys/fs/bpf; the daemon will mount it".into())
+        }
+        Ok(false) => (false, format!("{} is not on bpffs and is not under /sys/fs/bpf", pin.path().display())),
+        Err(e) => (false, e.to_string()),
     }
 }
 
@@ -624,6 +640,10 @@ impl Guard {
 pub fn unload(pin: &PinDir) -> Result<(), GuardError> {
     if !pin.path().exists() {
         return Err(GuardError::NotLoaded(pin.path().to_owned()));
+    }
+    // First, so that a failure (another network namespace) leaves the guard whole.
+    if let Some(previous) = crate::ephemeral::restore(pin)? {
+        info!("net.ipv4.ip_local_reserved_ports restored to {previous:?}");
     }
     for (_, link_name) in LINKS {
         for name in [link_name.to_owned(), format!("{link_name}_new")] {

@@ -7,12 +7,15 @@ pub mod cgroup;
 pub mod cli;
 pub mod commands;
 pub mod config;
+pub mod conflicts;
+pub mod ephemeral;
 pub mod events;
 pub mod guard;
 pub mod leases;
 pub mod policy;
 pub mod probe;
 pub mod reaper;
+pub mod sockets;
 pub mod sys;
 
 /// A config asks for something this version or this kernel cannot do (exit status 2).

@@ -29,6 +29,10 @@ fn main() -> ExitCode {
         Command::Daemon(args) => commands::daemon::run(&pin, cli.config.as_deref(), args),
         Command::Status { json } => commands::status::run(&pin, json),
         Command::Unload => commands::unload::run(&pin),
+        Command::Check { json } => match commands::check::run(&pin, cli.config.as_deref(), json) {
+            Ok(code) => return code,
+            Err(e) => Err(e),
+        },
         Command::Spawn { name, port, json, cmd } => {
             commands::spawn::run(&pin, commands::spawn::SpawnArgs { name, port, json, cmd })
         }

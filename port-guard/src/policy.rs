@@ -298,6 +298,8 @@ pub struct Policy {
     pub mode: Mode,
     pub errno: Errno,
     pub protect_ephemeral: bool,
+    /// Start even when the kernel cannot give refused binds the configured errno (EPERM then).
+    pub allow_fallback: bool,
     pub spawn_parent: CgroupPath,
     pub reserve: Vec<Reservation>,
 }

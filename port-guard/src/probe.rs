@@ -27,6 +27,11 @@ pub enum ProbeError {
     },
 }
 
+/// The config asks for something this kernel cannot do.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct Unenforceable(pub String);
+
 /// What this kernel offers the guard.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Features {
@@ -35,6 +40,18 @@ pub struct Features {
 }
 
 impl Features {
+    /// Refuses a policy this kernel cannot enforce as written, unless it allows the fallback.
+    pub fn check(&self, policy: &crate::policy::Policy) -> Result<(), Unenforceable> {
+        use crate::policy::Errno;
+        if !self.set_retval && policy.errno != Errno::Eperm && !policy.allow_fallback {
+            return Err(Unenforceable(format!(
+                "errno {} needs bpf_set_retval in cgroup bind programs (kernel 6.1+); this kernel can only refuse with EPERM: set errno = \"eperm\", or allow_fallback = true (--allow-fallback) to accept EPERM",
+                policy.errno.name()
+            )));
+        }
+        Ok(())
+    }
+
     /// One line per feature for logs and `check`.
     pub fn describe(&self) -> Vec<String> {
         vec![if self.set_retval {

@@ -1532,3 +1532,4 @@ mod tests {
     }
 }
 pub mod qemu;
+pub mod netns;

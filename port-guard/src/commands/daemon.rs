@@ -42,11 +42,6 @@ impl Source<'_> {
         let (file, path) = ConfigFile::load(self.config)?;
         let policy = build_policy(&file, path.as_deref(), &self.flags)?;
         check_cgroups(&policy, cg)?;
-        if policy.protect_ephemeral {
-            bail!(crate::Unsupported(
-                "protect_ephemeral = true: ephemeral-port protection is not available in this version; remove it from the config (or the --protect-ephemeral flag)"
-            ));
-        }
         Ok(policy)
     }
 }
@@ -61,6 +56,7 @@ pub fn run(pin: &PinDir, config: Option<&Path>, args: DaemonArgs) -> Result<()> 
             mode: args.mode,
             errno: args.errno,
             protect_ephemeral: args.protect_ephemeral,
+            allow_fallback: args.allow_fallback,
             spawn_parent: args.spawn_parent,
         },
     };
@@ -85,6 +81,7 @@ pub fn run(pin: &PinDir, config: Option<&Path>, args: DaemonArgs) -> Result<()> 
     for line in features.describe() {
         info!("{line}");
     }
+    features.check(&policy)?;
 
     pin.prepare()?;
     let _lock = pin.lock()?;
@@ -92,7 +89,7 @@ pub fn run(pin: &PinDir, config: Option<&Path>, args: DaemonArgs) -> Result<()> 
     let spawn_parent_id = cg.create(&policy.spawn_parent)?;
     let started = Instant::now();
     let resolved = Resolved::new(policy, &cg, spawn_parent_id)?;
-    let guard = match Guard::start(pin, &resolved, features, &cg) {
+    let mut guard = match Guard::start(pin, &resolved, features, &cg) {
         Ok(g) => g,
         Err(e) => {
             if created_spawn_parent {
@@ -104,6 +101,13 @@ pub fn run(pin: &PinDir, config: Option<&Path>, args: DaemonArgs) -> Result<()> 
             return Err(e.into());
         }
     };
+    if let Err(e) = sync_ephemeral(pin, &mut guard, &resolved.policy) {
+        if !guard.adopted {
+            drop(guard);
+            let _ = guard::unload(pin);
+        }
+        return Err(e);
+    }
     if guard.adopted {
         info!("adopted the guard pinned at {} (its maps and leases are kept)", pin.path().display());
     }
@@ -126,6 +130,13 @@ pub fn run(pin: &PinDir, config: Option<&Path>, args: DaemonArgs) -> Result<()> 
         started.elapsed().as_millis(),
     );
 
+    // Who already holds a reserved port: the guard cannot evict them, the operator must know.
+    if let Some(view) = crate::conflicts::View::from_pins(pin, &cg) {
+        let (_, holders) = crate::conflicts::find(&view);
+        for h in holders.iter().filter(|h| h.would_refuse) {
+            warn!("conflict: a reserved port is already held: {}", crate::conflicts::describe(h));
+        }
+    }
     let unload = rt.block_on(serve(pin, &cg, &source, guard, resolved, features, signals))?;
     if unload || args.unload_on_exit {
         match guard::unload(pin) {
@@ -206,7 +217,7 @@ async fn serve(
             _ = signals.term.recv() => { info!("SIGTERM: exiting, the guard stays in place"); break; }
             _ = signals.int.recv() => { info!("SIGINT: exiting, the guard stays in place"); break; }
             _ = signals.hup.recv() => {
-                match reload(cg, source, &mut guard, &resolved, features) {
+                match reload(pin, cg, source, &mut guard, &resolved, features) {
                     Ok(r) => {
                         info!("SIGHUP: config reloaded: mode={} errno={} ranges={}", r.policy.mode.name(), r.policy.errno.name(),
                             r.policy.reserve.iter().map(|x| x.spec.to_string()).collect::<Vec<_>>().join(" "));
@@ -297,8 +308,25 @@ fn drain(
     false
 }
 
+/// Applies or withdraws ephemeral-port protection to match `policy`, and records it in the
+/// config map for `status`.
+fn sync_ephemeral(pin: &PinDir, guard: &mut Guard, policy: &Policy) -> Result<()> {
+    use port_guard_common::FLAG_PROTECT_EPHEMERAL;
+    if policy.protect_ephemeral {
+        let ranges: Vec<_> = policy.reserve.iter().map(|r| r.spec.range).collect();
+        let value = crate::ephemeral::apply(pin, &ranges)?;
+        guard.maps.set_flag(FLAG_PROTECT_EPHEMERAL, true)?;
+        info!("ephemeral ports protected: net.ipv4.ip_local_reserved_ports = {value}");
+    } else if let Some(previous) = crate::ephemeral::restore(pin)? {
+        guard.maps.set_flag(FLAG_PROTECT_EPHEMERAL, false)?;
+        info!("ephemeral-port protection off: net.ipv4.ip_local_reserved_ports restored to {previous:?}");
+    }
+    Ok(())
+}
+
 /// SIGHUP: builds and checks the new policy completely, then updates the maps in place.
 fn reload(
+    pin: &PinDir,
     cg: &Cgroup2,
     source: &Source<'_>,
     guard: &mut Guard,
@@ -320,6 +348,7 @@ fn reload(
     };
     let r = Resolved::new(policy, cg, spawn_parent_id)?;
     guard.maps.write_policy(&r, features)?;
+    sync_ephemeral(pin, guard, &r.policy)?;
     Ok(r)
 }
 

@@ -1,0 +1,169 @@
+//! Which sockets on reserved ports the guard would refuse: the conflict scan of `check` and of
+//! the daemon's start.
+
+use std::collections::HashMap;
+
+use crate::{
+    cgroup::{Cgroup2, CgroupPath},
+    guard::{self, PinDir},
+    policy::{Policy, ReserveSpec},
+    sockets::{self, Owner, Scan, Socket},
+};
+
+/// The rules a socket is judged by: from the pins when a guard is loaded, else from the config.
+pub struct View {
+    pub source: &'static str,
+    pub attach: CgroupPath,
+    pub ranges: Vec<(ReserveSpec, Vec<CgroupPath>)>,
+    /// Leased port → lessee path (None when its cgroup is gone).
+    pub leases: HashMap<u16, Option<CgroupPath>>,
+}
+
+impl View {
+    pub fn from_policy(p: &Policy) -> View {
+        View {
+            source: "config",
+            attach: p.attach.clone(),
+            ranges: p.reserve.iter().map(|r| (r.spec, r.allow.clone())).collect(),
+            leases: HashMap::new(),
+        }
+    }
+
+    /// From the pins, or None when no guard is loaded there.
+    pub fn from_pins(pin: &PinDir, cg: &Cgroup2) -> Option<View> {
+        let s = guard::status(pin, cg).ok()?;
+        let parse = |p: &str| p.parse::<CgroupPath>().ok();
+        Some(View {
+            source: "pins",
+            attach: parse(&s.attach).unwrap_or_else(CgroupPath::root),
+            ranges: s
+                .reserve
+                .iter()
+                .filter_map(|r| {
+                    let spec: ReserveSpec = format!("{}/{}", r.ports, r.protocols.join("+")).parse().ok()?;
+                    Some((spec, r.allow.iter().filter_map(|a| parse(a)).collect()))
+                })
+                .collect(),
+            leases: s.leases.iter().map(|l| (l.port as u16, parse(&l.cgroup))).collect(),
+        })
+    }
+
+    pub fn reserved(&self, port: u16, protocol: &str) -> bool {
+        self.range_of(port, protocol).is_some()
+    }
+
+    fn range_of(&self, port: u16, protocol: &str) -> Option<&(ReserveSpec, Vec<CgroupPath>)> {
+        self.ranges
+            .iter()
+            .find(|(s, _)| s.range.contains(port) && s.protocols.names().contains(&protocol))
+    }
+
+    /// What the guard would do with a bind of `port`/`protocol` from `cgroup`, as
+    /// (refuse, why).
+    pub fn judge(&self, port: u16, protocol: &str, cgroup: Option<&CgroupPath>) -> (bool, String) {
+        let Some((_, allow)) = self.range_of(port, protocol) else {
+            return (false, "not reserved".into());
+        };
+        let Some(cg) = cgroup else {
+            return (true, "owner unknown".into());
+        };
+        if !cg.is_within(&self.attach) {
+            return (false, format!("outside the attach cgroup {}", self.attach));
+        }
+        if let Some(lessee) = self.leases.get(&port) {
+            return match lessee {
+                Some(l) if cg.is_within(l) => (false, format!("lessee {l}")),
+                Some(l) => (true, format!("leased to {l}")),
+                None => (true, "leased to a removed cgroup".into()),
+            };
+        }
+        match allow.iter().find(|a| cg.is_within(a)) {
+            Some(a) => (false, format!("allowed via {a}")),
+            None => (true, "not allowed".into()),
+        }
+    }
+}
+
+/// A socket on a reserved port with the verdict for each owner.
+#[derive(Debug, serde::Serialize)]
+pub struct Holder {
+    pub port: u16,
+    pub protocol: &'static str,
+    pub family: &'static str,
+    pub state: &'static str,
+    pub pid: Option<u32>,
+    pub command: Option<String>,
+    pub cgroup: Option<String>,
+    /// The guard would refuse this process the port: a conflict.
+    pub would_refuse: bool,
+    pub reason: String,
+}
+
+/// Scans the sockets on reserved ports and judges each owner.
+pub fn find(view: &View) -> (Scan, Vec<Holder>) {
+    let scan = sockets::scan(|port, proto| view.reserved(port, proto));
+    let mut out = Vec::new();
+    for s in &scan.sockets {
+        let Socket { port, protocol, family, state, owners, .. } = s;
+        if owners.is_empty() {
+            let (would_refuse, reason) = view.judge(*port, protocol, None);
+            out.push(Holder { port: *port, protocol, family, state, pid: None, command: None, cgroup: None, would_refuse, reason });
+        }
+        for Owner { pid, command, cgroup } in owners {
+            let (would_refuse, reason) = view.judge(*port, protocol, cgroup.as_ref());
+            out.push(Holder {
+                port: *port,
+                protocol,
+                family,
+                state,
+                pid: Some(*pid),
+                command: Some(command.clone()),
+                cgroup: cgroup.as_ref().map(ToString::to_string),
+                would_refuse,
+                reason,
+            });
+        }
+    }
+    (scan, out)
+}
+
+/// The one-line form used by the daemon's warnings and the table.
+pub fn describe(h: &Holder) -> String {
+    format!(
+        "port={}/{} family={} state={} pid={} comm={} cgroup={} guard={}",
+        h.port,
+        h.protocol,
+        h.family,
+        h.state,
+        h.pid.map(|p| p.to_string()).unwrap_or("?".into()),
+        h.command.as_deref().unwrap_or("?"),
+        h.cgroup.as_deref().unwrap_or("?"),
+        if h.would_refuse { format!("would-refuse ({})", h.reason) } else { format!("permits ({})", h.reason) },
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn p(s: &str) -> CgroupPath {
+        s.parse().unwrap()
+    }
+
+    #[test]
+    fn judges_like_the_kernel_program() {
+        let view = View {
+            source: "config",
+            attach: p("/"),
+            ranges: vec![("49152-49215/tcp".parse().unwrap(), vec![p("/machine.slice")])],
+            leases: [(49160u16, Some(p("/port-guard/vm1")))].into_iter().collect(),
+        };
+        assert!(!view.judge(49152, "udp", Some(&p("/x"))).0, "udp not covered");
+        assert!(!view.judge(49151, "tcp", Some(&p("/x"))).0, "outside the range");
+        assert!(view.judge(49152, "tcp", Some(&p("/system.slice/glusterd.service"))).0);
+        assert!(!view.judge(49152, "tcp", Some(&p("/machine.slice/qemu-1/emulator"))).0);
+        assert!(view.judge(49160, "tcp", Some(&p("/machine.slice"))).0, "leased: allowed is not enough");
+        assert!(!view.judge(49160, "tcp", Some(&p("/port-guard/vm1/sub"))).0);
+        assert!(view.judge(49152, "tcp", None).0, "unknown owner counts as a conflict");
+    }
+}

@@ -1,0 +1,135 @@
+//! Socket fixtures for the integration tests, run inside the test's network namespace and
+//! cgroup.
+//!
+//! `pg-sockets hold SPEC...` opens the sockets, prints `ready` and sleeps until killed. SPEC:
+//! `listen4:P` `listen6:P` (tcp listener), `bound4:P` `bound6:P` (tcp bound, not listening),
+//! `udp4:P` `udp6:P`, `conn4:P:Q` (tcp bound to P, connected to a listener it opens on Q).
+//!
+//! `pg-sockets ephemeral N LISTEN_PORT` opens a listener on 127.0.0.1:LISTEN_PORT, then makes N
+//! connections and N UDP sendto()s without bind(), all held open, and prints one JSON line with
+//! the local ports the kernel chose (and the errors of the calls that failed).
+
+use std::{
+    io::Write as _,
+    net::{Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener, TcpStream, UdpSocket},
+};
+
+fn tcp_bound(addr: SocketAddr) -> std::io::Result<i32> {
+    let domain = if addr.is_ipv4() { libc::AF_INET } else { libc::AF_INET6 };
+    // SAFETY: plain socket calls; the fd is leaked on purpose (held until the process dies).
+    unsafe {
+        let fd = libc::socket(domain, libc::SOCK_STREAM, 0);
+        let one: i32 = 1;
+        if !addr.is_ipv4() {
+            libc::setsockopt(fd, libc::IPPROTO_IPV6, libc::IPV6_V6ONLY, (&one as *const i32).cast(), 4);
+        }
+        let r = match addr {
+            SocketAddr::V4(a) => {
+                let sa = libc::sockaddr_in {
+                    sin_family: libc::AF_INET as u16,
+                    sin_port: a.port().to_be(),
+                    sin_addr: libc::in_addr { s_addr: u32::from(*a.ip()).to_be() },
+                    sin_zero: [0; 8],
+                };
+                libc::bind(fd, (&sa as *const libc::sockaddr_in).cast(), size_of::<libc::sockaddr_in>() as u32)
+            }
+            SocketAddr::V6(a) => {
+                let sa = libc::sockaddr_in6 {
+                    sin6_family: libc::AF_INET6 as u16,
+                    sin6_port: a.port().to_be(),
+                    sin6_flowinfo: 0,
+                    sin6_addr: libc::in6_addr { s6_addr: a.ip().octets() },
+                    sin6_scope_id: 0,
+                };
+                libc::bind(fd, (&sa as *const libc::sockaddr_in6).cast(), size_of::<libc::sockaddr_in6>() as u32)
+            }
+        };
+        if r != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok(fd)
+    }
+}
+
+fn hold(specs: &[String]) {
+    let mut keep: Vec<Box<dyn std::any::Any>> = Vec::new();
+    for spec in specs {
+        let parts: Vec<&str> = spec.split(':').collect();
+        let port = |i: usize| parts[i].parse::<u16>().unwrap_or_else(|_| panic!("bad spec {spec}"));
+        let v4 = |p| SocketAddr::from((Ipv4Addr::UNSPECIFIED, p));
+        let v6 = |p| SocketAddr::from((Ipv6Addr::UNSPECIFIED, p));
+        match parts[0] {
+            "listen4" => keep.push(Box::new(TcpListener::bind(v4(port(1))).expect(spec))),
+            "listen6" => keep.push(Box::new(TcpListener::bind(v6(port(1))).expect(spec))),
+            "bound4" => keep.push(Box::new(tcp_bound(v4(port(1))).expect(spec))),
+            "bound6" => keep.push(Box::new(tcp_bound(v6(port(1))).expect(spec))),
+            "udp4" => keep.push(Box::new(UdpSocket::bind(v4(port(1))).expect(spec))),
+            "udp6" => keep.push(Box::new(UdpSocket::bind(v6(port(1))).expect(spec))),
+            "conn4" => {
+                let server = TcpListener::bind((Ipv4Addr::LOCALHOST, port(2))).expect(spec);
+                let fd = tcp_bound(SocketAddr::from((Ipv4Addr::LOCALHOST, port(1)))).expect(spec);
+                let sa = libc::sockaddr_in {
+                    sin_family: libc::AF_INET as u16,
+                    sin_port: port(2).to_be(),
+                    sin_addr: libc::in_addr { s_addr: u32::from(Ipv4Addr::LOCALHOST).to_be() },
+                    sin_zero: [0; 8],
+                };
+                // SAFETY: connecting an fd we own.
+                let r = unsafe { libc::connect(fd, (&sa as *const libc::sockaddr_in).cast(), size_of::<libc::sockaddr_in>() as u32) };
+                assert_eq!(r, 0, "{spec}: connect: {}", std::io::Error::last_os_error());
+                let accepted = server.accept().expect(spec);
+                keep.push(Box::new(server));
+                keep.push(Box::new(accepted));
+                keep.push(Box::new(fd));
+            }
+            other => panic!("unknown socket kind {other}"),
+        }
+    }
+    println!("ready");
+    std::io::stdout().flush().unwrap();
+    loop {
+        std::thread::sleep(std::time::Duration::from_secs(3600));
+    }
+}
+
+fn ephemeral(n: usize, listen_port: u16) {
+    let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, listen_port)).expect("listener");
+    let target = listener.local_addr().unwrap();
+    let (mut tcp, mut tcp_err, mut udp, mut udp_err) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    let mut keep_tcp = Vec::new();
+    let mut keep_udp: Vec<UdpSocket> = Vec::new();
+    for _ in 0..n {
+        match TcpStream::connect(target) {
+            Ok(s) => {
+                tcp.push(s.local_addr().unwrap().port());
+                keep_tcp.push(s);
+            }
+            Err(e) => tcp_err.push(e.raw_os_error().unwrap_or(-1)),
+        }
+        // socket() + sendto() without bind(): the kernel picks the port (autobind).
+        // SAFETY: plain socket calls on an fd wrapped right away.
+        let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM, 0) };
+        if fd < 0 {
+            udp_err.push(-1);
+            continue;
+        }
+        let sock = unsafe { <UdpSocket as std::os::fd::FromRawFd>::from_raw_fd(fd) };
+        match sock.send_to(b"x", target) {
+            Ok(_) => {
+                udp.push(sock.local_addr().unwrap().port());
+                keep_udp.push(sock);
+            }
+            Err(e) => udp_err.push(e.raw_os_error().unwrap_or(-1)),
+        }
+    }
+    println!("{}", serde_json::json!({ "tcp": tcp, "tcp_errors": tcp_err, "udp": udp, "udp_errors": udp_err }));
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    match args.first().map(String::as_str) {
+        Some("hold") => hold(&args[1..]),
+        Some("ephemeral") => ephemeral(args[1].parse().unwrap(), args[2].parse().unwrap()),
+        _ => panic!("usage: pg-sockets hold SPEC... | pg-sockets ephemeral N LISTEN_PORT"),
+    }
+}

@@ -1,0 +1,88 @@
+//! Network namespaces the tests create (`ip netns add`), and running commands inside them with
+//! setns(2) only, so that mounts (/sys/fs/bpf, the cgroup2 mount) stay as they are — unlike
+//! `ip netns exec`, which remounts /sys.
+
+use std::{
+    ffi::CString,
+    os::unix::process::CommandExt as _,
+    path::PathBuf,
+    process::Command,
+};
+
+use crate::Cgroup;
+
+/// `/run/netns/<PREFIX>-<name>-<pid>` with `lo` up; deleted on drop.
+pub struct TestNetns {
+    pub name: String,
+}
+
+impl TestNetns {
+    pub fn new(name: &str) -> TestNetns {
+        let name = format!("{}-{name}-{}", crate::PREFIX, std::process::id());
+        let _ = Command::new("ip").args(["netns", "del", &name]).output();
+        let st = Command::new("ip").args(["netns", "add", &name]).status().expect("running ip (iproute2)");
+        assert!(st.success(), "ip netns add {name}");
+        let ns = TestNetns { name };
+        let st = Command::new("ip").args(["-n", &ns.name, "link", "set", "lo", "up"]).status().unwrap();
+        assert!(st.success(), "ip -n {} link set lo up", ns.name);
+        ns
+    }
+
+    pub fn path(&self) -> PathBuf {
+        PathBuf::from("/run/netns").join(&self.name)
+    }
+
+    /// Reads a sysctl file under /proc/sys inside the namespace.
+    pub fn sysctl(&self, key: &str) -> String {
+        let out = self.command("cat").arg(format!("/proc/sys/{}", key.replace('.', "/"))).output().unwrap();
+        assert!(out.status.success(), "reading {key} in {}", self.name);
+        String::from_utf8_lossy(&out.stdout).trim_end_matches('\n').to_owned()
+    }
+
+    /// Writes a sysctl inside the namespace.
+    pub fn set_sysctl(&self, key: &str, value: &str) {
+        let st = self
+            .command("sh")
+            .args(["-c", &format!("echo '{value}' > /proc/sys/{}", key.replace('.', "/"))])
+            .status()
+            .unwrap();
+        assert!(st.success(), "setting {key}={value} in {}", self.name);
+    }
+
+    /// A command that runs inside the namespace.
+    pub fn command(&self, program: impl AsRef<std::ffi::OsStr>) -> Command {
+        let mut c = Command::new(program);
+        self.enter(&mut c, None);
+        c
+    }
+
+    /// Makes `cmd` enter the namespace (and `cgroup`, if given) before exec.
+    pub fn enter(&self, cmd: &mut Command, cgroup: Option<&Cgroup>) {
+        let ns = CString::new(self.path().as_os_str().as_encoded_bytes()).unwrap();
+        let procs = cgroup.map(|c| CString::new(c.abs().join("cgroup.procs").as_os_str().as_encoded_bytes()).unwrap());
+        // SAFETY: only async-signal-safe calls between fork and exec.
+        unsafe {
+            cmd.pre_exec(move || {
+                if let Some(procs) = &procs {
+                    let fd = libc::open(procs.as_ptr(), libc::O_WRONLY);
+                    if fd < 0 || libc::write(fd, b"0".as_ptr().cast(), 1) != 1 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    libc::close(fd);
+                }
+                let fd = libc::open(ns.as_ptr(), libc::O_RDONLY | libc::O_CLOEXEC);
+                if fd < 0 || libc::setns(fd, libc::CLONE_NEWNET) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                libc::close(fd);
+                Ok(())
+            });
+        }
+    }
+}
+
+impl Drop for TestNetns {
+    fn drop(&mut self) {
+        let _ = Command::new("ip").args(["netns", "del", &self.name]).output();
+    }
+}
