@@ -31,6 +31,16 @@ struct Signals {
     hup: tokio::signal::unix::Signal,
 }
 
+/// Before 5.11 BPF maps are charged to RLIMIT_MEMLOCK (64 KiB by default), far below what the
+/// port table needs; later kernels charge the memory cgroup and ignore the limit.
+fn raise_memlock() {
+    let unlimited = libc::rlimit { rlim_cur: libc::RLIM_INFINITY, rlim_max: libc::RLIM_INFINITY };
+    // SAFETY: setrlimit with a valid struct.
+    if unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &unlimited) } != 0 {
+        warn!("raising RLIMIT_MEMLOCK: {} (maps may fail to load on kernels before 5.11)", std::io::Error::last_os_error());
+    }
+}
+
 /// Everything the daemon needs to (re)build its policy.
 struct Source<'a> {
     config: Option<&'a Path>,
@@ -83,6 +93,7 @@ pub fn run(pin: &PinDir, config: Option<&Path>, args: DaemonArgs) -> Result<()> 
     }
     features.check(&policy)?;
 
+    raise_memlock();
     pin.prepare()?;
     let _lock = pin.lock()?;
     let created_spawn_parent = !cg.dir(&policy.spawn_parent).exists();
