@@ -37,6 +37,21 @@ pub const MAP_COUNTERS: &str = "PG_COUNTERS";
 /// `RingBuf` of [`DenialEvent`].
 pub const MAP_EVENTS: &str = "PG_EVENTS";
 
+/// `HashMap<u64 unique key, StatDelta>`: lease allocators (`spawn`, `lease`, which run without
+/// the daemon) leave one entry each; the daemon adds them to its metrics and deletes them. Unique
+/// keys instead of a shared counter: userspace has no atomic add on a map value.
+pub const MAP_STATS: &str = "PG_STATS";
+/// Entries [`MAP_STATS`] holds between two daemon drains.
+pub const MAX_STATS: u32 = 4096;
+
+/// Value of [`MAP_STATS`].
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[repr(C)]
+pub struct StatDelta {
+    pub allocations: u32,
+    pub exhaustions: u32,
+}
+
 /// Program names in the object (the function names).
 pub const PROG_BIND4: &str = "port_guard_bind4";
 pub const PROG_BIND6: &str = "port_guard_bind6";
@@ -164,6 +179,7 @@ mod pod {
     unsafe impl aya::Pod for super::Lease {}
     unsafe impl aya::Pod for super::GuardConfig {}
     unsafe impl aya::Pod for super::DenialEvent {}
+    unsafe impl aya::Pod for super::StatDelta {}
 }
 
 #[cfg(test)]

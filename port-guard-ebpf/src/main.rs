@@ -27,7 +27,8 @@ use aya_log_ebpf::debug;
 use port_guard_common::{
     counter_index, DenialEvent, GuardConfig, Lease, PortEntry, RangeDef, ACTION_AUDITED,
     ACTION_DENIED, COUNTERS_LEN, COUNTER_ALLOWED, COUNTER_AUDITED, COUNTER_DENIED, EVENTS_BYTES,
-    MAX_ALLOWED, MAX_CGROUP_LEVEL, MAX_LEASES, MAX_RANGES, MODE_AUDIT, PROTO_TCP, PROTO_UDP,
+    MAX_ALLOWED, MAX_CGROUP_LEVEL, MAX_LEASES, MAX_RANGES, MAX_STATS, MODE_AUDIT, PROTO_TCP,
+    PROTO_UDP, StatDelta,
 };
 
 /// Set by the agent at load time (`EbpfLoader::override_global`). Read with `read_volatile` so the
@@ -54,6 +55,11 @@ static PG_CONFIG: Array<GuardConfig> = Array::pinned(1, 0);
 
 #[map(name = "PG_COUNTERS")]
 static PG_COUNTERS: PerCpuArray<u64> = PerCpuArray::pinned(COUNTERS_LEN, 0);
+
+/// Written and read by userspace only (lease allocation stats); declared here so it is pinned
+/// with the others.
+#[map(name = "PG_STATS")]
+static PG_STATS: HashMap<u64, StatDelta> = HashMap::pinned(MAX_STATS, 0);
 
 #[map(name = "PG_EVENTS")]
 static PG_EVENTS: RingBuf = RingBuf::pinned(EVENTS_BYTES, 0);

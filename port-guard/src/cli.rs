@@ -79,6 +79,13 @@ pub enum Command {
     },
     /// Detach the guard and remove its pins.
     Unload,
+    /// Print the man page (roff) on stdout: `port-guard man > port-guard.1`.
+    Man,
+    /// Print a shell completion script: `port-guard completions bash > /etc/bash_completion.d/port-guard`.
+    Completions {
+        /// bash, zsh, fish, elvish or powershell.
+        shell: clap_complete::Shell,
+    },
 }
 
 #[derive(Debug, Args)]
@@ -109,6 +116,9 @@ pub struct DaemonArgs {
     /// Parent of the cgroups `spawn` creates (default /port-guard).
     #[arg(long, value_name = "CGROUP")]
     pub spawn_parent: Option<String>,
+    /// Serve Prometheus metrics on this address (GET /metrics), e.g. 127.0.0.1:9469.
+    #[arg(long, value_name = "ADDR")]
+    pub metrics_listen: Option<std::net::SocketAddr>,
     /// Unload the guard when the daemon exits (default: it keeps enforcing).
     #[arg(long)]
     pub unload_on_exit: bool,

@@ -246,15 +246,26 @@ pub fn build_policy(
     })
 }
 
-/// Checks that every cgroup the policy names exists (the spawn parent is created later).
-pub fn check_cgroups(policy: &Policy, cg: &Cgroup2) -> Result<(), ConfigError> {
+/// Checks that the attach cgroup exists (the spawn parent is created later). Returns the allowed
+/// cgroups that do not exist yet: a service's cgroup appears when the service starts, and the
+/// daemon allows it from that instant on.
+pub fn check_cgroups(policy: &Policy, cg: &Cgroup2) -> Result<Vec<CgroupPath>, ConfigError> {
     cg.id(&policy.attach)?;
+    let mut missing = Vec::new();
     for r in &policy.reserve {
         for a in &r.allow {
-            cg.id(a)?;
+            match cg.id(a) {
+                Ok(_) => {}
+                Err(CgroupError::Missing { .. }) => {
+                    if !missing.contains(a) {
+                        missing.push(a.clone());
+                    }
+                }
+                Err(e) => return Err(e.into()),
+            }
         }
     }
-    Ok(())
+    Ok(missing)
 }
 
 #[cfg(test)]
@@ -289,6 +300,26 @@ allow = ["/machine.slice", "/system.slice/libvirtd.service", "/system.slice/virt
         assert_eq!(p.reserve.len(), 1);
         assert_eq!(p.reserve[0].spec, DEFAULT_RESERVE);
         assert_eq!(p.reserve[0].allow.len(), 3);
+    }
+
+    #[test]
+    fn the_libvirt_example_parses_to_what_docs_libvirt_md_says() {
+        let path = Path::new("contrib/libvirt-host.toml");
+        let text = include_str!("../../contrib/libvirt-host.toml");
+        let file = ConfigFile::parse(path, text).unwrap();
+        let p = build_policy(&file, Some(path), &Overrides::default()).unwrap();
+        assert_eq!(p.errno, Errno::Eaddrinuse);
+        assert!(p.protect_ephemeral);
+        assert_eq!(p.attach, CgroupPath::root());
+        assert_eq!(p.reserve.len(), 1);
+        assert_eq!(p.reserve[0].spec, DEFAULT_RESERVE);
+        let allow: Vec<&str> = p.reserve[0].allow.iter().map(CgroupPath::as_str).collect();
+        assert_eq!(allow, ["/machine.slice", "/system.slice/libvirtd.service"]);
+        // docs/libvirt.md shows the same settings.
+        let doc = include_str!("../../docs/libvirt.md");
+        for line in ["errno = \"eaddrinuse\"", "ports = \"49152-49215\"", "allow = [\"/machine.slice\", \"/system.slice/libvirtd.service\"]"] {
+            assert!(doc.contains(line) && text.contains(line), "{line}");
+        }
     }
 
     #[test]

@@ -270,7 +270,8 @@ pub struct Resolved {
 }
 
 impl Resolved {
-    /// Resolves every cgroup of `policy`; they must exist (the spawn parent is created).
+    /// Resolves every cgroup of `policy`. The attach cgroup must exist; an allowed cgroup that
+    /// does not exist yet gets id 0 (nothing in the map) until it appears.
     pub fn new(policy: Policy, cg: &Cgroup2, spawn_parent_id: u64) -> Result<Resolved, GuardError> {
         let attach_id = cg.id(&policy.attach)?;
         let mut allowed = Vec::new();
@@ -280,7 +281,12 @@ impl Resolved {
                 if a.level() > MAX_CGROUP_LEVEL {
                     return Err(GuardError::TooDeep(a.clone()));
                 }
-                ids.push((cg.id(a)?, a.level()));
+                let id = match cg.id(a) {
+                    Ok(id) => id,
+                    Err(CgroupError::Missing { .. }) => 0,
+                    Err(e) => return Err(e.into()),
+                };
+                ids.push((id, a.level()));
             }
             allowed.push(ids);
         }
@@ -301,6 +307,7 @@ pub struct Maps {
     pub leases: HashMap<MapData, u32, Lease>,
     pub config: Array<MapData, GuardConfig>,
     pub counters: PerCpuArray<MapData, u64>,
+    pub stats: HashMap<MapData, u64, port_guard_common::StatDelta>,
 }
 
 fn open_pinned(pin: &PinDir, name: &'static str) -> Result<Map, GuardError> {
@@ -324,6 +331,7 @@ impl Maps {
             leases: get(MAP_LEASES)?.try_into().map_err(map_err(MAP_LEASES))?,
             config: get(MAP_CONFIG)?.try_into().map_err(map_err(MAP_CONFIG))?,
             counters: get(MAP_COUNTERS)?.try_into().map_err(map_err(MAP_COUNTERS))?,
+            stats: get(port_guard_common::MAP_STATS)?.try_into().map_err(map_err(port_guard_common::MAP_STATS))?,
         })
     }
 
@@ -431,7 +439,7 @@ impl Maps {
         let mut new_allowed: StdHashMap<u64, u64> = StdHashMap::new();
         let mut levels = 0u64;
         for (i, ids) in r.allowed.iter().enumerate() {
-            for &(id, level) in ids {
+            for &(id, level) in ids.iter().filter(|(id, _)| *id != 0) {
                 *new_allowed.entry(id).or_default() |= 1u64 << slots[i];
                 levels |= 1u64 << level;
             }
@@ -530,6 +538,27 @@ impl Maps {
             }
         }
         Ok(())
+    }
+
+    /// Leaves one allocation result for the daemon's metrics (best effort: a full map drops it).
+    pub fn record_allocation(&mut self, ok: bool) {
+        let key = (u64::from(std::process::id()) << 32)
+            ^ SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_nanos() as u64).unwrap_or(0);
+        let delta = port_guard_common::StatDelta { allocations: ok.into(), exhaustions: (!ok).into() };
+        let _ = self.stats.insert(key, delta, 1 /* BPF_NOEXIST */);
+    }
+
+    /// Takes the allocation results left since the last call: (allocations, exhaustions).
+    pub fn drain_stats(&mut self) -> (u64, u64) {
+        let entries: Vec<(u64, port_guard_common::StatDelta)> = self.stats.iter().filter_map(Result::ok).collect();
+        let (mut a, mut e) = (0u64, 0u64);
+        for (key, d) in entries {
+            if self.stats.remove(&key).is_ok() {
+                a += u64::from(d.allocations);
+                e += u64::from(d.exhaustions);
+            }
+        }
+        (a, e)
     }
 
     /// Records in the config map whether ephemeral protection is in force.

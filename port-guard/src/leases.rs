@@ -225,8 +225,24 @@ fn bind_tcp(addr: SocketAddr) -> io::Result<()> {
 }
 
 /// Leases a port to `cgroup_id` (at `level`), which must be the caller's own cgroup: `requested`
-/// or the first free port of the ranges, in port order.
+/// or the first free port of the ranges, in port order. The outcome is left for the daemon's
+/// metrics.
 pub fn allocate(
+    maps: &mut Maps,
+    cgroup_id: u64,
+    level: u32,
+    requested: Option<u16>,
+) -> Result<u16, LeaseError> {
+    let result = allocate_inner(maps, cgroup_id, level, requested);
+    match &result {
+        Ok(_) => maps.record_allocation(true),
+        Err(LeaseError::Exhausted { .. }) => maps.record_allocation(false),
+        Err(_) => {}
+    }
+    result
+}
+
+fn allocate_inner(
     maps: &mut Maps,
     cgroup_id: u64,
     level: u32,

@@ -12,6 +12,8 @@ pub mod ephemeral;
 pub mod events;
 pub mod guard;
 pub mod leases;
+pub mod metrics;
+pub mod notify;
 pub mod policy;
 pub mod probe;
 pub mod reaper;

@@ -1,6 +1,6 @@
 use std::{io::Write as _, process::ExitCode};
 
-use clap::Parser as _;
+use clap::{CommandFactory as _, Parser as _};
 use port_guard::{
     cli::{Cli, Command},
     commands, exit_code,
@@ -29,6 +29,11 @@ fn main() -> ExitCode {
         Command::Daemon(args) => commands::daemon::run(&pin, cli.config.as_deref(), args),
         Command::Status { json } => commands::status::run(&pin, json),
         Command::Unload => commands::unload::run(&pin),
+        Command::Man => man(),
+        Command::Completions { shell } => {
+            clap_complete::generate(shell, &mut Cli::command(), "port-guard", &mut std::io::stdout());
+            Ok(())
+        }
         Command::Check { json } => match commands::check::run(&pin, cli.config.as_deref(), json) {
             Ok(code) => return code,
             Err(e) => Err(e),
@@ -47,6 +52,19 @@ fn main() -> ExitCode {
             ExitCode::from(exit_code(&e))
         }
     }
+}
+
+fn man() -> anyhow::Result<()> {
+    let mut out = Vec::new();
+    clap_mangen::Man::new(Cli::command()).render(&mut out)?;
+    // One page for the whole tool: each verb's description and options follow the main page.
+    for sub in Cli::command().get_subcommands() {
+        let about = sub.get_about().map(|a| a.to_string()).unwrap_or_default();
+        out.extend_from_slice(format!(".SH \"PORT-GUARD {}\"\n{}\n", sub.get_name().to_uppercase(), about.replace('\\', "\\\\")).as_bytes());
+        clap_mangen::Man::new(sub.clone()).render_options_section(&mut out)?;
+    }
+    std::io::Write::write_all(&mut std::io::stdout(), &out)?;
+    Ok(())
 }
 
 fn init_logging(verbose: u8) {

@@ -101,6 +101,55 @@ impl Watcher {
     }
 }
 
+/// inotify on directories (IN_CREATE/IN_DELETE): tells the daemon at once when an allowed
+/// cgroup, or an ancestor of one, is created or removed.
+pub struct DirWatch {
+    fd: OwnedFd,
+}
+
+impl DirWatch {
+    pub fn new() -> io::Result<DirWatch> {
+        // SAFETY: inotify_init1 returns a new fd or -1.
+        let fd = unsafe { libc::inotify_init1(libc::IN_NONBLOCK | libc::IN_CLOEXEC) };
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: fresh fd we own.
+        Ok(DirWatch { fd: unsafe { OwnedFd::from_raw_fd(fd) } })
+    }
+
+    pub fn fd(&self) -> &OwnedFd {
+        &self.fd
+    }
+
+    /// Watches the nearest existing directory at or above `path` (adding a watch twice is a no-op).
+    pub fn watch_nearest(&self, dir: &std::path::Path) {
+        let mut d = dir.parent().map(|p| p.to_path_buf()).unwrap_or_default();
+        while !d.is_dir() {
+            if !d.pop() {
+                return;
+            }
+        }
+        let Ok(c) = CString::new(d.as_os_str().as_bytes()) else { return };
+        // SAFETY: valid fd and C string.
+        unsafe { libc::inotify_add_watch(self.fd.as_raw_fd(), c.as_ptr(), libc::IN_CREATE | libc::IN_DELETE | libc::IN_ONLYDIR) };
+    }
+
+    /// Reads and discards pending events; returns whether there were any.
+    pub fn drain(&self) -> bool {
+        let mut buf = [0u8; 4096];
+        let mut any = false;
+        loop {
+            // SAFETY: reading into a local buffer.
+            let n = unsafe { libc::read(self.fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) };
+            if n <= 0 {
+                return any;
+            }
+            any = true;
+        }
+    }
+}
+
 /// Lease bookkeeping across scans.
 pub struct Reaper {
     pub watcher: Watcher,

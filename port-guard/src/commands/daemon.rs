@@ -34,10 +34,23 @@ struct Signals {
 /// Before 5.11 BPF maps are charged to RLIMIT_MEMLOCK (64 KiB by default), far below what the
 /// port table needs; later kernels charge the memory cgroup and ignore the limit.
 fn raise_memlock() {
+    if crate::sockets::kernel_at_least(5, 11) {
+        return;
+    }
     let unlimited = libc::rlimit { rlim_cur: libc::RLIM_INFINITY, rlim_max: libc::RLIM_INFINITY };
-    // SAFETY: setrlimit with a valid struct.
-    if unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &unlimited) } != 0 {
-        warn!("raising RLIMIT_MEMLOCK: {} (maps may fail to load on kernels before 5.11)", std::io::Error::last_os_error());
+    // SAFETY: setrlimit/getrlimit with valid structs.
+    unsafe {
+        if libc::setrlimit(libc::RLIMIT_MEMLOCK, &unlimited) == 0 {
+            return;
+        }
+        // Without CAP_SYS_RESOURCE: as far as the hard limit goes.
+        let mut lim = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+        libc::getrlimit(libc::RLIMIT_MEMLOCK, &mut lim);
+        lim.rlim_cur = lim.rlim_max;
+        libc::setrlimit(libc::RLIMIT_MEMLOCK, &lim);
+        if lim.rlim_max != libc::RLIM_INFINITY {
+            warn!("RLIMIT_MEMLOCK is limited to {} bytes (no CAP_SYS_RESOURCE): maps may fail to load on this kernel (before 5.11)", lim.rlim_max);
+        }
     }
 }
 
@@ -51,7 +64,9 @@ impl Source<'_> {
     fn policy(&self, cg: &Cgroup2) -> Result<Policy> {
         let (file, path) = ConfigFile::load(self.config)?;
         let policy = build_policy(&file, path.as_deref(), &self.flags)?;
-        check_cgroups(&policy, cg)?;
+        for missing in check_cgroups(&policy, cg)? {
+            warn!("allowed cgroup {missing} does not exist yet; it is allowed as soon as it appears");
+        }
         Ok(policy)
     }
 }
@@ -85,6 +100,13 @@ pub fn run(pin: &PinDir, config: Option<&Path>, args: DaemonArgs) -> Result<()> 
         }
     };
     // Everything that can be checked without touching the kernel comes first.
+    let metrics = match args.metrics_listen {
+        Some(addr) => Some(
+            rt.block_on(crate::metrics::bind(addr))
+                .with_context(|| format!("cannot listen for metrics on {addr}"))?,
+        ),
+        None => None,
+    };
     let cg = Cgroup2::find()?;
     let policy = source.policy(&cg)?;
     let features = probe::probe()?;
@@ -148,7 +170,9 @@ pub fn run(pin: &PinDir, config: Option<&Path>, args: DaemonArgs) -> Result<()> 
             warn!("conflict: a reserved port is already held: {}", crate::conflicts::describe(h));
         }
     }
-    let unload = rt.block_on(serve(pin, &cg, &source, guard, resolved, features, signals))?;
+    crate::notify::notify(&format!("READY=1\nSTATUS=guard enforcing on {}", resolved.policy.attach));
+    let unload = rt.block_on(serve(pin, &cg, &source, guard, resolved, features, signals, metrics))?;
+    crate::notify::notify("STOPPING=1");
     if unload || args.unload_on_exit {
         match guard::unload(pin) {
             Ok(()) => info!("guard detached and unpinned (--unload-on-exit)"),
@@ -168,7 +192,16 @@ async fn serve(
     mut resolved: Resolved,
     features: probe::Features,
     mut signals: Signals,
+    metrics: Option<tokio::net::TcpListener>,
 ) -> Result<bool> {
+    let mut stats = crate::metrics::DaemonStats::default();
+    let (scrape_tx, mut scrapes) = tokio::sync::mpsc::channel::<crate::metrics::Scrape>(16);
+    if let Some(listener) = metrics {
+        info!("metrics on http://{}/metrics", listener.local_addr().map(|a| a.to_string()).unwrap_or_default());
+        tokio::spawn(crate::metrics::serve(listener, scrape_tx));
+    } else {
+        drop(scrape_tx);
+    }
     let ring = guard
         .ebpf
         .take_map(MAP_EVENTS)
@@ -194,6 +227,14 @@ async fn serve(
     let mut reaper = Reaper::new().context("starting the lease reaper (inotify)")?;
     // Leases whose VM ended while no daemon ran.
     reaper.scan(&mut guard.maps, cg, &mut names, Some(&resolved.policy.spawn_parent));
+    // Allowed cgroups are followed by path: a service's cgroup appears (or is re-created) when
+    // the service starts, and is allowed from that instant.
+    let allow_watch = crate::reaper::DirWatch::new().context("watching allowed cgroups (inotify)")?;
+    watch_allowed(cg, &allow_watch, &resolved);
+    refresh_allowed(cg, &mut guard, &mut resolved, features);
+    let allow_events = unsafe { AsyncFd::register(allow_watch.fd().try_clone()?) }
+        .map_err(|e| e.into_parts().1)
+        .context("watching allowed cgroups")?;
     let inotify = reaper.watcher.fd().try_clone().context("duplicating the inotify fd")?;
     // SAFETY: the AsyncFd owns its duplicate of the inotify fd.
     let inotify = unsafe { AsyncFd::register(inotify) }
@@ -213,6 +254,14 @@ async fn serve(
                     tokio::task::yield_now().await;
                 }
             }
+            ready = allow_events.readable() => {
+                let mut ready = ready.context("waiting for cgroup creation events")?;
+                if allow_watch.drain() {
+                    refresh_allowed(cg, &mut guard, &mut resolved, features);
+                    watch_allowed(cg, &allow_watch, &resolved);
+                }
+                ready.clear_ready();
+            }
             ready = inotify.readable() => {
                 let mut ready = ready.context("waiting for cgroup events")?;
                 if reaper.watcher.drain() {
@@ -227,14 +276,33 @@ async fn serve(
             }
             _ = signals.term.recv() => { info!("SIGTERM: exiting, the guard stays in place"); break; }
             _ = signals.int.recv() => { info!("SIGINT: exiting, the guard stays in place"); break; }
+            Some(reply) = scrapes.recv() => {
+                let (a, e) = guard.maps.drain_stats();
+                stats.lease_allocations += a;
+                stats.lease_exhaustions += e;
+                stats.leases_reaped = reaper.reaped;
+                stats.denial_lines_suppressed = budget.total_suppressed;
+                match crate::metrics::render(&guard.maps, pin, &stats) {
+                    Ok(text) => { let _ = reply.send(text); }
+                    Err(e) => warn!("rendering metrics: {e:#}"),
+                }
+            }
             _ = signals.hup.recv() => {
-                match reload(pin, cg, source, &mut guard, &resolved, features) {
+                crate::notify::notify(&format!("RELOADING=1\nMONOTONIC_USEC={}", crate::notify::monotonic_usec()));
+                let result = reload(pin, cg, source, &mut guard, &resolved, features);
+                crate::notify::notify("READY=1");
+                match result {
                     Ok(r) => {
+                        stats.reloads_ok += 1;
+                        watch_allowed(cg, &allow_watch, &r);
                         info!("SIGHUP: config reloaded: mode={} errno={} ranges={}", r.policy.mode.name(), r.policy.errno.name(),
                             r.policy.reserve.iter().map(|x| x.spec.to_string()).collect::<Vec<_>>().join(" "));
                         resolved = r;
                     }
-                    Err(e) => error!("SIGHUP: new config refused, the old one stays in force: {e:#}"),
+                    Err(e) => {
+                        stats.reloads_failed += 1;
+                        error!("SIGHUP: new config refused, the old one stays in force: {e:#}");
+                    }
                 }
             }
             _ = tick.tick() => {
@@ -243,6 +311,9 @@ async fn serve(
                     return Ok(false);
                 }
                 budget.flush();
+                let (a, e) = guard.maps.drain_stats();
+                stats.lease_allocations += a;
+                stats.lease_exhaustions += e;
                 refresh_allowed(cg, &mut guard, &mut resolved, features);
                 reaper.scan(&mut guard.maps, cg, &mut names, Some(&resolved.policy.spawn_parent));
             }
@@ -266,11 +337,12 @@ struct LogBudget {
     window: Instant,
     used: u32,
     suppressed: u64,
+    total_suppressed: u64,
 }
 
 impl LogBudget {
     fn new() -> LogBudget {
-        LogBudget { window: Instant::now(), used: 0, suppressed: 0 }
+        LogBudget { window: Instant::now(), used: 0, suppressed: 0, total_suppressed: 0 }
     }
 
     fn take(&mut self) -> bool {
@@ -284,6 +356,7 @@ impl LogBudget {
             true
         } else {
             self.suppressed += 1;
+            self.total_suppressed += 1;
             false
         }
     }
@@ -363,28 +436,47 @@ fn reload(
     Ok(r)
 }
 
+fn watch_allowed(cg: &Cgroup2, w: &crate::reaper::DirWatch, r: &Resolved) {
+    for res in &r.policy.reserve {
+        for path in &res.allow {
+            w.watch_nearest(&cg.dir(path));
+        }
+    }
+}
+
 /// Allowed cgroups are matched by id, and a cgroup that is removed and created again (systemd
 /// restarting libvirtd.service) gets a new one: follow the paths. A path that is missing for now
 /// keeps its last id.
 fn refresh_allowed(cg: &Cgroup2, guard: &mut Guard, resolved: &mut Resolved, features: probe::Features) {
     let mut next = resolved.clone();
-    let mut changed = false;
+    let mut news = Vec::new();
     for (i, r) in resolved.policy.reserve.iter().enumerate() {
         for (j, path) in r.allow.iter().enumerate() {
             if let Ok(id) = cg.id(path) {
                 let old = resolved.allowed[i][j].0;
                 if id != old {
-                    info!("allowed cgroup {path} was re-created (id {old} -> {id}); following it");
                     next.allowed[i][j].0 = id;
-                    changed = true;
+                    news.push(if old == 0 {
+                        format!("allowed cgroup {path} appeared (id {id}); allowed")
+                    } else {
+                        format!("allowed cgroup {path} was re-created (id {old} -> {id}); followed")
+                    });
                 }
             }
         }
     }
-    if changed {
-        match guard.maps.write_policy(&next, features) {
-            Ok(()) => *resolved = next,
-            Err(e) => error!("updating allowed cgroups: {e}"),
+    if news.is_empty() {
+        return;
+    }
+    match guard.maps.write_policy(&next, features) {
+        Ok(()) => {
+            *resolved = next;
+            // Logged once in force.
+            news.dedup();
+            for n in news {
+                info!("{n}");
+            }
         }
+        Err(e) => error!("updating allowed cgroups: {e}"),
     }
 }

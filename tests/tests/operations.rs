@@ -1,0 +1,213 @@
+//! What an operator relies on: the systemd unit, live reload on SIGHUP, Prometheus metrics,
+//! allowed cgroups that appear after the daemon started, man page and completions.
+//!
+//! Ports: 62400-62499.
+
+use std::{
+    io::{Read, Write},
+    net::TcpStream,
+    path::Path,
+    process::Command,
+    time::Duration,
+};
+
+use integration_tests::*;
+
+fn workspace_file(rel: &str) -> std::path::PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("..").join(rel)
+}
+
+#[test]
+fn the_systemd_unit_passes_systemd_analyze_verify() {
+    let analyze = Command::new("systemd-analyze").arg("--version").output();
+    if analyze.is_err() {
+        panic!("systemd-analyze not found: install systemd (.ci/run does)");
+    }
+    // verify checks that ExecStart exists: point it at the binary under test.
+    let unit = std::fs::read_to_string(workspace_file("contrib/port-guard.service")).unwrap();
+    assert!(unit.contains("ExecStart=/usr/local/sbin/port-guard daemon"));
+    let tmp = TempDir::new("unit");
+    let path = tmp.write(
+        "port-guard.service",
+        &unit.replace("/usr/local/sbin/port-guard", &bin().display().to_string()),
+    );
+    let out = Command::new("systemd-analyze").arg("verify").arg(&path).output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let ours: Vec<&str> = stderr.lines().filter(|l| l.contains("port-guard.service")).collect();
+    assert!(out.status.success() && ours.is_empty(), "systemd-analyze verify: {stderr}");
+    for needle in ["Type=notify", "CapabilityBoundingSet=CAP_BPF CAP_NET_ADMIN", "Restart=on-failure", "ExecReload="] {
+        assert!(unit.contains(needle), "{needle}");
+    }
+}
+
+/// A daemon whose ranges come from a config file the test rewrites.
+struct Reloadable {
+    daemon: Daemon,
+    pin: PinDir,
+    tmp: TempDir,
+    config: std::path::PathBuf,
+    cg: TestCgroup,
+}
+
+fn config_text(range: &str, allow: &str, extra: &str) -> String {
+    format!("errno = \"eaddrinuse\"\n{extra}\n[[reserve]]\nports = \"{range}\"\nprotocols = [\"tcp\"]\nallow = [\"{allow}\"]\n")
+}
+
+impl Reloadable {
+    fn start(name: &str, range: &str, allow_child: &str, extra_args: &[&str]) -> Reloadable {
+        let cg = TestCgroup::new(name);
+        if allow_child != "svc" {
+            cg.child(allow_child);
+        }
+        let pin = PinDir::new(name);
+        let tmp = TempDir::new(name);
+        let config = tmp.write("config.toml", &config_text(range, &format!("{}/{allow_child}", cg.path()), ""));
+        let mut args = vec!["--attach".to_string(), cg.path().to_string(), "--spawn-parent".into(), format!("{}/spawn", cg.path())];
+        if !kernel_features().set_retval {
+            args.push("--allow-fallback".into());
+        }
+        args.extend(extra_args.iter().map(|s| s.to_string()));
+        let daemon = Daemon::start(pin.path(), &config, &args);
+        daemon.wait_for("guard enforcing", START_TIMEOUT);
+        Reloadable { daemon, pin, tmp, config, cg }
+    }
+}
+
+#[test]
+fn sighup_applies_a_new_range_and_allowed_cgroup_live_and_keeps_the_old_config_on_error() {
+    let mut r = Reloadable::start("reload", "62400-62409", "a", &[]);
+    let (a, b, out) = (r.cg.child("a"), r.cg.child("b"), r.cg.child("out"));
+    let refused = Err(expected_errno());
+    assert_eq!(bind_in(&out, &BindSpec::tcp(ANY4, 62400)), refused);
+    assert_eq!(bind_in(&a, &BindSpec::tcp(ANY4, 62400)), Ok(()));
+    assert_eq!(bind_in(&out, &BindSpec::tcp(ANY4, 62420)), Ok(()));
+
+    // New range, new allowed cgroup; no restart.
+    std::fs::write(&r.config, config_text("62420-62429", b.path(), "")).unwrap();
+    let skip = r.daemon.line_count();
+    unsafe { libc::kill(r.daemon.pid(), libc::SIGHUP) };
+    r.daemon.wait_for_after(skip, "SIGHUP: config reloaded", LOG_TIMEOUT);
+    assert_eq!(bind_in(&out, &BindSpec::tcp(ANY4, 62400)), Ok(()), "old range released");
+    assert_eq!(bind_in(&out, &BindSpec::tcp(ANY4, 62420)), refused, "new range enforced");
+    assert_eq!(bind_in(&b, &BindSpec::tcp(ANY6, 62425)), Ok(()), "new allowed cgroup");
+    assert_eq!(bind_in(&a, &BindSpec::tcp(ANY4, 62425)), refused, "old allowed cgroup no longer");
+    let status = status_json(r.pin.path());
+    assert_eq!(status["reserve"][0]["ports"], "62420-62429");
+    assert_eq!(status["reserve"][0]["allow"][0], b.path());
+    assert_eq!(status["attached"], true);
+
+    // A bad config is refused with the reason; the old one keeps enforcing.
+    std::fs::write(&r.config, config_text("0-10", b.path(), "")).unwrap();
+    let skip = r.daemon.line_count();
+    unsafe { libc::kill(r.daemon.pid(), libc::SIGHUP) };
+    let line = r.daemon.wait_for_after(skip, "SIGHUP: new config refused", LOG_TIMEOUT);
+    assert!(line.contains("\"0\""), "{line}");
+    assert_eq!(bind_in(&out, &BindSpec::tcp(ANY4, 62420)), refused);
+    assert_eq!(bind_in(&b, &BindSpec::tcp(ANY4, 62420)), Ok(()));
+    assert!(r.daemon.running(), "a bad reload does not stop the daemon");
+    let _ = &r.tmp;
+}
+
+#[test]
+fn an_allowed_cgroup_created_after_start_is_allowed_at_once_and_followed_when_recreated() {
+    let r = Reloadable::start("late", "62440-62449", "svc", &[]);
+    let svc_path = r.cg.abs().join("svc");
+    assert!(!svc_path.exists());
+    r.daemon.wait_for("allowed cgroup", LOG_TIMEOUT); // "... does not exist yet"
+    // The service starts: its cgroup appears and the daemon, told by inotify, allows it (within
+    // milliseconds: the window between mkdir and the map update is the daemon's reaction time).
+    let skip = r.daemon.line_count();
+    let svc = r.cg.child("svc");
+    let line = r.daemon.wait_for_after(skip, "appeared", LOG_TIMEOUT); // logged once in force
+    assert!(line.contains(&format!("{}/svc", r.cg.path())), "{line}");
+    assert_eq!(bind_in(&svc, &BindSpec::tcp(ANY4, 62440)), Ok(()), "allowed once it appeared");
+    // Restarted by its service manager: removed and created again, with a new id.
+    let old_id = svc.id();
+    std::fs::remove_dir(svc.abs()).unwrap();
+    let skip = r.daemon.line_count();
+    let svc = r.cg.child("svc");
+    assert_ne!(svc.id(), old_id);
+    r.daemon.wait_for_after(skip, "was re-created", LOG_TIMEOUT); // logged once in force
+    assert_eq!(bind_in(&svc, &BindSpec::tcp(ANY4, 62441)), Ok(()), "followed by path");
+    assert_eq!(bind_in(&r.cg.child("other"), &BindSpec::tcp(ANY4, 62441)), Err(expected_errno()));
+}
+
+fn scrape(addr: &str) -> String {
+    let mut s = TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    write!(s, "GET /metrics HTTP/1.1\r\nHost: {addr}\r\n\r\n").unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    assert!(out.starts_with("HTTP/1.1 200"), "{out}");
+    out
+}
+
+fn metric(text: &str, name_and_labels: &str) -> f64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix(name_and_labels).and_then(|rest| rest.trim().parse::<f64>().ok()))
+        .unwrap_or_else(|| panic!("{name_and_labels} not in:\n{text}"))
+}
+
+#[test]
+fn metrics_count_what_a_scripted_set_of_binds_and_leases_produces() {
+    // A free loopback port for the endpoint.
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let addr = format!("127.0.0.1:{port}");
+    let r = Reloadable::start("metrics", "62460-62463", "a", &["--metrics-listen", &addr]);
+    let (a, out, vm) = (r.cg.child("a"), r.cg.child("out"), r.cg.child("vm"));
+    for p in [62460, 62461, 62462] {
+        assert!(bind_in(&out, &BindSpec::tcp(ANY4, p)).is_err());
+    }
+    for p in [62460, 62461] {
+        assert_eq!(bind_in(&a, &BindSpec::tcp(ANY6, p)), Ok(()));
+    }
+    let labels = "{range=\"62460-62463\",protocol=\"tcp\"}";
+    let text = scrape(&addr);
+    assert_eq!(metric(&text, &format!("port_guard_denied_binds_total{labels}")), 3.0, "{text}");
+    assert_eq!(metric(&text, &format!("port_guard_allowed_reserved_binds_total{labels}")), 2.0);
+    assert_eq!(metric(&text, &format!("port_guard_audited_binds_total{labels}")), 0.0);
+    assert_eq!(metric(&text, "port_guard_leases"), 0.0);
+    // Four ports: four leases, then one exhaustion.
+    for i in 0..5 {
+        let (code, _, err) = run(&["--pin-dir", r.pin.as_str(), "lease", "--cgroup", vm.path()]);
+        assert_eq!(code, if i < 4 { 0 } else { 1 }, "{err}");
+    }
+    let text = wait_until(Duration::from_secs(10), || {
+        let t = scrape(&addr);
+        (metric(&t, "port_guard_lease_exhaustions_total") >= 1.0).then_some(t)
+    })
+    .expect("exhaustion counted");
+    assert_eq!(metric(&text, &format!("port_guard_denied_binds_total{labels}")), 3.0, "{text}");
+    // The allocator's probe binds (as the lessee) count as allowed reserved binds too.
+    assert!(metric(&text, &format!("port_guard_allowed_reserved_binds_total{labels}")) >= 6.0);
+    assert_eq!(metric(&text, "port_guard_leases"), 4.0);
+    assert_eq!(metric(&text, "port_guard_lease_allocations_total"), 4.0);
+    assert_eq!(metric(&text, "port_guard_lease_exhaustions_total"), 1.0);
+    assert_eq!(metric(&text, "port_guard_attached"), 1.0);
+    assert_eq!(metric(&text, "port_guard_config_reloads_total{result=\"ok\"}"), 0.0);
+    // The lessee cgroup goes away: the lease is reaped and counted.
+    drop(vm);
+    std::fs::remove_dir(r.cg.abs().join("vm")).unwrap();
+    let text = wait_until(Duration::from_secs(10), || {
+        let t = scrape(&addr);
+        (metric(&t, "port_guard_leases") == 0.0).then_some(t)
+    })
+    .expect("leases reaped");
+    assert_eq!(metric(&text, "port_guard_leases_reaped_total"), 4.0);
+}
+
+#[test]
+fn man_page_and_completions_are_generated() {
+    let (code, out, err) = run(&["man"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.starts_with(".ie") || out.contains(".TH port-guard"), "{}", &out[..out.len().min(200)]);
+    for verb in ["DAEMON", "SPAWN", "LEASE", "CHECK", "UNLOAD"] {
+        assert!(out.contains(&format!("PORT-GUARD {verb}")), "{verb}");
+    }
+    let (code, out, _) = run(&["completions", "bash"]);
+    assert_eq!(code, 0);
+    assert!(out.contains("port-guard") && out.contains("spawn"), "{out}");
+    let (code, _, err) = run(&["completions", "tcsh"]);
+    assert_eq!(code, 2, "{err}");
+    assert!(single_line(&err).contains("tcsh"), "{err}");
+}
