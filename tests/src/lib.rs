@@ -1533,3 +1533,30 @@ mod tests {
 }
 pub mod qemu;
 pub mod netns;
+
+/// What the running kernel lets the guard do, from `port-guard check --json` (cached).
+#[derive(Clone, Copy, Debug)]
+pub struct Features {
+    /// Refused binds get the configured errno (bpf_set_retval, 6.1+); EPERM otherwise.
+    pub set_retval: bool,
+}
+
+pub fn kernel_features() -> Features {
+    static CACHE: std::sync::OnceLock<Features> = std::sync::OnceLock::new();
+    *CACHE.get_or_init(|| {
+        let (_, out, err) = run(&["--pin-dir", "/nonexistent-pg-test-pin", "--config", "/dev/null", "check", "--json"]);
+        let v: serde_json::Value = serde_json::from_str(&out).unwrap_or_else(|e| panic!("check --json: {e}: {out} {err}"));
+        Features { set_retval: v["features"]["set_retval"].as_bool().expect("features.set_retval in check --json") }
+    })
+}
+
+/// The errno a refused bind gets with `errno = "eaddrinuse"`: EADDRINUSE, or EPERM on kernels
+/// without bpf_set_retval.
+pub fn expected_errno() -> i32 {
+    if kernel_features().set_retval { libc::EADDRINUSE } else { libc::EPERM }
+}
+
+/// Prints why a test (or part of one) does not run on this machine.
+pub fn skip(reason: &str) {
+    println!("PG-SKIP: {reason}");
+}
