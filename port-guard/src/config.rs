@@ -323,6 +323,21 @@ allow = ["/machine.slice", "/system.slice/libvirtd.service", "/system.slice/virt
     }
 
     #[test]
+    fn huge_configs_are_refused_whole_not_truncated() {
+        let path = Path::new("/big.toml");
+        let ranges: String = (0..100_000u32)
+            .map(|i| format!("[[reserve]]\nports = \"{}\"\n", 1 + i % 65535))
+            .collect();
+        let e = build_policy(&ConfigFile::parse(path, &ranges).unwrap(), Some(path), &Overrides::default()).unwrap_err();
+        let msg = format!("{:#}", anyhow::Error::new(e));
+        assert!(msg.contains("100000 reserved ranges"), "{msg}");
+        let allow: Vec<String> = (0..100_000).map(|i| format!("\"/c{i}\"")).collect();
+        let text = format!("[[reserve]]\nports = \"1000\"\nallow = [{}]\n", allow.join(","));
+        let e = build_policy(&ConfigFile::parse(path, &text).unwrap(), Some(path), &Overrides::default()).unwrap_err();
+        assert!(format!("{:#}", anyhow::Error::new(e)).contains("100000 allowed cgroups configured; at most 4096"));
+    }
+
+    #[test]
     fn defaults_without_file_or_flags() {
         let p = build_policy(&ConfigFile::default(), None, &Overrides::default()).unwrap();
         assert_eq!(p.mode, Mode::Enforce);

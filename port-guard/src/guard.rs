@@ -160,6 +160,19 @@ impl PinDir {
         LINKS.iter().all(|(_, l)| self.file(l).exists())
     }
 
+    /// Completes what a daemon killed while pinning left: a `_new` link pin (attached, newer)
+    /// replaces the final one, or takes its place when it is missing. Returns what it did.
+    pub fn recover(&self) -> Vec<String> {
+        let mut done = Vec::new();
+        for (_, link_name) in LINKS {
+            let staged = self.file(&format!("{link_name}_new"));
+            if staged.exists() && fs::rename(&staged, self.file(link_name)).is_ok() {
+                done.push(format!("{link_name}: took over the link an interrupted start had pinned"));
+            }
+        }
+        done
+    }
+
     /// Whether anything of a guard is pinned here.
     pub fn exists(&self) -> bool {
         self.file(MAP_CONFIG).exists() || LINKS.iter().any(|(_, l)| self.file(l).exists())
@@ -337,8 +350,15 @@ impl Maps {
 
     /// Opens the pinned maps, checking the layout version.
     pub fn open(pin: &PinDir) -> Result<Maps, GuardError> {
-        if !pin.exists() {
-            return Err(GuardError::NotLoaded(pin.path().to_owned()));
+        // An unreadable pin dir (mode 0700, not root) is a permission error, not "not loaded".
+        let config = pin.file(MAP_CONFIG);
+        match fs::symlink_metadata(&config) {
+            Ok(_) => {}
+            Err(e) if e.kind() == io::ErrorKind::NotFound && !pin.exists() => {
+                return Err(GuardError::NotLoaded(pin.path().to_owned()));
+            }
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(io_err("open pin", &config)(e)),
         }
         let maps = Maps::build(|name| open_pinned(pin, name))?;
         maps.check_abi(pin)?;
@@ -620,6 +640,10 @@ impl Guard {
 
         let dir = cg.dir(&r.policy.attach);
         let cgroup = File::open(&dir).map_err(io_err("open cgroup", &dir))?;
+        // Load and attach both programs first, holding the links by fd only: a crash up to here
+        // detaches them (the kernel drops a link with its last fd), so a first load is either
+        // complete or leaves nothing attached. Loading (the verifier) is the slow part.
+        let mut links = Vec::new();
         for (name, link_name) in LINKS {
             let prog_err = |what| {
                 move |e| GuardError::Program {
@@ -649,16 +673,27 @@ impl Guard {
                     program: name,
                     source: Box::new(e),
                 })?;
-            let tmp = pin.file(&format!("{link_name}_new"));
-            let _ = fs::remove_file(&tmp);
-            let pinned = link.pin(&tmp).map_err(|e| GuardError::Pin {
+            links.push((name, link_name, link));
+        }
+        // Then pin both, back to back: the only window in which a crash leaves one hook pinned
+        // without the other is between these two syscalls; `recover_pins` completes it at the
+        // next start. Where old links are pinned, the new ones go under `_new` and are renamed
+        // over them: the old link detaches only once the new one is in place.
+        let mut staged = Vec::new();
+        for (name, link_name, link) in links {
+            let dst = pin.file(link_name);
+            let at = if dst.exists() { pin.file(&format!("{link_name}_new")) } else { dst.clone() };
+            let _ = fs::remove_file(pin.file(&format!("{link_name}_new")));
+            let pinned = link.pin(&at).map_err(|e| GuardError::Pin {
                 program: name,
                 source: Box::new(e),
             })?;
-            // Atomically replaces an old link's pin: the old link detaches only now, after the
-            // new one enforces.
-            let dst = pin.file(link_name);
-            fs::rename(&tmp, &dst).map_err(io_err("rename pin to", &dst))?;
+            staged.push((at, dst, pinned));
+        }
+        for (at, dst, pinned) in staged {
+            if at != dst {
+                fs::rename(&at, &dst).map_err(io_err("rename pin to", &dst))?;
+            }
             drop(pinned);
         }
         Ok(Guard { ebpf, maps, adopted })

@@ -4,7 +4,7 @@
 
 use std::{fmt, str::FromStr};
 
-use port_guard_common::{MAX_RANGES, PROTO_TCP, PROTO_UDP};
+use port_guard_common::{MAX_ALLOWED, MAX_RANGES, PROTO_TCP, PROTO_UDP};
 
 use crate::cgroup::CgroupPath;
 
@@ -29,6 +29,9 @@ pub enum PolicyError {
     /// More ranges than the kernel map has slots for.
     #[error("{count} reserved ranges configured; at most {max} are supported")]
     TooManyRanges { count: usize, max: usize },
+    /// More allowed cgroups than the kernel map holds.
+    #[error("{count} allowed cgroups configured; at most {max} are supported")]
+    TooManyAllowed { count: usize, max: u32 },
     /// An unknown mode.
     #[error("unknown mode {0:?}: expected enforce or audit")]
     Mode(String),
@@ -320,6 +323,12 @@ pub fn check_ranges(reserve: &[Reservation]) -> Result<(), PolicyError> {
             count: reserve.len(),
             max: MAX_RANGES,
         });
+    }
+    let mut allowed: Vec<&CgroupPath> = reserve.iter().flat_map(|r| &r.allow).collect();
+    allowed.sort();
+    allowed.dedup();
+    if allowed.len() > MAX_ALLOWED as usize {
+        return Err(PolicyError::TooManyAllowed { count: allowed.len(), max: MAX_ALLOWED });
     }
     let mut sorted: Vec<&ReserveSpec> = reserve.iter().map(|r| &r.spec).collect();
     sorted.sort_by_key(|s| s.range);

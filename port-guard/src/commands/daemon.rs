@@ -118,6 +118,9 @@ pub fn run(pin: &PinDir, config: Option<&Path>, args: DaemonArgs) -> Result<()> 
     raise_memlock();
     pin.prepare()?;
     let _lock = pin.lock()?;
+    for line in pin.recover() {
+        warn!("{line}");
+    }
     let created_spawn_parent = !cg.dir(&policy.spawn_parent).exists();
     let spawn_parent_id = cg.create(&policy.spawn_parent)?;
     let started = Instant::now();
