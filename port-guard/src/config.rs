@@ -119,7 +119,9 @@ impl ConfigFile {
                 .unwrap_or_default();
             ConfigError::Parse {
                 path: path.to_owned(),
-                message: format!("{}{at}", e.message().trim_end()),
+                // Some of toml's messages span lines themselves ("invalid table header\nexpected
+                // ..."): one line, always.
+                message: format!("{}{at}", e.message().trim_end().lines().collect::<Vec<_>>().join("; ")),
             }
         })
     }
@@ -379,6 +381,8 @@ allow = ["/machine.slice", "/system.slice/libvirtd.service", "/system.slice/virt
             ("[[reserve]]\nports = \"10-20\"\n[[reserve]]\nports = \"20-30\"", "overlap"),
             ("[[reserve]]\nports = \"10\"\nallow = [\"/a\", \"/a/\"]", "twice"),
             ("mode = 3", "mode"),
+            // Found by fuzzing: a message of toml's own that spans two lines.
+            ("[''", "invalid table header"),
         ] {
             let e = parse(text).unwrap_err();
             assert!(e.is_usage());

@@ -1,0 +1,35 @@
+//! `cargo xtask fuzz`: the cargo-fuzz targets, each for a bounded time.
+
+use std::{path::Path, process::Command};
+
+use anyhow::{bail, Context as _, Result};
+
+use crate::{output, run, NIGHTLY};
+
+const CARGO_FUZZ_VERSION: &str = "0.13.2";
+pub const TARGETS: [&str; 3] = ["reserve_spec", "config_file", "cgroup_path"];
+
+/// Installs cargo-fuzz when missing, then runs every target for `seconds`.
+pub fn fuzz(root: &Path, seconds: u64) -> Result<()> {
+    let have = output(Command::new(env!("CARGO")).args(["fuzz", "--version"])).unwrap_or_default();
+    if !have.contains(CARGO_FUZZ_VERSION) {
+        run(Command::new(env!("CARGO")).args(["install", &format!("cargo-fuzz@{CARGO_FUZZ_VERSION}"), "--locked"]))?;
+    }
+    let dir = root.join("fuzz");
+    for target in TARGETS {
+        let corpus = dir.join("corpus").join(target);
+        std::fs::create_dir_all(&corpus).with_context(|| format!("creating {}", corpus.display()))?;
+        let status = Command::new("rustup")
+            .current_dir(&dir)
+            .args(["run", NIGHTLY, "cargo", "fuzz", "run", target, "--"])
+            .arg(format!("-max_total_time={seconds}"))
+            .arg("-print_final_stats=1")
+            .status()
+            .with_context(|| format!("running cargo fuzz run {target}"))?;
+        if !status.success() {
+            bail!("fuzz target {target} failed ({status}); the crashing input is under fuzz/artifacts/{target}");
+        }
+        eprintln!("xtask: fuzz target {target}: {seconds} s, no crash");
+    }
+    Ok(())
+}
