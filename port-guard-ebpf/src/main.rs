@@ -17,7 +17,9 @@ use aya_ebpf::{
     bindings::bpf_sock_addr,
     helpers::{
         bpf_get_current_comm, bpf_get_current_pid_tgid,
-        generated::{bpf_get_current_ancestor_cgroup_id, bpf_get_current_cgroup_id, bpf_set_retval},
+        generated::{
+            bpf_get_current_ancestor_cgroup_id, bpf_get_current_cgroup_id, bpf_set_retval,
+        },
     },
     macros::{cgroup_sock_addr, map},
     maps::{Array, HashMap, PerCpuArray, RingBuf},
@@ -25,10 +27,10 @@ use aya_ebpf::{
 };
 use aya_log_ebpf::debug;
 use port_guard_common::{
-    counter_index, DenialEvent, GuardConfig, Lease, PortEntry, RangeDef, ACTION_AUDITED,
+    counter_index, DenialEvent, GuardConfig, Lease, PortEntry, RangeDef, StatDelta, ACTION_AUDITED,
     ACTION_DENIED, COUNTERS_LEN, COUNTER_ALLOWED, COUNTER_AUDITED, COUNTER_DENIED, EVENTS_BYTES,
     MAX_ALLOWED, MAX_CGROUP_LEVEL, MAX_LEASES, MAX_RANGES, MAX_STATS, MODE_AUDIT, PROTO_TCP,
-    PROTO_UDP, StatDelta,
+    PROTO_UDP,
 };
 
 /// Set by the agent at load time (`EbpfLoader::override_global`). Read with `read_volatile` so the
@@ -174,7 +176,15 @@ fn refuse(
     } else {
         EPERM
     };
-    count(slot, proto_idx, if audit { COUNTER_AUDITED } else { COUNTER_DENIED });
+    count(
+        slot,
+        proto_idx,
+        if audit {
+            COUNTER_AUDITED
+        } else {
+            COUNTER_DENIED
+        },
+    );
     if let Some(mut entry) = PG_EVENTS.reserve::<DenialEvent>(0) {
         let pid_tgid = bpf_get_current_pid_tgid();
         let comm = bpf_get_current_comm().unwrap_or([0u8; 16]);
@@ -195,7 +205,15 @@ fn refuse(
     }
     // Only with `daemon -v`: the agent loads with AYA_LOG_LEVEL below debug otherwise, and the
     // record is never written.
-    debug!(ctx, "refused bind: port {} proto {} family {} leased {} audit {}", port, protocol, family, leased as u8, audit as u8);
+    debug!(
+        ctx,
+        "refused bind: port {} proto {} family {} leased {} audit {}",
+        port,
+        protocol,
+        family,
+        leased as u8,
+        audit as u8
+    );
     if audit {
         return ALLOW;
     }

@@ -34,7 +34,10 @@ pub enum CgroupError {
 impl CgroupError {
     /// Bad input (exit 2) rather than a runtime failure (exit 1).
     pub fn is_usage(&self) -> bool {
-        matches!(self, CgroupError::Invalid { .. } | CgroupError::Missing { .. })
+        matches!(
+            self,
+            CgroupError::Invalid { .. } | CgroupError::Missing { .. }
+        )
     }
 }
 
@@ -101,7 +104,9 @@ impl FromStr for CgroupPath {
             reason,
         };
         if !s.starts_with('/') {
-            return Err(invalid("must start with '/' (relative to the cgroup2 mount)"));
+            return Err(invalid(
+                "must start with '/' (relative to the cgroup2 mount)",
+            ));
         }
         if s.contains('\0') {
             return Err(invalid("contains a NUL byte"));
@@ -192,7 +197,9 @@ impl Cgroup2 {
             if let Ok(m) = fs::symlink_metadata(&dir) {
                 out.insert(m.ino(), path.clone());
             }
-            let Ok(entries) = fs::read_dir(&dir) else { continue };
+            let Ok(entries) = fs::read_dir(&dir) else {
+                continue;
+            };
             for entry in entries.flatten() {
                 let Ok(ft) = entry.file_type() else { continue };
                 if !ft.is_dir() {
@@ -228,7 +235,10 @@ fn unescape_mountinfo(s: &str) -> String {
     let mut out = Vec::with_capacity(b.len());
     let mut i = 0;
     while i < b.len() {
-        if b[i] == b'\\' && i + 3 < b.len() && b[i + 1..i + 4].iter().all(|c| (b'0'..=b'7').contains(c)) {
+        if b[i] == b'\\'
+            && i + 3 < b.len()
+            && b[i + 1..i + 4].iter().all(|c| (b'0'..=b'7').contains(c))
+        {
             let v = (b[i + 1] - b'0') * 64 + (b[i + 2] - b'0') * 8 + (b[i + 3] - b'0');
             out.push(v);
             i += 4;
@@ -258,12 +268,22 @@ mod tests {
         let p: CgroupPath = "/machine.slice/qemu-1/".parse().unwrap();
         assert_eq!(p.as_str(), "/machine.slice/qemu-1");
         assert_eq!(p.level(), 2);
-        for bad in ["", "machine.slice", "/a/../b", "/a/./b", "/a//b", "/..", "/a\0b"] {
+        for bad in [
+            "",
+            "machine.slice",
+            "/a/../b",
+            "/a/./b",
+            "/a//b",
+            "/..",
+            "/a\0b",
+        ] {
             let e = bad.parse::<CgroupPath>().unwrap_err();
             assert!(e.is_usage());
             assert!(e.to_string().contains(&format!("{bad:?}")), "{e}");
         }
-        assert!(format!("/{}", "x".repeat(256)).parse::<CgroupPath>().is_err());
+        assert!(format!("/{}", "x".repeat(256))
+            .parse::<CgroupPath>()
+            .is_err());
     }
 
     #[test]
@@ -282,7 +302,13 @@ mod tests {
         let text = "31 23 0:28 / /sys/fs/cgroup rw,relatime - tmpfs tmpfs rw,mode=755\n\
                     40 31 0:37 / /sys/fs/cgroup/systemd rw - cgroup cgroup rw,name=systemd\n\
                     41 31 0:38 / /sys/fs/cgroup/un\\040ified rw,relatime shared:9 - cgroup2 cgroup2 rw\n";
-        assert_eq!(parse_mountinfo(text), Some(PathBuf::from("/sys/fs/cgroup/un ified")));
-        assert_eq!(parse_mountinfo("31 23 0:28 / /x rw - tmpfs tmpfs rw\n"), None);
+        assert_eq!(
+            parse_mountinfo(text),
+            Some(PathBuf::from("/sys/fs/cgroup/un ified"))
+        );
+        assert_eq!(
+            parse_mountinfo("31 23 0:28 / /x rw - tmpfs tmpfs rw\n"),
+            None
+        );
     }
 }

@@ -49,7 +49,10 @@ pub enum ConfigError {
     Cgroup(#[from] CgroupError),
     /// A cgroup the policy names twice for one range.
     #[error("{what} {path} is named twice")]
-    Duplicate { what: &'static str, path: CgroupPath },
+    Duplicate {
+        what: &'static str,
+        path: CgroupPath,
+    },
 }
 
 impl ConfigError {
@@ -121,7 +124,14 @@ impl ConfigFile {
                 path: path.to_owned(),
                 // Some of toml's messages span lines themselves ("invalid table header\nexpected
                 // ..."): one line, always.
-                message: format!("{}{at}", e.message().trim_end().lines().collect::<Vec<_>>().join("; ")),
+                message: format!(
+                    "{}{at}",
+                    e.message()
+                        .trim_end()
+                        .lines()
+                        .collect::<Vec<_>>()
+                        .join("; ")
+                ),
             }
         })
     }
@@ -199,10 +209,8 @@ pub fn build_policy(
                 let range = e.ports.parse::<PortRange>().map_err(in_file)?;
                 let protocols = match &e.protocols {
                     None => Protocols::TCP,
-                    Some(list) => {
-                        Protocols::parse_list(&e.ports, list.iter().map(String::as_str))
-                            .map_err(in_file)?
-                    }
+                    Some(list) => Protocols::parse_list(&e.ports, list.iter().map(String::as_str))
+                        .map_err(in_file)?,
                 };
                 let allow = e
                     .allow
@@ -236,7 +244,13 @@ pub fn build_policy(
             });
         }
     }
-    check_ranges(&reserve).map_err(|e| if flags.reserve.is_empty() { in_file(e) } else { e.into() })?;
+    check_ranges(&reserve).map_err(|e| {
+        if flags.reserve.is_empty() {
+            in_file(e)
+        } else {
+            e.into()
+        }
+    })?;
     Ok(Policy {
         attach,
         mode,
@@ -319,7 +333,11 @@ allow = ["/machine.slice", "/system.slice/libvirtd.service", "/system.slice/virt
         assert_eq!(allow, ["/machine.slice", "/system.slice/libvirtd.service"]);
         // docs/libvirt.md shows the same settings.
         let doc = include_str!("../../docs/libvirt.md");
-        for line in ["errno = \"eaddrinuse\"", "ports = \"49152-49215\"", "allow = [\"/machine.slice\", \"/system.slice/libvirtd.service\"]"] {
+        for line in [
+            "errno = \"eaddrinuse\"",
+            "ports = \"49152-49215\"",
+            "allow = [\"/machine.slice\", \"/system.slice/libvirtd.service\"]",
+        ] {
             assert!(doc.contains(line) && text.contains(line), "{line}");
         }
     }
@@ -330,20 +348,40 @@ allow = ["/machine.slice", "/system.slice/libvirtd.service", "/system.slice/virt
         let ranges: String = (0..100_000u32)
             .map(|i| format!("[[reserve]]\nports = \"{}\"\n", 1 + i % 65535))
             .collect();
-        let e = build_policy(&ConfigFile::parse(path, &ranges).unwrap(), Some(path), &Overrides::default()).unwrap_err();
+        let e = build_policy(
+            &ConfigFile::parse(path, &ranges).unwrap(),
+            Some(path),
+            &Overrides::default(),
+        )
+        .unwrap_err();
         let msg = format!("{:#}", anyhow::Error::new(e));
         assert!(msg.contains("100000 reserved ranges"), "{msg}");
         let allow: Vec<String> = (0..100_000).map(|i| format!("\"/c{i}\"")).collect();
-        let text = format!("[[reserve]]\nports = \"1000\"\nallow = [{}]\n", allow.join(","));
-        let e = build_policy(&ConfigFile::parse(path, &text).unwrap(), Some(path), &Overrides::default()).unwrap_err();
-        assert!(format!("{:#}", anyhow::Error::new(e)).contains("100000 allowed cgroups configured; at most 4096"));
+        let text = format!(
+            "[[reserve]]\nports = \"1000\"\nallow = [{}]\n",
+            allow.join(",")
+        );
+        let e = build_policy(
+            &ConfigFile::parse(path, &text).unwrap(),
+            Some(path),
+            &Overrides::default(),
+        )
+        .unwrap_err();
+        assert!(format!("{:#}", anyhow::Error::new(e))
+            .contains("100000 allowed cgroups configured; at most 4096"));
     }
 
     #[test]
     fn defaults_without_file_or_flags() {
         let p = build_policy(&ConfigFile::default(), None, &Overrides::default()).unwrap();
         assert_eq!(p.mode, Mode::Enforce);
-        assert_eq!(p.reserve, vec![Reservation { spec: DEFAULT_RESERVE, allow: vec![] }]);
+        assert_eq!(
+            p.reserve,
+            vec![Reservation {
+                spec: DEFAULT_RESERVE,
+                allow: vec![]
+            }]
+        );
         assert_eq!(p.spawn_parent.as_str(), DEFAULT_SPAWN_PARENT);
         assert!(!p.protect_ephemeral);
     }
@@ -361,7 +399,10 @@ allow = ["/machine.slice", "/system.slice/libvirtd.service", "/system.slice/virt
         let p = build_policy(&file, Some(path), &flags).unwrap();
         assert_eq!(p.mode, Mode::Audit);
         assert_eq!(p.reserve.len(), 2);
-        assert!(p.reserve.iter().all(|r| r.allow == vec!["/a".parse().unwrap()]));
+        assert!(p
+            .reserve
+            .iter()
+            .all(|r| r.allow == vec!["/a".parse().unwrap()]));
     }
 
     #[test]
@@ -374,12 +415,21 @@ allow = ["/machine.slice", "/system.slice/libvirtd.service", "/system.slice/virt
             ("[[reserve]]\nports = \"0\"", "\"0\""),
             ("[[reserve]]\nports = \"70000\"", "70000"),
             ("[[reserve]]\nports = \"10-5\"", "10-5"),
-            ("[[reserve]]\nports = \"10\"\nprotocols = [\"sctp\"]", "sctp"),
+            (
+                "[[reserve]]\nports = \"10\"\nprotocols = [\"sctp\"]",
+                "sctp",
+            ),
             ("[[reserve]]\nports = \"10\"\nprotocols = []", "no protocol"),
             ("[[reserve]]\nports = \"10\"\nallow = [\"x\"]", "\"x\""),
             ("[[reserve]]\nports = \"10\"\ncolour = 1", "colour"),
-            ("[[reserve]]\nports = \"10-20\"\n[[reserve]]\nports = \"20-30\"", "overlap"),
-            ("[[reserve]]\nports = \"10\"\nallow = [\"/a\", \"/a/\"]", "twice"),
+            (
+                "[[reserve]]\nports = \"10-20\"\n[[reserve]]\nports = \"20-30\"",
+                "overlap",
+            ),
+            (
+                "[[reserve]]\nports = \"10\"\nallow = [\"/a\", \"/a/\"]",
+                "twice",
+            ),
             ("mode = 3", "mode"),
             // Found by fuzzing: a message of toml's own that spans two lines.
             ("[''", "invalid table header"),

@@ -24,7 +24,11 @@ impl View {
         View {
             source: "config",
             attach: p.attach.clone(),
-            ranges: p.reserve.iter().map(|r| (r.spec, r.allow.clone())).collect(),
+            ranges: p
+                .reserve
+                .iter()
+                .map(|r| (r.spec, r.allow.clone()))
+                .collect(),
             leases: HashMap::new(),
         }
     }
@@ -40,11 +44,17 @@ impl View {
                 .reserve
                 .iter()
                 .filter_map(|r| {
-                    let spec: ReserveSpec = format!("{}/{}", r.ports, r.protocols.join("+")).parse().ok()?;
+                    let spec: ReserveSpec = format!("{}/{}", r.ports, r.protocols.join("+"))
+                        .parse()
+                        .ok()?;
                     Some((spec, r.allow.iter().filter_map(|a| parse(a)).collect()))
                 })
                 .collect(),
-            leases: s.leases.iter().map(|l| (l.port as u16, parse(&l.cgroup))).collect(),
+            leases: s
+                .leases
+                .iter()
+                .map(|l| (l.port as u16, parse(&l.cgroup)))
+                .collect(),
         })
     }
 
@@ -104,12 +114,34 @@ pub fn find(view: &View) -> (Scan, Vec<Holder>) {
     let scan = sockets::scan(|port, proto| view.reserved(port, proto));
     let mut out = Vec::new();
     for s in &scan.sockets {
-        let Socket { port, protocol, family, state, owners, .. } = s;
+        let Socket {
+            port,
+            protocol,
+            family,
+            state,
+            owners,
+            ..
+        } = s;
         if owners.is_empty() {
             let (would_refuse, reason) = view.judge(*port, protocol, None);
-            out.push(Holder { port: *port, protocol, family, state, pid: None, command: None, cgroup: None, would_refuse, reason });
+            out.push(Holder {
+                port: *port,
+                protocol,
+                family,
+                state,
+                pid: None,
+                command: None,
+                cgroup: None,
+                would_refuse,
+                reason,
+            });
         }
-        for Owner { pid, command, cgroup } in owners {
+        for Owner {
+            pid,
+            command,
+            cgroup,
+        } in owners
+        {
             let (would_refuse, reason) = view.judge(*port, protocol, cgroup.as_ref());
             out.push(Holder {
                 port: *port,
@@ -138,7 +170,11 @@ pub fn describe(h: &Holder) -> String {
         h.pid.map(|p| p.to_string()).unwrap_or("?".into()),
         h.command.as_deref().unwrap_or("?"),
         h.cgroup.as_deref().unwrap_or("?"),
-        if h.would_refuse { format!("would-refuse ({})", h.reason) } else { format!("permits ({})", h.reason) },
+        if h.would_refuse {
+            format!("would-refuse ({})", h.reason)
+        } else {
+            format!("permits ({})", h.reason)
+        },
     )
 }
 
@@ -155,15 +191,39 @@ mod tests {
         let view = View {
             source: "config",
             attach: p("/"),
-            ranges: vec![("49152-49215/tcp".parse().unwrap(), vec![p("/machine.slice")])],
-            leases: [(49160u16, Some(p("/port-guard/vm1")))].into_iter().collect(),
+            ranges: vec![(
+                "49152-49215/tcp".parse().unwrap(),
+                vec![p("/machine.slice")],
+            )],
+            leases: [(49160u16, Some(p("/port-guard/vm1")))]
+                .into_iter()
+                .collect(),
         };
-        assert!(!view.judge(49152, "udp", Some(&p("/x"))).0, "udp not covered");
-        assert!(!view.judge(49151, "tcp", Some(&p("/x"))).0, "outside the range");
-        assert!(view.judge(49152, "tcp", Some(&p("/system.slice/glusterd.service"))).0);
-        assert!(!view.judge(49152, "tcp", Some(&p("/machine.slice/qemu-1/emulator"))).0);
-        assert!(view.judge(49160, "tcp", Some(&p("/machine.slice"))).0, "leased: allowed is not enough");
+        assert!(
+            !view.judge(49152, "udp", Some(&p("/x"))).0,
+            "udp not covered"
+        );
+        assert!(
+            !view.judge(49151, "tcp", Some(&p("/x"))).0,
+            "outside the range"
+        );
+        assert!(
+            view.judge(49152, "tcp", Some(&p("/system.slice/glusterd.service")))
+                .0
+        );
+        assert!(
+            !view
+                .judge(49152, "tcp", Some(&p("/machine.slice/qemu-1/emulator")))
+                .0
+        );
+        assert!(
+            view.judge(49160, "tcp", Some(&p("/machine.slice"))).0,
+            "leased: allowed is not enough"
+        );
         assert!(!view.judge(49160, "tcp", Some(&p("/port-guard/vm1/sub"))).0);
-        assert!(view.judge(49152, "tcp", None).0, "unknown owner counts as a conflict");
+        assert!(
+            view.judge(49152, "tcp", None).0,
+            "unknown owner counts as a conflict"
+        );
     }
 }

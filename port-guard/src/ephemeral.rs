@@ -33,12 +33,18 @@ pub enum EphemeralError {
     #[error("net.ipv4.ip_local_reserved_ports was changed in network namespace net:[{saved}], this process is in net:[{current}]: run this in that namespace")]
     OtherNetns { saved: u64, current: u64 },
     /// The saved state file is not ours or is damaged.
-    #[error("cannot understand {0}; restore net.ipv4.ip_local_reserved_ports by hand and remove it")]
+    #[error(
+        "cannot understand {0}; restore net.ipv4.ip_local_reserved_ports by hand and remove it"
+    )]
     BadState(PathBuf),
 }
 
 fn io_err<'a>(op: &'static str, path: &'a Path) -> impl FnOnce(io::Error) -> EphemeralError + 'a {
-    move |source| EphemeralError::Io { op, path: path.to_owned(), source }
+    move |source| EphemeralError::Io {
+        op,
+        path: path.to_owned(),
+        source,
+    }
 }
 
 /// Parses the sysctl's format: `8080,9000-9010` (empty: nothing).
@@ -57,11 +63,17 @@ pub fn format_list(ranges: &[PortRange]) -> String {
     let mut merged: Vec<PortRange> = Vec::new();
     for r in v {
         match merged.last_mut() {
-            Some(last) if u32::from(r.first) <= u32::from(last.last) + 1 => last.last = last.last.max(r.last),
+            Some(last) if u32::from(r.first) <= u32::from(last.last) + 1 => {
+                last.last = last.last.max(r.last)
+            }
             _ => merged.push(r),
         }
     }
-    merged.iter().map(ToString::to_string).collect::<Vec<_>>().join(",")
+    merged
+        .iter()
+        .map(ToString::to_string)
+        .collect::<Vec<_>>()
+        .join(",")
 }
 
 fn netns() -> Result<u64, EphemeralError> {
@@ -75,7 +87,13 @@ fn state_file(pin: &PinDir) -> PathBuf {
         .path()
         .to_string_lossy()
         .chars()
-        .map(|c| if c.is_ascii_alphanumeric() || c == '-' || c == '_' { c } else { '_' })
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '-' || c == '_' {
+                c
+            } else {
+                '_'
+            }
+        })
         .collect();
     Path::new(STATE_DIR).join(format!("{name}.reserved_ports"))
 }
@@ -105,7 +123,9 @@ fn load(pin: &PinDir) -> Result<Option<(u64, String)>, EphemeralError> {
 
 fn read_sysctl() -> Result<String, EphemeralError> {
     let p = Path::new(SYSCTL);
-    fs::read_to_string(p).map(|s| s.trim_end_matches('\n').to_owned()).map_err(io_err("read", p))
+    fs::read_to_string(p)
+        .map(|s| s.trim_end_matches('\n').to_owned())
+        .map_err(io_err("read", p))
 }
 
 fn write_sysctl(value: &str) -> Result<(), EphemeralError> {
@@ -119,7 +139,9 @@ fn write_sysctl(value: &str) -> Result<(), EphemeralError> {
 pub fn apply(pin: &PinDir, ranges: &[PortRange]) -> Result<String, EphemeralError> {
     let current = netns()?;
     let previous = match load(pin)? {
-        Some((saved, _)) if saved != current => return Err(EphemeralError::OtherNetns { saved, current }),
+        Some((saved, _)) if saved != current => {
+            return Err(EphemeralError::OtherNetns { saved, current })
+        }
         Some((_, previous)) => previous,
         None => {
             let previous = read_sysctl()?;
@@ -127,7 +149,8 @@ pub fn apply(pin: &PinDir, ranges: &[PortRange]) -> Result<String, EphemeralErro
             fs::create_dir_all(dir).map_err(io_err("create", dir))?;
             let path = state_file(pin);
             let tmp = path.with_extension("tmp");
-            fs::write(&tmp, format!("netns={current}\nprevious={previous}\n")).map_err(io_err("write", &tmp))?;
+            fs::write(&tmp, format!("netns={current}\nprevious={previous}\n"))
+                .map_err(io_err("write", &tmp))?;
             fs::rename(&tmp, &path).map_err(io_err("rename to", &path))?;
             previous
         }
@@ -142,7 +165,9 @@ pub fn apply(pin: &PinDir, ranges: &[PortRange]) -> Result<String, EphemeralErro
 /// Writes the saved value back and forgets it. Returns the restored value, or None when nothing
 /// was changed.
 pub fn restore(pin: &PinDir) -> Result<Option<String>, EphemeralError> {
-    let Some((saved, previous)) = load(pin)? else { return Ok(None) };
+    let Some((saved, previous)) = load(pin)? else {
+        return Ok(None);
+    };
     let current = netns()?;
     if saved != current {
         return Err(EphemeralError::OtherNetns { saved, current });
@@ -163,7 +188,10 @@ mod tests {
         assert_eq!(parse_list("8080,9000-9010").unwrap().len(), 2);
         assert_eq!(parse_list("8080,x"), None);
         let r = |s: &str| s.parse::<PortRange>().unwrap();
-        assert_eq!(format_list(&[r("49152-49215"), r("8080"), r("49200-49300"), r("49301")]), "8080,49152-49301");
+        assert_eq!(
+            format_list(&[r("49152-49215"), r("8080"), r("49200-49300"), r("49301")]),
+            "8080,49152-49301"
+        );
         assert_eq!(format_list(&[]), "");
     }
 }

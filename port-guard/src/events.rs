@@ -16,10 +16,20 @@ pub fn decode(bytes: &[u8]) -> Option<DenialEvent> {
 
 /// The command name, up to its NUL.
 pub fn comm(ev: &DenialEvent) -> String {
-    let end = ev.comm.iter().position(|&b| b == 0).unwrap_or(ev.comm.len());
+    let end = ev
+        .comm
+        .iter()
+        .position(|&b| b == 0)
+        .unwrap_or(ev.comm.len());
     String::from_utf8_lossy(&ev.comm[..end])
         .chars()
-        .map(|c| if c.is_whitespace() || c.is_control() { '_' } else { c })
+        .map(|c| {
+            if c.is_whitespace() || c.is_control() {
+                '_'
+            } else {
+                c
+            }
+        })
         .collect()
 }
 
@@ -28,7 +38,11 @@ pub fn comm(ev: &DenialEvent) -> String {
 pub fn log_line(ev: &DenialEvent, cgroup: &str, audit_errno: Errno, retval: bool) -> String {
     let audit = ev.action == ACTION_AUDITED;
     let errno = if audit {
-        if retval { audit_errno } else { Errno::Eperm }
+        if retval {
+            audit_errno
+        } else {
+            Errno::Eperm
+        }
     } else {
         Errno::from_raw(ev.errno).unwrap_or(Errno::Eperm)
     };
@@ -36,13 +50,21 @@ pub fn log_line(ev: &DenialEvent, cgroup: &str, audit_errno: Errno, retval: bool
         "{} bind port={}/{} family=ipv{} pid={} comm={} cgroup={} errno={}{}",
         if audit { "audit: would deny" } else { "denied" },
         ev.port,
-        if u16::from(ev.protocol) == PROTO_UDP { "udp" } else { "tcp" },
+        if u16::from(ev.protocol) == PROTO_UDP {
+            "udp"
+        } else {
+            "tcp"
+        },
         ev.family,
         ev.tgid,
         comm(ev),
         cgroup,
         errno.c_name(),
-        if ev.leased != 0 { " leased=other-cgroup" } else { "" },
+        if ev.leased != 0 {
+            " leased=other-cgroup"
+        } else {
+            ""
+        },
     )
 }
 
@@ -89,10 +111,16 @@ mod tests {
         let ev = event(ACTION_DENIED, 1);
         // SAFETY: reading the bytes of a POD value.
         let bytes = unsafe {
-            std::slice::from_raw_parts((&ev as *const DenialEvent).cast::<u8>(), size_of::<DenialEvent>())
+            std::slice::from_raw_parts(
+                (&ev as *const DenialEvent).cast::<u8>(),
+                size_of::<DenialEvent>(),
+            )
         };
         let back = decode(bytes).unwrap();
-        assert_eq!((back.tgid, back.port, comm(&back)), (4242, 49152, "glusterfsd".into()));
+        assert_eq!(
+            (back.tgid, back.port, comm(&back)),
+            (4242, 49152, "glusterfsd".into())
+        );
         assert!(decode(&bytes[..10]).is_none());
     }
 }

@@ -22,11 +22,11 @@ use std::{
 
 use aya::{
     maps::{Array, HashMap, Map, MapData, MapError, PerCpuArray},
+    pin::PinError,
     programs::{
         links::{CgroupAttachMode, FdLink, LinkError},
         CgroupSockAddr, ProgramError,
     },
-    pin::PinError,
     Ebpf, EbpfError, EbpfLoader,
 };
 use log::{info, warn};
@@ -167,7 +167,9 @@ impl PinDir {
         for (_, link_name) in LINKS {
             let staged = self.file(&format!("{link_name}_new"));
             if staged.exists() && fs::rename(&staged, self.file(link_name)).is_ok() {
-                done.push(format!("{link_name}: took over the link an interrupted start had pinned"));
+                done.push(format!(
+                    "{link_name}: took over the link an interrupted start had pinned"
+                ));
             }
         }
         done
@@ -224,10 +226,17 @@ pub fn bpffs_state(pin: &PinDir) -> (bool, String) {
     let at = nearest_existing(pin.path());
     match is_bpffs(&at) {
         Ok(true) => (true, format!("{} is on bpffs", at.display())),
-        Ok(false) if pin.path().starts_with("/sys/fs/bpf") => {
-            (true, "not mounted on /sys/fs/bpf; the daemon will mount it".into())
-        }
-        Ok(false) => (false, format!("{} is not on bpffs and is not under /sys/fs/bpf", pin.path().display())),
+        Ok(false) if pin.path().starts_with("/sys/fs/bpf") => (
+            true,
+            "not mounted on /sys/fs/bpf; the daemon will mount it".into(),
+        ),
+        Ok(false) => (
+            false,
+            format!(
+                "{} is not on bpffs and is not under /sys/fs/bpf",
+                pin.path().display()
+            ),
+        ),
         Err(e) => (false, e.to_string()),
     }
 }
@@ -268,7 +277,10 @@ fn mount_bpffs(at: &Path) -> Result<(), GuardError> {
     if r != 0 {
         return Err(io_err("mount bpffs on", at)(io::Error::last_os_error()));
     }
-    info!("mounted bpffs on {} (nothing was mounted there)", at.display());
+    info!(
+        "mounted bpffs on {} (nothing was mounted there)",
+        at.display()
+    );
     Ok(())
 }
 
@@ -336,15 +348,21 @@ fn take(ebpf: &mut Ebpf, name: &'static str) -> Result<Map, GuardError> {
 }
 
 impl Maps {
-    fn build(mut get: impl FnMut(&'static str) -> Result<Map, GuardError>) -> Result<Maps, GuardError> {
+    fn build(
+        mut get: impl FnMut(&'static str) -> Result<Map, GuardError>,
+    ) -> Result<Maps, GuardError> {
         Ok(Maps {
             ports: get(MAP_PORTS)?.try_into().map_err(map_err(MAP_PORTS))?,
             ranges: get(MAP_RANGES)?.try_into().map_err(map_err(MAP_RANGES))?,
             allowed: get(MAP_ALLOWED)?.try_into().map_err(map_err(MAP_ALLOWED))?,
             leases: get(MAP_LEASES)?.try_into().map_err(map_err(MAP_LEASES))?,
             config: get(MAP_CONFIG)?.try_into().map_err(map_err(MAP_CONFIG))?,
-            counters: get(MAP_COUNTERS)?.try_into().map_err(map_err(MAP_COUNTERS))?,
-            stats: get(port_guard_common::MAP_STATS)?.try_into().map_err(map_err(port_guard_common::MAP_STATS))?,
+            counters: get(MAP_COUNTERS)?
+                .try_into()
+                .map_err(map_err(MAP_COUNTERS))?,
+            stats: get(port_guard_common::MAP_STATS)?
+                .try_into()
+                .map_err(map_err(port_guard_common::MAP_STATS))?,
         })
     }
 
@@ -414,7 +432,10 @@ impl Maps {
     pub fn counters(&self, slot: u32) -> Result<[[u64; 3]; 2], GuardError> {
         let mut out = [[0u64; 3]; 2];
         for (proto, row) in out.iter_mut().enumerate() {
-            for (kind, cell) in [COUNTER_ALLOWED, COUNTER_DENIED, COUNTER_AUDITED].into_iter().zip(row.iter_mut()) {
+            for (kind, cell) in [COUNTER_ALLOWED, COUNTER_DENIED, COUNTER_AUDITED]
+                .into_iter()
+                .zip(row.iter_mut())
+            {
                 let values = self
                     .counters
                     .get(&counter_index(slot, proto as u32, kind), 0)
@@ -454,7 +475,12 @@ impl Maps {
             .collect();
         let slots: Vec<u32> = slots
             .into_iter()
-            .map(|s| s.unwrap_or_else(|| free.pop().expect("at most MAX_RANGES ranges (checked by the policy)")))
+            .map(|s| {
+                s.unwrap_or_else(|| {
+                    free.pop()
+                        .expect("at most MAX_RANGES ranges (checked by the policy)")
+                })
+            })
             .collect();
         let mut new_allowed: StdHashMap<u64, u64> = StdHashMap::new();
         let mut levels = 0u64;
@@ -547,7 +573,12 @@ impl Maps {
     }
 
     fn reset_counters(&mut self, slot: u32) -> Result<(), GuardError> {
-        let cpus = aya::util::nr_cpus().map_err(|(_, e)| io_err("read possible cpus", Path::new("/sys/devices/system/cpu/possible"))(e))?;
+        let cpus = aya::util::nr_cpus().map_err(|(_, e)| {
+            io_err(
+                "read possible cpus",
+                Path::new("/sys/devices/system/cpu/possible"),
+            )(e)
+        })?;
         for proto in 0..2 {
             for kind in [COUNTER_ALLOWED, COUNTER_DENIED, COUNTER_AUDITED] {
                 let zero = aya::maps::PerCpuValues::try_from(vec![0u64; cpus])
@@ -563,14 +594,21 @@ impl Maps {
     /// Leaves one allocation result for the daemon's metrics (best effort: a full map drops it).
     pub fn record_allocation(&mut self, ok: bool) {
         let key = (u64::from(std::process::id()) << 32)
-            ^ SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_nanos() as u64).unwrap_or(0);
-        let delta = port_guard_common::StatDelta { allocations: ok.into(), exhaustions: (!ok).into() };
+            ^ SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map(|d| d.as_nanos() as u64)
+                .unwrap_or(0);
+        let delta = port_guard_common::StatDelta {
+            allocations: ok.into(),
+            exhaustions: (!ok).into(),
+        };
         let _ = self.stats.insert(key, delta, 1 /* BPF_NOEXIST */);
     }
 
     /// Takes the allocation results left since the last call: (allocations, exhaustions).
     pub fn drain_stats(&mut self) -> (u64, u64) {
-        let entries: Vec<(u64, port_guard_common::StatDelta)> = self.stats.iter().filter_map(Result::ok).collect();
+        let entries: Vec<(u64, port_guard_common::StatDelta)> =
+            self.stats.iter().filter_map(Result::ok).collect();
         let (mut a, mut e) = (0u64, 0u64);
         for (key, d) in entries {
             if self.stats.remove(&key).is_ok() {
@@ -604,7 +642,12 @@ pub struct Guard {
 impl Guard {
     /// Loads the object with its maps pinned (reused when already pinned), writes the policy and
     /// attaches. On a first load, any failure removes everything this call created.
-    pub fn start(pin: &PinDir, r: &Resolved, features: Features, cg: &Cgroup2) -> Result<Guard, GuardError> {
+    pub fn start(
+        pin: &PinDir,
+        r: &Resolved,
+        features: Features,
+        cg: &Cgroup2,
+    ) -> Result<Guard, GuardError> {
         let adopted = pin.exists();
         if adopted {
             // Refuse a foreign layout before aya reuses its maps.
@@ -628,7 +671,11 @@ impl Guard {
     ) -> Result<Guard, GuardError> {
         let use_retval: u32 = features.set_retval.into();
         // The programs' aya-log records are debug only: written when the agent logs debug.
-        let log_level: u8 = if log::log_enabled!(log::Level::Debug) { 4 } else { 3 };
+        let log_level: u8 = if log::log_enabled!(log::Level::Debug) {
+            4
+        } else {
+            3
+        };
         let mut ebpf = EbpfLoader::new()
             .default_map_pin_directory(pin.path())
             .override_global(GLOBAL_USE_RETVAL, &use_retval, true)
@@ -654,7 +701,9 @@ impl Guard {
             };
             let prog: &mut CgroupSockAddr = ebpf
                 .program_mut(name)
-                .ok_or(ProgramError::InvalidName { name: name.to_owned() })
+                .ok_or(ProgramError::InvalidName {
+                    name: name.to_owned(),
+                })
                 .map_err(prog_err("find"))?
                 .try_into()
                 .map_err(prog_err("find"))?;
@@ -682,7 +731,11 @@ impl Guard {
         let mut staged = Vec::new();
         for (name, link_name, link) in links {
             let dst = pin.file(link_name);
-            let at = if dst.exists() { pin.file(&format!("{link_name}_new")) } else { dst.clone() };
+            let at = if dst.exists() {
+                pin.file(&format!("{link_name}_new"))
+            } else {
+                dst.clone()
+            };
             let _ = fs::remove_file(pin.file(&format!("{link_name}_new")));
             let pinned = link.pin(&at).map_err(|e| GuardError::Pin {
                 program: name,
@@ -696,7 +749,11 @@ impl Guard {
             }
             drop(pinned);
         }
-        Ok(Guard { ebpf, maps, adopted })
+        Ok(Guard {
+            ebpf,
+            maps,
+            adopted,
+        })
     }
 }
 
@@ -718,7 +775,10 @@ pub fn unload(pin: &PinDir) -> Result<(), GuardError> {
             // Detach now, even if a running daemon still holds the link open.
             match sys::obj_get(&path).and_then(|fd| sys::link_detach(&fd)) {
                 Ok(()) => {}
-                Err(e) => warn!("detaching {}: {e}; removing its pin instead", path.display()),
+                Err(e) => warn!(
+                    "detaching {}: {e}; removing its pin instead",
+                    path.display()
+                ),
             }
             fs::remove_file(&path).map_err(io_err("remove pin", &path))?;
         }
@@ -803,7 +863,11 @@ pub struct CgroupNames<'a> {
 
 impl<'a> CgroupNames<'a> {
     pub fn new(cg: &'a Cgroup2) -> Self {
-        CgroupNames { cg, cache: None, missing: StdHashMap::new() }
+        CgroupNames {
+            cg,
+            cache: None,
+            missing: StdHashMap::new(),
+        }
     }
 
     /// The path of `id`, or `(gone, id N)` for a cgroup that no longer exists.
@@ -921,9 +985,17 @@ pub fn status(pin: &PinDir, cg: &Cgroup2) -> Result<Status, GuardError> {
         pin_dir: pin.path().to_owned(),
         attached: pin.has_links(),
         attach: names.name(config.attach_cgroup_id),
-        mode: if config.mode == MODE_AUDIT { "audit" } else { "enforce" },
+        mode: if config.mode == MODE_AUDIT {
+            "audit"
+        } else {
+            "enforce"
+        },
         errno: errno.name(),
-        effective_errno: if retval { errno.name() } else { Errno::Eperm.name() },
+        effective_errno: if retval {
+            errno.name()
+        } else {
+            Errno::Eperm.name()
+        },
         protect_ephemeral: config.flags & FLAG_PROTECT_EPHEMERAL != 0,
         spawn_parent: if config.spawn_parent_id == 0 {
             String::new()

@@ -78,7 +78,11 @@ fn describe(ranges: &[ReserveSpec]) -> String {
     if ranges.is_empty() {
         return "no reserved range".into();
     }
-    ranges.iter().map(ToString::to_string).collect::<Vec<_>>().join(", ")
+    ranges
+        .iter()
+        .map(ToString::to_string)
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 /// The configured ranges from the maps.
@@ -87,7 +91,10 @@ pub fn ranges(maps: &Maps) -> Result<Vec<ReserveSpec>, GuardError> {
         .ranges()?
         .into_values()
         .map(|d| ReserveSpec {
-            range: PortRange { first: d.first, last: d.last },
+            range: PortRange {
+                first: d.first,
+                last: d.last,
+            },
             protocols: Protocols(d.protocols),
         })
         .collect();
@@ -97,7 +104,12 @@ pub fn ranges(maps: &Maps) -> Result<Vec<ReserveSpec>, GuardError> {
 
 /// Claims `port` for `cgroup_id` if nobody holds a lease on it. The kernel decides races.
 pub fn claim(maps: &mut Maps, port: u16, cgroup_id: u64, level: u32) -> Result<bool, LeaseError> {
-    let lease = Lease { cgroup_id, level, _pad: 0, since: now_secs() };
+    let lease = Lease {
+        cgroup_id,
+        level,
+        _pad: 0,
+        since: now_secs(),
+    };
     match maps.leases.insert(u32::from(port), lease, BPF_NOEXIST) {
         Ok(()) => Ok(true),
         Err(e) if is_errno(&e, libc::EEXIST) => Ok(false),
@@ -107,16 +119,31 @@ pub fn claim(maps: &mut Maps, port: u16, cgroup_id: u64, level: u32) -> Result<b
 
 /// Gives an existing lease to another cgroup in one map update: the port is never unleased.
 pub fn hand_over(maps: &mut Maps, port: u16, cgroup_id: u64, level: u32) -> Result<(), LeaseError> {
-    let lease = Lease { cgroup_id, level, _pad: 0, since: now_secs() };
+    let lease = Lease {
+        cgroup_id,
+        level,
+        _pad: 0,
+        since: now_secs(),
+    };
     maps.leases
         .insert(u32::from(port), lease, BPF_EXIST)
-        .map_err(|e| if is_errno(&e, libc::ENOENT) { LeaseError::NotLeased(port) } else { map_err(e) })
+        .map_err(|e| {
+            if is_errno(&e, libc::ENOENT) {
+                LeaseError::NotLeased(port)
+            } else {
+                map_err(e)
+            }
+        })
 }
 
 /// Removes the lease on `port`.
 pub fn release(maps: &mut Maps, port: u16) -> Result<(), LeaseError> {
     maps.leases.remove(&u32::from(port)).map_err(|e| {
-        if is_errno(&e, libc::ENOENT) { LeaseError::NotLeased(port) } else { map_err(e) }
+        if is_errno(&e, libc::ENOENT) {
+            LeaseError::NotLeased(port)
+        } else {
+            map_err(e)
+        }
     })
 }
 
@@ -201,20 +228,32 @@ fn bind_tcp(addr: SocketAddr) -> io::Result<()> {
                 let sa = libc::sockaddr_in {
                     sin_family: libc::AF_INET as u16,
                     sin_port: a.port().to_be(),
-                    sin_addr: libc::in_addr { s_addr: u32::from(*a.ip()).to_be() },
+                    sin_addr: libc::in_addr {
+                        s_addr: u32::from(*a.ip()).to_be(),
+                    },
                     sin_zero: [0; 8],
                 };
-                libc::bind(sock.as_raw_fd(), (&sa as *const libc::sockaddr_in).cast(), size_of::<libc::sockaddr_in>() as u32)
+                libc::bind(
+                    sock.as_raw_fd(),
+                    (&sa as *const libc::sockaddr_in).cast(),
+                    size_of::<libc::sockaddr_in>() as u32,
+                )
             }
             SocketAddr::V6(a) => {
                 let sa = libc::sockaddr_in6 {
                     sin6_family: libc::AF_INET6 as u16,
                     sin6_port: a.port().to_be(),
                     sin6_flowinfo: 0,
-                    sin6_addr: libc::in6_addr { s6_addr: a.ip().octets() },
+                    sin6_addr: libc::in6_addr {
+                        s6_addr: a.ip().octets(),
+                    },
                     sin6_scope_id: 0,
                 };
-                libc::bind(sock.as_raw_fd(), (&sa as *const libc::sockaddr_in6).cast(), size_of::<libc::sockaddr_in6>() as u32)
+                libc::bind(
+                    sock.as_raw_fd(),
+                    (&sa as *const libc::sockaddr_in6).cast(),
+                    size_of::<libc::sockaddr_in6>() as u32,
+                )
             }
         };
         if r != 0 {
@@ -251,7 +290,10 @@ fn allocate_inner(
     let ranges = ranges(maps)?;
     if let Some(port) = requested {
         let Some(spec) = ranges.iter().find(|s| s.range.contains(port)) else {
-            return Err(LeaseError::NotReserved { port, ranges: describe(&ranges) });
+            return Err(LeaseError::NotReserved {
+                port,
+                ranges: describe(&ranges),
+            });
         };
         if !claim(maps, port, cgroup_id, level)? {
             let holder = maps
@@ -298,7 +340,9 @@ fn allocate_inner(
             }
         }
     }
-    Err(LeaseError::Exhausted { ranges: describe(&ranges) })
+    Err(LeaseError::Exhausted {
+        ranges: describe(&ranges),
+    })
 }
 
 /// Whether `path` is a cgroup `spawn` made (directly below the spawn parent).

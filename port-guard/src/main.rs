@@ -12,7 +12,12 @@ fn main() -> ExitCode {
         Ok(cli) => cli,
         Err(e) => {
             use clap::error::ErrorKind;
-            if matches!(e.kind(), ErrorKind::DisplayHelp | ErrorKind::DisplayVersion | ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand) {
+            if matches!(
+                e.kind(),
+                ErrorKind::DisplayHelp
+                    | ErrorKind::DisplayVersion
+                    | ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand
+            ) {
                 let _ = e.print();
                 return ExitCode::from(if e.use_stderr() { 2 } else { 0 });
             }
@@ -31,18 +36,36 @@ fn main() -> ExitCode {
         Command::Unload => commands::unload::run(&pin),
         Command::Man => man(),
         Command::Completions { shell } => {
-            clap_complete::generate(shell, &mut Cli::command(), "port-guard", &mut std::io::stdout());
+            clap_complete::generate(
+                shell,
+                &mut Cli::command(),
+                "port-guard",
+                &mut std::io::stdout(),
+            );
             Ok(())
         }
         Command::Check { json } => match commands::check::run(&pin, cli.config.as_deref(), json) {
             Ok(code) => return code,
             Err(e) => Err(e),
         },
-        Command::Spawn { name, port, json, cmd } => {
-            commands::spawn::run(&pin, commands::spawn::SpawnArgs { name, port, json, cmd })
-        }
+        Command::Spawn {
+            name,
+            port,
+            json,
+            cmd,
+        } => commands::spawn::run(
+            &pin,
+            commands::spawn::SpawnArgs {
+                name,
+                port,
+                json,
+                cmd,
+            },
+        ),
         Command::Lease { cgroup, port, json } => commands::lease::lease(&pin, &cgroup, port, json),
-        Command::Release { port, cgroup } => commands::lease::release(&pin, port, cgroup.as_deref()),
+        Command::Release { port, cgroup } => {
+            commands::lease::release(&pin, port, cgroup.as_deref())
+        }
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -60,7 +83,14 @@ fn man() -> anyhow::Result<()> {
     // One page for the whole tool: each verb's description and options follow the main page.
     for sub in Cli::command().get_subcommands() {
         let about = sub.get_about().map(|a| a.to_string()).unwrap_or_default();
-        out.extend_from_slice(format!(".SH \"PORT-GUARD {}\"\n{}\n", sub.get_name().to_uppercase(), about.replace('\\', "\\\\")).as_bytes());
+        out.extend_from_slice(
+            format!(
+                ".SH \"PORT-GUARD {}\"\n{}\n",
+                sub.get_name().to_uppercase(),
+                about.replace('\\', "\\\\")
+            )
+            .as_bytes(),
+        );
         clap_mangen::Man::new(sub.clone()).render_options_section(&mut out)?;
     }
     std::io::Write::write_all(&mut std::io::stdout(), &out)?;
@@ -75,14 +105,24 @@ fn init_logging(verbose: u8) {
     };
     // aya's own loader chatter (relocations, and a multi-line dump when the kernel refuses the
     // object's BTF, which these programs do not need) only with -vv.
-    let aya_level = if verbose >= 2 { log::LevelFilter::Debug } else { log::LevelFilter::Error };
+    let aya_level = if verbose >= 2 {
+        log::LevelFilter::Debug
+    } else {
+        log::LevelFilter::Error
+    };
     env_logger::Builder::new()
         .filter_level(level)
         .filter_module("aya", aya_level)
         .filter_module("aya_obj", aya_level)
         .parse_default_env()
         .format(|buf, record| {
-            writeln!(buf, "{} {:<5} {}", buf.timestamp_millis(), record.level(), record.args())
+            writeln!(
+                buf,
+                "{} {:<5} {}",
+                buf.timestamp_millis(),
+                record.level(),
+                record.args()
+            )
         })
         .init();
 }

@@ -46,20 +46,35 @@ pub fn render(maps: &Maps, pin: &PinDir, stats: &DaemonStats) -> Result<String, 
     let audited = Family::<RangeLabels, Counter>::default();
     let allowed = Family::<RangeLabels, Counter>::default();
     for (slot, def) in maps.ranges()? {
-        let range = if def.first == def.last { def.first.to_string() } else { format!("{}-{}", def.first, def.last) };
+        let range = if def.first == def.last {
+            def.first.to_string()
+        } else {
+            format!("{}-{}", def.first, def.last)
+        };
         let c = maps.counters(slot)?;
         for (i, protocol) in ["tcp", "udp"].into_iter().enumerate() {
             if def.protocols & (1 << i) == 0 {
                 continue;
             }
-            let labels = RangeLabels { range: range.clone(), protocol: protocol.into() };
+            let labels = RangeLabels {
+                range: range.clone(),
+                protocol: protocol.into(),
+            };
             allowed.get_or_create(&labels).inc_by(c[i][0]);
             denied.get_or_create(&labels).inc_by(c[i][1]);
             audited.get_or_create(&labels).inc_by(c[i][2]);
         }
     }
-    reg.register("denied_binds", "Binds the guard refused, by range and protocol", denied);
-    reg.register("audited_binds", "Binds audit mode would have refused, by range and protocol", audited);
+    reg.register(
+        "denied_binds",
+        "Binds the guard refused, by range and protocol",
+        denied,
+    );
+    reg.register(
+        "audited_binds",
+        "Binds audit mode would have refused, by range and protocol",
+        audited,
+    );
     reg.register(
         "allowed_reserved_binds",
         "Binds of reserved ports by allowed cgroups or lessees, by range and protocol",
@@ -73,17 +88,37 @@ pub fn render(maps: &Maps, pin: &PinDir, stats: &DaemonStats) -> Result<String, 
         c.inc_by(v);
         c
     };
-    reg.register("lease_allocations", "Leases made by spawn and lease", counter(stats.lease_allocations));
+    reg.register(
+        "lease_allocations",
+        "Leases made by spawn and lease",
+        counter(stats.lease_allocations),
+    );
     reg.register(
         "lease_exhaustions",
         "Lease requests refused because every port was leased or bound",
         counter(stats.lease_exhaustions),
     );
-    reg.register("leases_reaped", "Leases ended because their cgroup emptied or went away", counter(stats.leases_reaped));
+    reg.register(
+        "leases_reaped",
+        "Leases ended because their cgroup emptied or went away",
+        counter(stats.leases_reaped),
+    );
     let reloads = Family::<ResultLabels, Counter>::default();
-    reloads.get_or_create(&ResultLabels { result: "ok".into() }).inc_by(stats.reloads_ok);
-    reloads.get_or_create(&ResultLabels { result: "error".into() }).inc_by(stats.reloads_failed);
-    reg.register("config_reloads", "SIGHUP config reloads, by result", reloads);
+    reloads
+        .get_or_create(&ResultLabels {
+            result: "ok".into(),
+        })
+        .inc_by(stats.reloads_ok);
+    reloads
+        .get_or_create(&ResultLabels {
+            result: "error".into(),
+        })
+        .inc_by(stats.reloads_failed);
+    reg.register(
+        "config_reloads",
+        "SIGHUP config reloads, by result",
+        reloads,
+    );
     reg.register(
         "denial_log_lines_suppressed",
         "Denial log lines dropped by the rate limit (the kernel counters have them all)",
@@ -91,7 +126,11 @@ pub fn render(maps: &Maps, pin: &PinDir, stats: &DaemonStats) -> Result<String, 
     );
     let attached = Gauge::<i64>::default();
     attached.set(pin.has_links().into());
-    reg.register("attached", "1 while the guard's programs are attached", attached);
+    reg.register(
+        "attached",
+        "1 while the guard's programs are attached",
+        attached,
+    );
     let mut out = String::new();
     encode(&mut out, &reg).expect("writing to a String cannot fail");
     Ok(out)
@@ -107,7 +146,9 @@ pub async fn bind(addr: SocketAddr) -> io::Result<TcpListener> {
 
 pub async fn serve(listener: TcpListener, tx: mpsc::Sender<Scrape>) {
     loop {
-        let Ok((mut conn, _)) = listener.accept().await else { continue };
+        let Ok((mut conn, _)) = listener.accept().await else {
+            continue;
+        };
         let tx = tx.clone();
         tokio::spawn(async move {
             let mut buf = vec![0u8; 8192];
@@ -130,19 +171,28 @@ pub async fn serve(listener: TcpListener, tx: mpsc::Sender<Scrape>) {
             if !matches!(head, Ok(Some(()))) {
                 return;
             }
-            let line = String::from_utf8_lossy(&buf[..used]).lines().next().unwrap_or("").to_owned();
+            let line = String::from_utf8_lossy(&buf[..used])
+                .lines()
+                .next()
+                .unwrap_or("")
+                .to_owned();
             let mut parts = line.split_whitespace();
             let (method, path) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
-            let (status, ctype, body) = if method == "GET" && (path == "/metrics" || path.starts_with("/metrics?")) {
-                let (reply, rx) = oneshot::channel();
-                let body = match tx.send(reply).await {
-                    Ok(()) => rx.await.unwrap_or_default(),
-                    Err(_) => String::new(),
+            let (status, ctype, body) =
+                if method == "GET" && (path == "/metrics" || path.starts_with("/metrics?")) {
+                    let (reply, rx) = oneshot::channel();
+                    let body = match tx.send(reply).await {
+                        Ok(()) => rx.await.unwrap_or_default(),
+                        Err(_) => String::new(),
+                    };
+                    (
+                        "200 OK",
+                        "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                        body,
+                    )
+                } else {
+                    ("404 Not Found", "text/plain", "try /metrics\n".to_owned())
                 };
-                ("200 OK", "application/openmetrics-text; version=1.0.0; charset=utf-8", body)
-            } else {
-                ("404 Not Found", "text/plain", "try /metrics\n".to_owned())
-            };
             let resp = format!(
                 "HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
                 body.len()

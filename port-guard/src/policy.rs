@@ -48,10 +48,6 @@ pub struct PortRange {
 }
 
 impl PortRange {
-    pub fn len(&self) -> usize {
-        usize::from(self.last - self.first) + 1
-    }
-
     pub fn contains(&self, port: u16) -> bool {
         (self.first..=self.last).contains(&port)
     }
@@ -328,7 +324,10 @@ pub fn check_ranges(reserve: &[Reservation]) -> Result<(), PolicyError> {
     allowed.sort();
     allowed.dedup();
     if allowed.len() > MAX_ALLOWED as usize {
-        return Err(PolicyError::TooManyAllowed { count: allowed.len(), max: MAX_ALLOWED });
+        return Err(PolicyError::TooManyAllowed {
+            count: allowed.len(),
+            max: MAX_ALLOWED,
+        });
     }
     let mut sorted: Vec<&ReserveSpec> = reserve.iter().map(|r| &r.spec).collect();
     sorted.sort_by_key(|s| s.range);
@@ -356,12 +355,21 @@ mod tests {
         let r = spec("49152-49215").unwrap();
         assert_eq!((r.range.first, r.range.last), (49152, 49215));
         assert_eq!(r.protocols, Protocols::TCP);
-        assert_eq!(spec("5000/udp").unwrap().range, PortRange { first: 5000, last: 5000 });
+        assert_eq!(
+            spec("5000/udp").unwrap().range,
+            PortRange {
+                first: 5000,
+                last: 5000
+            }
+        );
         assert_eq!(spec("5000/udp").unwrap().protocols, Protocols::UDP);
-        assert_eq!(spec("6000-6010/tcp+udp").unwrap().protocols.0, PROTO_TCP | PROTO_UDP);
+        assert_eq!(
+            spec("6000-6010/tcp+udp").unwrap().protocols.0,
+            PROTO_TCP | PROTO_UDP
+        );
         assert_eq!(spec("6000-6010/TCP").unwrap().protocols, Protocols::TCP);
         assert_eq!(spec("65535").unwrap().range.last, 65535);
-        assert_eq!(spec("1-65535").unwrap().range.len(), 65535);
+        assert_eq!(spec("1-65535").unwrap().range.ports().count(), 65535);
     }
 
     #[test]
@@ -386,25 +394,54 @@ mod tests {
             }
         }
         let msg = spec("70000").unwrap_err().to_string();
-        assert!(msg.contains("\"70000\"") && msg.contains("1 to 65535"), "{msg}");
+        assert!(
+            msg.contains("\"70000\"") && msg.contains("1 to 65535"),
+            "{msg}"
+        );
     }
 
     #[test]
     fn rejects_reversed_and_unknown_protocols() {
-        assert!(matches!(spec("5000-4000"), Err(PolicyError::Reversed { first: 5000, last: 4000, .. })));
-        assert!(matches!(spec("5000/sctp"), Err(PolicyError::Protocol { value, .. }) if value == "sctp"));
+        assert!(matches!(
+            spec("5000-4000"),
+            Err(PolicyError::Reversed {
+                first: 5000,
+                last: 4000,
+                ..
+            })
+        ));
+        assert!(
+            matches!(spec("5000/sctp"), Err(PolicyError::Protocol { value, .. }) if value == "sctp")
+        );
         assert!(matches!(spec("5000/"), Err(PolicyError::Protocol { .. })));
-        assert!(matches!(spec("5000/tcp+"), Err(PolicyError::Protocol { .. })));
+        assert!(matches!(
+            spec("5000/tcp+"),
+            Err(PolicyError::Protocol { .. })
+        ));
     }
 
     #[test]
     fn rejects_overlaps_and_too_many_ranges() {
-        let res = |s: &str| Reservation { spec: spec(s).unwrap(), allow: vec![] };
+        let res = |s: &str| Reservation {
+            spec: spec(s).unwrap(),
+            allow: vec![],
+        };
         assert!(check_ranges(&[res("100-200"), res("201-300")]).is_ok());
         let e = check_ranges(&[res("250-400/udp"), res("100-250")]).unwrap_err();
-        assert_eq!(e, PolicyError::Overlap { a: "100-250/tcp".into(), b: "250-400/udp".into() });
-        let many: Vec<_> = (0..=MAX_RANGES as u16).map(|i| res(&(1000 + i).to_string())).collect();
-        assert!(matches!(check_ranges(&many), Err(PolicyError::TooManyRanges { .. })));
+        assert_eq!(
+            e,
+            PolicyError::Overlap {
+                a: "100-250/tcp".into(),
+                b: "250-400/udp".into()
+            }
+        );
+        let many: Vec<_> = (0..=MAX_RANGES as u16)
+            .map(|i| res(&(1000 + i).to_string()))
+            .collect();
+        assert!(matches!(
+            check_ranges(&many),
+            Err(PolicyError::TooManyRanges { .. })
+        ));
         assert!(check_ranges(&many[..MAX_RANGES]).is_ok());
     }
 
@@ -412,9 +449,19 @@ mod tests {
     fn parses_mode_and_errno() {
         assert_eq!("audit".parse::<Mode>().unwrap(), Mode::Audit);
         assert_eq!("EADDRINUSE".parse::<Errno>().unwrap(), Errno::Eaddrinuse);
-        assert_eq!("eacces".parse::<Errno>().unwrap().raw(), libc::EACCES as u32);
+        assert_eq!(
+            "eacces".parse::<Errno>().unwrap().raw(),
+            libc::EACCES as u32
+        );
         assert_eq!(Errno::from_raw(libc::EPERM as u32), Some(Errno::Eperm));
-        assert_eq!("block".parse::<Mode>().unwrap_err(), PolicyError::Mode("block".into()));
-        assert!("enoent".parse::<Errno>().unwrap_err().to_string().contains("\"enoent\""));
+        assert_eq!(
+            "block".parse::<Mode>().unwrap_err(),
+            PolicyError::Mode("block".into())
+        );
+        assert!("enoent"
+            .parse::<Errno>()
+            .unwrap_err()
+            .to_string()
+            .contains("\"enoent\""));
     }
 }

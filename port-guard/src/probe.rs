@@ -72,12 +72,27 @@ struct Insn {
 }
 
 const fn mov64_imm(dst: u8, imm: i32) -> Insn {
-    Insn { code: 0xb7, regs: dst, off: 0, imm }
+    Insn {
+        code: 0xb7,
+        regs: dst,
+        off: 0,
+        imm,
+    }
 }
 const fn call(helper: i32) -> Insn {
-    Insn { code: 0x85, regs: 0, off: 0, imm: helper }
+    Insn {
+        code: 0x85,
+        regs: 0,
+        off: 0,
+        imm: helper,
+    }
 }
-const EXIT: Insn = Insn { code: 0x95, regs: 0, off: 0, imm: 0 };
+const EXIT: Insn = Insn {
+    code: 0x95,
+    regs: 0,
+    off: 0,
+    imm: 0,
+};
 
 /// The part of `union bpf_attr` that BPF_PROG_LOAD reads, padded to the size the kernel accepts
 /// from any version (trailing zeroes).
@@ -122,7 +137,13 @@ fn load_with_helper(helper: Option<i32>) -> io::Result<std::os::fd::OwnedFd> {
         _rest: [0; 56],
     };
     // SAFETY: attr is a live BPF_PROG_LOAD attr whose pointers outlive the call.
-    unsafe { bpf_fd(BPF_PROG_LOAD, (&attr as *const ProgLoadAttr).cast(), size_of::<ProgLoadAttr>()) }
+    unsafe {
+        bpf_fd(
+            BPF_PROG_LOAD,
+            (&attr as *const ProgLoadAttr).cast(),
+            size_of::<ProgLoadAttr>(),
+        )
+    }
 }
 
 /// Probes the kernel. Fails when BPF cannot be used at all, which is also the permission check
@@ -135,9 +156,10 @@ pub fn probe() -> Result<Features, ProbeError> {
         }
         Err(e) => return Err(ProbeError::Unsupported { source: e }),
     }
-    for (helper, what) in [
-        (BPF_FUNC_GET_CURRENT_ANCESTOR_CGROUP_ID, "bpf_get_current_ancestor_cgroup_id (5.7+)"),
-    ] {
+    for (helper, what) in [(
+        BPF_FUNC_GET_CURRENT_ANCESTOR_CGROUP_ID,
+        "bpf_get_current_ancestor_cgroup_id (5.7+)",
+    )] {
         if let Err(e) = load_with_helper(Some(helper)) {
             return Err(ProbeError::Unsupported {
                 source: io::Error::new(e.kind(), format!("{what} missing: {e}")),

@@ -43,7 +43,12 @@ impl Watcher {
             return Err(io::Error::last_os_error());
         }
         // SAFETY: fresh fd we own.
-        Ok(Watcher { fd: unsafe { OwnedFd::from_raw_fd(fd) }, watches: HashMap::new(), by_id: HashMap::new(), dir_watch: None })
+        Ok(Watcher {
+            fd: unsafe { OwnedFd::from_raw_fd(fd) },
+            watches: HashMap::new(),
+            by_id: HashMap::new(),
+            dir_watch: None,
+        })
     }
 
     pub fn fd(&self) -> &OwnedFd {
@@ -55,9 +60,12 @@ impl Watcher {
             return;
         }
         let file = cg.dir(path).join("cgroup.events");
-        let Ok(c) = CString::new(file.as_os_str().as_bytes()) else { return };
+        let Ok(c) = CString::new(file.as_os_str().as_bytes()) else {
+            return;
+        };
         // SAFETY: valid fd and C string.
-        let wd = unsafe { libc::inotify_add_watch(self.fd.as_raw_fd(), c.as_ptr(), libc::IN_MODIFY) };
+        let wd =
+            unsafe { libc::inotify_add_watch(self.fd.as_raw_fd(), c.as_ptr(), libc::IN_MODIFY) };
         if wd >= 0 {
             self.watches.insert(wd, id);
             self.by_id.insert(id, wd);
@@ -70,9 +78,17 @@ impl Watcher {
         if self.dir_watch.is_some() {
             return;
         }
-        let Ok(c) = CString::new(cg.dir(path).as_os_str().as_bytes()) else { return };
+        let Ok(c) = CString::new(cg.dir(path).as_os_str().as_bytes()) else {
+            return;
+        };
         // SAFETY: valid fd and C string.
-        let wd = unsafe { libc::inotify_add_watch(self.fd.as_raw_fd(), c.as_ptr(), libc::IN_CREATE | libc::IN_ONLYDIR) };
+        let wd = unsafe {
+            libc::inotify_add_watch(
+                self.fd.as_raw_fd(),
+                c.as_ptr(),
+                libc::IN_CREATE | libc::IN_ONLYDIR,
+            )
+        };
         if wd >= 0 {
             self.dir_watch = Some(wd);
         }
@@ -115,7 +131,9 @@ impl DirWatch {
             return Err(io::Error::last_os_error());
         }
         // SAFETY: fresh fd we own.
-        Ok(DirWatch { fd: unsafe { OwnedFd::from_raw_fd(fd) } })
+        Ok(DirWatch {
+            fd: unsafe { OwnedFd::from_raw_fd(fd) },
+        })
     }
 
     pub fn fd(&self) -> &OwnedFd {
@@ -130,9 +148,17 @@ impl DirWatch {
                 return;
             }
         }
-        let Ok(c) = CString::new(d.as_os_str().as_bytes()) else { return };
+        let Ok(c) = CString::new(d.as_os_str().as_bytes()) else {
+            return;
+        };
         // SAFETY: valid fd and C string.
-        unsafe { libc::inotify_add_watch(self.fd.as_raw_fd(), c.as_ptr(), libc::IN_CREATE | libc::IN_DELETE | libc::IN_ONLYDIR) };
+        unsafe {
+            libc::inotify_add_watch(
+                self.fd.as_raw_fd(),
+                c.as_ptr(),
+                libc::IN_CREATE | libc::IN_DELETE | libc::IN_ONLYDIR,
+            )
+        };
     }
 
     /// Reads and discards pending events; returns whether there were any.
@@ -168,11 +194,21 @@ fn populated(cg: &Cgroup2, path: &CgroupPath) -> Option<bool> {
 
 impl Reaper {
     pub fn new() -> io::Result<Reaper> {
-        Ok(Reaper { watcher: Watcher::new()?, seen_populated: HashSet::new(), reaped: 0 })
+        Ok(Reaper {
+            watcher: Watcher::new()?,
+            seen_populated: HashSet::new(),
+            reaped: 0,
+        })
     }
 
     /// One pass over the lease map.
-    pub fn scan(&mut self, maps: &mut Maps, cg: &Cgroup2, names: &mut CgroupNames<'_>, spawn_parent: Option<&CgroupPath>) {
+    pub fn scan(
+        &mut self,
+        maps: &mut Maps,
+        cg: &Cgroup2,
+        names: &mut CgroupNames<'_>,
+        spawn_parent: Option<&CgroupPath>,
+    ) {
         let leases = match maps.leases() {
             Ok(l) => l,
             Err(e) => {
@@ -186,7 +222,9 @@ impl Reaper {
             self.watcher.watch_dir(cg, sp);
             if let Ok(entries) = fs::read_dir(cg.dir(sp)) {
                 for entry in entries.flatten() {
-                    let Some(name) = entry.file_name().to_str().map(str::to_owned) else { continue };
+                    let Some(name) = entry.file_name().to_str().map(str::to_owned) else {
+                        continue;
+                    };
                     let Ok(child) = sp.join(&name) else { continue };
                     if let Ok(id) = cg.id(&child) {
                         live.insert(id);
@@ -210,7 +248,8 @@ impl Reaper {
                     }
                     Some(false) => {
                         let spawned = spawn_parent.is_some_and(|sp| leases::is_spawned(p, sp));
-                        (spawned || self.seen_populated.contains(&id)).then(|| format!("{p} has no process left"))
+                        (spawned || self.seen_populated.contains(&id))
+                            .then(|| format!("{p} has no process left"))
                     }
                 },
             };
@@ -232,7 +271,12 @@ impl Reaper {
                     match leases::release(maps, port as u16) {
                         Ok(()) | Err(leases::LeaseError::NotLeased(_)) => {
                             self.reaped += 1;
-                            info!("lease ended: port={port} cgroup={} ({why})", path.as_ref().map(|p| p.to_string()).unwrap_or(format!("(id {id})")));
+                            info!(
+                                "lease ended: port={port} cgroup={} ({why})",
+                                path.as_ref()
+                                    .map(|p| p.to_string())
+                                    .unwrap_or(format!("(id {id})"))
+                            );
                         }
                         Err(e) => warn!("ending lease of port {port}: {e}"),
                     }
@@ -248,7 +292,13 @@ impl Reaper {
                 }
             }
         }
-        let stale: Vec<u64> = self.watcher.by_id.keys().copied().filter(|id| !live.contains(id)).collect();
+        let stale: Vec<u64> = self
+            .watcher
+            .by_id
+            .keys()
+            .copied()
+            .filter(|id| !live.contains(id))
+            .collect();
         for id in stale {
             self.watcher.unwatch(id);
             self.seen_populated.remove(&id);

@@ -8,7 +8,12 @@
 //! bound-only TCP ones; [`Scan::bound_inactive_visible`] says which case applies. Processes are
 //! found by matching socket inodes in /proc/PID/fd.
 
-use std::{collections::HashMap, fs, io, mem::size_of, os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd}};
+use std::{
+    collections::HashMap,
+    fs, io,
+    mem::size_of,
+    os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd},
+};
 
 use crate::cgroup::{self, CgroupPath};
 
@@ -95,7 +100,13 @@ struct InetDiagReqV2 {
 /// Dumps one family/protocol through sock_diag: (local port, state, inode).
 fn diag_dump(family: u8, protocol: u8, states: u32) -> io::Result<Vec<(u16, u8, u64)>> {
     // SAFETY: plain socket calls on an fd owned below.
-    let fd = unsafe { libc::socket(libc::AF_NETLINK, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, NETLINK_SOCK_DIAG) };
+    let fd = unsafe {
+        libc::socket(
+            libc::AF_NETLINK,
+            libc::SOCK_DGRAM | libc::SOCK_CLOEXEC,
+            NETLINK_SOCK_DIAG,
+        )
+    };
     if fd < 0 {
         return Err(io::Error::last_os_error());
     }
@@ -114,10 +125,24 @@ fn diag_dump(family: u8, protocol: u8, states: u32) -> io::Result<Vec<(u16, u8, 
             seq: 1,
             pid: 0,
         },
-        body: InetDiagReqV2 { family, protocol, ext: 0, pad: 0, states, id: [0; 48] },
+        body: InetDiagReqV2 {
+            family,
+            protocol,
+            ext: 0,
+            pad: 0,
+            states,
+            id: [0; 48],
+        },
     };
     // SAFETY: sending a fully initialised request.
-    let n = unsafe { libc::send(fd.as_raw_fd(), (&req as *const Req).cast(), size_of::<Req>(), 0) };
+    let n = unsafe {
+        libc::send(
+            fd.as_raw_fd(),
+            (&req as *const Req).cast(),
+            size_of::<Req>(),
+            0,
+        )
+    };
     if n < 0 {
         return Err(io::Error::last_os_error());
     }
@@ -135,7 +160,10 @@ fn diag_dump(family: u8, protocol: u8, states: u32) -> io::Result<Vec<(u16, u8, 
             let len = u32::from_ne_bytes(buf[off..off + 4].try_into().unwrap()) as usize;
             let kind = u16::from_ne_bytes(buf[off + 4..off + 6].try_into().unwrap());
             if len < size_of::<NlMsgHdr>() || off + len > n {
-                return Err(io::Error::new(io::ErrorKind::InvalidData, "truncated sock_diag message"));
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    "truncated sock_diag message",
+                ));
             }
             let body = &buf[off + size_of::<NlMsgHdr>()..off + len];
             match kind {
@@ -149,7 +177,8 @@ fn diag_dump(family: u8, protocol: u8, states: u32) -> io::Result<Vec<(u16, u8, 
                     // expires, rqueue, wqueue, uid, inode.
                     let state = body[1];
                     let sport = u16::from_be_bytes([body[4], body[5]]);
-                    let inode = u32::from_ne_bytes(body[4 + 48 + 16..4 + 48 + 20].try_into().unwrap());
+                    let inode =
+                        u32::from_ne_bytes(body[4 + 48 + 16..4 + 48 + 20].try_into().unwrap());
                     out.push((sport, state, u64::from(inode)));
                 }
                 _ => {}
@@ -178,27 +207,45 @@ fn proc_net(file: &str) -> io::Result<Vec<(u16, u8, u64)>> {
 /// Socket inode → processes holding it.
 fn owners_by_inode() -> HashMap<u64, Vec<Owner>> {
     let mut map: HashMap<u64, Vec<Owner>> = HashMap::new();
-    let Ok(procs) = fs::read_dir("/proc") else { return map };
+    let Ok(procs) = fs::read_dir("/proc") else {
+        return map;
+    };
     for p in procs.flatten() {
-        let Some(pid) = p.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else { continue };
-        let Ok(fds) = fs::read_dir(p.path().join("fd")) else { continue };
+        let Some(pid) = p.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else {
+            continue;
+        };
+        let Ok(fds) = fs::read_dir(p.path().join("fd")) else {
+            continue;
+        };
         let mut mine = Vec::new();
         for fd in fds.flatten() {
-            let Ok(target) = fs::read_link(fd.path()) else { continue };
+            let Ok(target) = fs::read_link(fd.path()) else {
+                continue;
+            };
             let t = target.to_string_lossy();
-            if let Some(inode) = t.strip_prefix("socket:[").and_then(|s| s.strip_suffix(']')).and_then(|s| s.parse::<u64>().ok()) {
+            if let Some(inode) = t
+                .strip_prefix("socket:[")
+                .and_then(|s| s.strip_suffix(']'))
+                .and_then(|s| s.parse::<u64>().ok())
+            {
                 mine.push(inode);
             }
         }
         if mine.is_empty() {
             continue;
         }
-        let command = fs::read_to_string(p.path().join("comm")).map(|s| s.trim().to_owned()).unwrap_or_default();
+        let command = fs::read_to_string(p.path().join("comm"))
+            .map(|s| s.trim().to_owned())
+            .unwrap_or_default();
         let cg = cgroup::of_pid(pid);
         for inode in mine {
             let owners = map.entry(inode).or_default();
             if !owners.iter().any(|o| o.pid == pid) {
-                owners.push(Owner { pid, command: command.clone(), cgroup: cg.clone() });
+                owners.push(Owner {
+                    pid,
+                    command: command.clone(),
+                    cgroup: cg.clone(),
+                });
             }
         }
     }
@@ -212,10 +259,34 @@ pub fn scan(wanted: impl Fn(u16, &'static str) -> bool) -> Scan {
     let mut source = "sock_diag";
     let mut bound_inactive_visible = true;
     let tables = [
-        (libc::AF_INET as u8, libc::IPPROTO_TCP as u8, "tcp", "ipv4", "/proc/net/tcp"),
-        (libc::AF_INET6 as u8, libc::IPPROTO_TCP as u8, "tcp", "ipv6", "/proc/net/tcp6"),
-        (libc::AF_INET as u8, libc::IPPROTO_UDP as u8, "udp", "ipv4", "/proc/net/udp"),
-        (libc::AF_INET6 as u8, libc::IPPROTO_UDP as u8, "udp", "ipv6", "/proc/net/udp6"),
+        (
+            libc::AF_INET as u8,
+            libc::IPPROTO_TCP as u8,
+            "tcp",
+            "ipv4",
+            "/proc/net/tcp",
+        ),
+        (
+            libc::AF_INET6 as u8,
+            libc::IPPROTO_TCP as u8,
+            "tcp",
+            "ipv6",
+            "/proc/net/tcp6",
+        ),
+        (
+            libc::AF_INET as u8,
+            libc::IPPROTO_UDP as u8,
+            "udp",
+            "ipv4",
+            "/proc/net/udp",
+        ),
+        (
+            libc::AF_INET6 as u8,
+            libc::IPPROTO_UDP as u8,
+            "udp",
+            "ipv6",
+            "/proc/net/udp6",
+        ),
     ];
     for (family, proto, pname, fname, proc_file) in tables {
         let rows = match diag_dump(family, proto, all_states) {
@@ -236,8 +307,13 @@ pub fn scan(wanted: impl Fn(u16, &'static str) -> bool) -> Scan {
     }
     // TCP_BOUND_INACTIVE dumps arrived in 6.8 (inet_diag_dump_icsk); older kernels ignore the
     // state bit.
-    bound_inactive_visible = bound_inactive_visible && source == "sock_diag" && kernel_at_least(6, 8);
-    let owners = if raw.is_empty() { HashMap::new() } else { owners_by_inode() };
+    bound_inactive_visible =
+        bound_inactive_visible && source == "sock_diag" && kernel_at_least(6, 8);
+    let owners = if raw.is_empty() {
+        HashMap::new()
+    } else {
+        owners_by_inode()
+    };
     let mut sockets: Vec<Socket> = raw
         .into_iter()
         .map(|(port, protocol, family, state, inode)| Socket {
@@ -251,13 +327,20 @@ pub fn scan(wanted: impl Fn(u16, &'static str) -> bool) -> Scan {
         .collect();
     sockets.sort_by_key(|s| (s.port, s.protocol, s.family, s.inode));
     sockets.dedup_by_key(|s| (s.port, s.protocol, s.family, s.inode));
-    Scan { sockets, bound_inactive_visible, source }
+    Scan {
+        sockets,
+        bound_inactive_visible,
+        source,
+    }
 }
 
 /// Whether the running kernel is at least `major.minor`.
 pub fn kernel_at_least(major: u32, minor: u32) -> bool {
     let release = fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
-    let mut it = release.trim().split(|c: char| !c.is_ascii_digit()).filter_map(|s| s.parse::<u32>().ok());
+    let mut it = release
+        .trim()
+        .split(|c: char| !c.is_ascii_digit())
+        .filter_map(|s| s.parse::<u32>().ok());
     let (a, b) = (it.next().unwrap_or(0), it.next().unwrap_or(0));
     (a, b) >= (major, minor)
 }

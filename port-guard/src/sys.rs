@@ -57,7 +57,13 @@ pub fn obj_get(path: &Path) -> io::Result<OwnedFd> {
         _rest: [0; 48],
     };
     // SAFETY: attr is a BPF_OBJ_GET attr; `c` outlives the call.
-    unsafe { bpf_fd(BPF_OBJ_GET, (&attr as *const ObjGetAttr).cast(), size_of::<ObjGetAttr>()) }
+    unsafe {
+        bpf_fd(
+            BPF_OBJ_GET,
+            (&attr as *const ObjGetAttr).cast(),
+            size_of::<ObjGetAttr>(),
+        )
+    }
 }
 
 /// Forces a bpf_link off its hook even while other holders keep it open (5.9+).
@@ -72,6 +78,12 @@ pub fn link_detach(link: &OwnedFd) -> io::Result<()> {
         _rest: [0; 60],
     };
     // SAFETY: attr is a BPF_LINK_DETACH attr.
-    unsafe { bpf(BPF_LINK_DETACH, (&attr as *const LinkDetachAttr).cast(), size_of::<LinkDetachAttr>()) }
-        .map(drop)
+    unsafe {
+        bpf(
+            BPF_LINK_DETACH,
+            (&attr as *const LinkDetachAttr).cast(),
+            size_of::<LinkDetachAttr>(),
+        )
+    }
+    .map(drop)
 }

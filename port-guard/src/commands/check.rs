@@ -46,39 +46,71 @@ pub fn run(pin: &PinDir, config: Option<&Path>, json: bool) -> Result<ExitCode> 
     let mut preflight = Vec::new();
     let features = match probe::probe() {
         Ok(f) => {
-            preflight.push(Item { name: "bpf", ok: true, detail: "cgroup bind programs load".into() });
+            preflight.push(Item {
+                name: "bpf",
+                ok: true,
+                detail: "cgroup bind programs load".into(),
+            });
             Some(f)
         }
         Err(e) => {
-            preflight.push(Item { name: "bpf", ok: false, detail: format!("{:#}", anyhow::Error::new(e)) });
+            preflight.push(Item {
+                name: "bpf",
+                ok: false,
+                detail: format!("{:#}", anyhow::Error::new(e)),
+            });
             None
         }
     };
     let cg = Cgroup2::find();
     preflight.push(match &cg {
-        Ok(c) => Item { name: "cgroup2", ok: true, detail: format!("mounted at {}", c.mount().display()) },
-        Err(e) => Item { name: "cgroup2", ok: false, detail: e.to_string() },
+        Ok(c) => Item {
+            name: "cgroup2",
+            ok: true,
+            detail: format!("mounted at {}", c.mount().display()),
+        },
+        Err(e) => Item {
+            name: "cgroup2",
+            ok: false,
+            detail: e.to_string(),
+        },
     });
     let bpffs = crate::guard::bpffs_state(pin);
-    preflight.push(Item { name: "bpffs", ok: bpffs.0, detail: bpffs.1 });
+    preflight.push(Item {
+        name: "bpffs",
+        ok: bpffs.0,
+        detail: bpffs.1,
+    });
     let btf = Path::new("/sys/kernel/btf/vmlinux").exists();
     preflight.push(Item {
         name: "btf",
         ok: true,
-        detail: if btf { "present (not required)".into() } else { "absent (not required: the programs use no CO-RE)".into() },
+        detail: if btf {
+            "present (not required)".into()
+        } else {
+            "absent (not required: the programs use no CO-RE)".into()
+        },
     });
     let (file, path) = ConfigFile::load(config)?;
     let policy = build_policy(&file, path.as_deref(), &Overrides::default())?;
     let fallbacks = match features {
         Some(f) => {
             if let Err(e) = f.check(&policy) {
-                preflight.push(Item { name: "errno", ok: false, detail: e.0 });
+                preflight.push(Item {
+                    name: "errno",
+                    ok: false,
+                    detail: e.0,
+                });
             }
             f.describe().into_iter().filter(|_| !f.set_retval).collect()
         }
         None => Vec::new(),
     };
-    let view = cg.as_ref().ok().and_then(|c| View::from_pins(pin, c)).unwrap_or_else(|| View::from_policy(&policy));
+    let view = cg
+        .as_ref()
+        .ok()
+        .and_then(|c| View::from_pins(pin, c))
+        .unwrap_or_else(|| View::from_policy(&policy));
     let (scan, holders) = conflicts::find(&view);
     if !scan.bound_inactive_visible {
         preflight.push(Item {
@@ -90,9 +122,14 @@ pub fn run(pin: &PinDir, config: Option<&Path>, json: bool) -> Result<ExitCode> 
     let conflicts = holders.iter().filter(|h| h.would_refuse).count();
     let ok = preflight.iter().all(|i| i.ok) && conflicts == 0;
     let report = Report {
-        kernel: std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default().trim().to_owned(),
+        kernel: std::fs::read_to_string("/proc/sys/kernel/osrelease")
+            .unwrap_or_default()
+            .trim()
+            .to_owned(),
         preflight,
-        features: Features { set_retval: features.is_some_and(|f| f.set_retval) },
+        features: Features {
+            set_retval: features.is_some_and(|f| f.set_retval),
+        },
         fallbacks,
         policy_source: view.source,
         socket_source: scan.source,
@@ -106,23 +143,39 @@ pub fn run(pin: &PinDir, config: Option<&Path>, json: bool) -> Result<ExitCode> 
     } else {
         print!("{}", render(&report, &view));
     }
-    Ok(if ok { ExitCode::SUCCESS } else { ExitCode::from(1) })
+    Ok(if ok {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    })
 }
 
 fn render(r: &Report, view: &View) -> String {
     let mut out = format!("kernel {}\n", r.kernel);
     for i in &r.preflight {
-        out += &format!("{:<5} {:<8} {}\n", if i.ok { "ok" } else { "FAIL" }, i.name, i.detail);
+        out += &format!(
+            "{:<5} {:<8} {}\n",
+            if i.ok { "ok" } else { "FAIL" },
+            i.name,
+            i.detail
+        );
     }
     for f in &r.fallbacks {
         out += &format!("{:<5} {:<8} {}\n", "note", "fallback", f);
     }
     let ranges: Vec<String> = view.ranges.iter().map(|(s, _)| s.to_string()).collect();
-    out += &format!("\nsockets on reserved ports ({}; ranges from {}):\n", ranges.join(" "), r.policy_source);
+    out += &format!(
+        "\nsockets on reserved ports ({}; ranges from {}):\n",
+        ranges.join(" "),
+        r.policy_source
+    );
     if r.sockets.is_empty() {
         out += "(none)\n";
     } else {
-        out += &format!("{:<6} {:<5} {:<5} {:<12} {:>7} {:<16} {:<40} {}\n", "PORT", "PROTO", "FAM", "STATE", "PID", "COMMAND", "CGROUP", "GUARD");
+        out += &format!(
+            "{:<6} {:<5} {:<5} {:<12} {:>7} {:<16} {:<40} {}\n",
+            "PORT", "PROTO", "FAM", "STATE", "PID", "COMMAND", "CGROUP", "GUARD"
+        );
         for h in &r.sockets {
             out += &format!(
                 "{:<6} {:<5} {:<5} {:<12} {:>7} {:<16} {:<40} {}\n",
@@ -133,10 +186,21 @@ fn render(r: &Report, view: &View) -> String {
                 h.pid.map(|p| p.to_string()).unwrap_or("?".into()),
                 h.command.as_deref().unwrap_or("?"),
                 h.cgroup.as_deref().unwrap_or("?"),
-                if h.would_refuse { format!("CONFLICT: would refuse ({})", h.reason) } else { format!("ok ({})", h.reason) },
+                if h.would_refuse {
+                    format!("CONFLICT: would refuse ({})", h.reason)
+                } else {
+                    format!("ok ({})", h.reason)
+                },
             );
         }
     }
-    out += &format!("\n{}\n", if r.ok { "check passed".to_owned() } else { format!("check failed: {} conflict(s)", r.conflicts) });
+    out += &format!(
+        "\n{}\n",
+        if r.ok {
+            "check passed".to_owned()
+        } else {
+            format!("check failed: {} conflict(s)", r.conflicts)
+        }
+    );
     out
 }

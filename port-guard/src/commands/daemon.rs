@@ -37,14 +37,20 @@ fn raise_memlock() {
     if crate::sockets::kernel_at_least(5, 11) {
         return;
     }
-    let unlimited = libc::rlimit { rlim_cur: libc::RLIM_INFINITY, rlim_max: libc::RLIM_INFINITY };
+    let unlimited = libc::rlimit {
+        rlim_cur: libc::RLIM_INFINITY,
+        rlim_max: libc::RLIM_INFINITY,
+    };
     // SAFETY: setrlimit/getrlimit with valid structs.
     unsafe {
         if libc::setrlimit(libc::RLIMIT_MEMLOCK, &unlimited) == 0 {
             return;
         }
         // Without CAP_SYS_RESOURCE: as far as the hard limit goes.
-        let mut lim = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+        let mut lim = libc::rlimit {
+            rlim_cur: 0,
+            rlim_max: 0,
+        };
         libc::getrlimit(libc::RLIMIT_MEMLOCK, &mut lim);
         lim.rlim_cur = lim.rlim_max;
         libc::setrlimit(libc::RLIMIT_MEMLOCK, &lim);
@@ -65,7 +71,9 @@ impl Source<'_> {
         let (file, path) = ConfigFile::load(self.config)?;
         let policy = build_policy(&file, path.as_deref(), &self.flags)?;
         for missing in check_cgroups(&policy, cg)? {
-            warn!("allowed cgroup {missing} does not exist yet; it is allowed as soon as it appears");
+            warn!(
+                "allowed cgroup {missing} does not exist yet; it is allowed as soon as it appears"
+            );
         }
         Ok(policy)
     }
@@ -145,19 +153,34 @@ pub fn run(pin: &PinDir, config: Option<&Path>, args: DaemonArgs) -> Result<()> 
         return Err(e);
     }
     if guard.adopted {
-        info!("adopted the guard pinned at {} (its maps and leases are kept)", pin.path().display());
+        info!(
+            "adopted the guard pinned at {} (its maps and leases are kept)",
+            pin.path().display()
+        );
     }
     let p = &resolved.policy;
     info!(
         "guard enforcing: attach={} mode={} errno={} ranges={} leases={} pin_dir={} ({} ms)",
         p.attach,
         p.mode.name(),
-        if features.set_retval { p.errno.c_name() } else { "EPERM" },
+        if features.set_retval {
+            p.errno.c_name()
+        } else {
+            "EPERM"
+        },
         p.reserve
             .iter()
             .map(|r| {
                 let allow: Vec<&str> = r.allow.iter().map(CgroupPath::as_str).collect();
-                format!("{}[allow:{}]", r.spec, if allow.is_empty() { "-".into() } else { allow.join(",") })
+                format!(
+                    "{}[allow:{}]",
+                    r.spec,
+                    if allow.is_empty() {
+                        "-".into()
+                    } else {
+                        allow.join(",")
+                    }
+                )
             })
             .collect::<Vec<_>>()
             .join(" "),
@@ -170,11 +193,19 @@ pub fn run(pin: &PinDir, config: Option<&Path>, args: DaemonArgs) -> Result<()> 
     if let Some(view) = crate::conflicts::View::from_pins(pin, &cg) {
         let (_, holders) = crate::conflicts::find(&view);
         for h in holders.iter().filter(|h| h.would_refuse) {
-            warn!("conflict: a reserved port is already held: {}", crate::conflicts::describe(h));
+            warn!(
+                "conflict: a reserved port is already held: {}",
+                crate::conflicts::describe(h)
+            );
         }
     }
-    crate::notify::notify(&format!("READY=1\nSTATUS=guard enforcing on {}", resolved.policy.attach));
-    let unload = rt.block_on(serve(pin, &cg, &source, guard, resolved, features, signals, metrics))?;
+    crate::notify::notify(&format!(
+        "READY=1\nSTATUS=guard enforcing on {}",
+        resolved.policy.attach
+    ));
+    let unload = rt.block_on(serve(
+        pin, &cg, &source, guard, resolved, features, signals, metrics,
+    ))?;
     crate::notify::notify("STOPPING=1");
     if unload || args.unload_on_exit {
         match guard::unload(pin) {
@@ -187,6 +218,10 @@ pub fn run(pin: &PinDir, config: Option<&Path>, args: DaemonArgs) -> Result<()> 
 }
 
 /// The event loop. Returns whether the caller should unload.
+#[expect(
+    clippy::too_many_arguments,
+    reason = "the loop owns everything start-up made; one call site"
+)]
 async fn serve(
     pin: &PinDir,
     cg: &Cgroup2,
@@ -200,7 +235,13 @@ async fn serve(
     let mut stats = crate::metrics::DaemonStats::default();
     let (scrape_tx, mut scrapes) = tokio::sync::mpsc::channel::<crate::metrics::Scrape>(16);
     if let Some(listener) = metrics {
-        info!("metrics on http://{}/metrics", listener.local_addr().map(|a| a.to_string()).unwrap_or_default());
+        info!(
+            "metrics on http://{}/metrics",
+            listener
+                .local_addr()
+                .map(|a| a.to_string())
+                .unwrap_or_default()
+        );
         tokio::spawn(crate::metrics::serve(listener, scrape_tx));
     } else {
         drop(scrape_tx);
@@ -219,7 +260,11 @@ async fn serve(
     // The programs' own debug records (aya-log), read for as long as the daemon runs.
     let mut ebpf_log = match aya_log::EbpfLogger::init(&mut guard.ebpf) {
         // SAFETY: the logger owns its ring buffer fd; the AsyncFd owns the logger.
-        Ok(l) => Some(unsafe { AsyncFd::register(l) }.map_err(|e| e.into_parts().1).context("watching the aya-log ring buffer")?),
+        Ok(l) => Some(
+            unsafe { AsyncFd::register(l) }
+                .map_err(|e| e.into_parts().1)
+                .context("watching the aya-log ring buffer")?,
+        ),
         Err(e) => {
             warn!("no eBPF log records: {e}");
             None
@@ -229,16 +274,26 @@ async fn serve(
     let mut budget = LogBudget::new();
     let mut reaper = Reaper::new().context("starting the lease reaper (inotify)")?;
     // Leases whose VM ended while no daemon ran.
-    reaper.scan(&mut guard.maps, cg, &mut names, Some(&resolved.policy.spawn_parent));
+    reaper.scan(
+        &mut guard.maps,
+        cg,
+        &mut names,
+        Some(&resolved.policy.spawn_parent),
+    );
     // Allowed cgroups are followed by path: a service's cgroup appears (or is re-created) when
     // the service starts, and is allowed from that instant.
-    let allow_watch = crate::reaper::DirWatch::new().context("watching allowed cgroups (inotify)")?;
+    let allow_watch =
+        crate::reaper::DirWatch::new().context("watching allowed cgroups (inotify)")?;
     watch_allowed(cg, &allow_watch, &resolved);
     refresh_allowed(cg, &mut guard, &mut resolved, features);
     let allow_events = unsafe { AsyncFd::register(allow_watch.fd().try_clone()?) }
         .map_err(|e| e.into_parts().1)
         .context("watching allowed cgroups")?;
-    let inotify = reaper.watcher.fd().try_clone().context("duplicating the inotify fd")?;
+    let inotify = reaper
+        .watcher
+        .fd()
+        .try_clone()
+        .context("duplicating the inotify fd")?;
     // SAFETY: the AsyncFd owns its duplicate of the inotify fd.
     let inotify = unsafe { AsyncFd::register(inotify) }
         .map_err(|e| e.into_parts().1)
@@ -324,7 +379,13 @@ async fn serve(
     }
     // Log what arrived before the signal.
     let errno = resolved.policy.errno;
-    while !drain(ring.get_mut(), &mut names, &mut budget, errno, features.set_retval) {}
+    while !drain(
+        ring.get_mut(),
+        &mut names,
+        &mut budget,
+        errno,
+        features.set_retval,
+    ) {}
     budget.flush();
     Ok(false)
 }
@@ -345,7 +406,12 @@ struct LogBudget {
 
 impl LogBudget {
     fn new() -> LogBudget {
-        LogBudget { window: Instant::now(), used: 0, suppressed: 0, total_suppressed: 0 }
+        LogBudget {
+            window: Instant::now(),
+            used: 0,
+            suppressed: 0,
+            total_suppressed: 0,
+        }
     }
 
     fn take(&mut self) -> bool {
@@ -450,7 +516,12 @@ fn watch_allowed(cg: &Cgroup2, w: &crate::reaper::DirWatch, r: &Resolved) {
 /// Allowed cgroups are matched by id, and a cgroup that is removed and created again (systemd
 /// restarting libvirtd.service) gets a new one: follow the paths. A path that is missing for now
 /// keeps its last id.
-fn refresh_allowed(cg: &Cgroup2, guard: &mut Guard, resolved: &mut Resolved, features: probe::Features) {
+fn refresh_allowed(
+    cg: &Cgroup2,
+    guard: &mut Guard,
+    resolved: &mut Resolved,
+    features: probe::Features,
+) {
     let mut next = resolved.clone();
     let mut news = Vec::new();
     for (i, r) in resolved.policy.reserve.iter().enumerate() {

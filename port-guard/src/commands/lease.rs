@@ -37,7 +37,10 @@ pub fn lease(pin: &PinDir, cgroup: &str, port: Option<u16>, json: bool) -> Resul
     let port = result?;
     back?;
     if json {
-        println!("{}", serde_json::json!({ "port": port, "cgroup": target.as_str() }));
+        println!(
+            "{}",
+            serde_json::json!({ "port": port, "cgroup": target.as_str() })
+        );
     } else {
         println!("{port}");
     }
@@ -61,7 +64,9 @@ pub fn release(pin: &PinDir, port: Option<u16>, cgroup: Option<&str>) -> Result<
             }
             info!("released {} lease(s) of {path}: {ports:?}", ports.len());
         }
-        _ => bail!(crate::Unsupported("give exactly one of --port N and --cgroup CGROUP")),
+        _ => bail!(crate::Unsupported(
+            "give exactly one of --port N and --cgroup CGROUP"
+        )),
     }
     Ok(())
 }

@@ -24,19 +24,25 @@ pub fn spawn_parent(maps: &Maps, cg: &Cgroup2) -> Result<CgroupPath> {
         bail!("the guard has no spawn parent cgroup; start the daemon with --spawn-parent");
     }
     let name = CgroupNames::new(cg).name(id);
-    name.parse::<CgroupPath>()
-        .map_err(|_| anyhow::anyhow!("the spawn parent cgroup (id {id}) no longer exists; restart the daemon to create it"))
+    name.parse::<CgroupPath>().map_err(|_| {
+        anyhow::anyhow!(
+            "the spawn parent cgroup (id {id}) no longer exists; restart the daemon to create it"
+        )
+    })
 }
 
 /// Moves this process into `path`.
 pub fn enter(cg: &Cgroup2, path: &CgroupPath) -> Result<()> {
     let procs = cg.dir(path).join("cgroup.procs");
-    std::fs::write(&procs, "0").with_context(|| format!("moving into cgroup {path} ({})", procs.display()))
+    std::fs::write(&procs, "0")
+        .with_context(|| format!("moving into cgroup {path} ({})", procs.display()))
 }
 
 /// Replaces every `{port}` in `args`.
 pub fn substitute(args: &[String], port: u16) -> Vec<String> {
-    args.iter().map(|a| a.replace("{port}", &port.to_string())).collect()
+    args.iter()
+        .map(|a| a.replace("{port}", &port.to_string()))
+        .collect()
 }
 
 pub fn run(pin: &PinDir, args: SpawnArgs) -> Result<()> {
@@ -48,7 +54,9 @@ pub fn run(pin: &PinDir, args: SpawnArgs) -> Result<()> {
         Some(n) => {
             let p = parent.join(n)?;
             if p.level() != parent.level() + 1 {
-                bail!(crate::Unsupported("--name must be one cgroup name, without '/'"));
+                bail!(crate::Unsupported(
+                    "--name must be one cgroup name, without '/'"
+                ));
             }
             p
         }
@@ -56,8 +64,10 @@ pub fn run(pin: &PinDir, args: SpawnArgs) -> Result<()> {
     };
     let dir = cg.dir(&path);
     std::fs::create_dir(&dir).map_err(|e| match e.kind() {
-        std::io::ErrorKind::AlreadyExists => anyhow::anyhow!(crate::Unsupported("cgroup already exists; choose another --name"))
-            .context(format!("cgroup {path}")),
+        std::io::ErrorKind::AlreadyExists => anyhow::anyhow!(crate::Unsupported(
+            "cgroup already exists; choose another --name"
+        ))
+        .context(format!("cgroup {path}")),
         _ => anyhow::Error::new(e).context(format!("creating cgroup {path}")),
     })?;
     let original = cgroup::of_pid(pid).unwrap_or_else(CgroupPath::root);
@@ -76,7 +86,9 @@ pub fn run(pin: &PinDir, args: SpawnArgs) -> Result<()> {
             port.to_string()
         };
         let mut out = std::io::stdout().lock();
-        writeln!(out, "{line}").and_then(|()| out.flush()).context("writing the port to stdout")?;
+        writeln!(out, "{line}")
+            .and_then(|()| out.flush())
+            .context("writing the port to stdout")?;
         drop(out);
         // Only returns on failure.
         let err = Command::new(&argv[0]).args(&argv[1..]).exec();
@@ -105,6 +117,9 @@ mod tests {
             .iter()
             .map(|s| s.to_string())
             .collect();
-        assert_eq!(substitute(&args, 49153), ["-incoming", "tcp:[::]:49153", "x49153y49153", "plain"]);
+        assert_eq!(
+            substitute(&args, 49153),
+            ["-incoming", "tcp:[::]:49153", "x49153y49153", "plain"]
+        );
     }
 }

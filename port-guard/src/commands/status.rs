@@ -55,7 +55,11 @@ pub fn render(s: &Status) -> String {
             r.counters.allowed,
             r.counters.denied,
             r.counters.audited,
-            if r.allow.is_empty() { "-".to_owned() } else { r.allow.join(", ") },
+            if r.allow.is_empty() {
+                "-".to_owned()
+            } else {
+                r.allow.join(", ")
+            },
         );
     }
     out += &format!("\n{:<6} {:>8}  {}\n", "LEASE", "AGE", "CGROUP");
