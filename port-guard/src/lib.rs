@@ -11,6 +11,7 @@ pub mod conflicts;
 pub mod ephemeral;
 pub mod events;
 pub mod guard;
+pub mod inotify;
 pub mod leases;
 pub mod metrics;
 pub mod notify;

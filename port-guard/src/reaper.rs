@@ -10,12 +10,7 @@
 
 use std::{
     collections::{HashMap, HashSet},
-    ffi::CString,
     fs, io,
-    os::{
-        fd::{AsRawFd as _, FromRawFd as _, OwnedFd},
-        unix::ffi::OsStrExt as _,
-    },
 };
 
 use log::{info, warn};
@@ -23,51 +18,35 @@ use log::{info, warn};
 use crate::{
     cgroup::{Cgroup2, CgroupPath},
     guard::{CgroupNames, Maps},
+    inotify::Inotify,
     leases,
 };
 
 /// inotify on `cgroup.events` files.
 pub struct Watcher {
-    fd: OwnedFd,
-    /// watch descriptor → cgroup id.
-    watches: HashMap<i32, u64>,
+    pub inotify: Inotify,
+    /// cgroup id → watch descriptor.
     by_id: HashMap<u64, i32>,
     dir_watch: Option<i32>,
 }
 
 impl Watcher {
     pub fn new() -> io::Result<Watcher> {
-        // SAFETY: inotify_init1 returns a new fd or -1.
-        let fd = unsafe { libc::inotify_init1(libc::IN_NONBLOCK | libc::IN_CLOEXEC) };
-        if fd < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        // SAFETY: fresh fd we own.
         Ok(Watcher {
-            fd: unsafe { OwnedFd::from_raw_fd(fd) },
-            watches: HashMap::new(),
+            inotify: Inotify::new()?,
             by_id: HashMap::new(),
             dir_watch: None,
         })
-    }
-
-    pub fn fd(&self) -> &OwnedFd {
-        &self.fd
     }
 
     fn watch(&mut self, cg: &Cgroup2, path: &CgroupPath, id: u64) {
         if self.by_id.contains_key(&id) {
             return;
         }
-        let file = cg.dir(path).join("cgroup.events");
-        let Ok(c) = CString::new(file.as_os_str().as_bytes()) else {
-            return;
-        };
-        // SAFETY: valid fd and C string.
-        let wd =
-            unsafe { libc::inotify_add_watch(self.fd.as_raw_fd(), c.as_ptr(), libc::IN_MODIFY) };
-        if wd >= 0 {
-            self.watches.insert(wd, id);
+        if let Some(wd) = self
+            .inotify
+            .add(&cg.dir(path).join("cgroup.events"), libc::IN_MODIFY)
+        {
             self.by_id.insert(id, wd);
         }
     }
@@ -75,104 +54,32 @@ impl Watcher {
     /// Watches the spawn parent for new cgroups (IN_CREATE), so a VM that lives for less than
     /// a rescan interval is still seen to exit.
     fn watch_dir(&mut self, cg: &Cgroup2, path: &CgroupPath) {
-        if self.dir_watch.is_some() {
-            return;
-        }
-        let Ok(c) = CString::new(cg.dir(path).as_os_str().as_bytes()) else {
-            return;
-        };
-        // SAFETY: valid fd and C string.
-        let wd = unsafe {
-            libc::inotify_add_watch(
-                self.fd.as_raw_fd(),
-                c.as_ptr(),
-                libc::IN_CREATE | libc::IN_ONLYDIR,
-            )
-        };
-        if wd >= 0 {
-            self.dir_watch = Some(wd);
+        if self.dir_watch.is_none() {
+            self.dir_watch = self
+                .inotify
+                .add(&cg.dir(path), libc::IN_CREATE | libc::IN_ONLYDIR);
         }
     }
 
     fn unwatch(&mut self, id: u64) {
         if let Some(wd) = self.by_id.remove(&id) {
-            self.watches.remove(&wd);
-            // SAFETY: valid fd; a stale wd only returns EINVAL.
-            unsafe { libc::inotify_rm_watch(self.fd.as_raw_fd(), wd) };
-        }
-    }
-
-    /// Reads and discards pending events; returns whether there were any.
-    pub fn drain(&mut self) -> bool {
-        let mut buf = [0u8; 4096];
-        let mut any = false;
-        loop {
-            // SAFETY: reading into a local buffer.
-            let n = unsafe { libc::read(self.fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) };
-            if n <= 0 {
-                return any;
-            }
-            any = true;
+            self.inotify.remove(wd);
         }
     }
 }
 
-/// inotify on directories (IN_CREATE/IN_DELETE): tells the daemon at once when an allowed
-/// cgroup, or an ancestor of one, is created or removed.
-pub struct DirWatch {
-    fd: OwnedFd,
-}
-
-impl DirWatch {
-    pub fn new() -> io::Result<DirWatch> {
-        // SAFETY: inotify_init1 returns a new fd or -1.
-        let fd = unsafe { libc::inotify_init1(libc::IN_NONBLOCK | libc::IN_CLOEXEC) };
-        if fd < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        // SAFETY: fresh fd we own.
-        Ok(DirWatch {
-            fd: unsafe { OwnedFd::from_raw_fd(fd) },
-        })
-    }
-
-    pub fn fd(&self) -> &OwnedFd {
-        &self.fd
-    }
-
-    /// Watches the nearest existing directory at or above `path` (adding a watch twice is a no-op).
-    pub fn watch_nearest(&self, dir: &std::path::Path) {
+/// Watches the nearest existing directory above each of `dirs` for IN_CREATE/IN_DELETE: tells
+/// the daemon at once when an allowed cgroup, or an ancestor of one, is created or removed.
+/// Adding a watch twice is a no-op.
+pub fn watch_parents(inotify: &Inotify, dirs: impl IntoIterator<Item = std::path::PathBuf>) {
+    for dir in dirs {
         let mut d = dir.parent().map(|p| p.to_path_buf()).unwrap_or_default();
         while !d.is_dir() {
             if !d.pop() {
-                return;
+                break;
             }
         }
-        let Ok(c) = CString::new(d.as_os_str().as_bytes()) else {
-            return;
-        };
-        // SAFETY: valid fd and C string.
-        unsafe {
-            libc::inotify_add_watch(
-                self.fd.as_raw_fd(),
-                c.as_ptr(),
-                libc::IN_CREATE | libc::IN_DELETE | libc::IN_ONLYDIR,
-            )
-        };
-    }
-
-    /// Reads and discards pending events; returns whether there were any.
-    pub fn drain(&self) -> bool {
-        let mut buf = [0u8; 4096];
-        let mut any = false;
-        loop {
-            // SAFETY: reading into a local buffer.
-            let n = unsafe { libc::read(self.fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) };
-            if n <= 0 {
-                return any;
-            }
-            any = true;
-        }
+        inotify.add(&d, libc::IN_CREATE | libc::IN_DELETE | libc::IN_ONLYDIR);
     }
 }
 

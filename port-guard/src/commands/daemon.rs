@@ -283,7 +283,7 @@ async fn serve(
     // Allowed cgroups are followed by path: a service's cgroup appears (or is re-created) when
     // the service starts, and is allowed from that instant.
     let allow_watch =
-        crate::reaper::DirWatch::new().context("watching allowed cgroups (inotify)")?;
+        crate::inotify::Inotify::new().context("watching allowed cgroups (inotify)")?;
     watch_allowed(cg, &allow_watch, &resolved);
     refresh_allowed(cg, &mut guard, &mut resolved, features);
     let allow_events = unsafe { AsyncFd::register(allow_watch.fd().try_clone()?) }
@@ -291,6 +291,7 @@ async fn serve(
         .context("watching allowed cgroups")?;
     let inotify = reaper
         .watcher
+        .inotify
         .fd()
         .try_clone()
         .context("duplicating the inotify fd")?;
@@ -322,7 +323,7 @@ async fn serve(
             }
             ready = inotify.readable() => {
                 let mut ready = ready.context("waiting for cgroup events")?;
-                if reaper.watcher.drain() {
+                if reaper.watcher.inotify.drain() {
                     reaper.scan(&mut guard.maps, cg, &mut names, Some(&resolved.policy.spawn_parent));
                 }
                 ready.clear_ready();
@@ -505,12 +506,13 @@ fn reload(
     Ok(r)
 }
 
-fn watch_allowed(cg: &Cgroup2, w: &crate::reaper::DirWatch, r: &Resolved) {
-    for res in &r.policy.reserve {
-        for path in &res.allow {
-            w.watch_nearest(&cg.dir(path));
-        }
-    }
+fn watch_allowed(cg: &Cgroup2, w: &crate::inotify::Inotify, r: &Resolved) {
+    let dirs = r
+        .policy
+        .reserve
+        .iter()
+        .flat_map(|res| res.allow.iter().map(|p| cg.dir(p)));
+    crate::reaper::watch_parents(w, dirs);
 }
 
 /// Allowed cgroups are matched by id, and a cgroup that is removed and created again (systemd

@@ -1,0 +1,61 @@
+//! A non-blocking inotify instance: the daemon's way of hearing about cgroups at once.
+
+use std::{
+    ffi::CString,
+    io,
+    os::{
+        fd::{AsRawFd as _, FromRawFd as _, OwnedFd},
+        unix::ffi::OsStrExt as _,
+    },
+    path::Path,
+};
+
+pub struct Inotify {
+    fd: OwnedFd,
+}
+
+impl Inotify {
+    pub fn new() -> io::Result<Inotify> {
+        // SAFETY: inotify_init1 returns a new fd or -1.
+        let fd = unsafe { libc::inotify_init1(libc::IN_NONBLOCK | libc::IN_CLOEXEC) };
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: a fresh fd nothing else owns.
+        Ok(Inotify {
+            fd: unsafe { OwnedFd::from_raw_fd(fd) },
+        })
+    }
+
+    pub fn fd(&self) -> &OwnedFd {
+        &self.fd
+    }
+
+    /// Adds (or updates) a watch; the watch descriptor, or None when `path` cannot be watched.
+    pub fn add(&self, path: &Path, mask: u32) -> Option<i32> {
+        let c = CString::new(path.as_os_str().as_bytes()).ok()?;
+        // SAFETY: valid fd and C string.
+        let wd = unsafe { libc::inotify_add_watch(self.fd.as_raw_fd(), c.as_ptr(), mask) };
+        (wd >= 0).then_some(wd)
+    }
+
+    pub fn remove(&self, wd: i32) {
+        // SAFETY: valid fd; a stale wd only returns EINVAL.
+        unsafe { libc::inotify_rm_watch(self.fd.as_raw_fd(), wd) };
+    }
+
+    /// Reads and discards pending events; returns whether there were any. (The daemon rescans
+    /// on any event, so what the events say does not matter.)
+    pub fn drain(&self) -> bool {
+        let mut buf = [0u8; 4096];
+        let mut any = false;
+        loop {
+            // SAFETY: reading into a local buffer.
+            let n = unsafe { libc::read(self.fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) };
+            if n <= 0 {
+                return any;
+            }
+            any = true;
+        }
+    }
+}
