@@ -170,3 +170,32 @@ pub fn probe() -> Result<Features, ProbeError> {
         set_retval: load_with_helper(Some(BPF_FUNC_SET_RETVAL)).is_ok(),
     })
 }
+
+/// Before 5.11 BPF maps are charged to RLIMIT_MEMLOCK (64 KiB by default), far below what the
+/// port table needs; later kernels charge the memory cgroup and ignore the limit.
+pub fn raise_memlock() {
+    if crate::sockets::kernel_at_least(5, 11) {
+        return;
+    }
+    let unlimited = libc::rlimit {
+        rlim_cur: libc::RLIM_INFINITY,
+        rlim_max: libc::RLIM_INFINITY,
+    };
+    // SAFETY: setrlimit/getrlimit with valid structs.
+    unsafe {
+        if libc::setrlimit(libc::RLIMIT_MEMLOCK, &unlimited) == 0 {
+            return;
+        }
+        // Without CAP_SYS_RESOURCE: as far as the hard limit goes.
+        let mut lim = libc::rlimit {
+            rlim_cur: 0,
+            rlim_max: 0,
+        };
+        libc::getrlimit(libc::RLIMIT_MEMLOCK, &mut lim);
+        lim.rlim_cur = lim.rlim_max;
+        libc::setrlimit(libc::RLIMIT_MEMLOCK, &lim);
+        if lim.rlim_max != libc::RLIM_INFINITY {
+            log::warn!("RLIMIT_MEMLOCK is limited to {} bytes (no CAP_SYS_RESOURCE): maps may fail to load on this kernel (before 5.11)", lim.rlim_max);
+        }
+    }
+}

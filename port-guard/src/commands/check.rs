@@ -44,6 +44,7 @@ struct Features {
 /// Exit status: 0 when the preflight passes and nothing conflicts, 1 otherwise.
 pub fn run(pin: &PinDir, config: Option<&Path>, json: bool) -> Result<ExitCode> {
     let mut preflight = Vec::new();
+    probe::raise_memlock();
     let features = match probe::probe() {
         Ok(f) => {
             preflight.push(Item {

@@ -31,35 +31,6 @@ struct Signals {
     hup: tokio::signal::unix::Signal,
 }
 
-/// Before 5.11 BPF maps are charged to RLIMIT_MEMLOCK (64 KiB by default), far below what the
-/// port table needs; later kernels charge the memory cgroup and ignore the limit.
-fn raise_memlock() {
-    if crate::sockets::kernel_at_least(5, 11) {
-        return;
-    }
-    let unlimited = libc::rlimit {
-        rlim_cur: libc::RLIM_INFINITY,
-        rlim_max: libc::RLIM_INFINITY,
-    };
-    // SAFETY: setrlimit/getrlimit with valid structs.
-    unsafe {
-        if libc::setrlimit(libc::RLIMIT_MEMLOCK, &unlimited) == 0 {
-            return;
-        }
-        // Without CAP_SYS_RESOURCE: as far as the hard limit goes.
-        let mut lim = libc::rlimit {
-            rlim_cur: 0,
-            rlim_max: 0,
-        };
-        libc::getrlimit(libc::RLIMIT_MEMLOCK, &mut lim);
-        lim.rlim_cur = lim.rlim_max;
-        libc::setrlimit(libc::RLIMIT_MEMLOCK, &lim);
-        if lim.rlim_max != libc::RLIM_INFINITY {
-            warn!("RLIMIT_MEMLOCK is limited to {} bytes (no CAP_SYS_RESOURCE): maps may fail to load on this kernel (before 5.11)", lim.rlim_max);
-        }
-    }
-}
-
 /// Everything the daemon needs to (re)build its policy.
 struct Source<'a> {
     config: Option<&'a Path>,
@@ -117,13 +88,15 @@ pub fn run(pin: &PinDir, config: Option<&Path>, args: DaemonArgs) -> Result<()> 
     };
     let cg = Cgroup2::find()?;
     let policy = source.policy(&cg)?;
+    // Before the probe: on kernels before 5.11 even the probe's program is charged to
+    // RLIMIT_MEMLOCK, against everything the user has locked already (a pinned guard included).
+    probe::raise_memlock();
     let features = probe::probe()?;
     for line in features.describe() {
         info!("{line}");
     }
     features.check(&policy)?;
 
-    raise_memlock();
     pin.prepare()?;
     let _lock = pin.lock()?;
     for line in pin.recover() {
