@@ -194,8 +194,6 @@ pub fn raise_memlock() {
         libc::getrlimit(libc::RLIMIT_MEMLOCK, &mut lim);
         lim.rlim_cur = lim.rlim_max;
         libc::setrlimit(libc::RLIMIT_MEMLOCK, &lim);
-        if lim.rlim_max != libc::RLIM_INFINITY {
-            log::warn!("RLIMIT_MEMLOCK is limited to {} bytes (no CAP_SYS_RESOURCE): maps may fail to load on this kernel (before 5.11)", lim.rlim_max);
-        }
+        // No warning here: a probe that then fails says so in its one error line.
     }
 }

@@ -1556,7 +1556,15 @@ pub fn expected_errno() -> i32 {
     if kernel_features().set_retval { libc::EADDRINUSE } else { libc::EPERM }
 }
 
-/// Prints why a test (or part of one) does not run on this machine.
+/// Prints why a test does not run on this machine (`PG-SKIP: <reason>`); the test returns right
+/// after. `cargo xtask vm-test` reports the test as skipped, with the reason.
 pub fn skip(reason: &str) {
     println!("PG-SKIP: {reason}");
 }
+
+/// Prints why a part of a test does not run on this machine while the rest does
+/// (`PG-SKIP-PART: <reason>`). `cargo xtask vm-test` reports the test as passed, with the note.
+pub fn skip_part(reason: &str) {
+    println!("PG-SKIP-PART: {reason}");
+}
+pub mod libvirt;

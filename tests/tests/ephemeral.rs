@@ -203,7 +203,7 @@ fn check_finds_every_socket_on_a_reserved_port_with_its_process_and_gates_on_con
         (62306, "tcp", "ipv4", "established"),
     ] {
         if state == "bound" && proto == "tcp" && report["bound_inactive_visible"] == false {
-            println!("PG-SKIP: {port}/{proto}: bound-only TCP sockets are not visible on this kernel (sock_diag 6.8+)");
+            skip_part(&format!("{port}/{proto}: bound-only TCP sockets are not visible on this kernel (sock_diag 6.8+)"));
             continue;
         }
         let s = find(port, proto, family);

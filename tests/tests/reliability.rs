@@ -46,6 +46,20 @@ fn kill9_at_random_instants_leaves_the_guard_whole_or_absent_and_leases_survive(
     let seed = 0x9e37_79b9_7f4a_7c15u64 ^ u64::from(std::process::id());
     eprintln!("[crash] seed {seed:#x}");
     let mut rng = Rng(seed);
+    // Kill instants span a whole start, from before the load to after the attach: measured here,
+    // not assumed (a debug build attaches in about 200 ms on the host, a release build under TCG
+    // in a VM in about 600 ms).
+    let window_us = {
+        let t = Instant::now();
+        let mut d = Daemon::start(pin.path(), &config, &args);
+        d.wait_for("guard enforcing", START_TIMEOUT);
+        let took = t.elapsed();
+        d.kill9();
+        let (code, _, err) = run(&["--pin-dir", pin.as_str(), "unload"]);
+        assert_eq!(code, 0, "{err}");
+        (took.as_micros() as u64 * 3 / 2).max(300_000)
+    };
+    eprintln!("[crash] kill instants in 0..{} ms", window_us / 1000);
     let mut ever_attached = false;
     let mut lease: Option<u16> = None;
     let (mut enforcing, mut absent, mut reload_kills) = (0, 0, 0);
@@ -67,9 +81,8 @@ fn kill9_at_random_instants_leaves_the_guard_whole_or_absent_and_leases_survive(
             std::thread::sleep(Duration::from_micros(rng.next() % 20_000));
             reload_kills += 1;
         } else {
-            // Anywhere from before the load to after the attach (a debug build attaches in about
-            // 200 ms).
-            std::thread::sleep(Duration::from_micros(rng.next() % 300_000));
+            // Anywhere from before the load to after the attach.
+            std::thread::sleep(Duration::from_micros(rng.next() % window_us));
         }
         d.kill9();
         let links = ["link_bind4", "link_bind6"].map(|l| pin.path().join(l).exists());
@@ -126,12 +139,13 @@ fn spawn_churn_leaves_no_lease_cgroup_pin_or_fd_behind_and_daemon_memory_flat() 
     let pins = || std::fs::read_dir(pin.path()).unwrap().count();
     let (rss0, fds0, pins0) = (rss(d.pid()), fds(d.pid()), pins());
     let t = Instant::now();
-    let mut rss_mid = 0;
+    let (mut rss_mid, mut fds_mid) = (0, 0);
     for i in 0..cycles {
         let out = Command::new(bin()).args(["--pin-dir", pin.as_str(), "spawn", "--", "/bin/true"]).output().unwrap();
         assert!(out.status.success(), "cycle {i}: {}", String::from_utf8_lossy(&out.stderr));
         if i == cycles / 10 {
             rss_mid = rss(d.pid());
+            fds_mid = fds(d.pid());
         }
     }
     let elapsed = t.elapsed();
@@ -144,11 +158,13 @@ fn spawn_churn_leaves_no_lease_cgroup_pin_or_fd_behind_and_daemon_memory_flat() 
     assert!(settled.is_some(), "leases or cgroups left: {}", status_json(pin.path())["leases"]);
     let (rss1, fds1, pins1) = (rss(d.pid()), fds(d.pid()), pins());
     eprintln!(
-        "[measure] churn: {cycles} spawn/exit cycles in {:.1} s ({:.2} ms each); daemon RSS {rss0} kB at start, {rss_mid} kB after 10%, {rss1} kB after all; fds {fds0} -> {fds1}; pins {pins0} -> {pins1}",
+        "[measure] churn: {cycles} spawn/exit cycles in {:.1} s ({:.2} ms each); daemon RSS {rss0} kB at start, {rss_mid} kB after 10%, {rss1} kB after all; fds {fds0} -> {fds_mid} -> {fds1}; pins {pins0} -> {pins1}",
         elapsed.as_secs_f64(),
         elapsed.as_secs_f64() * 1000.0 / cycles as f64
     );
-    assert!(fds1 <= fds0, "daemon fds leaked: {fds0} -> {fds1}");
+    // The count at `guard enforcing` races with the daemon opening its watches right after that
+    // line (seen on 5.10 in a VM: 22 then, 26 for good); a leak grows with the cycles.
+    assert!(fds1 <= fds_mid, "daemon fds leaked: {fds0} at start, {fds_mid} after 10%, {fds1} after all");
     assert_eq!(pins1, pins0, "pins left behind");
     // Flat: growth after the first 10% of cycles stays under 1 MiB (allocator noise).
     assert!(rss1 <= rss_mid.max(rss0) + 1024, "daemon memory grew: {rss0} -> {rss_mid} -> {rss1} kB");
@@ -242,7 +258,7 @@ fn every_bind_trick_from_an_outsider_is_refused() {
     // SCTP has a port space of its own: a reserved TCP/UDP port bound over SCTP conflicts with
     // neither, and the guard (which checks tcp, mptcp and udp) lets it through.
     match b("plain", "sctp", "0.0.0.0", 62640) {
-        Err(e) if e == libc::EPROTONOSUPPORT || e == libc::ESOCKTNOSUPPORT => skip("SCTP is not available on this kernel (no sctp module)"),
+        Err(e) if e == libc::EPROTONOSUPPORT || e == libc::ESOCKTNOSUPPORT => skip_part("SCTP is not available on this kernel (no sctp module)"),
         other => assert_eq!(other, Ok(()), "SCTP binds pass the guard (own port space)"),
     }
 }

@@ -1,0 +1,568 @@
+//! The bench's own corner of the machine: a network namespace, a cgroup subtree
+//! (`/pg-bench-PID`), a pin dir (`/sys/fs/bpf/pg-bench-PID`), the daemons and the worker
+//! processes. Everything is torn down in `Drop`, also when a phase fails or panics, and a
+//! SIGINT/SIGTERM only sets a flag that the phases check between batches, so that the unwinding
+//! does the cleanup. What a killed bench (SIGKILL) left behind is removed by the next run
+//! ([`remove_stale`]).
+
+use std::{
+    ffi::CString,
+    fs,
+    io::{self, BufRead as _, BufReader, Write as _},
+    os::unix::{ffi::OsStrExt as _, fs::MetadataExt as _, process::CommandExt as _},
+    path::{Path, PathBuf},
+    process::{Child, ChildStdin, ChildStdout, Command, Stdio},
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        Arc, Mutex,
+    },
+    thread,
+    time::{Duration, Instant},
+};
+
+use anyhow::{bail, Context as _, Result};
+use port_guard::guard::{self, PinDir};
+
+/// Name prefix of every cgroup and pin dir the bench makes.
+pub const PREFIX: &str = "pg-bench";
+/// bpffs root the pin dirs live under.
+const BPFFS: &str = "/sys/fs/bpf";
+
+static INTERRUPTED: AtomicBool = AtomicBool::new(false);
+
+extern "C" fn on_signal(_: libc::c_int) {
+    INTERRUPTED.store(true, Ordering::SeqCst);
+}
+
+/// SIGINT, SIGTERM and SIGHUP set a flag instead of killing the bench half way.
+pub fn install_signal_handlers() {
+    for sig in [libc::SIGINT, libc::SIGTERM, libc::SIGHUP] {
+        // SAFETY: the handler only stores to an atomic, which is async-signal-safe.
+        unsafe {
+            let mut sa: libc::sigaction = std::mem::zeroed();
+            sa.sa_sigaction = on_signal as *const () as usize;
+            libc::sigemptyset(&mut sa.sa_mask);
+            libc::sigaction(sig, &sa, std::ptr::null_mut());
+        }
+    }
+}
+
+/// Fails once a signal asked the bench to stop: the caller returns and `Drop` cleans up.
+pub fn check_interrupted() -> Result<()> {
+    if INTERRUPTED.load(Ordering::SeqCst) {
+        bail!("interrupted by a signal; cleaning up");
+    }
+    Ok(())
+}
+
+/// Sleeps, waking early when interrupted.
+pub fn sleep(d: Duration) -> Result<()> {
+    let end = Instant::now() + d;
+    while Instant::now() < end {
+        check_interrupted()?;
+        thread::sleep((end - Instant::now()).min(Duration::from_millis(50)));
+    }
+    Ok(())
+}
+
+/// Moves this process into a network namespace of its own, with `lo` up. Every child inherits it:
+/// the bench binds any port it likes (the 20,000-port allocation range included) without touching
+/// the host's ports or sysctls, and the namespace goes away with the last process in it.
+/// Must run before any thread is started (unshare affects the calling thread).
+pub fn enter_netns() -> Result<()> {
+    // SAFETY: plain syscalls; the ifreq is zeroed and its name NUL-terminated.
+    unsafe {
+        if libc::unshare(libc::CLONE_NEWNET) != 0 {
+            return Err(io::Error::last_os_error()).context("unshare(CLONE_NEWNET)");
+        }
+        let fd = libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0);
+        if fd < 0 {
+            return Err(io::Error::last_os_error()).context("socket for SIOCSIFFLAGS");
+        }
+        let mut ifr: libc::ifreq = std::mem::zeroed();
+        for (i, b) in b"lo".iter().enumerate() {
+            ifr.ifr_name[i] = *b as libc::c_char;
+        }
+        let r = if libc::ioctl(fd, libc::SIOCGIFFLAGS, &mut ifr) == 0 {
+            ifr.ifr_ifru.ifru_flags |= libc::IFF_UP as libc::c_short;
+            libc::ioctl(fd, libc::SIOCSIFFLAGS, &ifr)
+        } else {
+            -1
+        };
+        let err = io::Error::last_os_error();
+        libc::close(fd);
+        if r != 0 {
+            return Err(err).context("bringing lo up in the bench's network namespace");
+        }
+    }
+    Ok(())
+}
+
+/// A cgroup of the bench's subtree.
+#[derive(Clone, Debug)]
+pub struct Cg {
+    /// Directory on the cgroup2 mount.
+    pub abs: PathBuf,
+    /// Path relative to the mount, as port-guard takes it.
+    pub rel: String,
+    /// Inode number of the directory: what the programs see.
+    pub id: u64,
+    /// Level below the root (the root is 0).
+    pub level: u32,
+}
+
+/// The bench's cgroup subtree `/pg-bench-PID`, removed with everything in it on drop.
+pub struct Tree {
+    pub root: Cg,
+}
+
+impl Tree {
+    pub fn new() -> Result<Tree> {
+        let mount = port_guard::cgroup::Cgroup2::find()?.mount().to_owned();
+        let name = format!("{PREFIX}-{}", std::process::id());
+        let abs = mount.join(&name);
+        fs::create_dir(&abs).with_context(|| format!("creating cgroup {}", abs.display()))?;
+        let id = fs::metadata(&abs)?.ino();
+        Ok(Tree {
+            root: Cg {
+                abs,
+                rel: format!("/{name}"),
+                id,
+                level: 1,
+            },
+        })
+    }
+
+    /// Creates `sub` (relative to the subtree root, parents included) and returns it.
+    pub fn mkdir(&self, sub: &str) -> Result<Cg> {
+        let abs = self.root.abs.join(sub);
+        fs::create_dir_all(&abs).with_context(|| format!("creating cgroup {}", abs.display()))?;
+        let id = fs::metadata(&abs)?.ino();
+        let rel = format!("{}/{sub}", self.root.rel);
+        let level = rel.split('/').filter(|c| !c.is_empty()).count() as u32;
+        Ok(Cg {
+            abs,
+            rel,
+            id,
+            level,
+        })
+    }
+}
+
+impl Drop for Tree {
+    fn drop(&mut self) {
+        if let Err(e) = kill_and_remove(&self.root.abs) {
+            eprintln!("bench: removing cgroup {}: {e:#}", self.root.abs.display());
+        }
+    }
+}
+
+/// Kills every process below `dir` (cgroup.kill, 5.14+; SIGKILL by pid before that) and removes
+/// the cgroups, deepest first.
+fn kill_and_remove(dir: &Path) -> Result<()> {
+    if !dir.exists() {
+        return Ok(());
+    }
+    let populated = || {
+        fs::read_to_string(dir.join("cgroup.events"))
+            .map(|t| t.lines().any(|l| l == "populated 1"))
+            .unwrap_or(false)
+    };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while populated() && Instant::now() < deadline {
+        if fs::write(dir.join("cgroup.kill"), "1").is_err() {
+            for d in subdirs(dir) {
+                for pid in fs::read_to_string(d.join("cgroup.procs"))
+                    .unwrap_or_default()
+                    .lines()
+                {
+                    if let Ok(pid) = pid.parse::<i32>() {
+                        // SAFETY: kill has no memory preconditions.
+                        unsafe { libc::kill(pid, libc::SIGKILL) };
+                    }
+                }
+            }
+        }
+        thread::sleep(Duration::from_millis(20));
+    }
+    let mut dirs = subdirs(dir);
+    dirs.sort_by_key(|d| std::cmp::Reverse(d.components().count()));
+    for d in dirs {
+        let mut tries = 0;
+        loop {
+            match fs::remove_dir(&d) {
+                Ok(()) => break,
+                Err(e) if e.kind() == io::ErrorKind::NotFound => break,
+                Err(e) if tries < 100 => {
+                    let _ = e;
+                    tries += 1;
+                    thread::sleep(Duration::from_millis(20));
+                }
+                Err(e) => return Err(e).with_context(|| format!("rmdir {}", d.display())),
+            }
+        }
+    }
+    Ok(())
+}
+
+/// `dir` and every directory below it.
+fn subdirs(dir: &Path) -> Vec<PathBuf> {
+    let mut out = vec![dir.to_owned()];
+    let mut i = 0;
+    while i < out.len() {
+        if let Ok(entries) = fs::read_dir(&out[i]) {
+            for e in entries.flatten() {
+                if e.file_type().map(|t| t.is_dir()).unwrap_or(false) {
+                    out.push(e.path());
+                }
+            }
+        }
+        i += 1;
+    }
+    out
+}
+
+/// The pin dirs of the bench's guards, `/sys/fs/bpf/pg-bench-PID/<name>`; each is unloaded
+/// (links detached, pins removed) on drop.
+pub struct Pins {
+    dir: PathBuf,
+}
+
+impl Pins {
+    pub fn new() -> Pins {
+        Pins {
+            dir: Path::new(BPFFS).join(format!("{PREFIX}-{}", std::process::id())),
+        }
+    }
+
+    /// The pin dir for one guard. The daemon creates it (and mounts bpffs when it is missing).
+    pub fn dir(&self, name: &str) -> PathBuf {
+        self.dir.join(name)
+    }
+}
+
+impl Drop for Pins {
+    fn drop(&mut self) {
+        unload_all(&self.dir);
+    }
+}
+
+fn unload_all(dir: &Path) {
+    if let Ok(entries) = fs::read_dir(dir) {
+        for e in entries.flatten() {
+            match guard::unload(&PinDir::new(e.path())) {
+                Ok(()) | Err(guard::GuardError::NotLoaded(_)) => {}
+                Err(err) => eprintln!("bench: unloading {}: {err}", e.path().display()),
+            }
+        }
+    }
+    let _ = fs::remove_dir(dir);
+}
+
+/// Removes what a bench killed before its cleanup left: `pg-bench-PID` cgroups, pin dirs and
+/// temp dirs whose process is gone. Returns what it removed.
+pub fn remove_stale(mount: &Path) -> Vec<String> {
+    let alive = |pid: &str| {
+        fs::read_to_string(format!("/proc/{pid}/comm"))
+            .map(|c| c.trim_end().starts_with("port-guard-ben"))
+            .unwrap_or(false)
+    };
+    let mut removed = Vec::new();
+    for (root, kind) in [
+        (PathBuf::from(BPFFS), 0),
+        (mount.to_owned(), 1),
+        (std::env::temp_dir(), 2),
+    ] {
+        let Ok(entries) = fs::read_dir(&root) else {
+            continue;
+        };
+        for e in entries.flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            let Some(pid) = name.strip_prefix(&format!("{PREFIX}-")) else {
+                continue;
+            };
+            if pid.parse::<u32>().is_err() || alive(pid) {
+                continue;
+            }
+            match kind {
+                0 => unload_all(&e.path()),
+                1 => {
+                    if let Err(err) = kill_and_remove(&e.path()) {
+                        eprintln!(
+                            "bench: removing stale cgroup {}: {err:#}",
+                            e.path().display()
+                        );
+                        continue;
+                    }
+                }
+                _ => {
+                    let _ = fs::remove_dir_all(e.path());
+                }
+            }
+            removed.push(e.path().display().to_string());
+        }
+    }
+    removed
+}
+
+/// Makes `cmd` move itself into `cg` before exec, in a process group of its own (a terminal's
+/// Ctrl-C reaches the bench only, which then cleans up in order), and die with the bench.
+pub fn in_cgroup(cmd: &mut Command, cg: &Cg, death_signal: libc::c_int) {
+    let procs = CString::new(cg.abs.join("cgroup.procs").as_os_str().as_bytes())
+        .expect("no NUL in a cgroup path");
+    cmd.process_group(0);
+    // SAFETY: only async-signal-safe calls between fork and exec; `procs` is prepared before.
+    unsafe {
+        cmd.pre_exec(move || {
+            let fd = libc::open(procs.as_ptr(), libc::O_WRONLY | libc::O_CLOEXEC);
+            if fd < 0 || libc::write(fd, b"0".as_ptr().cast(), 1) != 1 {
+                return Err(io::Error::last_os_error());
+            }
+            libc::close(fd);
+            libc::prctl(libc::PR_SET_PDEATHSIG, death_signal as libc::c_ulong);
+            Ok(())
+        });
+    }
+}
+
+/// A running `port-guard daemon`; stopped and unloaded on drop.
+pub struct Daemon {
+    child: Child,
+    pub pin: PathBuf,
+    lines: Arc<Mutex<Vec<String>>>,
+    /// Load + attach as the daemon measures it (the "(N ms)" of its "guard enforcing" line).
+    pub load_attach: Duration,
+    /// From exec to the "guard enforcing" line.
+    pub start_to_enforcing: Duration,
+}
+
+impl Daemon {
+    /// Starts `port-guard --pin-dir PIN --config CONFIG daemon` and waits until it enforces.
+    pub fn start(bin: &Path, pin: &Path, config: &Path, cg: &Cg) -> Result<Daemon> {
+        let mut cmd = Command::new(bin);
+        cmd.arg("--pin-dir")
+            .arg(pin)
+            .arg("--config")
+            .arg(config)
+            .arg("daemon");
+        cmd.stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        // SIGTERM when the bench dies: the daemon exits and leaves its pins for the next run's
+        // remove_stale().
+        in_cgroup(&mut cmd, cg, libc::SIGTERM);
+        let started = Instant::now();
+        let mut child = cmd
+            .spawn()
+            .with_context(|| format!("starting {}", bin.display()))?;
+        let stderr = child.stderr.take().expect("piped");
+        let lines = Arc::new(Mutex::new(Vec::new()));
+        let (tx, rx) = std::sync::mpsc::channel();
+        {
+            let lines = lines.clone();
+            thread::spawn(move || {
+                for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                    if line.contains("guard enforcing:") {
+                        let _ = tx.send((Instant::now(), line.clone()));
+                    }
+                    lines.lock().expect("log lock").push(line);
+                }
+            });
+        }
+        let mut daemon = Daemon {
+            child,
+            pin: pin.to_owned(),
+            lines,
+            load_attach: Duration::ZERO,
+            start_to_enforcing: Duration::ZERO,
+        };
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            check_interrupted()?;
+            match rx.recv_timeout(Duration::from_millis(50)) {
+                Ok((at, line)) => {
+                    daemon.start_to_enforcing = at - started;
+                    daemon.load_attach = parse_ms(&line)
+                        .with_context(|| format!("no \"(N ms)\" in the daemon's line {line:?}"))?;
+                    return Ok(daemon);
+                }
+                Err(_) if Instant::now() > deadline => {
+                    bail!("the daemon did not enforce within 60 s:\n{}", daemon.log())
+                }
+                Err(_) => {
+                    if let Some(st) = daemon.child.try_wait()? {
+                        thread::sleep(Duration::from_millis(100));
+                        bail!(
+                            "the daemon exited ({st}) before enforcing:\n{}",
+                            daemon.log()
+                        );
+                    }
+                }
+            }
+        }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Everything the daemon logged so far.
+    pub fn log(&self) -> String {
+        self.lines.lock().expect("log lock").join("\n")
+    }
+
+    /// (VmRSS, VmHWM) in KiB.
+    pub fn memory_kib(&self) -> Result<(u64, u64)> {
+        let status = fs::read_to_string(format!("/proc/{}/status", self.pid()))?;
+        let field = |name: &str| {
+            status
+                .lines()
+                .find_map(|l| l.strip_prefix(name))
+                .and_then(|v| v.split_whitespace().next())
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(0)
+        };
+        Ok((field("VmRSS:"), field("VmHWM:")))
+    }
+
+    /// CPU time of all the daemon's threads (/proc/PID/task/*/schedstat, ns).
+    pub fn cpu_time(&self) -> Duration {
+        let mut ns = 0u64;
+        if let Ok(tasks) = fs::read_dir(format!("/proc/{}/task", self.pid())) {
+            for t in tasks.flatten() {
+                if let Ok(s) = fs::read_to_string(t.path().join("schedstat")) {
+                    ns += s
+                        .split_whitespace()
+                        .next()
+                        .and_then(|v| v.parse::<u64>().ok())
+                        .unwrap_or(0);
+                }
+            }
+        }
+        Duration::from_nanos(ns)
+    }
+}
+
+fn parse_ms(line: &str) -> Option<Duration> {
+    let open = line.rfind('(')?;
+    let ms: u64 = line[open + 1..].strip_suffix(" ms)")?.trim().parse().ok()?;
+    Some(Duration::from_millis(ms))
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        // SAFETY: kill has no memory preconditions.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                break;
+            }
+            thread::sleep(Duration::from_millis(20));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        match guard::unload(&PinDir::new(&self.pin)) {
+            Ok(()) | Err(guard::GuardError::NotLoaded(_)) => {}
+            Err(e) => eprintln!("bench: unloading {}: {e}", self.pin.display()),
+        }
+    }
+}
+
+/// A `port-guard-bench worker` process parked in a cgroup, answering one JSON request per line.
+pub struct Worker {
+    child: Child,
+    stdin: ChildStdin,
+    stdout: BufReader<ChildStdout>,
+    pub label: String,
+}
+
+impl Worker {
+    pub fn spawn(label: &str, cg: &Cg) -> Result<Worker> {
+        let exe = std::env::current_exe().context("finding the bench binary")?;
+        let mut cmd = Command::new(exe);
+        cmd.arg("worker")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit());
+        in_cgroup(&mut cmd, cg, libc::SIGKILL);
+        let mut child = cmd
+            .spawn()
+            .with_context(|| format!("starting worker {label} in {}", cg.rel))?;
+        let stdin = child.stdin.take().expect("piped");
+        let stdout = BufReader::new(child.stdout.take().expect("piped"));
+        let mut w = Worker {
+            child,
+            stdin,
+            stdout,
+            label: label.to_owned(),
+        };
+        // Proves it runs where it should.
+        let r = w.call(&serde_json::json!({ "op": "cgroup" }))?;
+        let at = r["cgroup"].as_str().unwrap_or_default();
+        if at != cg.rel {
+            bail!("worker {label} runs in {at:?}, not {}", cg.rel);
+        }
+        Ok(w)
+    }
+
+    /// Sends one request and waits for its answer; `{"error": ...}` answers are errors.
+    pub fn call(&mut self, req: &serde_json::Value) -> Result<serde_json::Value> {
+        writeln!(self.stdin, "{req}")
+            .and_then(|()| self.stdin.flush())
+            .with_context(|| format!("writing to worker {}", self.label))?;
+        let mut line = String::new();
+        self.stdout
+            .read_line(&mut line)
+            .with_context(|| format!("reading from worker {}", self.label))?;
+        if line.is_empty() {
+            bail!("worker {} exited", self.label);
+        }
+        let v: serde_json::Value = serde_json::from_str(&line)
+            .with_context(|| format!("worker {} answered {line:?}", self.label))?;
+        if let Some(e) = v.get("error") {
+            bail!(
+                "worker {} ({req}): {}",
+                self.label,
+                e.as_str().unwrap_or_default()
+            );
+        }
+        Ok(v)
+    }
+}
+
+impl Drop for Worker {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A scratch directory (config files), removed on drop.
+pub struct TempDir(pub PathBuf);
+
+impl TempDir {
+    pub fn new() -> Result<TempDir> {
+        let p = std::env::temp_dir().join(format!("{PREFIX}-{}", std::process::id()));
+        fs::create_dir_all(&p).with_context(|| format!("creating {}", p.display()))?;
+        Ok(TempDir(p))
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = fs::remove_dir_all(&self.0);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_the_load_time() {
+        let line = "[2025 INFO port_guard::commands::daemon] guard enforcing: attach=/x mode=enforce errno=EADDRINUSE ranges=62500-62509/tcp[allow:/x/a] leases=0 pin_dir=/sys/fs/bpf/x (37 ms)";
+        assert_eq!(parse_ms(line), Some(Duration::from_millis(37)));
+        assert_eq!(parse_ms("guard enforcing: (x ms)"), None);
+    }
+}
