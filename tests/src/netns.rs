@@ -58,18 +58,13 @@ impl TestNetns {
 
     /// Makes `cmd` enter the namespace (and `cgroup`, if given) before exec.
     pub fn enter(&self, cmd: &mut Command, cgroup: Option<&Cgroup>) {
+        if let Some(cg) = cgroup {
+            enter_cgroup(cmd, cg);
+        }
         let ns = CString::new(self.path().as_os_str().as_encoded_bytes()).unwrap();
-        let procs = cgroup.map(|c| CString::new(c.abs().join("cgroup.procs").as_os_str().as_encoded_bytes()).unwrap());
         // SAFETY: only async-signal-safe calls between fork and exec.
         unsafe {
             cmd.pre_exec(move || {
-                if let Some(procs) = &procs {
-                    let fd = libc::open(procs.as_ptr(), libc::O_WRONLY);
-                    if fd < 0 || libc::write(fd, b"0".as_ptr().cast(), 1) != 1 {
-                        return Err(std::io::Error::last_os_error());
-                    }
-                    libc::close(fd);
-                }
                 let fd = libc::open(ns.as_ptr(), libc::O_RDONLY | libc::O_CLOEXEC);
                 if fd < 0 || libc::setns(fd, libc::CLONE_NEWNET) != 0 {
                     return Err(std::io::Error::last_os_error());
@@ -78,6 +73,22 @@ impl TestNetns {
                 Ok(())
             });
         }
+    }
+}
+
+/// Makes `cmd` move itself into `cg` before exec (a failed move fails the spawn).
+pub fn enter_cgroup(cmd: &mut Command, cg: &Cgroup) {
+    let procs = CString::new(cg.abs().join("cgroup.procs").as_os_str().as_encoded_bytes()).unwrap();
+    // SAFETY: only async-signal-safe calls between fork and exec.
+    unsafe {
+        cmd.pre_exec(move || {
+            let fd = libc::open(procs.as_ptr(), libc::O_WRONLY);
+            if fd < 0 || libc::write(fd, b"0".as_ptr().cast(), 1) != 1 {
+                return Err(std::io::Error::last_os_error());
+            }
+            libc::close(fd);
+            Ok(())
+        });
     }
 }
 

@@ -9,7 +9,6 @@
 
 use std::{
     io::{BufRead, BufReader},
-    os::unix::process::CommandExt as _,
     path::PathBuf,
     process::{Child, ChildStdout, Command, Stdio},
     time::{Duration, Instant},
@@ -271,21 +270,10 @@ fn leases_of_vms_that_ended_without_a_daemon_are_reaped_when_it_starts() {
 /// Starts pg-hostile in `cg` over the range: hold what it gets for `hold_ms`, then pause
 /// `gap_ms` with nothing held.
 fn hostile(cg: &Cgroup, first: u16, last: u16, hold_ms: u64, gap_ms: u64) -> Child {
-    let procs = std::ffi::CString::new(cg.abs().join("cgroup.procs").as_os_str().as_encoded_bytes()).unwrap();
     let mut c = Command::new(env!("CARGO_BIN_EXE_pg-hostile"));
     c.args([first.to_string(), last.to_string(), "600000".into(), hold_ms.to_string(), gap_ms.to_string()]);
     c.stdout(Stdio::piped());
-    // SAFETY: only async-signal-safe calls between fork and exec.
-    unsafe {
-        c.pre_exec(move || {
-            let fd = libc::open(procs.as_ptr(), libc::O_WRONLY);
-            if fd < 0 || libc::write(fd, b"0".as_ptr().cast(), 1) != 1 {
-                return Err(std::io::Error::last_os_error());
-            }
-            libc::close(fd);
-            Ok(())
-        });
-    }
+    integration_tests::netns::enter_cgroup(&mut c, cg);
     c.spawn().expect("starting pg-hostile")
 }
 

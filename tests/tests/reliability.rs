@@ -176,19 +176,7 @@ fn pg_bind(cg: &Cgroup, ns: Option<&TestNetns>, variant: &str, proto: &str, addr
     c.args([variant, proto, addr, &port.to_string()]);
     match ns {
         Some(ns) => ns.enter(&mut c, Some(cg)),
-        None => {
-            let procs = std::ffi::CString::new(cg.abs().join("cgroup.procs").as_os_str().as_encoded_bytes()).unwrap();
-            unsafe {
-                c.pre_exec(move || {
-                    let fd = libc::open(procs.as_ptr(), libc::O_WRONLY);
-                    if fd < 0 || libc::write(fd, b"0".as_ptr().cast(), 1) != 1 {
-                        return Err(std::io::Error::last_os_error());
-                    }
-                    libc::close(fd);
-                    Ok(())
-                });
-            }
-        }
+        None => integration_tests::netns::enter_cgroup(&mut c, cg),
     }
     let out = c.output().unwrap();
     let text = String::from_utf8_lossy(&out.stdout).trim().to_owned();
