@@ -19,7 +19,6 @@
 
 mod bind;
 mod bpfstats;
-mod candidate;
 mod env;
 mod phases;
 mod report;
@@ -60,9 +59,6 @@ pub struct Opts {
     /// Write every summary as JSON to this file.
     #[arg(long, value_name = "FILE")]
     pub json: Option<PathBuf>,
-    /// Also measure the candidate allocators (design prototypes, not the library's code).
-    #[arg(long)]
-    pub candidates: bool,
 }
 
 #[derive(Subcommand)]

@@ -603,7 +603,6 @@ pub fn run_all(opts: &Opts, pg: &Path) -> Result<Report> {
     allocation(
         &mut report,
         &p,
-        opts,
         &pins.dir("alloc"),
         &alloc_lessee,
         &free2,
@@ -793,7 +792,6 @@ fn foreign_sock_addr_programs() -> usize {
 fn allocation(
     report: &mut Report,
     p: &Params,
-    opts: &Opts,
     pin: &Path,
     lessee: &Cg,
     free: &Cg,
@@ -806,10 +804,7 @@ fn allocation(
     let mut lib_w = Worker::spawn("allocator (library)", lessee)?;
     let mut bare_w = Worker::spawn("allocator (bare probe-bind)", free)?;
     let mut maps = Maps::open(&PinDir::new(pin))?;
-    let mut methods: Vec<Option<&'static str>> = vec![None, Some("bare")];
-    if opts.candidates {
-        methods.extend(crate::candidate::NAMES.iter().map(|n| Some(*n)));
-    }
+    let methods: Vec<Option<&'static str>> = vec![None, Some("bare")];
     // per method, per level: every allocation's ns
     let mut ns: Vec<Vec<Vec<f64>>> = vec![vec![Vec::new(); p.alloc_levels.len()]; methods.len()];
     for _ in 0..p.alloc_reps {
@@ -824,23 +819,22 @@ fn allocation(
                 Some("bare") => bare_w.call(&json!({
                     "op": "alloc_bare", "first": ALLOC_FIRST, "last": ALLOC_LAST, "prefill": level, "m": p.alloc_m,
                 }))?,
-                method => {
+                _ => {
                     // The range is filled up to `level` with leases (claims only: the allocator
-                    // skips them whoever holds them), in the layout each allocator makes itself:
-                    // the lowest ports for first-free allocators, scattered for random-start.
-                    let filled = prefill(level, method == Some("random-start"), rng);
+                    // skips them whoever holds them) on the lowest ports, the layout a
+                    // lowest-first allocator makes, like the bare one's.
+                    let filled: Vec<u16> = (ALLOC_FIRST..).take(level as usize).collect();
                     for &port in &filled {
                         claim(&mut maps, port, lessee)?;
                     }
                     let r = lib_w.call(&json!({
                         "op": "alloc_lib", "pin": pin, "cgroup_id": lessee.id, "level": lessee.level, "m": p.alloc_m,
-                        "candidate": method,
                     }));
                     for &port in &filled {
                         let _ = leases::release(&mut maps, port);
                     }
                     let r = r?;
-                    if r["first_port"].as_u64() != Some(u64::from(ALLOC_FIRST) + level) && method.is_none() {
+                    if r["first_port"].as_u64() != Some(u64::from(ALLOC_FIRST) + level) {
                         bail!("the library allocated {} first, expected {}", r["first_port"], u64::from(ALLOC_FIRST) + level);
                     }
                     r
@@ -908,16 +902,6 @@ fn allocation(
         }),
     );
     Ok(())
-}
-
-/// `level` ports of the allocation range: the lowest ones, or a random sample.
-fn prefill(level: u64, scattered: bool, rng: &mut Rng) -> Vec<u16> {
-    let mut ports: Vec<u16> = (ALLOC_FIRST..=ALLOC_LAST).collect();
-    if scattered {
-        rng.shuffle(&mut ports);
-    }
-    ports.truncate(level as usize);
-    ports
 }
 
 /// Leases per second over a fill of the whole range, integrating the per-allocation medians over

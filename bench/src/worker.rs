@@ -18,8 +18,6 @@ use port_guard::{
 };
 use serde_json::{json, Value};
 
-use crate::candidate;
-
 #[derive(Default)]
 struct State {
     /// A TCP socket bound once (to a kernel-chosen port): binding it again runs the hook and then
@@ -123,16 +121,12 @@ fn handle(state: &mut State, req: &Value) -> Result<Value> {
             let id = field(req, "cgroup_id")?;
             let level = field(req, "level")? as u32;
             let m = field(req, "m")?;
-            let candidate = req["candidate"].as_str().map(str::to_owned);
             let maps = open_maps(state, &pin)?;
             let mut ns = Vec::with_capacity(m as usize);
             let mut ports = Vec::with_capacity(m as usize);
             for _ in 0..m {
                 let t = Instant::now();
-                let port = match candidate.as_deref() {
-                    None => leases::allocate(maps, id, level, None)?,
-                    Some(c) => candidate::allocate(c, maps, id, level)?,
-                };
+                let port = leases::allocate(maps, id, level, None)?;
                 ns.push(t.elapsed().as_nanos() as u64);
                 ports.push(port);
             }

@@ -8,7 +8,7 @@
 
 /// Bumped whenever a map layout below changes. The agent refuses to adopt pins written by a
 /// different layout instead of misreading them.
-pub const ABI_VERSION: u32 = 1;
+pub const ABI_VERSION: u32 = 2;
 
 /// Number of distinct reserved ranges. A range is one bit in an allowed cgroup's mask.
 pub const MAX_RANGES: usize = 64;
@@ -37,20 +37,28 @@ pub const MAP_COUNTERS: &str = "PG_COUNTERS";
 /// `RingBuf` of [`DenialEvent`].
 pub const MAP_EVENTS: &str = "PG_EVENTS";
 
-/// `HashMap<u64 unique key, StatDelta>`: lease allocators (`spawn`, `lease`, which run without
-/// the daemon) leave one entry each; the daemon adds them to its metrics and deletes them. Unique
-/// keys instead of a shared counter: userspace has no atomic add on a map value.
-pub const MAP_STATS: &str = "PG_STATS";
-/// Entries [`MAP_STATS`] holds between two daemon drains.
-pub const MAX_STATS: u32 = 4096;
-
-/// Value of [`MAP_STATS`].
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-#[repr(C)]
-pub struct StatDelta {
-    pub allocations: u32,
-    pub exhaustions: u32,
-}
+/// `Array<u64>` of [`ALLOC_ENTRIES`], created `BPF_F_MMAPABLE`: the allocators' shared memory.
+/// Every process that leases (`spawn`, `lease`, the daemon) maps it and updates it with atomic
+/// operations; the programs never read it. It holds:
+/// - [`ALLOC_GENERATION`]: bumped by every claim, hand-over and release, so the daemon's reaper
+///   knows when the lease map changed without reading it;
+/// - [`ALLOC_ALLOCATIONS`], [`ALLOC_EXHAUSTIONS`]: totals for the metrics;
+/// - from [`ALLOC_BITMAP`], one bit per port (word `port / 64`, bit `port % 64`): set while the
+///   port is leased. The bitmap is a hint that lets an allocator find the lowest unleased port
+///   without reading the lease map: the lease map stays the authority (a claim is an insert with
+///   BPF_NOEXIST), a clear bit over a lease costs one failed claim that sets it, and a set bit
+///   without a lease is cleared by the daemon's next reconcile.
+pub const MAP_ALLOC: &str = "PG_ALLOC";
+pub const ALLOC_GENERATION: usize = 0;
+pub const ALLOC_ALLOCATIONS: usize = 1;
+pub const ALLOC_EXHAUSTIONS: usize = 2;
+/// First word of the leased-port bitmap.
+pub const ALLOC_BITMAP: usize = 16;
+/// Words in the bitmap: 65,536 ports.
+pub const ALLOC_BITMAP_WORDS: usize = 65536 / 64;
+pub const ALLOC_ENTRIES: u32 = (ALLOC_BITMAP + ALLOC_BITMAP_WORDS) as u32;
+/// `BPF_F_MMAPABLE` (kernel 5.5+).
+pub const BPF_F_MMAPABLE: u32 = 1 << 10;
 
 /// Program names in the object (the function names).
 pub const PROG_BIND4: &str = "port_guard_bind4";
@@ -69,8 +77,11 @@ pub const COUNTER_ALLOWED: u32 = 0;
 pub const COUNTER_DENIED: u32 = 1;
 pub const COUNTER_AUDITED: u32 = 2;
 pub const COUNTER_KINDS: u32 = 3;
+/// Index in [`MAP_COUNTERS`] of the denial events the ring buffer had no room for (the
+/// denials themselves are counted in full either way).
+pub const EVENTS_LOST_INDEX: u32 = MAX_RANGES as u32 * 2 * COUNTER_KINDS;
 /// Entries in [`MAP_COUNTERS`].
-pub const COUNTERS_LEN: u32 = MAX_RANGES as u32 * 2 * COUNTER_KINDS;
+pub const COUNTERS_LEN: u32 = EVENTS_LOST_INDEX + 1;
 
 /// Index into [`MAP_COUNTERS`] for range slot `slot`, protocol index `proto` (0 tcp, 1 udp) and
 /// counter `kind`.
@@ -179,7 +190,6 @@ mod pod {
     unsafe impl aya::Pod for super::Lease {}
     unsafe impl aya::Pod for super::GuardConfig {}
     unsafe impl aya::Pod for super::DenialEvent {}
-    unsafe impl aya::Pod for super::StatDelta {}
 }
 
 #[cfg(test)]
@@ -200,7 +210,8 @@ mod tests {
     #[test]
     fn counter_indices_are_distinct_and_in_bounds() {
         let last = counter_index(MAX_RANGES as u32 - 1, 1, COUNTER_KINDS - 1);
-        assert_eq!(last, COUNTERS_LEN - 1);
+        assert_eq!(last + 1, EVENTS_LOST_INDEX);
+        assert_eq!(EVENTS_LOST_INDEX, COUNTERS_LEN - 1);
         assert_ne!(counter_index(0, 1, 0), counter_index(1, 0, 0));
     }
 }

@@ -27,10 +27,10 @@ use aya_ebpf::{
 };
 use aya_log_ebpf::debug;
 use port_guard_common::{
-    counter_index, DenialEvent, GuardConfig, Lease, PortEntry, RangeDef, StatDelta, ACTION_AUDITED,
-    ACTION_DENIED, COUNTERS_LEN, COUNTER_ALLOWED, COUNTER_AUDITED, COUNTER_DENIED, EVENTS_BYTES,
-    MAX_ALLOWED, MAX_CGROUP_LEVEL, MAX_LEASES, MAX_RANGES, MAX_STATS, MODE_AUDIT, PROTO_TCP,
-    PROTO_UDP,
+    counter_index, DenialEvent, GuardConfig, Lease, PortEntry, RangeDef, ACTION_AUDITED,
+    ACTION_DENIED, ALLOC_ENTRIES, BPF_F_MMAPABLE, COUNTERS_LEN, COUNTER_ALLOWED, COUNTER_AUDITED,
+    COUNTER_DENIED, EVENTS_BYTES, EVENTS_LOST_INDEX, MAX_ALLOWED, MAX_CGROUP_LEVEL, MAX_LEASES,
+    MAX_RANGES, MODE_AUDIT, PROTO_TCP, PROTO_UDP,
 };
 
 /// Set by the agent at load time (`EbpfLoader::override_global`). Read with `read_volatile` so the
@@ -58,10 +58,10 @@ static PG_CONFIG: Array<GuardConfig> = Array::pinned(1, 0);
 #[map(name = "PG_COUNTERS")]
 static PG_COUNTERS: PerCpuArray<u64> = PerCpuArray::pinned(COUNTERS_LEN, 0);
 
-/// Written and read by userspace only (lease allocation stats); declared here so it is pinned
-/// with the others.
-#[map(name = "PG_STATS")]
-static PG_STATS: HashMap<u64, StatDelta> = HashMap::pinned(MAX_STATS, 0);
+/// Shared memory of the lease allocators (userspace only, mmapped); declared here so it is
+/// created and pinned with the others.
+#[map(name = "PG_ALLOC")]
+static PG_ALLOC: Array<u64> = Array::pinned(ALLOC_ENTRIES, BPF_F_MMAPABLE);
 
 #[map(name = "PG_EVENTS")]
 static PG_EVENTS: RingBuf = RingBuf::pinned(EVENTS_BYTES, 0);
@@ -202,6 +202,10 @@ fn refuse(
             comm,
         });
         entry.submit(0);
+    } else {
+        // The agent is not reading fast enough: the denial is counted above, its event is lost,
+        // and the agent says how many.
+        count_at(EVENTS_LOST_INDEX);
     }
     // Only with `daemon -v`: the agent loads with AYA_LOG_LEVEL below debug otherwise, and the
     // record is never written.
@@ -226,7 +230,12 @@ fn refuse(
 
 #[inline(always)]
 fn count(slot: u32, proto_idx: u32, kind: u32) {
-    if let Some(c) = PG_COUNTERS.get_ptr_mut(counter_index(slot, proto_idx, kind)) {
+    count_at(counter_index(slot, proto_idx, kind))
+}
+
+#[inline(always)]
+fn count_at(index: u32) {
+    if let Some(c) = PG_COUNTERS.get_ptr_mut(index) {
         // Per-CPU slot: no other writer while this program runs on this CPU.
         unsafe { *c += 1 };
     }

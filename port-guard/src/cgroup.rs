@@ -74,6 +74,18 @@ impl CgroupPath {
         self.components().count() as u32
     }
 
+    /// The parent cgroup; None for the root.
+    pub fn parent(&self) -> Option<CgroupPath> {
+        if self.0 == "/" {
+            return None;
+        }
+        match self.0.rfind('/') {
+            Some(0) => Some(CgroupPath::root()),
+            Some(i) => Some(CgroupPath(self.0[..i].to_owned())),
+            None => None,
+        }
+    }
+
     /// `self/name`, validated.
     pub fn join(&self, name: &str) -> Result<CgroupPath, CgroupError> {
         if self.0 == "/" {
@@ -189,6 +201,62 @@ impl Cgroup2 {
         self.id(path)
     }
 
+    /// The path of the cgroup with id `id`, from its file handle (cgroupfs exports the id as a
+    /// kernfs handle): O(1) whatever the size of the tree. Ok(None) when no such cgroup exists;
+    /// an error when handles cannot be used here (no CAP_DAC_READ_SEARCH, an old kernel), where
+    /// [`Cgroup2::paths_by_id`] remains.
+    pub fn path_of(&self, id: u64) -> io::Result<Option<CgroupPath>> {
+        use std::os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd};
+        #[repr(C)]
+        struct KernfsHandle {
+            handle_bytes: u32,
+            handle_type: i32,
+            id: u64,
+        }
+        /// FILEID_KERNFS in include/linux/exportfs.h.
+        const FILEID_KERNFS: i32 = 0xfe;
+        let mount = fs::File::open(&self.mount)?;
+        let handle = KernfsHandle {
+            handle_bytes: 8,
+            handle_type: FILEID_KERNFS,
+            id,
+        };
+        // SAFETY: a valid dir fd and a file_handle with 8 bytes of f_handle.
+        let fd = unsafe {
+            libc::syscall(
+                libc::SYS_open_by_handle_at,
+                mount.as_raw_fd(),
+                &handle as *const KernfsHandle,
+                libc::O_RDONLY | libc::O_DIRECTORY | libc::O_CLOEXEC,
+            )
+        };
+        if fd < 0 {
+            let e = io::Error::last_os_error();
+            return match e.raw_os_error() {
+                Some(libc::ESTALE) | Some(libc::ENOENT) | Some(libc::ENOTDIR) => Ok(None),
+                _ => Err(e),
+            };
+        }
+        // SAFETY: a fresh fd nothing else owns.
+        let fd = unsafe { OwnedFd::from_raw_fd(fd as i32) };
+        let target = fs::read_link(format!("/proc/self/fd/{}", fd.as_raw_fd()))?;
+        let Ok(rel) = target.strip_prefix(&self.mount) else {
+            // Reached through another mount of cgroup2: fall back to the walk.
+            return Err(io::Error::other(format!(
+                "{} is not below {}",
+                target.display(),
+                self.mount.display()
+            )));
+        };
+        let Some(rel) = rel.to_str() else {
+            return Ok(None);
+        };
+        if rel.ends_with(" (deleted)") {
+            return Ok(None);
+        }
+        Ok(format!("/{rel}").parse().ok())
+    }
+
     /// Every cgroup below the mount, by id. Walks the tree: call it when an id is not in a cache.
     pub fn paths_by_id(&self) -> HashMap<u64, CgroupPath> {
         let mut out = HashMap::new();
@@ -261,6 +329,14 @@ pub fn of_pid(pid: u32) -> Option<CgroupPath> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn parents() {
+        let p = |s: &str| s.parse::<CgroupPath>().unwrap();
+        assert_eq!(p("/machine/qemu-1").parent(), Some(p("/machine")));
+        assert_eq!(p("/machine").parent(), Some(CgroupPath::root()));
+        assert_eq!(CgroupPath::root().parent(), None);
+    }
 
     #[test]
     fn validates_paths() {

@@ -21,7 +21,7 @@ use std::{
 };
 
 use aya::{
-    maps::{Array, HashMap, Map, MapData, MapError, PerCpuArray},
+    maps::{Array, HashMap, IterableMap, Map, MapData, MapError, PerCpuArray},
     pin::PinError,
     programs::{
         links::{CgroupAttachMode, FdLink, LinkError},
@@ -29,15 +29,17 @@ use aya::{
     },
     Ebpf, EbpfError, EbpfLoader,
 };
-use log::{info, warn};
+use log::{debug, info, warn};
 use port_guard_common::{
     counter_index, GuardConfig, Lease, PortEntry, RangeDef, ABI_VERSION, COUNTER_ALLOWED,
-    COUNTER_AUDITED, COUNTER_DENIED, FLAG_PROTECT_EPHEMERAL, FLAG_RETVAL, GLOBAL_USE_RETVAL,
-    MAP_ALLOWED, MAP_CONFIG, MAP_COUNTERS, MAP_LEASES, MAP_PORTS, MAP_RANGES, MAX_ALLOWED,
-    MAX_CGROUP_LEVEL, MAX_RANGES, MODE_AUDIT, MODE_ENFORCE, PROG_BIND4, PROG_BIND6,
+    COUNTER_AUDITED, COUNTER_DENIED, EVENTS_LOST_INDEX, FLAG_PROTECT_EPHEMERAL, FLAG_RETVAL,
+    GLOBAL_USE_RETVAL, MAP_ALLOC, MAP_ALLOWED, MAP_CONFIG, MAP_COUNTERS, MAP_LEASES, MAP_PORTS,
+    MAP_RANGES, MAX_ALLOWED, MAX_CGROUP_LEVEL, MAX_RANGES, MODE_AUDIT, MODE_ENFORCE, PROG_BIND4,
+    PROG_BIND6,
 };
 
 use crate::{
+    alloc::AllocMap,
     cgroup::{Cgroup2, CgroupError, CgroupPath},
     policy::{Errno, Mode, Policy, PortRange, Protocols, ReserveSpec},
     probe::Features,
@@ -332,7 +334,36 @@ pub struct Maps {
     pub leases: HashMap<MapData, u32, Lease>,
     pub config: Array<MapData, GuardConfig>,
     pub counters: PerCpuArray<MapData, u64>,
-    pub stats: HashMap<MapData, u64, port_guard_common::StatDelta>,
+    /// The allocators' shared memory (leased-port bitmap, generation, totals).
+    pub alloc: AllocMap,
+}
+
+/// Every entry of `map`, read with BPF_MAP_LOOKUP_BATCH, `chunk` per syscall.
+fn batch<K: aya::Pod, V: aya::Pod>(
+    map: &MapData,
+    chunk: u32,
+    name: &'static str,
+) -> Result<Vec<(K, V)>, GuardError> {
+    use std::os::fd::AsFd as _;
+    let (ks, vs) = sys::lookup_batch(map.fd().as_fd(), size_of::<K>(), size_of::<V>(), chunk)
+        .map_err(|e| GuardError::Map {
+            name,
+            source: Box::new(MapError::SyscallError(aya::sys::SyscallError {
+                call: "bpf_map_lookup_batch",
+                io_error: e,
+            })),
+        })?;
+    Ok(ks
+        .chunks_exact(size_of::<K>())
+        .zip(vs.chunks_exact(size_of::<V>()))
+        // SAFETY: K and V are Pod: any bytes of their size are a value.
+        .map(|(k, v)| unsafe {
+            (
+                std::ptr::read_unaligned(k.as_ptr().cast::<K>()),
+                std::ptr::read_unaligned(v.as_ptr().cast::<V>()),
+            )
+        })
+        .collect())
 }
 
 fn open_pinned(pin: &PinDir, name: &'static str) -> Result<Map, GuardError> {
@@ -360,9 +391,23 @@ impl Maps {
             counters: get(MAP_COUNTERS)?
                 .try_into()
                 .map_err(map_err(MAP_COUNTERS))?,
-            stats: get(port_guard_common::MAP_STATS)?
-                .try_into()
-                .map_err(map_err(port_guard_common::MAP_STATS))?,
+            alloc: match get(MAP_ALLOC)? {
+                Map::Array(data) => AllocMap::new(data).map_err(|e| GuardError::Map {
+                    name: MAP_ALLOC,
+                    source: Box::new(MapError::SyscallError(aya::sys::SyscallError {
+                        call: "mmap",
+                        io_error: e,
+                    })),
+                })?,
+                _ => {
+                    return Err(GuardError::Map {
+                        name: MAP_ALLOC,
+                        source: Box::new(MapError::InvalidName {
+                            name: MAP_ALLOC.into(),
+                        }),
+                    })
+                }
+            },
         })
     }
 
@@ -378,13 +423,16 @@ impl Maps {
             Err(e) if e.kind() == io::ErrorKind::NotFound => {}
             Err(e) => return Err(io_err("open pin", &config)(e)),
         }
-        let maps = Maps::build(|name| open_pinned(pin, name))?;
-        maps.check_abi(pin)?;
-        Ok(maps)
+        // The layout version first: pins of another layout may lack a map this one has.
+        let config: Array<MapData, GuardConfig> = open_pinned(pin, MAP_CONFIG)?
+            .try_into()
+            .map_err(map_err(MAP_CONFIG))?;
+        Maps::check_abi(&config, pin)?;
+        Maps::build(|name| open_pinned(pin, name))
     }
 
-    fn check_abi(&self, pin: &PinDir) -> Result<(), GuardError> {
-        let c = self.config()?;
+    fn check_abi(config: &Array<MapData, GuardConfig>, pin: &PinDir) -> Result<(), GuardError> {
+        let c = config.get(&0, 0).map_err(map_err(MAP_CONFIG))?;
         // 0: created by an interrupted first load that never wrote its config.
         if c.abi != ABI_VERSION && c.abi != 0 {
             return Err(GuardError::Abi {
@@ -400,16 +448,16 @@ impl Maps {
         self.config.get(&0, 0).map_err(map_err(MAP_CONFIG))
     }
 
-    /// The configured ranges by slot.
+    /// The configured ranges by slot (one syscall).
     pub fn ranges(&self) -> Result<BTreeMap<u32, RangeDef>, GuardError> {
-        let mut out = BTreeMap::new();
-        for slot in 0..MAX_RANGES as u32 {
-            let r = self.ranges.get(&slot, 0).map_err(map_err(MAP_RANGES))?;
-            if r.in_use != 0 {
-                out.insert(slot, r);
-            }
-        }
-        Ok(out)
+        Ok(batch::<u32, RangeDef>(
+            IterableMap::map(&self.ranges),
+            MAX_RANGES as u32,
+            MAP_RANGES,
+        )?
+        .into_iter()
+        .filter(|(_, r)| r.in_use != 0)
+        .collect())
     }
 
     /// Allowed cgroup id → range mask.
@@ -420,12 +468,13 @@ impl Maps {
             .map_err(map_err(MAP_ALLOWED))
     }
 
-    /// Port → lease.
+    /// Port → lease (a few syscalls, whatever the number of leases).
     pub fn leases(&self) -> Result<BTreeMap<u32, Lease>, GuardError> {
-        self.leases
-            .iter()
-            .collect::<Result<_, _>>()
-            .map_err(map_err(MAP_LEASES))
+        Ok(
+            batch::<u32, Lease>(IterableMap::map(&self.leases), 4096, MAP_LEASES)?
+                .into_iter()
+                .collect(),
+        )
     }
 
     /// Counter totals for `slot`: [allowed, denied, audited] per protocol (tcp, udp).
@@ -444,6 +493,16 @@ impl Maps {
             }
         }
         Ok(out)
+    }
+
+    /// Denial events the ring buffer had no room for, since the guard was first loaded.
+    pub fn events_lost(&self) -> Result<u64, GuardError> {
+        Ok(self
+            .counters
+            .get(&EVENTS_LOST_INDEX, 0)
+            .map_err(map_err(MAP_COUNTERS))?
+            .iter()
+            .sum())
     }
 
     /// Writes `r` into the maps in an order that never opens a gap while the programs run:
@@ -589,34 +648,6 @@ impl Maps {
             }
         }
         Ok(())
-    }
-
-    /// Leaves one allocation result for the daemon's metrics (best effort: a full map drops it).
-    pub fn record_allocation(&mut self, ok: bool) {
-        let key = (u64::from(std::process::id()) << 32)
-            ^ SystemTime::now()
-                .duration_since(UNIX_EPOCH)
-                .map(|d| d.as_nanos() as u64)
-                .unwrap_or(0);
-        let delta = port_guard_common::StatDelta {
-            allocations: ok.into(),
-            exhaustions: (!ok).into(),
-        };
-        let _ = self.stats.insert(key, delta, 1 /* BPF_NOEXIST */);
-    }
-
-    /// Takes the allocation results left since the last call: (allocations, exhaustions).
-    pub fn drain_stats(&mut self) -> (u64, u64) {
-        let entries: Vec<(u64, port_guard_common::StatDelta)> =
-            self.stats.iter().filter_map(Result::ok).collect();
-        let (mut a, mut e) = (0u64, 0u64);
-        for (key, d) in entries {
-            if self.stats.remove(&key).is_ok() {
-                a += u64::from(d.allocations);
-                e += u64::from(d.exhaustions);
-            }
-        }
-        (a, e)
     }
 
     /// Records in the config map whether ephemeral protection is in force.
@@ -816,6 +847,8 @@ pub struct Status {
     pub reserve: Vec<RangeStatus>,
     pub leases: Vec<LeaseStatus>,
     pub counters: Counters,
+    /// Denials counted but not reported (the event ring buffer was full).
+    pub events_lost: u64,
 }
 
 #[derive(Debug, Default, Clone, Copy, serde::Serialize)]
@@ -854,11 +887,13 @@ pub struct LeaseStatus {
     pub age_secs: u64,
 }
 
-/// Names a cgroup id, walking the tree once for all lookups.
+/// Names cgroup ids: by file handle (O(1)), or by one walk of the tree cached for later lookups.
 pub struct CgroupNames<'a> {
     cg: &'a Cgroup2,
     cache: Option<StdHashMap<u64, CgroupPath>>,
     missing: StdHashMap<u64, std::time::Instant>,
+    /// Whether id → path by file handle works here.
+    handles: bool,
 }
 
 impl<'a> CgroupNames<'a> {
@@ -867,27 +902,42 @@ impl<'a> CgroupNames<'a> {
             cg,
             cache: None,
             missing: StdHashMap::new(),
+            handles: true,
         }
     }
 
     /// The path of `id`, or `(gone, id N)` for a cgroup that no longer exists.
     pub fn name(&mut self, id: u64) -> String {
-        if let Some(p) = self.cache.as_ref().and_then(|c| c.get(&id)) {
-            return p.to_string();
-        }
-        let fresh = self.cg.paths_by_id();
-        let name = fresh
-            .get(&id)
-            .map(ToString::to_string)
-            .unwrap_or_else(|| format!("(gone, id {id})"));
-        self.cache = Some(fresh);
-        name
+        self.lookup(id)
+            .map(|p| p.to_string())
+            .unwrap_or_else(|| format!("(gone, id {id})"))
     }
 
-    /// The path of `id` if it exists, walking the tree again on a cache miss.
+    /// The path of `id` if it exists: from the cache, else from the cgroup's file handle, else
+    /// (no handles here) by walking the tree again.
     pub fn lookup(&mut self, id: u64) -> Option<CgroupPath> {
         if let Some(p) = self.cache.as_ref().and_then(|c| c.get(&id)) {
             return Some(p.clone());
+        }
+        if self.handles {
+            match self.cg.path_of(id) {
+                Ok(found) => {
+                    if let Some(p) = &found {
+                        let cache = self.cache.get_or_insert_with(StdHashMap::new);
+                        if cache.len() >= 65536 {
+                            cache.clear();
+                        }
+                        cache.insert(id, p.clone());
+                    }
+                    return found;
+                }
+                Err(e) => {
+                    debug!(
+                        "cgroup id to path by file handle failed ({e}); walking the tree instead"
+                    );
+                    self.handles = false;
+                }
+            }
         }
         let fresh = self.cg.paths_by_id();
         let found = fresh.get(&id).cloned();
@@ -1005,5 +1055,6 @@ pub fn status(pin: &PinDir, cg: &Cgroup2) -> Result<Status, GuardError> {
         reserve,
         leases,
         counters: total,
+        events_lost: maps.events_lost()?,
     })
 }

@@ -10,6 +10,15 @@ use std::{
     path::Path,
 };
 
+/// One inotify event.
+#[derive(Debug)]
+pub struct Event {
+    pub wd: i32,
+    pub mask: u32,
+    /// The entry's name, for events on a watched directory.
+    pub name: Option<std::ffi::OsString>,
+}
+
 pub struct Inotify {
     fd: OwnedFd,
 }
@@ -42,6 +51,37 @@ impl Inotify {
     pub fn remove(&self, wd: i32) {
         // SAFETY: valid fd; a stale wd only returns EINVAL.
         unsafe { libc::inotify_rm_watch(self.fd.as_raw_fd(), wd) };
+    }
+
+    /// Reads the pending events: (watch descriptor, mask, name) each. A queue overflow comes as
+    /// one event with wd -1 and IN_Q_OVERFLOW: whoever reads must then look at everything.
+    pub fn read_events(&self) -> Vec<Event> {
+        let mut out = Vec::new();
+        let mut buf = [0u8; 8192];
+        loop {
+            // SAFETY: reading into a local buffer.
+            let n = unsafe { libc::read(self.fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) };
+            if n <= 0 {
+                return out;
+            }
+            let mut off = 0usize;
+            let n = n as usize;
+            let head = size_of::<libc::inotify_event>();
+            while off + head <= n {
+                // SAFETY: the kernel wrote a whole inotify_event header at `off`.
+                let ev: libc::inotify_event =
+                    unsafe { std::ptr::read_unaligned(buf[off..].as_ptr().cast()) };
+                let name_end = (off + head + ev.len as usize).min(n);
+                let raw = &buf[off + head..name_end];
+                let name = raw.split(|&b| b == 0).next().filter(|s| !s.is_empty());
+                out.push(Event {
+                    wd: ev.wd,
+                    mask: ev.mask,
+                    name: name.map(|s| std::ffi::OsStr::from_bytes(s).to_owned()),
+                });
+                off = name_end;
+            }
+        }
     }
 
     /// Reads and discards pending events; returns whether there were any. (The daemon rescans

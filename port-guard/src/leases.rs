@@ -7,6 +7,11 @@
 //! virPortAllocator does, plus udp where the range covers it): the guard lets the lessee through,
 //! and EADDRINUSE means a socket already held the port before the claim, so the claim is dropped
 //! and the next port tried. From the claim on, nobody else can bind the port.
+//!
+//! Candidates come from the leased-port bitmap every allocator shares (`PG_ALLOC`, mmapped):
+//! the lowest port not marked is claimed, so an allocation costs one claim and one probe at any
+//! fill of the range instead of a read of the whole lease map. The bitmap only proposes; the
+//! claim decides, and a claim that fails marks the port.
 
 use std::{
     io,
@@ -111,8 +116,17 @@ pub fn claim(maps: &mut Maps, port: u16, cgroup_id: u64, level: u32) -> Result<b
         since: now_secs(),
     };
     match maps.leases.insert(u32::from(port), lease, BPF_NOEXIST) {
-        Ok(()) => Ok(true),
-        Err(e) if is_errno(&e, libc::EEXIST) => Ok(false),
+        Ok(()) => {
+            maps.alloc.mark(port);
+            maps.alloc.bump();
+            Ok(true)
+        }
+        Err(e) if is_errno(&e, libc::EEXIST) => {
+            // Leased already; the bitmap may not know yet (a lease of an allocator that died
+            // between its claim and its mark).
+            maps.alloc.mark(port);
+            Ok(false)
+        }
         Err(e) => Err(map_err(e)),
     }
 }
@@ -133,18 +147,26 @@ pub fn hand_over(maps: &mut Maps, port: u16, cgroup_id: u64, level: u32) -> Resu
             } else {
                 map_err(e)
             }
-        })
+        })?;
+    maps.alloc.bump();
+    Ok(())
 }
 
-/// Removes the lease on `port`.
+/// Removes the lease on `port`. The lease goes before its bit: an allocator that sees the bit
+/// clear finds the port unleased.
 pub fn release(maps: &mut Maps, port: u16) -> Result<(), LeaseError> {
-    maps.leases.remove(&u32::from(port)).map_err(|e| {
+    let result = maps.leases.remove(&u32::from(port)).map_err(|e| {
         if is_errno(&e, libc::ENOENT) {
             LeaseError::NotLeased(port)
         } else {
             map_err(e)
         }
-    })
+    });
+    if matches!(result, Ok(()) | Err(LeaseError::NotLeased(_))) {
+        maps.alloc.unmark(port);
+        maps.alloc.bump();
+    }
+    result
 }
 
 /// Removes every lease of `cgroup_id`; returns the ports.
@@ -274,8 +296,8 @@ pub fn allocate(
 ) -> Result<u16, LeaseError> {
     let result = allocate_inner(maps, cgroup_id, level, requested);
     match &result {
-        Ok(_) => maps.record_allocation(true),
-        Err(LeaseError::Exhausted { .. }) => maps.record_allocation(false),
+        Ok(_) => maps.alloc.record(true),
+        Err(LeaseError::Exhausted { .. }) => maps.alloc.record(false),
         Err(_) => {}
     }
     result
@@ -321,22 +343,24 @@ fn allocate_inner(
             }
         };
     }
-    let leased = maps.leases()?;
+    // The lowest port the bitmap shows unleased; the claim decides.
     for spec in &ranges {
-        for port in spec.range.ports() {
-            if leased.contains_key(&u32::from(port)) {
-                continue;
-            }
-            if !claim(maps, port, cgroup_id, level)? {
-                continue; // another allocator got it first
-            }
-            match probe_free(port, spec.protocols) {
-                Ok(true) => return Ok(port),
-                Ok(false) => release(maps, port)?,
-                Err(e) => {
-                    release(maps, port)?;
-                    return Err(e);
+        let mut from = spec.range.first;
+        while let Some(port) = maps.alloc.first_unmarked(from, spec.range.last) {
+            if claim(maps, port, cgroup_id, level)? {
+                match probe_free(port, spec.protocols) {
+                    Ok(true) => return Ok(port),
+                    Ok(false) => release(maps, port)?,
+                    Err(e) => {
+                        release(maps, port)?;
+                        return Err(e);
+                    }
                 }
+            }
+            // Leased (another allocator got it first) or held by a socket: the next one.
+            match port.checked_add(1) {
+                Some(next) => from = next,
+                None => break,
             }
         }
     }

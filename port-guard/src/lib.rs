@@ -3,6 +3,7 @@
 //! Data flows one way: config and flags → [`policy::Policy`] → kernel maps ([`guard`]) → the
 //! bind4/bind6 programs decide; their events → [`events`] → the daemon's log.
 
+pub mod alloc;
 pub mod cgroup;
 pub mod cli;
 pub mod commands;

@@ -20,8 +20,6 @@ use crate::guard::{GuardError, Maps, PinDir};
 /// What the daemon counts itself.
 #[derive(Debug, Default, Clone, Copy)]
 pub struct DaemonStats {
-    pub lease_allocations: u64,
-    pub lease_exhaustions: u64,
     pub leases_reaped: u64,
     pub reloads_ok: u64,
     pub reloads_failed: u64,
@@ -91,12 +89,17 @@ pub fn render(maps: &Maps, pin: &PinDir, stats: &DaemonStats) -> Result<String, 
     reg.register(
         "lease_allocations",
         "Leases made by spawn and lease",
-        counter(stats.lease_allocations),
+        counter(maps.alloc.totals().0),
     );
     reg.register(
         "lease_exhaustions",
         "Lease requests refused because every port was leased or bound",
-        counter(stats.lease_exhaustions),
+        counter(maps.alloc.totals().1),
+    );
+    reg.register(
+        "denial_events_lost",
+        "Denials the kernel counted but could not report (event ring buffer full)",
+        counter(maps.events_lost()?),
     );
     reg.register(
         "leases_reaped",

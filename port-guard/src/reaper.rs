@@ -4,16 +4,24 @@
 //! has no process left: spawn moved itself in before it claimed, so empty means the VM exited.
 //! The lease and the cgroup are removed. A lease to any other cgroup (`lease --cgroup`, where
 //! the orchestrator starts qemu after leasing) ends when its cgroup is removed, or when the
-//! daemon has seen it populated and then empty. The daemon learns of changes from inotify on
-//! each leased cgroup's `cgroup.events` and on the spawn parent (new VM cgroups are watched from
-//! their creation), and rescans the lease map every second as a safety net.
+//! daemon has seen it populated and then empty.
+//!
+//! The work is proportional to what changed, not to the number of leases:
+//! - inotify on each leased cgroup's `cgroup.events` (and on every cgroup made below the spawn
+//!   parent, from its creation) says which cgroup to look at when a VM exits;
+//! - the lease map is read (in batches) only when the allocators' generation counter moved, once
+//!   a second at most, and only cgroups that gained a lease are looked at then;
+//! - every [`FULL_PASS`] (and when inotify overflows) every lessee cgroup is looked at and the
+//!   leased-port bitmap is reconciled with the lease map, as a safety net.
 
 use std::{
-    collections::{HashMap, HashSet},
+    collections::{BTreeMap, HashMap, HashSet},
     fs, io,
+    time::{Duration, Instant},
 };
 
-use log::{info, warn};
+use log::{debug, info, warn};
+use port_guard_common::Lease;
 
 use crate::{
     cgroup::{Cgroup2, CgroupPath},
@@ -22,49 +30,109 @@ use crate::{
     leases,
 };
 
-/// inotify on `cgroup.events` files.
+/// inotify on lessee cgroups: each one's `cgroup.events` (IN_MODIFY: populated changed) and its
+/// parent directory (IN_DELETE: the cgroup was removed; removing a cgroup sends nothing through
+/// the files inside it, and no IN_DELETE_SELF either while a watch holds its inode).
 pub struct Watcher {
     pub inotify: Inotify,
-    /// cgroup id → watch descriptor.
-    by_id: HashMap<u64, i32>,
+    /// cgroup id → (its cgroup.events watch, its path).
+    by_id: HashMap<u64, (i32, CgroupPath)>,
+    /// cgroup.events watch → cgroup id.
+    by_wd: HashMap<i32, u64>,
+    /// Watched cgroups by path, for IN_DELETE events (which name the child).
+    by_path: HashMap<CgroupPath, u64>,
+    /// Parent directory watches: wd → parent path.
+    parents: HashMap<i32, CgroupPath>,
+    /// The spawn parent's watch (IN_CREATE too); never removed.
     dir_watch: Option<i32>,
 }
+
+/// Every watch on a directory is added with IN_MASK_ADD: one inode has one watch, and a parent
+/// can be both the spawn parent (IN_CREATE) and a lessee's parent (IN_DELETE).
+const DIR_MASK: u32 = libc::IN_ONLYDIR | libc::IN_MASK_ADD;
 
 impl Watcher {
     pub fn new() -> io::Result<Watcher> {
         Ok(Watcher {
             inotify: Inotify::new()?,
             by_id: HashMap::new(),
+            by_wd: HashMap::new(),
+            by_path: HashMap::new(),
+            parents: HashMap::new(),
             dir_watch: None,
         })
     }
 
-    fn watch(&mut self, cg: &Cgroup2, path: &CgroupPath, id: u64) {
+    /// Watches a cgroup. False when inotify refuses (fs.inotify.max_user_watches): the caller
+    /// must look at the cgroup some other way.
+    fn watch(&mut self, cg: &Cgroup2, path: &CgroupPath, id: u64) -> bool {
         if self.by_id.contains_key(&id) {
-            return;
+            return true;
         }
-        if let Some(wd) = self
+        let Some(parent) = path.parent() else {
+            return false;
+        };
+        let Some(pwd) = self
+            .inotify
+            .add(&cg.dir(&parent), libc::IN_DELETE | DIR_MASK)
+        else {
+            return false;
+        };
+        self.parents.insert(pwd, parent);
+        let Some(wd) = self
             .inotify
             .add(&cg.dir(path).join("cgroup.events"), libc::IN_MODIFY)
-        {
-            self.by_id.insert(id, wd);
-        }
+        else {
+            return false;
+        };
+        self.by_id.insert(id, (wd, path.clone()));
+        self.by_wd.insert(wd, id);
+        self.by_path.insert(path.clone(), id);
+        true
     }
 
     /// Watches the spawn parent for new cgroups (IN_CREATE), so a VM that lives for less than
-    /// a rescan interval is still seen to exit.
+    /// a tick is still seen to exit.
     fn watch_dir(&mut self, cg: &Cgroup2, path: &CgroupPath) {
         if self.dir_watch.is_none() {
-            self.dir_watch = self
-                .inotify
-                .add(&cg.dir(path), libc::IN_CREATE | libc::IN_ONLYDIR);
+            self.dir_watch = self.inotify.add(&cg.dir(path), libc::IN_CREATE | DIR_MASK);
         }
     }
 
     fn unwatch(&mut self, id: u64) {
-        if let Some(wd) = self.by_id.remove(&id) {
+        if let Some((wd, path)) = self.by_id.remove(&id) {
+            self.by_wd.remove(&wd);
+            self.by_path.remove(&path);
             self.inotify.remove(wd);
         }
+    }
+
+    /// Removes parent watches no watched cgroup needs (the spawn parent's stays).
+    fn prune_parents(&mut self) {
+        let needed: HashSet<CgroupPath> =
+            self.by_path.keys().filter_map(CgroupPath::parent).collect();
+        let dir_watch = self.dir_watch;
+        let inotify = &self.inotify;
+        self.parents.retain(|wd, path| {
+            let keep = Some(*wd) == dir_watch || needed.contains(path);
+            if !keep {
+                inotify.remove(*wd);
+            }
+            keep
+        });
+    }
+
+    /// The cgroup an event is about, if it is one of ours.
+    fn cgroup_of(&self, ev: &crate::inotify::Event) -> Option<u64> {
+        if let Some(&id) = self.by_wd.get(&ev.wd) {
+            return Some(id);
+        }
+        if ev.mask & libc::IN_DELETE != 0 {
+            let parent = self.parents.get(&ev.wd)?;
+            let child = parent.join(ev.name.as_ref()?.to_str()?).ok()?;
+            return self.by_path.get(&child).copied();
+        }
+        None
     }
 }
 
@@ -83,12 +151,35 @@ pub fn watch_parents(inotify: &Inotify, dirs: impl IntoIterator<Item = std::path
     }
 }
 
-/// Lease bookkeeping across scans.
+/// How often every lessee cgroup is looked at even when nothing was heard.
+pub const FULL_PASS: Duration = Duration::from_secs(30);
+
+/// What woke the reaper.
+pub enum Wake {
+    /// The daemon's one-second tick: the lease map is read if it changed, and everything is
+    /// looked at when [`FULL_PASS`] has elapsed.
+    Tick,
+    /// inotify events are pending.
+    Inotify,
+    /// Look at everything now (start-up).
+    Full,
+}
+
+/// Lease bookkeeping across passes.
 pub struct Reaper {
     pub watcher: Watcher,
     /// Lessee cgroups seen with processes in them.
     seen_populated: HashSet<u64>,
     pub reaped: u64,
+    /// The lease map as last read, by lessee cgroup: id → ports.
+    by_cgroup: HashMap<u64, Vec<u32>>,
+    /// The allocators' generation when the lease map was last read.
+    generation: Option<u64>,
+    last_full: Option<Instant>,
+    /// Lessee cgroups inotify could not watch (watch limit): looked at on every tick.
+    unwatched: HashSet<u64>,
+    /// Cgroups looked at in the last pass (for tests and the debug log).
+    pub last_checked: usize,
 }
 
 /// `populated` from a cgroup's `cgroup.events`; None when the cgroup is gone.
@@ -99,116 +190,217 @@ fn populated(cg: &Cgroup2, path: &CgroupPath) -> Option<bool> {
         .map(|v| v.trim() == "1")
 }
 
+fn group(leases: &BTreeMap<u32, Lease>) -> HashMap<u64, Vec<u32>> {
+    let mut by: HashMap<u64, Vec<u32>> = HashMap::new();
+    for (port, lease) in leases {
+        by.entry(lease.cgroup_id).or_default().push(*port);
+    }
+    by
+}
+
 impl Reaper {
     pub fn new() -> io::Result<Reaper> {
         Ok(Reaper {
             watcher: Watcher::new()?,
             seen_populated: HashSet::new(),
             reaped: 0,
+            by_cgroup: HashMap::new(),
+            generation: None,
+            last_full: None,
+            unwatched: HashSet::new(),
+            last_checked: 0,
         })
     }
 
-    /// One pass over the lease map.
-    pub fn scan(
+    /// One pass: reads what woke it, looks at the cgroups that may have changed, ends the
+    /// leases of those that are gone or emptied.
+    pub fn run(
         &mut self,
+        wake: Wake,
         maps: &mut Maps,
         cg: &Cgroup2,
         names: &mut CgroupNames<'_>,
         spawn_parent: Option<&CgroupPath>,
     ) {
-        let leases = match maps.leases() {
-            Ok(l) => l,
-            Err(e) => {
-                warn!("reading leases: {e}");
-                return;
-            }
-        };
-        let mut live: HashSet<u64> = HashSet::new();
-        // Every cgroup below the spawn parent is watched from its creation on, leased yet or not.
-        if let Some(sp) = spawn_parent {
-            self.watcher.watch_dir(cg, sp);
-            if let Ok(entries) = fs::read_dir(cg.dir(sp)) {
-                for entry in entries.flatten() {
-                    let Some(name) = entry.file_name().to_str().map(str::to_owned) else {
-                        continue;
-                    };
-                    let Ok(child) = sp.join(&name) else { continue };
-                    if let Ok(id) = cg.id(&child) {
-                        live.insert(id);
-                        self.watcher.watch(cg, &child, id);
-                    }
-                }
-            }
-        }
-        for (port, lease) in leases {
-            let id = lease.cgroup_id;
-            let path = names.lookup(id);
-            // The cgroup at that path may be a newer one with the same name: compare ids.
-            let path = path.filter(|p| cg.id(p).ok() == Some(id));
-            let reason = match &path {
-                None => Some("its cgroup was removed".to_owned()),
-                Some(p) => match populated(cg, p) {
-                    None => Some("its cgroup was removed".to_owned()),
-                    Some(true) => {
-                        self.seen_populated.insert(id);
-                        None
-                    }
-                    Some(false) => {
-                        let spawned = spawn_parent.is_some_and(|sp| leases::is_spawned(p, sp));
-                        (spawned || self.seen_populated.contains(&id))
-                            .then(|| format!("{p} has no process left"))
-                    }
-                },
-            };
-            match reason {
-                None => {
-                    live.insert(id);
-                    if let Some(p) = &path {
-                        self.watcher.watch(cg, p, id);
-                    }
-                }
-                Some(why) => {
-                    // The lease may have changed hands since the snapshot (`lease` hands a port
-                    // from its scratch cgroup to the target, then removes the scratch cgroup):
-                    // end it only if it is still this cgroup's.
-                    match maps.leases.get(&port, 0) {
-                        Ok(now) if now.cgroup_id == id => {}
-                        _ => continue,
-                    }
-                    match leases::release(maps, port as u16) {
-                        Ok(()) | Err(leases::LeaseError::NotLeased(_)) => {
-                            self.reaped += 1;
-                            info!(
-                                "lease ended: port={port} cgroup={} ({why})",
-                                path.as_ref()
-                                    .map(|p| p.to_string())
-                                    .unwrap_or(format!("(id {id})"))
-                            );
-                        }
-                        Err(e) => warn!("ending lease of port {port}: {e}"),
-                    }
-                    if let (Some(p), Some(sp)) = (&path, spawn_parent) {
-                        if leases::is_spawned(p, sp) {
-                            match fs::remove_dir(cg.dir(p)) {
-                                Ok(()) => info!("removed cgroup {p}"),
-                                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-                                Err(e) => warn!("removing cgroup {p}: {e}"),
+        let mut full =
+            matches!(wake, Wake::Full) || self.last_full.is_none_or(|t| t.elapsed() >= FULL_PASS);
+        // Cgroups to look at, and spawn-parent children to start watching.
+        let mut check: HashSet<u64> = HashSet::new();
+        if matches!(wake, Wake::Inotify) {
+            for ev in self.watcher.inotify.read_events() {
+                if ev.mask & libc::IN_Q_OVERFLOW != 0 {
+                    full = true;
+                } else if let Some(id) = self.watcher.cgroup_of(&ev) {
+                    check.insert(id);
+                } else if Some(ev.wd) == self.watcher.dir_watch && ev.mask & libc::IN_CREATE != 0 {
+                    // A cgroup made below the spawn parent: watch it from now on, so a VM
+                    // that lives for less than a tick is still seen to exit.
+                    if let (Some(sp), Some(name)) = (spawn_parent, ev.name.as_ref()) {
+                        if let Some(child) = name.to_str().and_then(|n| sp.join(n).ok()) {
+                            if let Ok(id) = cg.id(&child) {
+                                self.watch(cg, &child, id);
                             }
                         }
                     }
                 }
             }
         }
-        let stale: Vec<u64> = self
-            .watcher
-            .by_id
-            .keys()
-            .copied()
-            .filter(|id| !live.contains(id))
-            .collect();
-        for id in stale {
-            self.watcher.unwatch(id);
-            self.seen_populated.remove(&id);
+        // The lease map, when an allocator changed it (or on a full pass).
+        let generation = maps.alloc.generation();
+        if full || self.generation != Some(generation) {
+            let leases = match maps.leases() {
+                Ok(l) => l,
+                Err(e) => {
+                    warn!("reading leases: {e}");
+                    return;
+                }
+            };
+            self.generation = Some(generation);
+            let by = group(&leases);
+            // Cgroups that gained a lease since the last read.
+            check.extend(by.keys().filter(|id| !self.by_cgroup.contains_key(id)));
+            // Cgroups that lost every lease: no longer ours to watch (spawned ones stay watched
+            // until they are removed).
+            for id in self.by_cgroup.keys().filter(|id| !by.contains_key(id)) {
+                check.insert(*id);
+            }
+            self.by_cgroup = by;
+            if full {
+                let (cleared, set) = maps.alloc.reconcile(leases.keys().map(|&p| p as u16));
+                if cleared + set > 0 {
+                    debug!("leased-port bitmap reconciled: {cleared} stale marks cleared, {set} marks added");
+                }
+            }
         }
+        if matches!(wake, Wake::Tick) {
+            check.extend(self.unwatched.iter().copied());
+        }
+        if full {
+            check.extend(self.by_cgroup.keys().copied());
+            check.extend(self.watcher.by_id.keys().copied());
+            if let Some(sp) = spawn_parent {
+                self.watcher.watch_dir(cg, sp);
+                if let Ok(entries) = fs::read_dir(cg.dir(sp)) {
+                    for entry in entries.flatten() {
+                        let Some(child) = entry.file_name().to_str().and_then(|n| sp.join(n).ok())
+                        else {
+                            continue;
+                        };
+                        if let Ok(id) = cg.id(&child) {
+                            self.watch(cg, &child, id);
+                        }
+                    }
+                }
+            }
+            self.watcher.prune_parents();
+            self.last_full = Some(Instant::now());
+        }
+        self.last_checked = check.len();
+        for id in check {
+            self.check(id, maps, cg, names, spawn_parent);
+        }
+    }
+
+    /// Looks at one cgroup: ends its leases when it is gone or emptied, keeps it watched while
+    /// it lives.
+    fn check(
+        &mut self,
+        id: u64,
+        maps: &mut Maps,
+        cg: &Cgroup2,
+        names: &mut CgroupNames<'_>,
+        spawn_parent: Option<&CgroupPath>,
+    ) {
+        // The cgroup at that path may be a newer one with the same name: compare ids.
+        let path = names.lookup(id).filter(|p| cg.id(p).ok() == Some(id));
+        let spawned = match (&path, spawn_parent) {
+            (Some(p), Some(sp)) => leases::is_spawned(p, sp),
+            _ => false,
+        };
+        let ports = self.by_cgroup.get(&id).cloned().unwrap_or_default();
+        if ports.is_empty() {
+            // No lease (yet: spawn makes its cgroup before it claims): nothing to end. A cgroup
+            // made by spawn stays watched for its claim and its exit.
+            match &path {
+                Some(p) if spawned => self.watch(cg, p, id),
+                _ => self.forget(id),
+            }
+            return;
+        }
+        let reason = match &path {
+            None => Some("its cgroup was removed".to_owned()),
+            Some(p) => match populated(cg, p) {
+                None => Some("its cgroup was removed".to_owned()),
+                Some(true) => {
+                    self.seen_populated.insert(id);
+                    None
+                }
+                Some(false) => (spawned || self.seen_populated.contains(&id))
+                    .then(|| format!("{p} has no process left")),
+            },
+        };
+        let Some(why) = reason else {
+            // Alive: watched while it holds a lease.
+            if let Some(p) = &path {
+                self.watch(cg, p, id);
+            }
+            return;
+        };
+        let mut ended = Vec::new();
+        for port in ports {
+            // The lease may have changed hands since it was read (`lease` hands a port from
+            // its scratch cgroup to the target, then removes the scratch cgroup): end it only
+            // if it is still this cgroup's.
+            match maps.leases.get(&port, 0) {
+                Ok(now) if now.cgroup_id == id => {}
+                _ => continue,
+            }
+            match leases::release(maps, port as u16) {
+                Ok(()) | Err(leases::LeaseError::NotLeased(_)) => {
+                    self.reaped += 1;
+                    ended.push(port);
+                    info!(
+                        "lease ended: port={port} cgroup={} ({why})",
+                        path.as_ref()
+                            .map(|p| p.to_string())
+                            .unwrap_or(format!("(id {id})"))
+                    );
+                }
+                Err(e) => warn!("ending lease of port {port}: {e}"),
+            }
+        }
+        if let Some(left) = self.by_cgroup.get_mut(&id) {
+            left.retain(|p| !ended.contains(p));
+            if left.is_empty() {
+                self.by_cgroup.remove(&id);
+            }
+        }
+        if let (Some(p), true) = (&path, spawned) {
+            match fs::remove_dir(cg.dir(p)) {
+                Ok(()) => info!("removed cgroup {p}"),
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                Err(e) => warn!("removing cgroup {p}: {e}"),
+            }
+        }
+        if path.is_none() || spawned || !self.by_cgroup.contains_key(&id) {
+            self.forget(id);
+        }
+    }
+
+    /// Watches `id`, or looks at it every tick when inotify cannot.
+    fn watch(&mut self, cg: &Cgroup2, path: &CgroupPath, id: u64) {
+        if self.watcher.watch(cg, path, id) {
+            self.unwatched.remove(&id);
+        } else if self.unwatched.insert(id) && self.unwatched.len() == 1 {
+            warn!(
+                "inotify cannot watch {path} (fs.inotify.max_user_watches?): cgroups without a watch are looked at every second"
+            );
+        }
+    }
+
+    fn forget(&mut self, id: u64) {
+        self.watcher.unwatch(id);
+        self.unwatched.remove(&id);
+        self.seen_populated.remove(&id);
     }
 }

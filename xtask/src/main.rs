@@ -74,7 +74,7 @@ enum Cmd {
     },
     /// Build (release) and run the benchmarks as root: what the guard costs every bind(), lease
     /// allocation, spawn and the agent, as one table of medians and ratios. Arguments after `--`
-    /// go to port-guard-bench (e.g. `-- --markdown --json bench.json --candidates`).
+    /// go to port-guard-bench (e.g. `-- --markdown --json bench.json`).
     Bench {
         /// A short run that only shows every phase works (CI): its timings mean nothing.
         #[arg(long)]

@@ -22,7 +22,7 @@ use crate::{
     guard::{self, CgroupNames, Guard, PinDir, Resolved},
     policy::{Errno, Policy},
     probe,
-    reaper::Reaper,
+    reaper::{Reaper, Wake},
 };
 
 struct Signals {
@@ -245,9 +245,11 @@ async fn serve(
     };
     let mut names = CgroupNames::new(cg);
     let mut budget = LogBudget::new();
+    let mut lost = LostEvents::new(&guard.maps);
     let mut reaper = Reaper::new().context("starting the lease reaper (inotify)")?;
     // Leases whose VM ended while no daemon ran.
-    reaper.scan(
+    reaper.run(
+        Wake::Full,
         &mut guard.maps,
         cg,
         &mut names,
@@ -296,9 +298,7 @@ async fn serve(
             }
             ready = inotify.readable() => {
                 let mut ready = ready.context("waiting for cgroup events")?;
-                if reaper.watcher.inotify.drain() {
-                    reaper.scan(&mut guard.maps, cg, &mut names, Some(&resolved.policy.spawn_parent));
-                }
+                reaper.run(Wake::Inotify, &mut guard.maps, cg, &mut names, Some(&resolved.policy.spawn_parent));
                 ready.clear_ready();
             }
             ready = async { ebpf_log.as_mut().expect("guarded by the if").readable_mut().await }, if ebpf_log.is_some() => {
@@ -309,9 +309,6 @@ async fn serve(
             _ = signals.term.recv() => { info!("SIGTERM: exiting, the guard stays in place"); break; }
             _ = signals.int.recv() => { info!("SIGINT: exiting, the guard stays in place"); break; }
             Some(reply) = scrapes.recv() => {
-                let (a, e) = guard.maps.drain_stats();
-                stats.lease_allocations += a;
-                stats.lease_exhaustions += e;
                 stats.leases_reaped = reaper.reaped;
                 stats.denial_lines_suppressed = budget.total_suppressed;
                 match crate::metrics::render(&guard.maps, pin, &stats) {
@@ -343,11 +340,9 @@ async fn serve(
                     return Ok(false);
                 }
                 budget.flush();
-                let (a, e) = guard.maps.drain_stats();
-                stats.lease_allocations += a;
-                stats.lease_exhaustions += e;
                 refresh_allowed(cg, &mut guard, &mut resolved, features);
-                reaper.scan(&mut guard.maps, cg, &mut names, Some(&resolved.policy.spawn_parent));
+                reaper.run(Wake::Tick, &mut guard.maps, cg, &mut names, Some(&resolved.policy.spawn_parent));
+                lost.check(&guard.maps);
             }
         }
     }
@@ -369,6 +364,31 @@ async fn serve(
 const LOG_LINES_PER_SEC: u32 = 200;
 /// Events handled per wake-up before the loop looks at its other work.
 const EVENTS_PER_TURN: usize = 4096;
+
+/// Says when the kernel had to drop denial events (ring buffer full): the denials are counted
+/// in full, but the log misses some of their lines.
+struct LostEvents {
+    seen: u64,
+}
+
+impl LostEvents {
+    fn new(maps: &crate::guard::Maps) -> LostEvents {
+        LostEvents {
+            seen: maps.events_lost().unwrap_or(0),
+        }
+    }
+
+    fn check(&mut self, maps: &crate::guard::Maps) {
+        let Ok(now) = maps.events_lost() else { return };
+        if now > self.seen {
+            warn!(
+                "{} denial events were lost (the event ring buffer was full); the denial counters are exact, see `port-guard status`",
+                now - self.seen
+            );
+            self.seen = now;
+        }
+    }
+}
 
 /// Rate limit for denial lines.
 struct LogBudget {

@@ -62,6 +62,12 @@ pub fn render(s: &Status) -> String {
             },
         );
     }
+    if s.events_lost > 0 {
+        out += &format!(
+            "({} denials were not reported: the event ring buffer was full)\n",
+            s.events_lost
+        );
+    }
     out += &format!("\n{:<6} {:>8}  {}\n", "LEASE", "AGE", "CGROUP");
     if s.leases.is_empty() {
         out += "(none)\n";
