@@ -1304,6 +1304,45 @@ fn leases_map(pin_dir: &Path) -> aya::maps::HashMap<aya::maps::MapData, u32, Lea
     })
 }
 
+/// The allocators' leased-port bitmap in `<pin_dir>/PG_ALLOC`: whether `port` is marked.
+pub fn alloc_marked(pin_dir: impl AsRef<Path>, port: u16) -> bool {
+    let m = alloc_map(pin_dir.as_ref());
+    let word = m
+        .get(&((common::ALLOC_BITMAP + usize::from(port) / 64) as u32), 0)
+        .unwrap_or_else(|e| panic!("read PG_ALLOC: {e}"));
+    word & (1u64 << (port % 64)) != 0
+}
+
+/// Sets or clears the mark of `port` in `<pin_dir>/PG_ALLOC` behind the allocators' back (a
+/// stale mark, or a lease whose allocator died before marking it). Not atomic: only for tests
+/// where nothing else allocates meanwhile.
+pub fn set_alloc_mark(pin_dir: impl AsRef<Path>, port: u16, marked: bool) {
+    let mut m = alloc_map(pin_dir.as_ref());
+    let index = (common::ALLOC_BITMAP + usize::from(port) / 64) as u32;
+    let word = m
+        .get(&index, 0)
+        .unwrap_or_else(|e| panic!("read PG_ALLOC: {e}"));
+    let bit = 1u64 << (port % 64);
+    let word = if marked { word | bit } else { word & !bit };
+    m.set(index, word, 0)
+        .unwrap_or_else(|e| panic!("write PG_ALLOC: {e}"));
+    eprintln!(
+        "[harness] port {port} {} in the bitmap",
+        if marked { "marked" } else { "unmarked" }
+    );
+}
+
+fn alloc_map(pin_dir: &Path) -> aya::maps::Array<aya::maps::MapData, u64> {
+    use aya::maps::{Array, Map, MapData};
+    let pin = pin_dir.join(common::MAP_ALLOC);
+    let data = MapData::from_pin(&pin)
+        .unwrap_or_else(|e| panic!("open pinned map {}: {e}", pin.display()));
+    let map =
+        Map::from_map_data(data).unwrap_or_else(|e| panic!("pinned map {}: {e}", pin.display()));
+    Array::<_, u64>::try_from(map)
+        .unwrap_or_else(|e| panic!("pinned map {} is not Array<u64>: {e}", pin.display()))
+}
+
 /// The lease for `cgroup` as the programs expect it (id, level, since = now).
 pub fn lease_for(cgroup: &Cgroup) -> Lease {
     Lease {
@@ -1531,8 +1570,8 @@ mod tests {
         assert_eq!(run_cmd(cmd), (3, "a\n".to_string(), "b\n".to_string()));
     }
 }
-pub mod qemu;
 pub mod netns;
+pub mod qemu;
 
 /// What the running kernel lets the guard do, from `port-guard check --json` (cached).
 #[derive(Clone, Copy, Debug)]
@@ -1544,16 +1583,32 @@ pub struct Features {
 pub fn kernel_features() -> Features {
     static CACHE: std::sync::OnceLock<Features> = std::sync::OnceLock::new();
     *CACHE.get_or_init(|| {
-        let (_, out, err) = run(&["--pin-dir", "/nonexistent-pg-test-pin", "--config", "/dev/null", "check", "--json"]);
-        let v: serde_json::Value = serde_json::from_str(&out).unwrap_or_else(|e| panic!("check --json: {e}: {out} {err}"));
-        Features { set_retval: v["features"]["set_retval"].as_bool().expect("features.set_retval in check --json") }
+        let (_, out, err) = run(&[
+            "--pin-dir",
+            "/nonexistent-pg-test-pin",
+            "--config",
+            "/dev/null",
+            "check",
+            "--json",
+        ]);
+        let v: serde_json::Value =
+            serde_json::from_str(&out).unwrap_or_else(|e| panic!("check --json: {e}: {out} {err}"));
+        Features {
+            set_retval: v["features"]["set_retval"]
+                .as_bool()
+                .expect("features.set_retval in check --json"),
+        }
     })
 }
 
 /// The errno a refused bind gets with `errno = "eaddrinuse"`: EADDRINUSE, or EPERM on kernels
 /// without bpf_set_retval.
 pub fn expected_errno() -> i32 {
-    if kernel_features().set_retval { libc::EADDRINUSE } else { libc::EPERM }
+    if kernel_features().set_retval {
+        libc::EADDRINUSE
+    } else {
+        libc::EPERM
+    }
 }
 
 /// Prints why a test does not run on this machine (`PG-SKIP: <reason>`); the test returns right

@@ -2,12 +2,7 @@
 //! setns(2) only, so that mounts (/sys/fs/bpf, the cgroup2 mount) stay as they are — unlike
 //! `ip netns exec`, which remounts /sys.
 
-use std::{
-    ffi::CString,
-    os::unix::process::CommandExt as _,
-    path::PathBuf,
-    process::Command,
-};
+use std::{ffi::CString, os::unix::process::CommandExt as _, path::PathBuf, process::Command};
 
 use crate::Cgroup;
 
@@ -20,10 +15,16 @@ impl TestNetns {
     pub fn new(name: &str) -> TestNetns {
         let name = format!("{}-{name}-{}", crate::PREFIX, std::process::id());
         let _ = Command::new("ip").args(["netns", "del", &name]).output();
-        let st = Command::new("ip").args(["netns", "add", &name]).status().expect("running ip (iproute2)");
+        let st = Command::new("ip")
+            .args(["netns", "add", &name])
+            .status()
+            .expect("running ip (iproute2)");
         assert!(st.success(), "ip netns add {name}");
         let ns = TestNetns { name };
-        let st = Command::new("ip").args(["-n", &ns.name, "link", "set", "lo", "up"]).status().unwrap();
+        let st = Command::new("ip")
+            .args(["-n", &ns.name, "link", "set", "lo", "up"])
+            .status()
+            .unwrap();
         assert!(st.success(), "ip -n {} link set lo up", ns.name);
         ns
     }
@@ -34,16 +35,25 @@ impl TestNetns {
 
     /// Reads a sysctl file under /proc/sys inside the namespace.
     pub fn sysctl(&self, key: &str) -> String {
-        let out = self.command("cat").arg(format!("/proc/sys/{}", key.replace('.', "/"))).output().unwrap();
+        let out = self
+            .command("cat")
+            .arg(format!("/proc/sys/{}", key.replace('.', "/")))
+            .output()
+            .unwrap();
         assert!(out.status.success(), "reading {key} in {}", self.name);
-        String::from_utf8_lossy(&out.stdout).trim_end_matches('\n').to_owned()
+        String::from_utf8_lossy(&out.stdout)
+            .trim_end_matches('\n')
+            .to_owned()
     }
 
     /// Writes a sysctl inside the namespace.
     pub fn set_sysctl(&self, key: &str, value: &str) {
         let st = self
             .command("sh")
-            .args(["-c", &format!("echo '{value}' > /proc/sys/{}", key.replace('.', "/"))])
+            .args([
+                "-c",
+                &format!("echo '{value}' > /proc/sys/{}", key.replace('.', "/")),
+            ])
             .status()
             .unwrap();
         assert!(st.success(), "setting {key}={value} in {}", self.name);
@@ -94,6 +104,8 @@ pub fn enter_cgroup(cmd: &mut Command, cg: &Cgroup) {
 
 impl Drop for TestNetns {
     fn drop(&mut self) {
-        let _ = Command::new("ip").args(["netns", "del", &self.name]).output();
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .output();
     }
 }

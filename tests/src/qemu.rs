@@ -21,7 +21,15 @@ pub fn qemu_bin() -> String {
 /// The arguments every test guest gets: no disk, no display, TCG, QMP on `qmp`.
 pub fn guest_args(qmp: &Path) -> Vec<String> {
     [
-        "-machine", "q35", "-accel", "tcg", "-m", "128", "-nodefaults", "-display", "none",
+        "-machine",
+        "q35",
+        "-accel",
+        "tcg",
+        "-m",
+        "128",
+        "-nodefaults",
+        "-display",
+        "none",
         "-qmp",
     ]
     .iter()
@@ -46,12 +54,18 @@ impl Qemu {
             .stdout(Stdio::null())
             .spawn()
             .unwrap_or_else(|e| panic!("starting {}: {e}", qemu_bin()));
-        Qemu { child, qmp_path: qmp.to_owned() }
+        Qemu {
+            child,
+            qmp_path: qmp.to_owned(),
+        }
     }
 
     /// Wraps a child started some other way (through `port-guard spawn`).
     pub fn adopt(child: Child, qmp: &Path) -> Qemu {
-        Qemu { child, qmp_path: qmp.to_owned() }
+        Qemu {
+            child,
+            qmp_path: qmp.to_owned(),
+        }
     }
 
     pub fn qmp(&self) -> Qmp {
@@ -89,12 +103,19 @@ impl Qmp {
         let stream = loop {
             match UnixStream::connect(path) {
                 Ok(s) => break s,
-                Err(_) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(20)),
+                Err(_) if Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(20))
+                }
                 Err(e) => return Err(format!("QMP {}: {e}", path.display())),
             }
         };
-        stream.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
-        let mut q = Qmp { reader: BufReader::new(stream.try_clone().unwrap()), writer: stream };
+        stream
+            .set_read_timeout(Some(Duration::from_secs(60)))
+            .unwrap();
+        let mut q = Qmp {
+            reader: BufReader::new(stream.try_clone().unwrap()),
+            writer: stream,
+        };
         let greeting = q.read();
         assert!(greeting.get("QMP").is_some(), "QMP greeting: {greeting}");
         q.execute("qmp_capabilities", json!({}));
@@ -134,7 +155,10 @@ impl Qmp {
 
     /// `query-status` → status string ("running", "inmigrate", ...).
     pub fn status(&mut self) -> String {
-        self.execute("query-status", json!({}))["status"].as_str().unwrap_or("").to_owned()
+        self.execute("query-status", json!({}))["status"]
+            .as_str()
+            .unwrap_or("")
+            .to_owned()
     }
 
     /// Starts a migration to `uri` and waits for it to end: its final status and the whole
@@ -145,7 +169,9 @@ impl Qmp {
         loop {
             let info = self.execute("query-migrate", json!({}));
             let status = info["status"].as_str().unwrap_or("").to_owned();
-            if matches!(status.as_str(), "completed" | "failed" | "cancelled") || Instant::now() > deadline {
+            if matches!(status.as_str(), "completed" | "failed" | "cancelled")
+                || Instant::now() > deadline
+            {
                 return (status, info);
             }
             std::thread::sleep(Duration::from_millis(20));
@@ -158,9 +184,13 @@ impl Qmp {
 pub fn listening(port: u16) -> bool {
     let want = format!(":{port:04X}");
     ["/proc/net/tcp", "/proc/net/tcp6"].iter().any(|f| {
-        std::fs::read_to_string(f).unwrap_or_default().lines().skip(1).any(|l| {
-            let cols: Vec<&str> = l.split_whitespace().collect();
-            cols.len() > 3 && cols[1].ends_with(&want) && cols[3] == "0A"
-        })
+        std::fs::read_to_string(f)
+            .unwrap_or_default()
+            .lines()
+            .skip(1)
+            .any(|l| {
+                let cols: Vec<&str> = l.split_whitespace().collect();
+                cols.len() > 3 && cols[1].ends_with(&want) && cols[3] == "0A"
+            })
     })
 }

@@ -21,20 +21,40 @@ struct UnloadInNetns<'a> {
 impl Drop for UnloadInNetns<'_> {
     fn drop(&mut self) {
         if self.pin.exists() {
-            let _ = self.ns.command(bin()).arg("--pin-dir").arg(self.pin.path()).arg("unload").output();
+            let _ = self
+                .ns
+                .command(bin())
+                .arg("--pin-dir")
+                .arg(self.pin.path())
+                .arg("unload")
+                .output();
         }
     }
 }
 
-fn pg_in(ns: &TestNetns, pin: &PinDir, config: &std::path::Path, args: &[&str]) -> (i32, String, String) {
+fn pg_in(
+    ns: &TestNetns,
+    pin: &PinDir,
+    config: &std::path::Path,
+    args: &[&str],
+) -> (i32, String, String) {
     let mut c = ns.command(bin());
-    c.arg("--pin-dir").arg(pin.path()).arg("--config").arg(config).args(args);
+    c.arg("--pin-dir")
+        .arg(pin.path())
+        .arg("--config")
+        .arg(config)
+        .args(args);
     run_cmd(c)
 }
 
 fn daemon_in(ns: &TestNetns, pin: &PinDir, config: &std::path::Path, args: &[String]) -> Daemon {
     let mut c = ns.command(bin());
-    c.arg("--pin-dir").arg(pin.path()).arg("--config").arg(config).arg("daemon").args(args);
+    c.arg("--pin-dir")
+        .arg(pin.path())
+        .arg("--config")
+        .arg(config)
+        .arg("daemon")
+        .args(args);
     let d = Daemon::spawn(c);
     d.wait_for("guard enforcing", START_TIMEOUT);
     d
@@ -47,12 +67,21 @@ fn auto_picked(ns: &TestNetns, n: usize) -> Value {
         .args(["ephemeral", &n.to_string(), "62290"])
         .output()
         .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     serde_json::from_slice(&out.stdout).unwrap()
 }
 
 fn ports(v: &Value, key: &str) -> Vec<u16> {
-    v[key].as_array().unwrap().iter().map(|p| p.as_u64().unwrap() as u16).collect()
+    v[key]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p.as_u64().unwrap() as u16)
+        .collect()
 }
 
 const RESERVED: std::ops::RangeInclusive<u16> = 62200..=62203;
@@ -75,18 +104,32 @@ fn protection_keeps_auto_picked_ports_out_of_the_range_and_unload_restores_the_s
     // Without protection the kernel hands out reserved ports.
     let v = auto_picked(&ns, 8);
     let (tcp, udp) = (ports(&v, "tcp"), ports(&v, "udp"));
-    assert!(tcp.iter().any(|p| RESERVED.contains(p)), "tcp without protection: {v}");
-    assert!(udp.iter().any(|p| RESERVED.contains(p)), "udp without protection: {v}");
+    assert!(
+        tcp.iter().any(|p| RESERVED.contains(p)),
+        "tcp without protection: {v}"
+    );
+    assert!(
+        udp.iter().any(|p| RESERVED.contains(p)),
+        "udp without protection: {v}"
+    );
 
     let args: Vec<String> = [
-        "--attach", attach.path(), "--reserve", "62200-62203/tcp+udp", "--protect-ephemeral",
-        "--spawn-parent", &format!("{}/spawn", attach.path()),
+        "--attach",
+        attach.path(),
+        "--reserve",
+        "62200-62203/tcp+udp",
+        "--protect-ephemeral",
+        "--spawn-parent",
+        &format!("{}/spawn", attach.path()),
     ]
     .iter()
     .map(|s| s.to_string())
     .collect();
     let mut d = daemon_in(&ns, &pin, &config, &args);
-    assert_eq!(ns.sysctl("net.ipv4.ip_local_reserved_ports"), "1234,5000-5005,62200-62203");
+    assert_eq!(
+        ns.sysctl("net.ipv4.ip_local_reserved_ports"),
+        "1234,5000-5005,62200-62203"
+    );
     let (code, out, err) = pg_in(&ns, &pin, &config, &["status", "--json"]);
     assert_eq!(code, 0, "{err}");
     let status: Value = serde_json::from_str(&out).unwrap();
@@ -97,17 +140,39 @@ fn protection_keeps_auto_picked_ports_out_of_the_range_and_unload_restores_the_s
     let v = auto_picked(&ns, 8);
     let (tcp, udp) = (ports(&v, "tcp"), ports(&v, "udp"));
     assert!(!tcp.is_empty() && !udp.is_empty(), "{v}");
-    assert!(tcp.iter().chain(&udp).all(|p| !RESERVED.contains(p) && (62204..=62207).contains(p)), "{v}");
-    assert!(v["tcp_errors"].as_array().unwrap().iter().all(|e| e == libc::EADDRNOTAVAIL), "{v}");
+    assert!(
+        tcp.iter()
+            .chain(&udp)
+            .all(|p| !RESERVED.contains(p) && (62204..=62207).contains(p)),
+        "{v}"
+    );
+    assert!(
+        v["tcp_errors"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|e| e == libc::EADDRNOTAVAIL),
+        "{v}"
+    );
 
     // SIGTERM leaves the guard, and the protection, in place.
     assert!(d.terminate().success());
-    assert_eq!(ns.sysctl("net.ipv4.ip_local_reserved_ports"), "1234,5000-5005,62200-62203");
+    assert_eq!(
+        ns.sysctl("net.ipv4.ip_local_reserved_ports"),
+        "1234,5000-5005,62200-62203"
+    );
     let (code, _, err) = pg_in(&ns, &pin, &config, &["unload"]);
     assert_eq!(code, 0, "{err}");
-    assert_eq!(ns.sysctl("net.ipv4.ip_local_reserved_ports"), before, "restored exactly");
+    assert_eq!(
+        ns.sysctl("net.ipv4.ip_local_reserved_ports"),
+        before,
+        "restored exactly"
+    );
     let v = auto_picked(&ns, 8);
-    assert!(ports(&v, "tcp").iter().any(|p| RESERVED.contains(p)), "protection gone after unload: {v}");
+    assert!(
+        ports(&v, "tcp").iter().any(|p| RESERVED.contains(p)),
+        "protection gone after unload: {v}"
+    );
 }
 
 #[test]
@@ -116,20 +181,36 @@ fn sysctl_is_restored_exactly_after_the_daemon_was_killed_and_only_in_its_namesp
     let attach = TestCgroup::new("eph-kill");
     let pin = PinDir::new("eph-kill");
     let tmp = TempDir::new("eph-kill");
-    let config = tmp.write("config.toml", "errno = \"eperm\"\nprotect_ephemeral = true\n");
+    let config = tmp.write(
+        "config.toml",
+        "errno = \"eperm\"\nprotect_ephemeral = true\n",
+    );
     let _unload = UnloadInNetns { ns: &ns, pin: &pin };
     ns.set_sysctl("net.ipv4.ip_local_reserved_ports", "62240");
     let before = ns.sysctl("net.ipv4.ip_local_reserved_ports");
-    let args: Vec<String> = ["--attach", attach.path(), "--reserve", "62220-62229", "--spawn-parent", &format!("{}/spawn", attach.path())]
-        .iter()
-        .map(|s| s.to_string())
-        .collect();
+    let args: Vec<String> = [
+        "--attach",
+        attach.path(),
+        "--reserve",
+        "62220-62229",
+        "--spawn-parent",
+        &format!("{}/spawn", attach.path()),
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
     let mut d = daemon_in(&ns, &pin, &config, &args);
-    assert_eq!(ns.sysctl("net.ipv4.ip_local_reserved_ports"), "62220-62229,62240");
+    assert_eq!(
+        ns.sysctl("net.ipv4.ip_local_reserved_ports"),
+        "62220-62229,62240"
+    );
     d.kill9();
     // A restart after the crash must keep the original, not save the merged value as "previous".
     let mut d = daemon_in(&ns, &pin, &config, &args);
-    assert_eq!(ns.sysctl("net.ipv4.ip_local_reserved_ports"), "62220-62229,62240");
+    assert_eq!(
+        ns.sysctl("net.ipv4.ip_local_reserved_ports"),
+        "62220-62229,62240"
+    );
     d.kill9();
     // unload from another network namespace would restore the wrong sysctl: refused, nothing
     // removed.
@@ -150,7 +231,9 @@ fn hold(ns: &TestNetns, cg: &Cgroup, specs: &[&str]) -> Child {
     ns.enter(&mut c, Some(cg));
     let mut child = c.spawn().unwrap();
     let mut line = String::new();
-    BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
     assert_eq!(line.trim(), "ready", "pg-sockets {specs:?}");
     child
 }
@@ -179,7 +262,15 @@ fn check_finds_every_socket_on_a_reserved_port_with_its_process_and_gates_on_con
     let mut bad = hold(
         &ns,
         &outsider,
-        &["listen4:62300", "listen6:62301", "bound4:62302", "bound6:62303", "udp4:62304", "udp6:62305", "conn4:62306:62390"],
+        &[
+            "listen4:62300",
+            "listen6:62301",
+            "bound4:62302",
+            "bound6:62303",
+            "udp4:62304",
+            "udp6:62305",
+            "conn4:62306:62390",
+        ],
     );
     let mut good = hold(&ns, &allowed, &["listen4:62307"]);
     let (code, out, err) = pg_in(&ns, &pin, &config, &["check", "--json"]);
@@ -214,10 +305,20 @@ fn check_finds_every_socket_on_a_reserved_port_with_its_process_and_gates_on_con
         assert_eq!(s["would_refuse"], true, "{s}");
     }
     let ok = find(62307, "tcp", "ipv4");
-    assert_eq!((ok["pid"].as_u64(), ok["would_refuse"].as_bool()), (Some(u64::from(good.id())), Some(false)), "{ok}");
-    assert!(socks.iter().all(|s| s["port"] != 62390), "the unreserved peer port is not listed");
+    assert_eq!(
+        (ok["pid"].as_u64(), ok["would_refuse"].as_bool()),
+        (Some(u64::from(good.id())), Some(false)),
+        "{ok}"
+    );
+    assert!(
+        socks.iter().all(|s| s["port"] != 62390),
+        "the unreserved peer port is not listed"
+    );
     let (_, text, _) = pg_in(&ns, &pin, &config, &["check"]);
-    assert!(text.contains("CONFLICT") && text.contains(outsider.path()), "{text}");
+    assert!(
+        text.contains("CONFLICT") && text.contains(outsider.path()),
+        "{text}"
+    );
 
     // The daemon warns about them at start (it cannot evict them).
     let args = vec!["--attach".to_string(), attach.path().to_string()];
@@ -231,7 +332,10 @@ fn check_finds_every_socket_on_a_reserved_port_with_its_process_and_gates_on_con
     let (code, out, err) = pg_in(&ns, &pin, &config, &["check", "--json"]);
     assert_eq!(code, 0, "{out} {err}");
     let report: Value = serde_json::from_str(&out).unwrap();
-    assert_eq!(report["policy_source"], "pins", "a loaded guard is judged from its pins");
+    assert_eq!(
+        report["policy_source"], "pins",
+        "a loaded guard is judged from its pins"
+    );
     assert_eq!(report["conflicts"], 0);
     let _ = good.kill();
     let _ = good.wait();

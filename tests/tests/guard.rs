@@ -486,7 +486,11 @@ fn denial_is_logged_with_pid_comm_cgroup_and_counted_in_status() {
     assert_eq!(str_at(&st, "/attach"), f.attach.path(), "{st:#}");
     assert_eq!(str_at(&st, "/mode"), "enforce", "{st:#}");
     assert_eq!(str_at(&st, "/errno"), "eaddrinuse", "{st:#}");
-    let effective = if kernel_features().set_retval { "eaddrinuse" } else { "eperm" };
+    let effective = if kernel_features().set_retval {
+        "eaddrinuse"
+    } else {
+        "eperm"
+    };
     assert_eq!(str_at(&st, "/effective_errno"), effective, "{st:#}");
     assert_eq!(st["attached"], Value::Bool(true), "{st:#}");
     assert!(u64_at(&st, "/counters/denied") >= 3, "{st:#}");
@@ -529,7 +533,15 @@ fn denial_names_cgroups_created_after_the_daemon_started() {
         &BindSpec::tcp(ANY6, p).comm("pg-late"),
         expected_errno(),
     );
-    let text = denial_text(p, "tcp", "ipv6", pid, "pg-late", &late, &errno_name(expected_errno()));
+    let text = denial_text(
+        p,
+        "tcp",
+        "ipv6",
+        pid,
+        "pg-late",
+        &late,
+        &errno_name(expected_errno()),
+    );
     wait_line_ending(f.daemon(), 0, &text);
     let sibling = f.attach.child("late-sibling");
     let pid = expect_refused(
@@ -537,7 +549,15 @@ fn denial_names_cgroups_created_after_the_daemon_started() {
         &BindSpec::udp(ANY4, p).comm("pg-late"),
         expected_errno(),
     );
-    let text = denial_text(p, "udp", "ipv4", pid, "pg-late", &sibling, &errno_name(expected_errno()));
+    let text = denial_text(
+        p,
+        "udp",
+        "ipv4",
+        pid,
+        "pg-late",
+        &sibling,
+        &errno_name(expected_errno()),
+    );
     wait_line_ending(f.daemon(), 0, &text);
 }
 

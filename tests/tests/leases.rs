@@ -39,7 +39,10 @@ impl Env {
         let spawn_parent = attach.child("spawn");
         let pin = PinDir::new(name);
         let tmp = TempDir::new(name);
-        let config = tmp.write("config.toml", "mode = \"enforce\"\nerrno = \"eaddrinuse\"\n");
+        let config = tmp.write(
+            "config.toml",
+            "mode = \"enforce\"\nerrno = \"eaddrinuse\"\n",
+        );
         let mut args = vec![
             "--attach".into(),
             attach.path().to_string(),
@@ -54,7 +57,19 @@ impl Env {
             // errno eaddrinuse cannot be enforced here (EPERM only): start anyway.
             args.push("--allow-fallback".into());
         }
-        let mut e = Env { daemon: None, pin, tmp, config, args, first, last, allowed, outsider, spawn_parent, attach };
+        let mut e = Env {
+            daemon: None,
+            pin,
+            tmp,
+            config,
+            args,
+            first,
+            last,
+            allowed,
+            outsider,
+            spawn_parent,
+            attach,
+        };
         e.start_daemon();
         e
     }
@@ -76,14 +91,21 @@ impl Env {
     }
 
     /// Starts `port-guard spawn [extra] -- cmd...` and reads the port from its first line.
-    fn spawn(&self, extra: &[&str], cmd: &[String]) -> Result<(u16, Child, BufReader<ChildStdout>), String> {
+    fn spawn(
+        &self,
+        extra: &[&str],
+        cmd: &[String],
+    ) -> Result<(u16, Child, BufReader<ChildStdout>), String> {
         let mut c = self.pg();
         c.arg("spawn").args(extra).arg("--").args(cmd);
-        c.stdout(Stdio::piped()).stderr(Stdio::piped()).stdin(Stdio::null());
+        c.stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .stdin(Stdio::null());
         let mut child = c.spawn().expect("starting port-guard spawn");
         let mut out = BufReader::new(child.stdout.take().unwrap());
         let mut line = String::new();
-        out.read_line(&mut line).expect("reading spawn's first line");
+        out.read_line(&mut line)
+            .expect("reading spawn's first line");
         match line.trim().parse::<u16>() {
             Ok(port) => Ok((port, child, out)),
             Err(_) => {
@@ -96,7 +118,10 @@ impl Env {
     }
 
     fn leases(&self) -> Vec<Value> {
-        status_json(self.pin.path())["leases"].as_array().cloned().unwrap_or_default()
+        status_json(self.pin.path())["leases"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default()
     }
 
     fn lease_of(&self, port: u16) -> Option<Value> {
@@ -129,17 +154,27 @@ fn concurrent_leases_are_distinct_and_the_extra_one_is_refused() {
         let stdout = String::from_utf8_lossy(&out.stdout).trim().to_owned();
         let stderr = String::from_utf8_lossy(&out.stderr).trim().to_owned();
         match out.status.code() {
-            Some(0) => ports.push(stdout.parse::<u16>().unwrap_or_else(|_| panic!("lease printed {stdout:?}"))),
+            Some(0) => ports.push(
+                stdout
+                    .parse::<u16>()
+                    .unwrap_or_else(|_| panic!("lease printed {stdout:?}")),
+            ),
             code => failures.push((code, stderr)),
         }
     }
     ports.sort();
     let expected: Vec<u16> = (e.first..=e.last).collect();
-    assert_eq!(ports, expected, "every port leased exactly once; failures: {failures:?}");
+    assert_eq!(
+        ports, expected,
+        "every port leased exactly once; failures: {failures:?}"
+    );
     assert_eq!(failures.len(), 1, "{failures:?}");
     let (code, msg) = &failures[0];
     assert_eq!(*code, Some(1), "{msg}");
-    assert!(msg.contains("no free port") && msg.contains("62000-62007"), "{msg}");
+    assert!(
+        msg.contains("no free port") && msg.contains("62000-62007"),
+        "{msg}"
+    );
     assert_eq!(single_line(msg), msg.as_str());
     // Each lease belongs to the cgroup it was made for, and the scratch cgroups are gone.
     let leases = e.leases();
@@ -156,8 +191,127 @@ fn concurrent_leases_are_distinct_and_the_extra_one_is_refused() {
     // release frees a port for the next lease.
     let (code, _, err) = run(&["--pin-dir", e.pin.as_str(), "release", "--port", "62003"]);
     assert_eq!(code, 0, "{err}");
-    let (code, out, err) = run(&["--pin-dir", e.pin.as_str(), "lease", "--cgroup", targets[0].path()]);
+    let (code, out, err) = run(&[
+        "--pin-dir",
+        e.pin.as_str(),
+        "lease",
+        "--cgroup",
+        targets[0].path(),
+    ]);
     assert_eq!((code, out.trim()), (0, "62003"), "{err}");
+}
+
+#[test]
+fn the_lease_map_decides_when_the_allocators_bitmap_is_wrong() {
+    // The bitmap only proposes ports; the claim (BPF_NOEXIST on the lease map) decides. Both
+    // ways the bitmap can be wrong after a crash are made by hand here.
+    let mut e = Env::new("lease-bits", 62140, 62143);
+    let pin = e.pin.as_str().to_owned();
+    let lease = |cg: &Cgroup| -> u16 {
+        let (code, out, err) = run(&["--pin-dir", &pin, "lease", "--cgroup", cg.path()]);
+        assert_eq!(code, 0, "{err}");
+        out.trim().parse().unwrap()
+    };
+    let c: Vec<Cgroup> = (0..4).map(|i| e.attach.child(&format!("b{i}"))).collect();
+    // Lowest port first, and marked.
+    assert_eq!(lease(&c[0]), 62140);
+    assert!(alloc_marked(e.pin.path(), 62140));
+    // A lease the bitmap does not show (its allocator died between claim and mark): the next
+    // allocation fails to claim it, marks it, and takes the next port.
+    set_alloc_mark(e.pin.path(), 62140, false);
+    assert_eq!(lease(&c[1]), 62141);
+    assert!(
+        alloc_marked(e.pin.path(), 62140),
+        "the failed claim marks the port"
+    );
+    assert_eq!(
+        get_lease(e.pin.path(), 62140).map(|l| l.cgroup_id),
+        Some(c[0].id()),
+        "the first lease is untouched"
+    );
+    // A mark without a lease (its releaser died between the two): skipped until the daemon
+    // reconciles, which it does when it starts.
+    set_alloc_mark(e.pin.path(), 62142, true);
+    assert_eq!(lease(&c[2]), 62143);
+    let (code, _, err) = run(&[
+        "--pin-dir",
+        e.pin.as_str(),
+        "lease",
+        "--cgroup",
+        c[3].path(),
+    ]);
+    assert_eq!(code, 1, "every port marked: no free port ({err})");
+    assert!(err.contains("no free port"), "{err}");
+    assert!(get_lease(e.pin.path(), 62142).is_none());
+    e.daemon.as_mut().unwrap().terminate();
+    e.start_daemon();
+    let cleared = wait_until(Duration::from_secs(5), || {
+        (!alloc_marked(e.pin.path(), 62142)).then_some(())
+    });
+    assert!(
+        cleared.is_some(),
+        "the daemon clears the stale mark when it starts"
+    );
+    assert_eq!(lease(&c[3]), 62142);
+    let mut owners: Vec<(u64, u64)> = e
+        .leases()
+        .iter()
+        .map(|l| {
+            (
+                l["port"].as_u64().unwrap(),
+                l["cgroup_id"].as_u64().unwrap_or(0),
+            )
+        })
+        .collect();
+    owners.sort();
+    let mut want: Vec<(u64, u64)> = [
+        (62140, &c[0]),
+        (62141, &c[1]),
+        (62142, &c[3]),
+        (62143, &c[2]),
+    ]
+    .iter()
+    .map(|(p, cg)| (*p, cg.id()))
+    .collect();
+    want.sort();
+    assert_eq!(owners, want, "{:?}", e.leases());
+}
+
+#[test]
+fn a_lease_ends_within_seconds_of_its_cgroup_being_removed() {
+    // A lease made by `lease --cgroup` (not spawn): the daemon learns of it from the allocators'
+    // generation counter on its next tick, and of the removal from inotify or that tick.
+    let e = Env::new("lease-rm", 62150, 62151);
+    let target = e.attach.child("target");
+    let (code, out, err) = run(&[
+        "--pin-dir",
+        e.pin.as_str(),
+        "lease",
+        "--cgroup",
+        target.path(),
+    ]);
+    assert_eq!(code, 0, "{err}");
+    let port: u16 = out.trim().parse().unwrap();
+    std::thread::sleep(Duration::from_millis(1500));
+    assert!(
+        e.lease_of(port).is_some(),
+        "a live, empty lessee keeps its lease"
+    );
+    let t = Instant::now();
+    std::fs::remove_dir(target.abs()).unwrap();
+    let ended = wait_until(Duration::from_secs(10), || {
+        e.lease_of(port).is_none().then_some(t.elapsed())
+    });
+    let ended = ended.unwrap_or_else(|| panic!("lease not ended: {:?}", e.leases()));
+    eprintln!(
+        "lease ended {} ms after its cgroup was removed",
+        ended.as_millis()
+    );
+    assert!(ended < Duration::from_secs(3), "{ended:?}");
+    assert!(
+        !alloc_marked(e.pin.path(), port),
+        "a reaped lease is unmarked"
+    );
 }
 
 #[test]
@@ -170,24 +324,76 @@ fn a_spawned_port_is_refused_to_other_vms_allowed_cgroups_and_outsiders() {
     let vm2 = e.spawn_parent.child("vm2");
     let lease = e.lease_of(port).expect("lease listed in status");
     assert_eq!(lease["cgroup"], vm1.path());
-    for (who, cg) in [("vm2", &vm2), ("allowed", &e.allowed), ("outsider", &e.outsider)] {
-        assert_eq!(bind_in(cg, &BindSpec::tcp(ANY4, port)), Err(expected_errno()), "{who} on v4");
-        assert_eq!(bind_in(cg, &BindSpec::tcp(ANY6, port)), Err(expected_errno()), "{who} on v6");
+    for (who, cg) in [
+        ("vm2", &vm2),
+        ("allowed", &e.allowed),
+        ("outsider", &e.outsider),
+    ] {
+        assert_eq!(
+            bind_in(cg, &BindSpec::tcp(ANY4, port)),
+            Err(expected_errno()),
+            "{who} on v4"
+        );
+        assert_eq!(
+            bind_in(cg, &BindSpec::tcp(ANY6, port)),
+            Err(expected_errno()),
+            "{who} on v6"
+        );
     }
-    assert_eq!(bind_in(&vm1, &BindSpec::tcp(ANY6, port)), Ok(()), "the lessee binds its port");
-    assert_eq!(bind_in(&vm1.child("sub"), &BindSpec::tcp(ANY4, port)), Ok(()), "and below it");
+    assert_eq!(
+        bind_in(&vm1, &BindSpec::tcp(ANY6, port)),
+        Ok(()),
+        "the lessee binds its port"
+    );
+    assert_eq!(
+        bind_in(&vm1.child("sub"), &BindSpec::tcp(ANY4, port)),
+        Ok(()),
+        "and below it"
+    );
     // An unleased port of the range is still the allowed cgroup's.
-    let free = (e.first..=e.last).find(|p| *p != port && *p != port2).unwrap();
+    let free = (e.first..=e.last)
+        .find(|p| *p != port && *p != port2)
+        .unwrap();
     assert_eq!(bind_in(&e.allowed, &BindSpec::tcp(ANY4, free)), Ok(()));
     // Asking for a leased port, or one outside the range, fails with a clear line.
     let p = port.to_string();
-    let (code, _, err) = run(&["--pin-dir", e.pin.as_str(), "spawn", "--port", &p, "--", "/bin/true"]);
+    let (code, _, err) = run(&[
+        "--pin-dir",
+        e.pin.as_str(),
+        "spawn",
+        "--port",
+        &p,
+        "--",
+        "/bin/true",
+    ]);
     assert_eq!(code, 1, "{err}");
-    assert!(err.contains(&format!("port {port} is already leased to {}", vm1.path())), "{err}");
-    let (code, _, err) = run(&["--pin-dir", e.pin.as_str(), "spawn", "--port", "61999", "--", "/bin/true"]);
+    assert!(
+        err.contains(&format!("port {port} is already leased to {}", vm1.path())),
+        "{err}"
+    );
+    let (code, _, err) = run(&[
+        "--pin-dir",
+        e.pin.as_str(),
+        "spawn",
+        "--port",
+        "61999",
+        "--",
+        "/bin/true",
+    ]);
     assert_eq!(code, 2, "{err}");
-    assert!(err.contains("61999") && err.contains("62020-62029"), "{err}");
-    let (code, _, err) = run(&["--pin-dir", e.pin.as_str(), "spawn", "--name", "a/b", "--", "/bin/true"]);
+    assert!(
+        err.contains("61999") && err.contains("62020-62029"),
+        "{err}"
+    );
+    let (code, _, err) = run(&[
+        "--pin-dir",
+        e.pin.as_str(),
+        "spawn",
+        "--name",
+        "a/b",
+        "--",
+        "/bin/true",
+    ]);
     assert_eq!(code, 2, "{err}");
     // Failed spawns leave no cgroup and no lease behind.
     assert_eq!(e.leases().len(), 2);
@@ -203,16 +409,30 @@ fn a_spawned_port_is_refused_to_other_vms_allowed_cgroups_and_outsiders() {
 #[test]
 fn lease_and_cgroup_end_when_the_vm_exits_while_the_daemon_runs() {
     let e = Env::new("lease-end", 62040, 62049);
-    let (port, mut child, _out) = e.spawn(&["--name", "shortvm"], &sh("sleep 0.5")).unwrap_or_else(|m| panic!("{m}"));
-    assert_eq!(e.lease_of(port).expect("leased while the VM runs")["cgroup"], format!("{}/shortvm", e.spawn_parent.path()));
+    let (port, mut child, _out) = e
+        .spawn(&["--name", "shortvm"], &sh("sleep 0.5"))
+        .unwrap_or_else(|m| panic!("{m}"));
+    assert_eq!(
+        e.lease_of(port).expect("leased while the VM runs")["cgroup"],
+        format!("{}/shortvm", e.spawn_parent.path())
+    );
     let cg = e.spawn_parent.child("shortvm");
     let status = child.wait().unwrap();
     assert!(status.success());
     let exited = Instant::now();
-    let gone = wait_until(Duration::from_secs(10), || (e.leases().is_empty() && !cg.abs().exists()).then_some(()));
+    let gone = wait_until(Duration::from_secs(10), || {
+        (e.leases().is_empty() && !cg.abs().exists()).then_some(())
+    });
     let took = exited.elapsed();
-    assert!(gone.is_some(), "lease or cgroup still there: {:?}", e.leases());
-    eprintln!("[measure] lease and cgroup gone {} ms after the VM exited", took.as_millis());
+    assert!(
+        gone.is_some(),
+        "lease or cgroup still there: {:?}",
+        e.leases()
+    );
+    eprintln!(
+        "[measure] lease and cgroup gone {} ms after the VM exited",
+        took.as_millis()
+    );
     e.daemon().wait_for("lease ended", LOG_TIMEOUT);
 }
 
@@ -220,9 +440,22 @@ fn lease_and_cgroup_end_when_the_vm_exits_while_the_daemon_runs() {
 fn spawn_json_names_port_pid_and_cgroup() {
     let e = Env::new("lease-json", 62060, 62069);
     let mut c = e.pg();
-    c.args(["spawn", "--json", "--name", "jvm", "--", "/bin/sh", "-c", "echo arg={port}"]);
+    c.args([
+        "spawn",
+        "--json",
+        "--name",
+        "jvm",
+        "--",
+        "/bin/sh",
+        "-c",
+        "echo arg={port}",
+    ]);
     let out = c.output().unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let text = String::from_utf8_lossy(&out.stdout);
     let mut lines = text.lines();
     let v: Value = serde_json::from_str(lines.next().unwrap()).unwrap();
@@ -230,7 +463,11 @@ fn spawn_json_names_port_pid_and_cgroup() {
     assert!((62060..=62069).contains(&port), "{v}");
     assert_eq!(v["cgroup"], format!("{}/jvm", e.spawn_parent.path()));
     assert!(v["pid"].as_u64().unwrap() > 1);
-    assert_eq!(lines.next(), Some(format!("arg={port}").as_str()), "{{port}} replaced in the command");
+    assert_eq!(
+        lines.next(),
+        Some(format!("arg={port}").as_str()),
+        "{{port}} replaced in the command"
+    );
 }
 
 #[test]
@@ -240,19 +477,35 @@ fn leases_of_vms_that_ended_without_a_daemon_are_reaped_when_it_starts() {
     assert!(st.success());
     e.daemon = None;
     // spawn works from the pins alone; the VM exits at once.
-    let (port, mut child, _o) = e.spawn(&["--name", "gone"], &["/bin/true".to_string()]).unwrap();
+    let (port, mut child, _o) = e
+        .spawn(&["--name", "gone"], &["/bin/true".to_string()])
+        .unwrap();
     assert!(child.wait().unwrap().success());
-    let lease = e.lease_of(port).expect("the lease outlives the VM while no daemon runs");
+    let lease = e
+        .lease_of(port)
+        .expect("the lease outlives the VM while no daemon runs");
     assert_eq!(lease["cgroup"], format!("{}/gone", e.spawn_parent.path()));
     // A lease to a cgroup that no longer exists at all.
     let doomed = e.attach.child("doomed");
-    let (code, out, err) = run(&["--pin-dir", e.pin.as_str(), "lease", "--cgroup", doomed.path()]);
+    let (code, out, err) = run(&[
+        "--pin-dir",
+        e.pin.as_str(),
+        "lease",
+        "--cgroup",
+        doomed.path(),
+    ]);
     assert_eq!(code, 0, "{err}");
     let port2: u16 = out.trim().parse().unwrap();
     std::fs::remove_dir(doomed.abs()).unwrap();
     // A lease to a live, empty cgroup that the orchestrator has not started qemu in yet stays.
     let pending = e.attach.child("pending");
-    let (code, out, err) = run(&["--pin-dir", e.pin.as_str(), "lease", "--cgroup", pending.path()]);
+    let (code, out, err) = run(&[
+        "--pin-dir",
+        e.pin.as_str(),
+        "lease",
+        "--cgroup",
+        pending.path(),
+    ]);
     assert_eq!(code, 0, "{err}");
     let port3: u16 = out.trim().parse().unwrap();
 
@@ -261,17 +514,29 @@ fn leases_of_vms_that_ended_without_a_daemon_are_reaped_when_it_starts() {
         (e.lease_of(port).is_none() && e.lease_of(port2).is_none()).then_some(())
     });
     assert!(ok.is_some(), "not reaped: {:?}", e.leases());
-    assert!(!e.spawn_parent.abs().join("gone").exists(), "spawned cgroup removed");
+    assert!(
+        !e.spawn_parent.abs().join("gone").exists(),
+        "spawned cgroup removed"
+    );
     assert!(e.lease_of(port3).is_some(), "a pending lease is kept");
     let lines = e.daemon().lines().join("\n");
-    assert!(lines.contains(&format!("lease ended: port={port}")), "{lines}");
+    assert!(
+        lines.contains(&format!("lease ended: port={port}")),
+        "{lines}"
+    );
 }
 
 /// Starts pg-hostile in `cg` over the range: hold what it gets for `hold_ms`, then pause
 /// `gap_ms` with nothing held.
 fn hostile(cg: &Cgroup, first: u16, last: u16, hold_ms: u64, gap_ms: u64) -> Child {
     let mut c = Command::new(env!("CARGO_BIN_EXE_pg-hostile"));
-    c.args([first.to_string(), last.to_string(), "600000".into(), hold_ms.to_string(), gap_ms.to_string()]);
+    c.args([
+        first.to_string(),
+        last.to_string(),
+        "600000".into(),
+        hold_ms.to_string(),
+        gap_ms.to_string(),
+    ]);
     c.stdout(Stdio::piped());
     integration_tests::netns::enter_cgroup(&mut c, cg);
     c.spawn().expect("starting pg-hostile")
@@ -319,7 +584,10 @@ fn live_migrations_through_spawn_survive_a_hostile_binder_and_fail_without_the_g
                 Ok(out) => format!("exited with {}", out.status),
                 Err(e) => e.to_string(),
             };
-            skip(&format!("{} cannot run here ({why}): live migrations need qemu", qemu::qemu_bin()));
+            skip(&format!(
+                "{} cannot run here ({why}): live migrations need qemu",
+                qemu::qemu_bin()
+            ));
             return;
         }
     }
@@ -342,14 +610,18 @@ fn live_migrations_through_spawn_survive_a_hostile_binder_and_fail_without_the_g
             let started: Vec<Child> = (0..CONCURRENT_SPAWNS)
                 .map(|_| {
                     let mut c = e.pg();
-                    c.args(["spawn", "--", "sleep", "30"]).stdout(Stdio::piped()).stderr(Stdio::piped());
+                    c.args(["spawn", "--", "sleep", "30"])
+                        .stdout(Stdio::piped())
+                        .stderr(Stdio::piped());
                     c.spawn().unwrap()
                 })
                 .collect();
             let mut ports = Vec::new();
             for mut c in started {
                 let mut line = String::new();
-                BufReader::new(c.stdout.take().unwrap()).read_line(&mut line).unwrap();
+                BufReader::new(c.stdout.take().unwrap())
+                    .read_line(&mut line)
+                    .unwrap();
                 match line.trim().parse::<u16>() {
                     Ok(p) => ports.push(p),
                     Err(_) => failures.push(format!("concurrent spawn printed {line:?}")),
@@ -359,7 +631,11 @@ fn live_migrations_through_spawn_survive_a_hostile_binder_and_fail_without_the_g
             let mut uniq = ports.clone();
             uniq.sort();
             uniq.dedup();
-            assert_eq!(uniq.len(), ports.len(), "concurrent spawns got the same port: {ports:?}");
+            assert_eq!(
+                uniq.len(),
+                ports.len(),
+                "concurrent spawns got the same port: {ports:?}"
+            );
         }
         let qmp = qmp_dir.join(format!("dst{i}.qmp"));
         let mut cmd = vec![qemu::qemu_bin()];
@@ -384,7 +660,9 @@ fn live_migrations_through_spawn_survive_a_hostile_binder_and_fail_without_the_g
         pipes.push(out);
         let dest = qemu::Qemu::adopt(child, &qmp);
         let t1 = Instant::now();
-        let (status, info) = source.qmp().migrate(&format!("tcp:127.0.0.1:{port}"), Duration::from_secs(120));
+        let (status, info) = source
+            .qmp()
+            .migrate(&format!("tcp:127.0.0.1:{port}"), Duration::from_secs(120));
         per_migration.push(t1.elapsed());
         if status != "completed" {
             failures.push(format!("migration {i} to {port}: {status}: {info}"));
@@ -409,9 +687,21 @@ fn live_migrations_through_spawn_survive_a_hostile_binder_and_fail_without_the_g
         median(to_listen).as_millis(),
         median(per_migration).as_millis()
     );
-    assert!(failures.is_empty(), "failures under the guard: {failures:#?}");
-    assert_eq!(guarded["grabbed"], 0, "the hostile binder got a reserved port: {guarded}");
-    assert!(guarded["refused"][expected_errno().to_string()].as_u64().unwrap_or(0) > 0, "{guarded}");
+    assert!(
+        failures.is_empty(),
+        "failures under the guard: {failures:#?}"
+    );
+    assert_eq!(
+        guarded["grabbed"], 0,
+        "the hostile binder got a reserved port: {guarded}"
+    );
+    assert!(
+        guarded["refused"][expected_errno().to_string()]
+            .as_u64()
+            .unwrap_or(0)
+            > 0,
+        "{guarded}"
+    );
 
     // Without the guard, the same race: libvirt's way (probe a free port, start qemu on it).
     e.daemon.as_mut().unwrap().terminate();
@@ -446,7 +736,10 @@ fn live_migrations_through_spawn_survive_a_hostile_binder_and_fail_without_the_g
         // Unguarded, the source may stream into the hostile process, which resets the connection
         // (and can take qemu or its QMP socket down with it): any of that is a failed attempt.
         let status = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-            source.qmp().migrate(&format!("tcp:127.0.0.1:{port}"), Duration::from_secs(120)).0
+            source
+                .qmp()
+                .migrate(&format!("tcp:127.0.0.1:{port}"), Duration::from_secs(120))
+                .0
         }))
         .unwrap_or_else(|_| "source lost (connection reset)".to_string());
         let dest_status = std::panic::catch_unwind(|| {
@@ -458,7 +751,9 @@ fn live_migrations_through_spawn_survive_a_hostile_binder_and_fail_without_the_g
             (s, d) => {
                 // "completed" with the destination still "inmigrate": the source's stream went
                 // to whoever held the port's other listener, the worst outcome of all.
-                unguarded_failures.push(format!("attempt {i}: port {port}: migration {s}, destination {d:?}"));
+                unguarded_failures.push(format!(
+                    "attempt {i}: port {port}: migration {s}, destination {d:?}"
+                ));
                 source = qemu::Qemu::start(&qmp_dir.join(format!("usrc{i}.qmp")), &[]);
             }
         }
@@ -470,6 +765,9 @@ fn live_migrations_through_spawn_survive_a_hostile_binder_and_fail_without_the_g
         unguarded_failures.len(),
         unguarded_failures.iter().take(3).collect::<Vec<_>>()
     );
-    assert!(!unguarded_failures.is_empty(), "the hostile binder never beat an unguarded migration");
+    assert!(
+        !unguarded_failures.is_empty(),
+        "the hostile binder never beat an unguarded migration"
+    );
     assert!(unguarded["grabbed"].as_u64().unwrap() > 0, "{unguarded}");
 }

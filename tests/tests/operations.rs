@@ -7,7 +7,7 @@ use std::{
     io::{Read, Write},
     net::TcpStream,
     path::Path,
-    process::Command,
+    process::{Command, Stdio},
     time::Duration,
 };
 
@@ -31,11 +31,26 @@ fn the_systemd_unit_passes_systemd_analyze_verify() {
         "port-guard.service",
         &unit.replace("/usr/local/sbin/port-guard", &bin().display().to_string()),
     );
-    let out = Command::new("systemd-analyze").arg("verify").arg(&path).output().unwrap();
+    let out = Command::new("systemd-analyze")
+        .arg("verify")
+        .arg(&path)
+        .output()
+        .unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
-    let ours: Vec<&str> = stderr.lines().filter(|l| l.contains("port-guard.service")).collect();
-    assert!(out.status.success() && ours.is_empty(), "systemd-analyze verify: {stderr}");
-    for needle in ["Type=notify", "CapabilityBoundingSet=CAP_BPF CAP_NET_ADMIN", "Restart=on-failure", "ExecReload="] {
+    let ours: Vec<&str> = stderr
+        .lines()
+        .filter(|l| l.contains("port-guard.service"))
+        .collect();
+    assert!(
+        out.status.success() && ours.is_empty(),
+        "systemd-analyze verify: {stderr}"
+    );
+    for needle in [
+        "Type=notify",
+        "CapabilityBoundingSet=CAP_BPF CAP_NET_ADMIN",
+        "Restart=on-failure",
+        "ExecReload=",
+    ] {
         assert!(unit.contains(needle), "{needle}");
     }
 }
@@ -61,15 +76,29 @@ impl Reloadable {
         }
         let pin = PinDir::new(name);
         let tmp = TempDir::new(name);
-        let config = tmp.write("config.toml", &config_text(range, &format!("{}/{allow_child}", cg.path()), ""));
-        let mut args = vec!["--attach".to_string(), cg.path().to_string(), "--spawn-parent".into(), format!("{}/spawn", cg.path())];
+        let config = tmp.write(
+            "config.toml",
+            &config_text(range, &format!("{}/{allow_child}", cg.path()), ""),
+        );
+        let mut args = vec![
+            "--attach".to_string(),
+            cg.path().to_string(),
+            "--spawn-parent".into(),
+            format!("{}/spawn", cg.path()),
+        ];
         if !kernel_features().set_retval {
             args.push("--allow-fallback".into());
         }
         args.extend(extra_args.iter().map(|s| s.to_string()));
         let daemon = Daemon::start(pin.path(), &config, &args);
         daemon.wait_for("guard enforcing", START_TIMEOUT);
-        Reloadable { daemon, pin, tmp, config, cg }
+        Reloadable {
+            daemon,
+            pin,
+            tmp,
+            config,
+            cg,
+        }
     }
 }
 
@@ -86,11 +115,28 @@ fn sighup_applies_a_new_range_and_allowed_cgroup_live_and_keeps_the_old_config_o
     std::fs::write(&r.config, config_text("62420-62429", b.path(), "")).unwrap();
     let skip = r.daemon.line_count();
     unsafe { libc::kill(r.daemon.pid(), libc::SIGHUP) };
-    r.daemon.wait_for_after(skip, "SIGHUP: config reloaded", LOG_TIMEOUT);
-    assert_eq!(bind_in(&out, &BindSpec::tcp(ANY4, 62400)), Ok(()), "old range released");
-    assert_eq!(bind_in(&out, &BindSpec::tcp(ANY4, 62420)), refused, "new range enforced");
-    assert_eq!(bind_in(&b, &BindSpec::tcp(ANY6, 62425)), Ok(()), "new allowed cgroup");
-    assert_eq!(bind_in(&a, &BindSpec::tcp(ANY4, 62425)), refused, "old allowed cgroup no longer");
+    r.daemon
+        .wait_for_after(skip, "SIGHUP: config reloaded", LOG_TIMEOUT);
+    assert_eq!(
+        bind_in(&out, &BindSpec::tcp(ANY4, 62400)),
+        Ok(()),
+        "old range released"
+    );
+    assert_eq!(
+        bind_in(&out, &BindSpec::tcp(ANY4, 62420)),
+        refused,
+        "new range enforced"
+    );
+    assert_eq!(
+        bind_in(&b, &BindSpec::tcp(ANY6, 62425)),
+        Ok(()),
+        "new allowed cgroup"
+    );
+    assert_eq!(
+        bind_in(&a, &BindSpec::tcp(ANY4, 62425)),
+        refused,
+        "old allowed cgroup no longer"
+    );
     let status = status_json(r.pin.path());
     assert_eq!(status["reserve"][0]["ports"], "62420-62429");
     assert_eq!(status["reserve"][0]["allow"][0], b.path());
@@ -100,7 +146,9 @@ fn sighup_applies_a_new_range_and_allowed_cgroup_live_and_keeps_the_old_config_o
     std::fs::write(&r.config, config_text("0-10", b.path(), "")).unwrap();
     let skip = r.daemon.line_count();
     unsafe { libc::kill(r.daemon.pid(), libc::SIGHUP) };
-    let line = r.daemon.wait_for_after(skip, "SIGHUP: new config refused", LOG_TIMEOUT);
+    let line = r
+        .daemon
+        .wait_for_after(skip, "SIGHUP: new config refused", LOG_TIMEOUT);
     assert!(line.contains("\"0\""), "{line}");
     assert_eq!(bind_in(&out, &BindSpec::tcp(ANY4, 62420)), refused);
     assert_eq!(bind_in(&b, &BindSpec::tcp(ANY4, 62420)), Ok(()));
@@ -114,13 +162,17 @@ fn an_allowed_cgroup_created_after_start_is_allowed_at_once_and_followed_when_re
     let svc_path = r.cg.abs().join("svc");
     assert!(!svc_path.exists());
     r.daemon.wait_for("allowed cgroup", LOG_TIMEOUT); // "... does not exist yet"
-    // The service starts: its cgroup appears and the daemon, told by inotify, allows it (within
-    // milliseconds: the window between mkdir and the map update is the daemon's reaction time).
+                                                      // The service starts: its cgroup appears and the daemon, told by inotify, allows it (within
+                                                      // milliseconds: the window between mkdir and the map update is the daemon's reaction time).
     let skip = r.daemon.line_count();
     let svc = r.cg.child("svc");
     let line = r.daemon.wait_for_after(skip, "appeared", LOG_TIMEOUT); // logged once in force
     assert!(line.contains(&format!("{}/svc", r.cg.path())), "{line}");
-    assert_eq!(bind_in(&svc, &BindSpec::tcp(ANY4, 62440)), Ok(()), "allowed once it appeared");
+    assert_eq!(
+        bind_in(&svc, &BindSpec::tcp(ANY4, 62440)),
+        Ok(()),
+        "allowed once it appeared"
+    );
     // Restarted by its service manager: removed and created again, with a new id.
     let old_id = svc.id();
     std::fs::remove_dir(svc.abs()).unwrap();
@@ -128,8 +180,15 @@ fn an_allowed_cgroup_created_after_start_is_allowed_at_once_and_followed_when_re
     let svc = r.cg.child("svc");
     assert_ne!(svc.id(), old_id);
     r.daemon.wait_for_after(skip, "was re-created", LOG_TIMEOUT); // logged once in force
-    assert_eq!(bind_in(&svc, &BindSpec::tcp(ANY4, 62441)), Ok(()), "followed by path");
-    assert_eq!(bind_in(&r.cg.child("other"), &BindSpec::tcp(ANY4, 62441)), Err(expected_errno()));
+    assert_eq!(
+        bind_in(&svc, &BindSpec::tcp(ANY4, 62441)),
+        Ok(()),
+        "followed by path"
+    );
+    assert_eq!(
+        bind_in(&r.cg.child("other"), &BindSpec::tcp(ANY4, 62441)),
+        Err(expected_errno())
+    );
 }
 
 fn scrape(addr: &str) -> String {
@@ -144,14 +203,21 @@ fn scrape(addr: &str) -> String {
 
 fn metric(text: &str, name_and_labels: &str) -> f64 {
     text.lines()
-        .find_map(|l| l.strip_prefix(name_and_labels).and_then(|rest| rest.trim().parse::<f64>().ok()))
+        .find_map(|l| {
+            l.strip_prefix(name_and_labels)
+                .and_then(|rest| rest.trim().parse::<f64>().ok())
+        })
         .unwrap_or_else(|| panic!("{name_and_labels} not in:\n{text}"))
 }
 
 #[test]
 fn metrics_count_what_a_scripted_set_of_binds_and_leases_produces() {
     // A free loopback port for the endpoint.
-    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
     let addr = format!("127.0.0.1:{port}");
     let r = Reloadable::start("metrics", "62460-62463", "a", &["--metrics-listen", &addr]);
     let (a, out, vm) = (r.cg.child("a"), r.cg.child("out"), r.cg.child("vm"));
@@ -163,9 +229,22 @@ fn metrics_count_what_a_scripted_set_of_binds_and_leases_produces() {
     }
     let labels = "{range=\"62460-62463\",protocol=\"tcp\"}";
     let text = scrape(&addr);
-    assert_eq!(metric(&text, &format!("port_guard_denied_binds_total{labels}")), 3.0, "{text}");
-    assert_eq!(metric(&text, &format!("port_guard_allowed_reserved_binds_total{labels}")), 2.0);
-    assert_eq!(metric(&text, &format!("port_guard_audited_binds_total{labels}")), 0.0);
+    assert_eq!(
+        metric(&text, &format!("port_guard_denied_binds_total{labels}")),
+        3.0,
+        "{text}"
+    );
+    assert_eq!(
+        metric(
+            &text,
+            &format!("port_guard_allowed_reserved_binds_total{labels}")
+        ),
+        2.0
+    );
+    assert_eq!(
+        metric(&text, &format!("port_guard_audited_binds_total{labels}")),
+        0.0
+    );
     assert_eq!(metric(&text, "port_guard_leases"), 0.0);
     // Four ports: four leases, then one exhaustion.
     for i in 0..5 {
@@ -177,14 +256,26 @@ fn metrics_count_what_a_scripted_set_of_binds_and_leases_produces() {
         (metric(&t, "port_guard_lease_exhaustions_total") >= 1.0).then_some(t)
     })
     .expect("exhaustion counted");
-    assert_eq!(metric(&text, &format!("port_guard_denied_binds_total{labels}")), 3.0, "{text}");
+    assert_eq!(
+        metric(&text, &format!("port_guard_denied_binds_total{labels}")),
+        3.0,
+        "{text}"
+    );
     // The allocator's probe binds (as the lessee) count as allowed reserved binds too.
-    assert!(metric(&text, &format!("port_guard_allowed_reserved_binds_total{labels}")) >= 6.0);
+    assert!(
+        metric(
+            &text,
+            &format!("port_guard_allowed_reserved_binds_total{labels}")
+        ) >= 6.0
+    );
     assert_eq!(metric(&text, "port_guard_leases"), 4.0);
     assert_eq!(metric(&text, "port_guard_lease_allocations_total"), 4.0);
     assert_eq!(metric(&text, "port_guard_lease_exhaustions_total"), 1.0);
     assert_eq!(metric(&text, "port_guard_attached"), 1.0);
-    assert_eq!(metric(&text, "port_guard_config_reloads_total{result=\"ok\"}"), 0.0);
+    assert_eq!(
+        metric(&text, "port_guard_config_reloads_total{result=\"ok\"}"),
+        0.0
+    );
     // The lessee cgroup goes away: the lease is reaped and counted.
     drop(vm);
     std::fs::remove_dir(r.cg.abs().join("vm")).unwrap();
@@ -197,10 +288,73 @@ fn metrics_count_what_a_scripted_set_of_binds_and_leases_produces() {
 }
 
 #[test]
+fn denial_events_the_ring_buffer_had_no_room_for_are_counted_and_reported() {
+    // The daemon is stopped (SIGSTOP) while an outsider floods the range with refused binds: the
+    // 256 KiB ring buffer holds ~4,700 events, the rest cannot be reported. The denials are
+    // counted in full all the same, and the loss is counted, logged and exported.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let addr = format!("127.0.0.1:{port}");
+    let r = Reloadable::start("lost", "62470-62479", "a", &["--metrics-listen", &addr]);
+    let out = r.cg.child("out");
+    let text = scrape(&addr);
+    assert_eq!(
+        metric(&text, "port_guard_denial_events_lost_total"),
+        0.0,
+        "{text}"
+    );
+    unsafe { libc::kill(r.daemon.pid(), libc::SIGSTOP) };
+    let mut c = Command::new(env!("CARGO_BIN_EXE_pg-hostile"));
+    c.args(["62470", "62479", "2000", "0"])
+        .stdout(Stdio::piped());
+    integration_tests::netns::enter_cgroup(&mut c, &out);
+    let flood = c.output().expect("running pg-hostile");
+    unsafe { libc::kill(r.daemon.pid(), libc::SIGCONT) };
+    let v: serde_json::Value = serde_json::from_slice(&flood.stdout).expect("pg-hostile's JSON");
+    assert_eq!(v["grabbed"], 0, "{v}");
+    let refused: u64 = v["refused"]
+        .as_object()
+        .unwrap()
+        .values()
+        .map(|n| n.as_u64().unwrap())
+        .sum();
+    assert!(
+        refused > 10_000,
+        "the flood is larger than the ring buffer: {v}"
+    );
+    let line = r
+        .daemon
+        .wait_for("denial events were lost", Duration::from_secs(10));
+    let text = scrape(&addr);
+    let lost = metric(&text, "port_guard_denial_events_lost_total");
+    let labels = "{range=\"62470-62479\",protocol=\"tcp\"}";
+    let denied = metric(&text, &format!("port_guard_denied_binds_total{labels}"));
+    assert_eq!(denied, refused as f64, "every denial counted: {text}");
+    assert!(lost > 0.0 && lost < denied, "lost {lost} of {denied}");
+    // What the ring buffer held was delivered: lost + delivered = denied, and the log line
+    // names the loss.
+    assert!(
+        lost <= denied - 4000.0,
+        "a 256 KiB ring holds ~4,700 events: lost {lost} of {denied}"
+    );
+    assert!(
+        line.contains(&format!("{} denial events were lost", lost as u64)),
+        "{line}"
+    );
+}
+
+#[test]
 fn man_page_and_completions_are_generated() {
     let (code, out, err) = run(&["man"]);
     assert_eq!(code, 0, "{err}");
-    assert!(out.starts_with(".ie") || out.contains(".TH port-guard"), "{}", &out[..out.len().min(200)]);
+    assert!(
+        out.starts_with(".ie") || out.contains(".TH port-guard"),
+        "{}",
+        &out[..out.len().min(200)]
+    );
     for verb in ["DAEMON", "SPAWN", "LEASE", "CHECK", "UNLOAD"] {
         assert!(out.contains(&format!("PORT-GUARD {verb}")), "{verb}");
     }

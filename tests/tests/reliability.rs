@@ -39,10 +39,19 @@ fn kill9_at_random_instants_leaves_the_guard_whole_or_absent_and_leases_survive(
     let pin = PinDir::new("crash");
     let tmp = TempDir::new("crash");
     let config = tmp.write("config.toml", "errno = \"eperm\"\n");
-    let args: Vec<String> = ["--attach", cg.path(), "--reserve", "62600-62609", "--allow", allowed.path(), "--spawn-parent", &format!("{}/spawn", cg.path())]
-        .iter()
-        .map(|s| s.to_string())
-        .collect();
+    let args: Vec<String> = [
+        "--attach",
+        cg.path(),
+        "--reserve",
+        "62600-62609",
+        "--allow",
+        allowed.path(),
+        "--spawn-parent",
+        &format!("{}/spawn", cg.path()),
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
     let seed = 0x9e37_79b9_7f4a_7c15u64 ^ u64::from(std::process::id());
     eprintln!("[crash] seed {seed:#x}");
     let mut rng = Rng(seed);
@@ -92,21 +101,34 @@ fn kill9_at_random_instants_leaves_the_guard_whole_or_absent_and_leases_survive(
             ([true, true], Err(libc::EPERM), Err(libc::EPERM)) => {
                 enforcing += 1;
                 ever_attached = true;
-                assert_eq!(bind_in(&allowed, &BindSpec::tcp(ANY4, 62601)), Ok(()), "kill {i}: allowed cgroup");
+                assert_eq!(
+                    bind_in(&allowed, &BindSpec::tcp(ANY4, 62601)),
+                    Ok(()),
+                    "kill {i}: allowed cgroup"
+                );
             }
             ([false, false], Ok(()), Ok(())) if !ever_attached => {
                 absent += 1;
-                assert_ne!(bpftool_has_progs(&cg), Some(true), "kill {i}: programs attached without pins");
+                assert_ne!(
+                    bpftool_has_progs(&cg),
+                    Some(true),
+                    "kill {i}: programs attached without pins"
+                );
             }
-            other => panic!("kill {i} (reload: {reload}): partial state {other:?}; daemon said:\n{}", d.lines().join("\n")),
+            other => panic!(
+                "kill {i} (reload: {reload}): partial state {other:?}; daemon said:\n{}",
+                d.lines().join("\n")
+            ),
         }
         if ever_attached && lease.is_none() && i >= FIRST_LOADS {
-            let (code, out, err) = run(&["--pin-dir", pin.as_str(), "lease", "--cgroup", vm.path()]);
+            let (code, out, err) =
+                run(&["--pin-dir", pin.as_str(), "lease", "--cgroup", vm.path()]);
             assert_eq!(code, 0, "{err}");
             lease = Some(out.trim().parse().unwrap());
         }
         if let Some(port) = lease {
-            let l = get_lease(pin.path(), port).unwrap_or_else(|| panic!("kill {i}: the lease of a live cgroup is gone"));
+            let l = get_lease(pin.path(), port)
+                .unwrap_or_else(|| panic!("kill {i}: the lease of a live cgroup is gone"));
             assert_eq!(l.cgroup_id, vm.id());
         }
     }
@@ -120,29 +142,57 @@ fn kill9_at_random_instants_leaves_the_guard_whole_or_absent_and_leases_survive(
 
 #[test]
 fn spawn_churn_leaves_no_lease_cgroup_pin_or_fd_behind_and_daemon_memory_flat() {
-    let cycles: usize = std::env::var("PG_CHURN_CYCLES").ok().and_then(|s| s.parse().ok()).unwrap_or(10_000);
+    let cycles: usize = std::env::var("PG_CHURN_CYCLES")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(10_000);
     let cg = TestCgroup::new("churn");
     let pin = PinDir::new("churn");
     let tmp = TempDir::new("churn");
     let config = tmp.write("config.toml", "errno = \"eperm\"\n");
     let spawn_parent = format!("{}/spawn", cg.path());
-    let d = Daemon::start(pin.path(), &config, &["--attach", cg.path(), "--reserve", "62620-62629", "--spawn-parent", &spawn_parent]);
+    let d = Daemon::start(
+        pin.path(),
+        &config,
+        &[
+            "--attach",
+            cg.path(),
+            "--reserve",
+            "62620-62629",
+            "--spawn-parent",
+            &spawn_parent,
+        ],
+    );
     d.wait_for("guard enforcing", START_TIMEOUT);
     let rss = |pid: i32| -> u64 {
         std::fs::read_to_string(format!("/proc/{pid}/status"))
             .unwrap()
             .lines()
-            .find_map(|l| l.strip_prefix("VmRSS:").map(|v| v.trim().trim_end_matches(" kB").trim().parse().unwrap()))
+            .find_map(|l| {
+                l.strip_prefix("VmRSS:")
+                    .map(|v| v.trim().trim_end_matches(" kB").trim().parse().unwrap())
+            })
             .unwrap()
     };
-    let fds = |pid: i32| std::fs::read_dir(format!("/proc/{pid}/fd")).unwrap().count();
+    let fds = |pid: i32| {
+        std::fs::read_dir(format!("/proc/{pid}/fd"))
+            .unwrap()
+            .count()
+    };
     let pins = || std::fs::read_dir(pin.path()).unwrap().count();
     let (rss0, fds0, pins0) = (rss(d.pid()), fds(d.pid()), pins());
     let t = Instant::now();
     let (mut rss_mid, mut fds_mid) = (0, 0);
     for i in 0..cycles {
-        let out = Command::new(bin()).args(["--pin-dir", pin.as_str(), "spawn", "--", "/bin/true"]).output().unwrap();
-        assert!(out.status.success(), "cycle {i}: {}", String::from_utf8_lossy(&out.stderr));
+        let out = Command::new(bin())
+            .args(["--pin-dir", pin.as_str(), "spawn", "--", "/bin/true"])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "cycle {i}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         if i == cycles / 10 {
             rss_mid = rss(d.pid());
             fds_mid = fds(d.pid());
@@ -151,11 +201,22 @@ fn spawn_churn_leaves_no_lease_cgroup_pin_or_fd_behind_and_daemon_memory_flat() 
     let elapsed = t.elapsed();
     let spawn_dir = cg.abs().join("spawn");
     let settled = wait_until(Duration::from_secs(15), || {
-        let leases = status_json(pin.path())["leases"].as_array().map(|a| a.len()).unwrap_or(1);
-        let cgroups = std::fs::read_dir(&spawn_dir).unwrap().flatten().filter(|e| e.path().is_dir()).count();
+        let leases = status_json(pin.path())["leases"]
+            .as_array()
+            .map(|a| a.len())
+            .unwrap_or(1);
+        let cgroups = std::fs::read_dir(&spawn_dir)
+            .unwrap()
+            .flatten()
+            .filter(|e| e.path().is_dir())
+            .count();
         (leases == 0 && cgroups == 0).then_some(())
     });
-    assert!(settled.is_some(), "leases or cgroups left: {}", status_json(pin.path())["leases"]);
+    assert!(
+        settled.is_some(),
+        "leases or cgroups left: {}",
+        status_json(pin.path())["leases"]
+    );
     let (rss1, fds1, pins1) = (rss(d.pid()), fds(d.pid()), pins());
     eprintln!(
         "[measure] churn: {cycles} spawn/exit cycles in {:.1} s ({:.2} ms each); daemon RSS {rss0} kB at start, {rss_mid} kB after 10%, {rss1} kB after all; fds {fds0} -> {fds_mid} -> {fds1}; pins {pins0} -> {pins1}",
@@ -164,14 +225,27 @@ fn spawn_churn_leaves_no_lease_cgroup_pin_or_fd_behind_and_daemon_memory_flat() 
     );
     // The count at `guard enforcing` races with the daemon opening its watches right after that
     // line (seen on 5.10 in a VM: 22 then, 26 for good); a leak grows with the cycles.
-    assert!(fds1 <= fds_mid, "daemon fds leaked: {fds0} at start, {fds_mid} after 10%, {fds1} after all");
+    assert!(
+        fds1 <= fds_mid,
+        "daemon fds leaked: {fds0} at start, {fds_mid} after 10%, {fds1} after all"
+    );
     assert_eq!(pins1, pins0, "pins left behind");
     // Flat: growth after the first 10% of cycles stays under 1 MiB (allocator noise).
-    assert!(rss1 <= rss_mid.max(rss0) + 1024, "daemon memory grew: {rss0} -> {rss_mid} -> {rss1} kB");
+    assert!(
+        rss1 <= rss_mid.max(rss0) + 1024,
+        "daemon memory grew: {rss0} -> {rss_mid} -> {rss1} kB"
+    );
 }
 
 /// `pg-bind VARIANT PROTO ADDR PORT` in `cg` (and `ns`): Ok or the errno.
-fn pg_bind(cg: &Cgroup, ns: Option<&TestNetns>, variant: &str, proto: &str, addr: &str, port: u16) -> Result<(), i32> {
+fn pg_bind(
+    cg: &Cgroup,
+    ns: Option<&TestNetns>,
+    variant: &str,
+    proto: &str,
+    addr: &str,
+    port: u16,
+) -> Result<(), i32> {
     let mut c = Command::new(env!("CARGO_BIN_EXE_pg-bind"));
     c.args([variant, proto, addr, &port.to_string()]);
     match ns {
@@ -180,7 +254,11 @@ fn pg_bind(cg: &Cgroup, ns: Option<&TestNetns>, variant: &str, proto: &str, addr
     }
     let out = c.output().unwrap();
     let text = String::from_utf8_lossy(&out.stdout).trim().to_owned();
-    assert!(out.status.success(), "pg-bind {variant}: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "pg-bind {variant}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     match text.strip_prefix("errno ") {
         Some(e) => Err(e.parse().unwrap()),
         None if text == "ok" => Ok(()),
@@ -196,7 +274,10 @@ fn every_bind_trick_from_an_outsider_is_refused() {
     let allowed = cg.child("allowed");
     // A process of the outsider cgroup that exists before the guard does.
     let mut early = Command::new(env!("CARGO_BIN_EXE_pg-bind"));
-    early.args(["wait", "tcp", "0.0.0.0", "62641"]).stdin(Stdio::piped()).stdout(Stdio::piped());
+    early
+        .args(["wait", "tcp", "0.0.0.0", "62641"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped());
     ns.enter(&mut early, Some(&outsider));
     let mut early = early.spawn().unwrap();
 
@@ -204,14 +285,29 @@ fn every_bind_trick_from_an_outsider_is_refused() {
     let tmp = TempDir::new("tricks");
     let config = tmp.write("config.toml", "errno = \"eperm\"\n");
     let mut c = ns.command(bin());
-    c.arg("--pin-dir").arg(pin.path()).arg("--config").arg(&config).args([
-        "daemon", "--attach", cg.path(), "--reserve", "62640-62649/tcp+udp", "--reserve", "49152",
-        "--allow", allowed.path(), "--spawn-parent", &format!("{}/spawn", cg.path()),
-    ]);
+    c.arg("--pin-dir")
+        .arg(pin.path())
+        .arg("--config")
+        .arg(&config)
+        .args([
+            "daemon",
+            "--attach",
+            cg.path(),
+            "--reserve",
+            "62640-62649/tcp+udp",
+            "--reserve",
+            "49152",
+            "--allow",
+            allowed.path(),
+            "--spawn-parent",
+            &format!("{}/spawn", cg.path()),
+        ]);
     let d = Daemon::spawn(c);
     d.wait_for("guard enforcing", START_TIMEOUT);
 
-    let b = |variant: &str, proto: &str, addr: &str, port: u16| pg_bind(&outsider, Some(&ns), variant, proto, addr, port);
+    let b = |variant: &str, proto: &str, addr: &str, port: u16| {
+        pg_bind(&outsider, Some(&ns), variant, proto, addr, port)
+    };
     let refused = Err(libc::EPERM);
     for (variant, proto, addr) in [
         ("plain", "tcp", "0.0.0.0"),
@@ -228,25 +324,40 @@ fn every_bind_trick_from_an_outsider_is_refused() {
         ("reuseport", "udp", "::"),
         ("plain", "udp", "::ffff:127.0.0.1"),
     ] {
-        assert_eq!(b(variant, proto, addr, 62640), refused, "{variant} {proto} {addr}");
+        assert_eq!(
+            b(variant, proto, addr, 62640),
+            refused,
+            "{variant} {proto} {addr}"
+        );
     }
     // Forked before the guard loaded, binding after: refused too.
     writeln!(early.stdin.take().unwrap()).unwrap();
     let mut line = String::new();
-    BufReader::new(early.stdout.take().unwrap()).read_line(&mut line).unwrap();
+    BufReader::new(early.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
     early.wait().unwrap();
-    assert_eq!(line.trim(), format!("errno {}", libc::EPERM), "a process older than the guard");
+    assert_eq!(
+        line.trim(),
+        format!("errno {}", libc::EPERM),
+        "a process older than the guard"
+    );
     // Byte order: 49152 is 0xC000; byte-swapped it is 192. The guard must refuse the one and
     // leave the other alone.
     assert_eq!(b("plain", "tcp", "0.0.0.0", 49152), refused);
     assert_eq!(b("plain", "tcp", "0.0.0.0", 192), Ok(()));
     // Controls: the allowed cgroup binds the same way, and ports outside the range are free.
-    assert_eq!(pg_bind(&allowed, Some(&ns), "reuseport", "udp", "::", 62640), Ok(()));
+    assert_eq!(
+        pg_bind(&allowed, Some(&ns), "reuseport", "udp", "::", 62640),
+        Ok(())
+    );
     assert_eq!(b("plain", "tcp", "0.0.0.0", 62650), Ok(()));
     // SCTP has a port space of its own: a reserved TCP/UDP port bound over SCTP conflicts with
     // neither, and the guard (which checks tcp, mptcp and udp) lets it through.
     match b("plain", "sctp", "0.0.0.0", 62640) {
-        Err(e) if e == libc::EPROTONOSUPPORT || e == libc::ESOCKTNOSUPPORT => skip_part("SCTP is not available on this kernel (no sctp module)"),
+        Err(e) if e == libc::EPROTONOSUPPORT || e == libc::ESOCKTNOSUPPORT => {
+            skip_part("SCTP is not available on this kernel (no sctp module)")
+        }
         other => assert_eq!(other, Ok(()), "SCTP binds pass the guard (own port space)"),
     }
 }
@@ -258,13 +369,32 @@ fn unprivileged_users_cannot_lease_release_unload_read_pins_or_join_allowed_cgro
     let pin = PinDir::new("nonroot");
     let tmp = TempDir::new("nonroot");
     let config = tmp.write("config.toml", "errno = \"eperm\"\n");
-    let d = Daemon::start(pin.path(), &config, &["--attach", cg.path(), "--reserve", "62660-62669", "--allow", allowed.path(), "--spawn-parent", &format!("{}/spawn", cg.path())]);
+    let d = Daemon::start(
+        pin.path(),
+        &config,
+        &[
+            "--attach",
+            cg.path(),
+            "--reserve",
+            "62660-62669",
+            "--allow",
+            allowed.path(),
+            "--spawn-parent",
+            &format!("{}/spawn", cg.path()),
+        ],
+    );
     d.wait_for("guard enforcing", START_TIMEOUT);
-    let mode = std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(pin.path()).unwrap().permissions());
+    let mode = std::os::unix::fs::PermissionsExt::mode(
+        &std::fs::metadata(pin.path()).unwrap().permissions(),
+    );
     assert_eq!(mode & 0o777, 0o700, "pin dir mode");
     let as_nobody = |args: &[&str]| {
         let mut c = Command::new(bin());
-        c.arg("--pin-dir").arg(pin.path()).args(args).uid(65534).gid(65534);
+        c.arg("--pin-dir")
+            .arg(pin.path())
+            .args(args)
+            .uid(65534)
+            .gid(65534);
         run_cmd(c)
     };
     for args in [
@@ -277,12 +407,23 @@ fn unprivileged_users_cannot_lease_release_unload_read_pins_or_join_allowed_cgro
         let (code, _, err) = as_nobody(&args);
         assert_eq!(code, 1, "{args:?}: {err}");
         let line = single_line(&err);
-        assert!(line.to_lowercase().contains("permission denied"), "{args:?}: {line}");
+        assert!(
+            line.to_lowercase().contains("permission denied"),
+            "{args:?}: {line}"
+        );
     }
-    assert!(pin.exists() && status_json(pin.path())["attached"] == true, "the guard is untouched");
+    assert!(
+        pin.exists() && status_json(pin.path())["attached"] == true,
+        "the guard is untouched"
+    );
     // Joining an allowed cgroup needs write access to its cgroup.procs: root's.
     let mut c = Command::new("sh");
-    c.args(["-c", &format!("echo $$ > {}/cgroup.procs", allowed.abs().display())]).uid(65534).gid(65534);
+    c.args([
+        "-c",
+        &format!("echo $$ > {}/cgroup.procs", allowed.abs().display()),
+    ])
+    .uid(65534)
+    .gid(65534);
     let (code, _, err) = run_cmd(c);
     assert_ne!(code, 0, "nobody moved itself into an allowed cgroup: {err}");
 }

@@ -19,7 +19,11 @@ fn bind_once(variant: &str, proto: &str, addr: &str, port: u16) -> Result<(), i3
         None => (addr, 0),
     };
     let ip: IpAddr = ip.parse().expect("address");
-    let domain = if ip.is_ipv4() { libc::AF_INET } else { libc::AF_INET6 };
+    let domain = if ip.is_ipv4() {
+        libc::AF_INET
+    } else {
+        libc::AF_INET6
+    };
     let (ty, protocol) = match proto {
         "tcp" => (libc::SOCK_STREAM, 0),
         "udp" => (libc::SOCK_DGRAM, 0),
@@ -55,25 +59,41 @@ fn bind_once(variant: &str, proto: &str, addr: &str, port: u16) -> Result<(), i3
                 let sa = libc::sockaddr_in {
                     sin_family: libc::AF_INET as u16,
                     sin_port: port.to_be(),
-                    sin_addr: libc::in_addr { s_addr: u32::from(a).to_be() },
+                    sin_addr: libc::in_addr {
+                        s_addr: u32::from(a).to_be(),
+                    },
                     sin_zero: [0; 8],
                 };
-                libc::bind(fd, (&sa as *const libc::sockaddr_in).cast(), size_of::<libc::sockaddr_in>() as u32)
+                libc::bind(
+                    fd,
+                    (&sa as *const libc::sockaddr_in).cast(),
+                    size_of::<libc::sockaddr_in>() as u32,
+                )
             }
             IpAddr::V6(a) => {
                 let sa = libc::sockaddr_in6 {
                     sin6_family: libc::AF_INET6 as u16,
                     sin6_port: port.to_be(),
                     sin6_flowinfo: 0,
-                    sin6_addr: libc::in6_addr { s6_addr: a.octets() },
+                    sin6_addr: libc::in6_addr {
+                        s6_addr: a.octets(),
+                    },
                     sin6_scope_id: scope,
                 };
-                libc::bind(fd, (&sa as *const libc::sockaddr_in6).cast(), size_of::<libc::sockaddr_in6>() as u32)
+                libc::bind(
+                    fd,
+                    (&sa as *const libc::sockaddr_in6).cast(),
+                    size_of::<libc::sockaddr_in6>() as u32,
+                )
             }
         };
         let e = *libc::__errno_location();
         libc::close(fd);
-        if r == 0 { Ok(()) } else { Err(e) }
+        if r == 0 {
+            Ok(())
+        } else {
+            Err(e)
+        }
     }
 }
 
@@ -89,7 +109,9 @@ fn main() {
     }
     let result = if variant == "thread" {
         let (v, p, ad) = (variant.clone(), proto.clone(), addr.clone());
-        std::thread::spawn(move || bind_once(&v, &p, &ad, port)).join().unwrap()
+        std::thread::spawn(move || bind_once(&v, &p, &ad, port))
+            .join()
+            .unwrap()
     } else {
         bind_once(variant, proto, addr, port)
     };

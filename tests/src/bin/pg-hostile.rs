@@ -9,13 +9,17 @@
 
 use std::{
     collections::BTreeMap,
-    sync::atomic::{AtomicBool, Ordering},
     net::{Ipv4Addr, Ipv6Addr, SocketAddr},
+    sync::atomic::{AtomicBool, Ordering},
     time::{Duration, Instant},
 };
 
 fn grab(addr: SocketAddr) -> Result<i32, i32> {
-    let domain = if addr.is_ipv4() { libc::AF_INET } else { libc::AF_INET6 };
+    let domain = if addr.is_ipv4() {
+        libc::AF_INET
+    } else {
+        libc::AF_INET6
+    };
     // SAFETY: plain socket calls on an fd this function owns until it returns it.
     unsafe {
         let fd = libc::socket(domain, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0);
@@ -24,27 +28,45 @@ fn grab(addr: SocketAddr) -> Result<i32, i32> {
         }
         let one: libc::c_int = 1;
         if !addr.is_ipv4() {
-            libc::setsockopt(fd, libc::IPPROTO_IPV6, libc::IPV6_V6ONLY, (&one as *const i32).cast(), 4);
+            libc::setsockopt(
+                fd,
+                libc::IPPROTO_IPV6,
+                libc::IPV6_V6ONLY,
+                (&one as *const i32).cast(),
+                4,
+            );
         }
         let r = match addr {
             SocketAddr::V4(a) => {
                 let sa = libc::sockaddr_in {
                     sin_family: libc::AF_INET as u16,
                     sin_port: a.port().to_be(),
-                    sin_addr: libc::in_addr { s_addr: u32::from(*a.ip()).to_be() },
+                    sin_addr: libc::in_addr {
+                        s_addr: u32::from(*a.ip()).to_be(),
+                    },
                     sin_zero: [0; 8],
                 };
-                libc::bind(fd, (&sa as *const libc::sockaddr_in).cast(), size_of::<libc::sockaddr_in>() as u32)
+                libc::bind(
+                    fd,
+                    (&sa as *const libc::sockaddr_in).cast(),
+                    size_of::<libc::sockaddr_in>() as u32,
+                )
             }
             SocketAddr::V6(a) => {
                 let sa = libc::sockaddr_in6 {
                     sin6_family: libc::AF_INET6 as u16,
                     sin6_port: a.port().to_be(),
                     sin6_flowinfo: 0,
-                    sin6_addr: libc::in6_addr { s6_addr: a.ip().octets() },
+                    sin6_addr: libc::in6_addr {
+                        s6_addr: a.ip().octets(),
+                    },
                     sin6_scope_id: 0,
                 };
-                libc::bind(fd, (&sa as *const libc::sockaddr_in6).cast(), size_of::<libc::sockaddr_in6>() as u32)
+                libc::bind(
+                    fd,
+                    (&sa as *const libc::sockaddr_in6).cast(),
+                    size_of::<libc::sockaddr_in6>() as u32,
+                )
             }
         };
         if r != 0 || libc::listen(fd, 1) != 0 {
@@ -68,7 +90,10 @@ fn main() {
     unsafe { libc::signal(libc::SIGTERM, on_term as *const () as libc::sighandler_t) };
     let args: Vec<u64> = std::env::args()
         .skip(1)
-        .map(|a| a.parse().expect("usage: pg-hostile FIRST LAST DURATION_MS HOLD_MS [GAP_MS]"))
+        .map(|a| {
+            a.parse()
+                .expect("usage: pg-hostile FIRST LAST DURATION_MS HOLD_MS [GAP_MS]")
+        })
         .collect();
     let (first, last, duration, hold, gap) = match args[..] {
         [f, l, d, h] => (f, l, d, h, 0),
@@ -95,7 +120,11 @@ fn main() {
                 }
             }
         }
-        std::thread::sleep(Duration::from_millis(if held.is_empty() { 1 } else { hold }));
+        std::thread::sleep(Duration::from_millis(if held.is_empty() {
+            1
+        } else {
+            hold
+        }));
         for fd in held {
             // SAFETY: closing fds grab() returned.
             unsafe { libc::close(fd) };
@@ -104,6 +133,12 @@ fn main() {
             std::thread::sleep(Duration::from_millis(gap));
         }
     }
-    let refused: BTreeMap<String, u64> = refused.into_iter().map(|(e, n)| (e.to_string(), n)).collect();
-    println!("{}", serde_json::json!({ "attempts": attempts, "grabbed": grabbed, "refused": refused }));
+    let refused: BTreeMap<String, u64> = refused
+        .into_iter()
+        .map(|(e, n)| (e.to_string(), n))
+        .collect();
+    println!(
+        "{}",
+        serde_json::json!({ "attempts": attempts, "grabbed": grabbed, "refused": refused })
+    );
 }

@@ -15,33 +15,55 @@ use std::{
 };
 
 fn tcp_bound(addr: SocketAddr) -> std::io::Result<i32> {
-    let domain = if addr.is_ipv4() { libc::AF_INET } else { libc::AF_INET6 };
+    let domain = if addr.is_ipv4() {
+        libc::AF_INET
+    } else {
+        libc::AF_INET6
+    };
     // SAFETY: plain socket calls; the fd is leaked on purpose (held until the process dies).
     unsafe {
         let fd = libc::socket(domain, libc::SOCK_STREAM, 0);
         let one: i32 = 1;
         if !addr.is_ipv4() {
-            libc::setsockopt(fd, libc::IPPROTO_IPV6, libc::IPV6_V6ONLY, (&one as *const i32).cast(), 4);
+            libc::setsockopt(
+                fd,
+                libc::IPPROTO_IPV6,
+                libc::IPV6_V6ONLY,
+                (&one as *const i32).cast(),
+                4,
+            );
         }
         let r = match addr {
             SocketAddr::V4(a) => {
                 let sa = libc::sockaddr_in {
                     sin_family: libc::AF_INET as u16,
                     sin_port: a.port().to_be(),
-                    sin_addr: libc::in_addr { s_addr: u32::from(*a.ip()).to_be() },
+                    sin_addr: libc::in_addr {
+                        s_addr: u32::from(*a.ip()).to_be(),
+                    },
                     sin_zero: [0; 8],
                 };
-                libc::bind(fd, (&sa as *const libc::sockaddr_in).cast(), size_of::<libc::sockaddr_in>() as u32)
+                libc::bind(
+                    fd,
+                    (&sa as *const libc::sockaddr_in).cast(),
+                    size_of::<libc::sockaddr_in>() as u32,
+                )
             }
             SocketAddr::V6(a) => {
                 let sa = libc::sockaddr_in6 {
                     sin6_family: libc::AF_INET6 as u16,
                     sin6_port: a.port().to_be(),
                     sin6_flowinfo: 0,
-                    sin6_addr: libc::in6_addr { s6_addr: a.ip().octets() },
+                    sin6_addr: libc::in6_addr {
+                        s6_addr: a.ip().octets(),
+                    },
                     sin6_scope_id: 0,
                 };
-                libc::bind(fd, (&sa as *const libc::sockaddr_in6).cast(), size_of::<libc::sockaddr_in6>() as u32)
+                libc::bind(
+                    fd,
+                    (&sa as *const libc::sockaddr_in6).cast(),
+                    size_of::<libc::sockaddr_in6>() as u32,
+                )
             }
         };
         if r != 0 {
@@ -55,7 +77,11 @@ fn hold(specs: &[String]) {
     let mut keep: Vec<Box<dyn std::any::Any>> = Vec::new();
     for spec in specs {
         let parts: Vec<&str> = spec.split(':').collect();
-        let port = |i: usize| parts[i].parse::<u16>().unwrap_or_else(|_| panic!("bad spec {spec}"));
+        let port = |i: usize| {
+            parts[i]
+                .parse::<u16>()
+                .unwrap_or_else(|_| panic!("bad spec {spec}"))
+        };
         let v4 = |p| SocketAddr::from((Ipv4Addr::UNSPECIFIED, p));
         let v6 = |p| SocketAddr::from((Ipv6Addr::UNSPECIFIED, p));
         match parts[0] {
@@ -71,11 +97,19 @@ fn hold(specs: &[String]) {
                 let sa = libc::sockaddr_in {
                     sin_family: libc::AF_INET as u16,
                     sin_port: port(2).to_be(),
-                    sin_addr: libc::in_addr { s_addr: u32::from(Ipv4Addr::LOCALHOST).to_be() },
+                    sin_addr: libc::in_addr {
+                        s_addr: u32::from(Ipv4Addr::LOCALHOST).to_be(),
+                    },
                     sin_zero: [0; 8],
                 };
                 // SAFETY: connecting an fd we own.
-                let r = unsafe { libc::connect(fd, (&sa as *const libc::sockaddr_in).cast(), size_of::<libc::sockaddr_in>() as u32) };
+                let r = unsafe {
+                    libc::connect(
+                        fd,
+                        (&sa as *const libc::sockaddr_in).cast(),
+                        size_of::<libc::sockaddr_in>() as u32,
+                    )
+                };
                 assert_eq!(r, 0, "{spec}: connect: {}", std::io::Error::last_os_error());
                 let accepted = server.accept().expect(spec);
                 keep.push(Box::new(server));
@@ -95,7 +129,8 @@ fn hold(specs: &[String]) {
 fn ephemeral(n: usize, listen_port: u16) {
     let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, listen_port)).expect("listener");
     let target = listener.local_addr().unwrap();
-    let (mut tcp, mut tcp_err, mut udp, mut udp_err) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    let (mut tcp, mut tcp_err, mut udp, mut udp_err) =
+        (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     let mut keep_tcp = Vec::new();
     let mut keep_udp: Vec<UdpSocket> = Vec::new();
     for _ in 0..n {
@@ -122,7 +157,10 @@ fn ephemeral(n: usize, listen_port: u16) {
             Err(e) => udp_err.push(e.raw_os_error().unwrap_or(-1)),
         }
     }
-    println!("{}", serde_json::json!({ "tcp": tcp, "tcp_errors": tcp_err, "udp": udp, "udp_errors": udp_err }));
+    println!(
+        "{}",
+        serde_json::json!({ "tcp": tcp, "tcp_errors": tcp_err, "udp": udp, "udp_errors": udp_err })
+    );
 }
 
 fn main() {
