@@ -24,6 +24,7 @@ pub const EVENTS_BYTES: u32 = 256 * 1024;
 /// `Array<PortEntry>` indexed by port (host order), 65536 entries: the O(1) "is it reserved" test.
 pub const MAP_PORTS: &str = "PG_PORTS";
 /// `Array<RangeDef>` indexed by range slot, [`MAX_RANGES`] entries: the ranges as configured.
+/// Created `BPF_F_MMAPABLE`: allocators read it from their mapping.
 pub const MAP_RANGES: &str = "PG_RANGES";
 /// `HashMap<u64 cgroup id, u64 range mask>`: bit `s` set means the cgroup (and every cgroup below
 /// it) may bind unleased ports of the range in slot `s`.

@@ -44,7 +44,8 @@ static USE_RETVAL: u32 = 1;
 static PG_PORTS: Array<PortEntry> = Array::pinned(65536, 0);
 
 #[map(name = "PG_RANGES")]
-static PG_RANGES: Array<RangeDef> = Array::pinned(MAX_RANGES as u32, 0);
+/// Mmapable so that allocators read the ranges without a syscall.
+static PG_RANGES: Array<RangeDef> = Array::pinned(MAX_RANGES as u32, BPF_F_MMAPABLE);
 
 #[map(name = "PG_ALLOWED")]
 static PG_ALLOWED: HashMap<u64, u64> = HashMap::pinned(MAX_ALLOWED, 0);

@@ -17,34 +17,26 @@ use port_guard_common::{
     ALLOC_GENERATION,
 };
 
-/// `PG_ALLOC` mapped into this process.
-pub struct AllocMap {
-    /// Keeps the map (its fd) alive as long as the mapping (None: anonymous memory, in tests).
-    _map: Option<MapData>,
+/// A `BPF_F_MMAPABLE` array map's values, mapped shared into this process.
+pub struct SharedWords {
     words: NonNull<AtomicU64>,
+    /// Words the map holds (the mapping is rounded up to pages).
+    count: usize,
     len: usize,
 }
 
 // SAFETY: the mapping is shared memory accessed only through atomics; it lives until Drop.
-unsafe impl Send for AllocMap {}
-unsafe impl Sync for AllocMap {}
+unsafe impl Send for SharedWords {}
+unsafe impl Sync for SharedWords {}
 
-fn mapping_len() -> usize {
-    // SAFETY: sysconf has no preconditions.
-    let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) }.max(4096) as usize;
-    (ALLOC_ENTRIES as usize * 8).div_ceil(page) * page
-}
-
-impl AllocMap {
-    /// Maps `map`, which must be the `BPF_F_MMAPABLE` array of [`ALLOC_ENTRIES`] u64 words.
-    pub fn new(map: MapData) -> io::Result<AllocMap> {
-        let fd = map.fd().as_fd().as_raw_fd();
-        Self::mapped(Some(map), fd)
-    }
-
-    fn mapped(map: Option<MapData>, fd: i32) -> io::Result<AllocMap> {
-        let len = mapping_len();
-        let flags = if map.is_some() {
+impl SharedWords {
+    /// Maps `count` u64 words of the map behind `fd` (-1: anonymous memory, for tests). The
+    /// mapping holds its own reference to the map: `fd` may be closed afterwards.
+    pub fn map(fd: i32, count: usize) -> io::Result<SharedWords> {
+        // SAFETY: sysconf has no preconditions.
+        let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) }.max(4096) as usize;
+        let len = (count * 8).div_ceil(page) * page;
+        let flags = if fd >= 0 {
             libc::MAP_SHARED
         } else {
             libc::MAP_SHARED | libc::MAP_ANONYMOUS
@@ -64,18 +56,66 @@ impl AllocMap {
         if ptr == libc::MAP_FAILED {
             return Err(io::Error::last_os_error());
         }
-        Ok(AllocMap {
-            _map: map,
+        Ok(SharedWords {
             words: NonNull::new(ptr.cast()).expect("mmap returned a non-null address"),
+            count,
             len,
         })
     }
 
-    fn word(&self, i: usize) -> &AtomicU64 {
-        assert!(i < ALLOC_ENTRIES as usize);
-        // SAFETY: in bounds of the mapping (ALLOC_ENTRIES words ≤ len bytes), 8-byte aligned (page
-        // aligned base), and only ever accessed atomically.
+    /// Word `i` (panics out of bounds).
+    pub fn word(&self, i: usize) -> &AtomicU64 {
+        assert!(i < self.count);
+        // SAFETY: in bounds of the mapping, 8-byte aligned (page-aligned base), and only ever
+        // accessed atomically.
         unsafe { &*self.words.as_ptr().add(i) }
+    }
+
+    /// Every word, read twice until two reads agree: a consistent copy even while a writer
+    /// (the daemon, updating through the syscall) is halfway through.
+    pub fn snapshot(&self) -> Vec<u64> {
+        let read = || -> Vec<u64> {
+            (0..self.count)
+                .map(|i| self.word(i).load(Ordering::Acquire))
+                .collect()
+        };
+        let mut a = read();
+        loop {
+            let b = read();
+            if a == b {
+                return a;
+            }
+            a = b;
+        }
+    }
+}
+
+impl Drop for SharedWords {
+    fn drop(&mut self) {
+        // SAFETY: the mapping made in `map`, unmapped once.
+        unsafe { libc::munmap(self.words.as_ptr().cast(), self.len) };
+    }
+}
+
+/// `PG_ALLOC` mapped into this process.
+pub struct AllocMap {
+    /// Keeps the map (its fd) alive as long as the mapping (None: anonymous memory, in tests).
+    _map: Option<MapData>,
+    words: SharedWords,
+}
+
+impl AllocMap {
+    /// Maps `map`, which must be the `BPF_F_MMAPABLE` array of [`ALLOC_ENTRIES`] u64 words.
+    pub fn new(map: MapData) -> io::Result<AllocMap> {
+        let words = SharedWords::map(map.fd().as_fd().as_raw_fd(), ALLOC_ENTRIES as usize)?;
+        Ok(AllocMap {
+            _map: Some(map),
+            words,
+        })
+    }
+
+    fn word(&self, i: usize) -> &AtomicU64 {
+        self.words.word(i)
     }
 
     fn bit(port: u16) -> (usize, u64) {
@@ -178,19 +218,15 @@ impl AllocMap {
     }
 }
 
-impl Drop for AllocMap {
-    fn drop(&mut self) {
-        // SAFETY: the mapping made in `new`, unmapped once.
-        unsafe { libc::munmap(self.words.as_ptr().cast(), self.len) };
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
     fn anon() -> AllocMap {
-        AllocMap::mapped(None, -1).unwrap()
+        AllocMap {
+            _map: None,
+            words: SharedWords::map(-1, ALLOC_ENTRIES as usize).unwrap(),
+        }
     }
 
     #[test]

@@ -39,7 +39,7 @@ use port_guard_common::{
 };
 
 use crate::{
-    alloc::AllocMap,
+    alloc::{AllocMap, SharedWords},
     cgroup::{Cgroup2, CgroupError, CgroupPath},
     policy::{Errno, Mode, Policy, PortRange, Protocols, ReserveSpec},
     probe::Features,
@@ -330,6 +330,9 @@ impl Resolved {
 pub struct Maps {
     pub ports: Array<MapData, PortEntry>,
     pub ranges: Array<MapData, RangeDef>,
+    /// PG_RANGES mapped (it is `BPF_F_MMAPABLE`): reading the ranges costs no syscall, which
+    /// is most of what an allocation costs beyond its probe.
+    ranges_view: SharedWords,
     pub allowed: HashMap<MapData, u64, u64>,
     pub leases: HashMap<MapData, u32, Lease>,
     pub config: Array<MapData, GuardConfig>,
@@ -382,9 +385,24 @@ impl Maps {
     fn build(
         mut get: impl FnMut(&'static str) -> Result<Map, GuardError>,
     ) -> Result<Maps, GuardError> {
+        use std::os::fd::AsFd as _;
+        let ranges_map: Array<MapData, RangeDef> =
+            get(MAP_RANGES)?.try_into().map_err(map_err(MAP_RANGES))?;
+        let ranges_view = SharedWords::map(
+            IterableMap::map(&ranges_map).fd().as_fd().as_raw_fd(),
+            MAX_RANGES,
+        )
+        .map_err(|e| GuardError::Map {
+            name: MAP_RANGES,
+            source: Box::new(MapError::SyscallError(aya::sys::SyscallError {
+                call: "mmap",
+                io_error: e,
+            })),
+        })?;
         Ok(Maps {
             ports: get(MAP_PORTS)?.try_into().map_err(map_err(MAP_PORTS))?,
-            ranges: get(MAP_RANGES)?.try_into().map_err(map_err(MAP_RANGES))?,
+            ranges: ranges_map,
+            ranges_view,
             allowed: get(MAP_ALLOWED)?.try_into().map_err(map_err(MAP_ALLOWED))?,
             leases: get(MAP_LEASES)?.try_into().map_err(map_err(MAP_LEASES))?,
             config: get(MAP_CONFIG)?.try_into().map_err(map_err(MAP_CONFIG))?,
@@ -448,16 +466,21 @@ impl Maps {
         self.config.get(&0, 0).map_err(map_err(MAP_CONFIG))
     }
 
-    /// The configured ranges by slot (one syscall).
+    /// The configured ranges by slot, read from the mapping (no syscall).
     pub fn ranges(&self) -> Result<BTreeMap<u32, RangeDef>, GuardError> {
-        Ok(batch::<u32, RangeDef>(
-            IterableMap::map(&self.ranges),
-            MAX_RANGES as u32,
-            MAP_RANGES,
-        )?
-        .into_iter()
-        .filter(|(_, r)| r.in_use != 0)
-        .collect())
+        const _: () = assert!(size_of::<RangeDef>() == 8);
+        Ok(self
+            .ranges_view
+            .snapshot()
+            .into_iter()
+            .enumerate()
+            .map(|(slot, w)| {
+                // SAFETY: RangeDef is 8 bytes of plain integers: any bits are a value.
+                let r: RangeDef = unsafe { std::mem::transmute::<u64, RangeDef>(w) };
+                (slot as u32, r)
+            })
+            .filter(|(_, r)| r.in_use != 0)
+            .collect())
     }
 
     /// Allowed cgroup id → range mask.

@@ -20,7 +20,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use log::{debug, info, warn};
+use log::{info, warn};
 use port_guard_common::Lease;
 
 use crate::{
@@ -236,11 +236,7 @@ impl Reaper {
                     // A cgroup made below the spawn parent: watch it from now on, so a VM
                     // that lives for less than a tick is still seen to exit.
                     if let (Some(sp), Some(name)) = (spawn_parent, ev.name.as_ref()) {
-                        if let Some(child) = name.to_str().and_then(|n| sp.join(n).ok()) {
-                            if let Ok(id) = cg.id(&child) {
-                                self.watch(cg, &child, id);
-                            }
-                        }
+                        self.watch_child(cg, sp, name);
                     }
                 }
             }
@@ -268,7 +264,7 @@ impl Reaper {
             if full {
                 let (cleared, set) = maps.alloc.reconcile(leases.keys().map(|&p| p as u16));
                 if cleared + set > 0 {
-                    debug!("leased-port bitmap reconciled: {cleared} stale marks cleared, {set} marks added");
+                    info!("leased-port bitmap reconciled with the lease map: {cleared} stale marks cleared, {set} marks added");
                 }
             }
         }
@@ -282,13 +278,7 @@ impl Reaper {
                 self.watcher.watch_dir(cg, sp);
                 if let Ok(entries) = fs::read_dir(cg.dir(sp)) {
                     for entry in entries.flatten() {
-                        let Some(child) = entry.file_name().to_str().and_then(|n| sp.join(n).ok())
-                        else {
-                            continue;
-                        };
-                        if let Ok(id) = cg.id(&child) {
-                            self.watch(cg, &child, id);
-                        }
+                        self.watch_child(cg, sp, &entry.file_name());
                     }
                 }
             }
@@ -384,6 +374,15 @@ impl Reaper {
         }
         if path.is_none() || spawned || !self.by_cgroup.contains_key(&id) {
             self.forget(id);
+        }
+    }
+
+    /// Watches the spawn parent's child `name`, if it is a cgroup.
+    fn watch_child(&mut self, cg: &Cgroup2, sp: &CgroupPath, name: &std::ffi::OsStr) {
+        if let Some(child) = name.to_str().and_then(|n| sp.join(n).ok()) {
+            if let Ok(id) = cg.id(&child) {
+                self.watch(cg, &child, id);
+            }
         }
     }
 
