@@ -495,6 +495,26 @@ pub fn run_all(opts: &Opts, pg: &Path) -> Result<Report> {
                 json!({ "ns": summarize(&s[i]), "ratio_to_no_guard": r }),
             );
         }
+        // What the guard adds over the cost of running any bind program there.
+        let floor = scenarios
+            .iter()
+            .position(|sc| sc.label == FLOOR)
+            .expect("floor");
+        for (i, sc) in scenarios
+            .iter()
+            .enumerate()
+            .filter(|(_, sc)| sc.guard == Some(0))
+        {
+            let r = summarize(&paired_ratios(&s[i], &s[floor]));
+            report.line(
+                format!("{what}: {}, over the floor", sc.label),
+                "",
+                format!("{} floor", ratio(&r)),
+                "",
+                None,
+            );
+            report.record(&format!("bind.{}.{}.ratio_to_floor", kind.op(), key(sc)), r);
+        }
         let pre = match kind {
             Kind::Hook => &base_hook,
             Kind::Cycle => &base_cycle,
