@@ -154,6 +154,9 @@ pub fn watch_parents(inotify: &Inotify, dirs: impl IntoIterator<Item = std::path
 /// How often every lessee cgroup is looked at even when nothing was heard.
 pub const FULL_PASS: Duration = Duration::from_secs(30);
 
+/// A lease-less, empty cgroup below the spawn parent this old was abandoned by its maker.
+pub const ABANDONED_AFTER: Duration = Duration::from_secs(60);
+
 /// What woke the reaper.
 pub enum Wake {
     /// The daemon's one-second tick: the lease map is read if it changed, and everything is
@@ -278,7 +281,10 @@ impl Reaper {
                 self.watcher.watch_dir(cg, sp);
                 if let Ok(entries) = fs::read_dir(cg.dir(sp)) {
                     for entry in entries.flatten() {
-                        self.watch_child(cg, sp, &entry.file_name());
+                        let name = entry.file_name();
+                        if !self.remove_if_abandoned(cg, sp, &name) {
+                            self.watch_child(cg, sp, &name);
+                        }
                     }
                 }
             }
@@ -374,6 +380,45 @@ impl Reaper {
         }
         if path.is_none() || spawned || !self.by_cgroup.contains_key(&id) {
             self.forget(id);
+        }
+    }
+
+    /// Removes the spawn parent's child `name` when `spawn` (or `lease`, for its scratch cgroup)
+    /// was killed between making it and claiming a port: no lease, no process, and made more
+    /// than [`ABANDONED_AFTER`] ago (a leaf cgroup's mtime is its creation time; spawn moves
+    /// itself in within milliseconds of the mkdir). True when it was removed.
+    fn remove_if_abandoned(
+        &mut self,
+        cg: &Cgroup2,
+        sp: &CgroupPath,
+        name: &std::ffi::OsStr,
+    ) -> bool {
+        let Some(child) = name.to_str().and_then(|n| sp.join(n).ok()) else {
+            return false;
+        };
+        let Ok(id) = cg.id(&child) else { return false };
+        if self.by_cgroup.contains_key(&id) || populated(cg, &child) != Some(false) {
+            return false;
+        }
+        let dir = cg.dir(&child);
+        let age = fs::metadata(&dir)
+            .and_then(|m| m.modified())
+            .ok()
+            .and_then(|t| t.elapsed().ok());
+        if age.is_none_or(|a| a < ABANDONED_AFTER) {
+            return false;
+        }
+        match fs::remove_dir(&dir) {
+            Ok(()) => {
+                info!("removed cgroup {child}: made by a spawn or lease that never claimed a port, empty for more than {} s", ABANDONED_AFTER.as_secs());
+                self.forget(id);
+                true
+            }
+            Err(e) if e.kind() == io::ErrorKind::NotFound => true,
+            Err(e) => {
+                warn!("removing abandoned cgroup {child}: {e}");
+                false
+            }
         }
     }
 

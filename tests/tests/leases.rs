@@ -526,6 +526,47 @@ fn leases_of_vms_that_ended_without_a_daemon_are_reaped_when_it_starts() {
     );
 }
 
+#[test]
+fn cgroups_abandoned_by_a_killed_spawn_are_removed_and_fresh_or_busy_ones_kept() {
+    // spawn makes its cgroup, moves in, then claims: killed in between, it leaves an empty
+    // cgroup with no lease. The daemon removes such cgroups once they are a minute old (a leaf
+    // cgroup's mtime is when it was made), here at its start.
+    let mut e = Env::new("lease-orphan", 62160, 62161);
+    let st = e.daemon.as_mut().unwrap().terminate();
+    assert!(st.success());
+    e.daemon = None;
+    let old = e.spawn_parent.child("vm-killed");
+    let fresh = e.spawn_parent.child("vm-starting");
+    let busy = e.spawn_parent.child("vm-busy");
+    for cg in [&old, &busy] {
+        let (code, _, err) = run_cmd({
+            let mut c = Command::new("touch");
+            c.args(["-m", "-d", "5 minutes ago"]).arg(cg.abs());
+            c
+        });
+        assert_eq!(code, 0, "{err}");
+    }
+    let _holder = hold_in(&busy);
+    e.start_daemon();
+    let gone = wait_until(Duration::from_secs(10), || {
+        (!old.abs().exists()).then_some(())
+    });
+    assert!(gone.is_some(), "the abandoned cgroup is removed");
+    assert!(
+        fresh.abs().exists(),
+        "a cgroup made moments ago is kept (its spawn may be about to move in)"
+    );
+    assert!(busy.abs().exists(), "a cgroup with a process is kept");
+    let lines = e.daemon().lines().join("\n");
+    assert!(
+        lines.contains(&format!(
+            "removed cgroup {}/vm-killed",
+            e.spawn_parent.path()
+        )),
+        "{lines}"
+    );
+}
+
 /// Starts pg-hostile in `cg` over the range: hold what it gets for `hold_ms`, then pause
 /// `gap_ms` with nothing held.
 fn hostile(cg: &Cgroup, first: u16, last: u16, hold_ms: u64, gap_ms: u64) -> Child {
