@@ -1572,6 +1572,7 @@ mod tests {
 }
 pub mod netns;
 pub mod qemu;
+pub mod sock;
 
 /// What the running kernel lets the guard do, from `port-guard check --json` (cached).
 #[derive(Clone, Copy, Debug)]

@@ -346,7 +346,7 @@ fn a_spawned_port_is_refused_to_other_vms_allowed_cgroups_and_outsiders() {
         "the lessee binds its port"
     );
     assert_eq!(
-        bind_in(&vm1.child("sub"), &BindSpec::tcp(ANY4, port)),
+        bind_in(vm1.child("sub"), &BindSpec::tcp(ANY4, port)),
         Ok(()),
         "and below it"
     );

@@ -186,7 +186,7 @@ fn an_allowed_cgroup_created_after_start_is_allowed_at_once_and_followed_when_re
         "followed by path"
     );
     assert_eq!(
-        bind_in(&r.cg.child("other"), &BindSpec::tcp(ANY4, 62441)),
+        bind_in(r.cg.child("other"), &BindSpec::tcp(ANY4, 62441)),
         Err(expected_errno())
     );
 }

@@ -20,6 +20,8 @@ use std::{
     time::{Duration, Instant},
 };
 
+use integration_tests::sock;
+
 static STOP: AtomicBool = AtomicBool::new(false);
 
 extern "C" fn on_term(_: libc::c_int) {
@@ -37,89 +39,28 @@ struct Stats {
     ports: BTreeSet<u16>,
 }
 
-fn errno() -> i32 {
-    // SAFETY: reading the thread's errno.
-    unsafe { *libc::__errno_location() }
-}
-
-/// A bound (and with `listen`, listening) socket on `addr`, or the bind()'s errno. Only bind()
+/// A bound (and with `listen`, listening) socket on `addr`, or the errno. Only bind()
 /// failures are counted; `v6only` applies to IPv6 sockets.
 fn bind(stats: &mut Stats, addr: SocketAddr, v6only: bool, listen: bool) -> Result<i32, i32> {
-    let domain = if addr.is_ipv4() {
-        libc::AF_INET
-    } else {
-        libc::AF_INET6
+    let opts = sock::Tcp {
+        reuseaddr: true,
+        v6only,
+        listen: listen.then_some(16),
     };
-    // SAFETY: plain socket calls on an fd this function owns until it returns it.
-    unsafe {
-        let fd = libc::socket(domain, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0);
-        if fd < 0 {
-            return Err(errno());
+    match sock::tcp(addr, opts) {
+        Ok(fd) => {
+            stats.binds += 1;
+            Ok(fd)
         }
-        let one: libc::c_int = 1;
-        let v6: libc::c_int = v6only.into();
-        libc::setsockopt(
-            fd,
-            libc::SOL_SOCKET,
-            libc::SO_REUSEADDR,
-            (&one as *const i32).cast(),
-            4,
-        );
-        if !addr.is_ipv4() {
-            libc::setsockopt(
-                fd,
-                libc::IPPROTO_IPV6,
-                libc::IPV6_V6ONLY,
-                (&v6 as *const i32).cast(),
-                4,
-            );
-        }
-        let r = match addr {
-            SocketAddr::V4(a) => {
-                let sa = libc::sockaddr_in {
-                    sin_family: libc::AF_INET as u16,
-                    sin_port: a.port().to_be(),
-                    sin_addr: libc::in_addr {
-                        s_addr: u32::from(*a.ip()).to_be(),
-                    },
-                    sin_zero: [0; 8],
-                };
-                libc::bind(
-                    fd,
-                    (&sa as *const libc::sockaddr_in).cast(),
-                    size_of::<libc::sockaddr_in>() as u32,
-                )
+        Err((step, e)) => {
+            if step != sock::Step::Socket {
+                stats.binds += 1;
             }
-            SocketAddr::V6(a) => {
-                let sa = libc::sockaddr_in6 {
-                    sin6_family: libc::AF_INET6 as u16,
-                    sin6_port: a.port().to_be(),
-                    sin6_flowinfo: 0,
-                    sin6_addr: libc::in6_addr {
-                        s6_addr: a.ip().octets(),
-                    },
-                    sin6_scope_id: 0,
-                };
-                libc::bind(
-                    fd,
-                    (&sa as *const libc::sockaddr_in6).cast(),
-                    size_of::<libc::sockaddr_in6>() as u32,
-                )
+            if step == sock::Step::Bind {
+                *stats.refused.entry(e).or_default() += 1;
             }
-        };
-        stats.binds += 1;
-        if r != 0 {
-            let e = errno();
-            *stats.refused.entry(e).or_default() += 1;
-            libc::close(fd);
-            return Err(e);
+            Err(e)
         }
-        if listen && libc::listen(fd, 16) != 0 {
-            let e = errno();
-            libc::close(fd);
-            return Err(e);
-        }
-        Ok(fd)
     }
 }
 

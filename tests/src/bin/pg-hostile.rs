@@ -14,68 +14,15 @@ use std::{
     time::{Duration, Instant},
 };
 
+use integration_tests::sock;
+
 fn grab(addr: SocketAddr) -> Result<i32, i32> {
-    let domain = if addr.is_ipv4() {
-        libc::AF_INET
-    } else {
-        libc::AF_INET6
+    let opts = sock::Tcp {
+        reuseaddr: false,
+        v6only: true,
+        listen: Some(1),
     };
-    // SAFETY: plain socket calls on an fd this function owns until it returns it.
-    unsafe {
-        let fd = libc::socket(domain, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0);
-        if fd < 0 {
-            return Err(*libc::__errno_location());
-        }
-        let one: libc::c_int = 1;
-        if !addr.is_ipv4() {
-            libc::setsockopt(
-                fd,
-                libc::IPPROTO_IPV6,
-                libc::IPV6_V6ONLY,
-                (&one as *const i32).cast(),
-                4,
-            );
-        }
-        let r = match addr {
-            SocketAddr::V4(a) => {
-                let sa = libc::sockaddr_in {
-                    sin_family: libc::AF_INET as u16,
-                    sin_port: a.port().to_be(),
-                    sin_addr: libc::in_addr {
-                        s_addr: u32::from(*a.ip()).to_be(),
-                    },
-                    sin_zero: [0; 8],
-                };
-                libc::bind(
-                    fd,
-                    (&sa as *const libc::sockaddr_in).cast(),
-                    size_of::<libc::sockaddr_in>() as u32,
-                )
-            }
-            SocketAddr::V6(a) => {
-                let sa = libc::sockaddr_in6 {
-                    sin6_family: libc::AF_INET6 as u16,
-                    sin6_port: a.port().to_be(),
-                    sin6_flowinfo: 0,
-                    sin6_addr: libc::in6_addr {
-                        s6_addr: a.ip().octets(),
-                    },
-                    sin6_scope_id: 0,
-                };
-                libc::bind(
-                    fd,
-                    (&sa as *const libc::sockaddr_in6).cast(),
-                    size_of::<libc::sockaddr_in6>() as u32,
-                )
-            }
-        };
-        if r != 0 || libc::listen(fd, 1) != 0 {
-            let e = *libc::__errno_location();
-            libc::close(fd);
-            return Err(e);
-        }
-        Ok(fd)
-    }
+    sock::tcp(addr, opts).map_err(|(_, e)| e)
 }
 
 static STOP: AtomicBool = AtomicBool::new(false);

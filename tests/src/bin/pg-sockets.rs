@@ -14,63 +14,16 @@ use std::{
     net::{Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener, TcpStream, UdpSocket},
 };
 
+use integration_tests::sock;
+
+/// A bound-only TCP socket; the fd is leaked on purpose (held until the process dies).
 fn tcp_bound(addr: SocketAddr) -> std::io::Result<i32> {
-    let domain = if addr.is_ipv4() {
-        libc::AF_INET
-    } else {
-        libc::AF_INET6
+    let opts = sock::Tcp {
+        reuseaddr: false,
+        v6only: true,
+        listen: None,
     };
-    // SAFETY: plain socket calls; the fd is leaked on purpose (held until the process dies).
-    unsafe {
-        let fd = libc::socket(domain, libc::SOCK_STREAM, 0);
-        let one: i32 = 1;
-        if !addr.is_ipv4() {
-            libc::setsockopt(
-                fd,
-                libc::IPPROTO_IPV6,
-                libc::IPV6_V6ONLY,
-                (&one as *const i32).cast(),
-                4,
-            );
-        }
-        let r = match addr {
-            SocketAddr::V4(a) => {
-                let sa = libc::sockaddr_in {
-                    sin_family: libc::AF_INET as u16,
-                    sin_port: a.port().to_be(),
-                    sin_addr: libc::in_addr {
-                        s_addr: u32::from(*a.ip()).to_be(),
-                    },
-                    sin_zero: [0; 8],
-                };
-                libc::bind(
-                    fd,
-                    (&sa as *const libc::sockaddr_in).cast(),
-                    size_of::<libc::sockaddr_in>() as u32,
-                )
-            }
-            SocketAddr::V6(a) => {
-                let sa = libc::sockaddr_in6 {
-                    sin6_family: libc::AF_INET6 as u16,
-                    sin6_port: a.port().to_be(),
-                    sin6_flowinfo: 0,
-                    sin6_addr: libc::in6_addr {
-                        s6_addr: a.ip().octets(),
-                    },
-                    sin6_scope_id: 0,
-                };
-                libc::bind(
-                    fd,
-                    (&sa as *const libc::sockaddr_in6).cast(),
-                    size_of::<libc::sockaddr_in6>() as u32,
-                )
-            }
-        };
-        if r != 0 {
-            return Err(std::io::Error::last_os_error());
-        }
-        Ok(fd)
-    }
+    sock::tcp(addr, opts).map_err(|(_, e)| std::io::Error::from_raw_os_error(e))
 }
 
 fn hold(specs: &[String]) {
