@@ -173,10 +173,16 @@ impl AllocMap {
         None
     }
 
-    /// Makes the bitmap say what `leased` (a snapshot of the lease map) says. A port claimed
-    /// after the snapshot was marked by its allocator before this reads the bitmap, or is marked
-    /// again by the next allocator that fails to claim it: the lease map is the authority.
-    pub fn reconcile(&self, leased: impl IntoIterator<Item = u16>) -> (u64, u64) {
+    /// Makes the bitmap say what `leased` (a snapshot of the lease map) says. A mark the
+    /// snapshot does not explain is cleared only if `still_leased` (a fresh lookup) says no: the
+    /// port may have been claimed and marked since the snapshot. A lease made after the
+    /// snapshot and not marked yet is marked by its allocator, or by the next allocator that
+    /// fails to claim it: the lease map is the authority. Returns (marks cleared, marks added).
+    pub fn reconcile(
+        &self,
+        leased: impl IntoIterator<Item = u16>,
+        mut still_leased: impl FnMut(u16) -> bool,
+    ) -> (u64, u64) {
         let mut want = vec![0u64; ALLOC_BITMAP_WORDS];
         for p in leased {
             want[usize::from(p) / 64] |= 1u64 << (p % 64);
@@ -185,10 +191,15 @@ impl AllocMap {
         for (i, &w) in want.iter().enumerate() {
             let word = self.word(ALLOC_BITMAP + i);
             let have = word.load(Ordering::Acquire);
-            let stale = have & !w;
-            if stale != 0 {
-                word.fetch_and(!stale, Ordering::AcqRel);
-                cleared += u64::from(stale.count_ones());
+            let mut stale = have & !w;
+            while stale != 0 {
+                let bit = stale.trailing_zeros();
+                stale &= stale - 1;
+                let port = (i * 64) as u32 + bit;
+                if !still_leased(port as u16) {
+                    word.fetch_and(!(1u64 << bit), Ordering::AcqRel);
+                    cleared += 1;
+                }
             }
             let missing = w & !have;
             if missing != 0 {
@@ -262,11 +273,15 @@ mod tests {
         a.mark(100); // stale: no lease
         a.mark(200); // leased
                      // 300 leased but not marked
-        assert_eq!(a.reconcile([200, 300]), (1, 1));
+        assert_eq!(a.reconcile([200, 300], |_| false), (1, 1));
         assert!(!a.is_marked(100));
         assert!(a.is_marked(200));
         assert!(a.is_marked(300));
-        assert_eq!(a.reconcile([200, 300]), (0, 0));
+        assert_eq!(a.reconcile([200, 300], |_| false), (0, 0));
+        // A port claimed after the snapshot keeps its mark.
+        a.mark(400);
+        assert_eq!(a.reconcile([200, 300], |p| p == 400), (0, 0));
+        assert!(a.is_marked(400));
     }
 
     #[test]

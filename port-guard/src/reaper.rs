@@ -265,7 +265,12 @@ impl Reaper {
             }
             self.by_cgroup = by;
             if full {
-                let (cleared, set) = maps.alloc.reconcile(leases.keys().map(|&p| p as u16));
+                let lease_map = &maps.leases;
+                let (cleared, set) = maps
+                    .alloc
+                    .reconcile(leases.keys().map(|&p| p as u16), |port| {
+                        lease_map.get(&u32::from(port), 0).is_ok()
+                    });
                 if cleared + set > 0 {
                     info!("leased-port bitmap reconciled with the lease map: {cleared} stale marks cleared, {set} marks added");
                 }
