@@ -315,6 +315,63 @@ fn a_lease_ends_within_seconds_of_its_cgroup_being_removed() {
 }
 
 #[test]
+fn four_allocators_racing_fill_a_100_port_range_exactly_once() {
+    // Four threads each run `port-guard lease` until it says "no free port": the shared bitmap
+    // and the claims must hand every port out once, to nobody twice, and leave every port marked.
+    let e = Env::new("lease-race", 62500, 62599);
+    let targets: Vec<Cgroup> = (0..4).map(|i| e.attach.child(&format!("r{i}"))).collect();
+    let pin = e.pin.as_str().to_owned();
+    let results: Vec<(Vec<u16>, String)> = std::thread::scope(|s| {
+        let handles: Vec<_> = targets
+            .iter()
+            .map(|t| {
+                let pin = pin.clone();
+                s.spawn(move || {
+                    let mut got = Vec::new();
+                    loop {
+                        let (code, out, err) =
+                            run(&["--pin-dir", &pin, "lease", "--cgroup", t.path()]);
+                        match code {
+                            0 => got.push(out.trim().parse::<u16>().unwrap()),
+                            _ => return (got, err),
+                        }
+                        assert!(got.len() <= 100, "more leases than ports");
+                    }
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    let mut all: Vec<u16> = results
+        .iter()
+        .flat_map(|(g, _)| g.iter().copied())
+        .collect();
+    all.sort();
+    let expected: Vec<u16> = (62500..=62599).collect();
+    assert_eq!(all, expected, "every port leased exactly once");
+    for (got, err) in &results {
+        assert!(
+            err.contains("no free port"),
+            "each allocator ends on exhaustion: {err}"
+        );
+        eprintln!("allocator leased {} ports", got.len());
+    }
+    for (t, (got, _)) in targets.iter().zip(&results) {
+        for p in got {
+            assert_eq!(
+                get_lease(e.pin.path(), *p).map(|l| l.cgroup_id),
+                Some(t.id()),
+                "port {p}"
+            );
+        }
+    }
+    assert!(
+        (62500..=62599).all(|p| alloc_marked(e.pin.path(), p)),
+        "every leased port is marked"
+    );
+}
+
+#[test]
 fn a_spawned_port_is_refused_to_other_vms_allowed_cgroups_and_outsiders() {
     let e = Env::new("lease-who", 62020, 62029);
     let (port, _vm1, _o1) = e.spawn(&["--name", "vm1"], &sh("exec sleep 60")).unwrap();
