@@ -62,7 +62,7 @@ pub enum GuardError {
     #[error("no guard is loaded at {0} (nothing pinned there)")]
     NotLoaded(PathBuf),
     /// The pins were written by a binary with another map layout.
-    #[error("the guard pinned at {dir} uses map layout {found}, this binary uses {ours}; run `port-guard unload --pin-dir {dir}` with the old binary first")]
+    #[error("the guard pinned at {dir} uses map layout {found}, this binary uses {ours}; `port-guard unload --pin-dir {dir}` removes it (its leases are lost)")]
     Abi { dir: PathBuf, found: u32, ours: u32 },
     /// Another daemon holds the pin dir.
     #[error("another port-guard daemon is running on {0}")]

@@ -347,6 +347,32 @@ fn denial_events_the_ring_buffer_had_no_room_for_are_counted_and_reported() {
 }
 
 #[test]
+fn pins_of_another_map_layout_are_refused_by_name_and_unload_removes_them() {
+    // An upgrade across a map layout change: the new binary must not misread the old maps.
+    let mut r = Reloadable::start("abi", "62480-62481", "a", &[]);
+    assert!(r.daemon.terminate().success());
+    let pin = r.pin.map(port_guard_common::MAP_CONFIG);
+    let map = aya::maps::Map::from_map_data(aya::maps::MapData::from_pin(&pin).unwrap()).unwrap();
+    let mut config: aya::maps::Array<_, port_guard_common::GuardConfig> = map.try_into().unwrap();
+    let mut c = config.get(&0, 0).unwrap();
+    let ours = c.abi;
+    c.abi = ours + 100;
+    config.set(0, c, 0).unwrap();
+    drop(config);
+    for args in [vec!["status"], vec!["lease", "--cgroup", r.cg.path()]] {
+        let mut full = vec!["--pin-dir", r.pin.as_str()];
+        full.extend(args.iter().copied());
+        let (code, _, err) = run(&full);
+        assert_ne!(code, 0, "{args:?}: {err}");
+        let want = format!("uses map layout {}, this binary uses {ours}", ours + 100);
+        assert!(single_line(&err).contains(&want), "{args:?}: {err}");
+    }
+    let (code, _, err) = run(&["--pin-dir", r.pin.as_str(), "unload"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(!r.pin.exists(), "unload removed the foreign pins");
+}
+
+#[test]
 fn man_page_and_completions_are_generated() {
     let (code, out, err) = run(&["man"]);
     assert_eq!(code, 0, "{err}");
