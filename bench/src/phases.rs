@@ -41,6 +41,9 @@ const QEMU_BARE_PORT: u16 = 61000;
 const ALLOWED_CGROUPS: usize = 1000;
 const DENIALS: u64 = 10_000;
 const FLOOR: &str = "a bind4 program that only returns 1 (floor)";
+/// A second depth-8 worker under the small guard: the noise between two workers that differ in
+/// nothing, against which the scale ratios can be read.
+const SCALE_AA: &str = "reserved, allowed, depth 8, 2nd worker (A/A)";
 
 struct Params {
     rounds: usize,
@@ -373,6 +376,17 @@ pub fn run_all(opts: &Opts, pg: &Path) -> Result<Report> {
         ] {
             workers.push(Worker::spawn(&format!("{}/{label}", l.name), cg)?);
         }
+        if g == 0 {
+            workers.push(Worker::spawn(&format!("{}/d8 (A/A)", l.name), &l.d8)?);
+            scenarios.push(Scenario {
+                label: SCALE_AA,
+                guard: Some(0),
+                worker: base + 4,
+                port: RESERVED,
+                hook_errno: libc::EINVAL,
+                cycle_errno: 0,
+            });
+        }
         let e = libc::EINVAL;
         let r = libc::EADDRINUSE;
         scenarios.extend([
@@ -475,7 +489,7 @@ pub fn run_all(opts: &Opts, pg: &Path) -> Result<Report> {
         for (i, sc) in scenarios
             .iter()
             .enumerate()
-            .filter(|(_, sc)| sc.guard != Some(1))
+            .filter(|(_, sc)| sc.guard != Some(1) && sc.label != SCALE_AA)
         {
             let r = summarize(&paired_ratios(&s[i], base));
             let t = target(sc.label);
@@ -503,7 +517,7 @@ pub fn run_all(opts: &Opts, pg: &Path) -> Result<Report> {
         for (i, sc) in scenarios
             .iter()
             .enumerate()
-            .filter(|(_, sc)| sc.guard == Some(0))
+            .filter(|(_, sc)| sc.guard == Some(0) && sc.label != SCALE_AA)
         {
             let r = summarize(&paired_ratios(&s[i], &s[floor]));
             report.line(
@@ -537,6 +551,30 @@ pub fn run_all(opts: &Opts, pg: &Path) -> Result<Report> {
     report.section("scale: 64 ranges, 1,000 allowed cgroups, 10,000 leases vs 1 range, 1 allowed cgroup, 0 leases (ratio per round)");
     for kind in [Kind::Hook, Kind::Cycle] {
         let s = samples.of(kind);
+        let what = if kind == Kind::Hook {
+            "hook only"
+        } else {
+            "socket()+bind()+close()"
+        };
+        let (a, b) = (
+            scenarios
+                .iter()
+                .position(|x| x.label == SCALE_AA)
+                .expect("A/A"),
+            scenarios
+                .iter()
+                .position(|x| x.label == GUARDED[2] && x.guard == Some(0))
+                .expect("small d8"),
+        );
+        let r = summarize(&paired_ratios(&s[a], &s[b]));
+        report.line(
+            format!("{what}: small, depth 8, a 2nd worker (A/A: the noise of this comparison)"),
+            time_ns(summarize(&s[a]).median),
+            format!("{} small", ratio(&r)),
+            "",
+            None,
+        );
+        report.record(&format!("scale.{}.aa", kind.op()), r);
         for label in GUARDED {
             let si = scenarios
                 .iter()
