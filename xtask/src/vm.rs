@@ -16,7 +16,7 @@
 //!    has no `netns`) and bpftool when installed, with their shared libraries, and [`INIT`]. Each
 //!    kernel gets a second, small cpio with its modules appended.
 //! 4. qemu boots it (TCG by default: KVM hangs booting Linux guests on the project's machines).
-//!    The init mounts proc, sysfs, devtmpfs, tmpfs, cgroup2 and bpffs, runs every test on its own
+//!    The init mounts proc, sysfs, devtmpfs, cgroup2 and bpffs, runs every test on its own
 //!    and prints `PG-RESULT <binary>::<test> pass|fail|skip <reason>` on the serial console, then
 //!    `PG-DONE`, and powers off. This side reads the console (saved under `target/vm/logs/`),
 //!    kills qemu on a kernel panic or a timeout, prints kernel × test, and fails when a test
@@ -795,8 +795,10 @@ mount -t devtmpfs devtmpfs /dev || abort "mount devtmpfs"
 exec </dev/console >/dev/console 2>&1
 mkdir -p /dev/pts /dev/shm
 mount -t devpts devpts /dev/pts
-mount -t tmpfs -o mode=1777 tmpfs /tmp || abort "mount /tmp"
-mount -t tmpfs -o mode=755 tmpfs /run || abort "mount /run"
+# /tmp and /run stay directories of the initramfs, which is a RAM filesystem already: a tmpfs
+# mounted over /tmp would hide the test executables of a checkout under /tmp (they sit at the
+# absolute paths they were built at).
+chmod 1777 /tmp
 # The pure cgroup v2 layout (Debian 11 and later); the tests find the mount in mountinfo.
 mount -t cgroup2 cgroup2 /sys/fs/cgroup || abort "mount cgroup2"
 mount -t bpf bpf /sys/fs/bpf || abort "mount bpffs"
