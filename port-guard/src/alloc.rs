@@ -134,7 +134,8 @@ impl AllocMap {
         self.word(ALLOC_GENERATION).fetch_add(1, Ordering::AcqRel);
     }
 
-    pub fn is_marked(&self, port: u16) -> bool {
+    #[cfg(test)]
+    fn is_marked(&self, port: u16) -> bool {
         let (w, b) = Self::bit(port);
         self.word(w).load(Ordering::Acquire) & b != 0
     }

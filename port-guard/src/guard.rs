@@ -140,6 +140,16 @@ fn map_err(name: &'static str) -> impl FnOnce(MapError) -> GuardError {
     }
 }
 
+/// A raw syscall (`call`) on map `name` failed.
+fn syscall_err(name: &'static str, call: &'static str) -> impl FnOnce(io::Error) -> GuardError {
+    move |io_error| {
+        map_err(name)(MapError::SyscallError(aya::sys::SyscallError {
+            call,
+            io_error,
+        }))
+    }
+}
+
 /// The pin directory.
 #[derive(Clone, Debug)]
 pub struct PinDir(PathBuf);
@@ -349,13 +359,7 @@ fn batch<K: aya::Pod, V: aya::Pod>(
 ) -> Result<Vec<(K, V)>, GuardError> {
     use std::os::fd::AsFd as _;
     let (ks, vs) = sys::lookup_batch(map.fd().as_fd(), size_of::<K>(), size_of::<V>(), chunk)
-        .map_err(|e| GuardError::Map {
-            name,
-            source: Box::new(MapError::SyscallError(aya::sys::SyscallError {
-                call: "bpf_map_lookup_batch",
-                io_error: e,
-            })),
-        })?;
+        .map_err(syscall_err(name, "bpf_map_lookup_batch"))?;
     Ok(ks
         .chunks_exact(size_of::<K>())
         .zip(vs.chunks_exact(size_of::<V>()))
@@ -392,13 +396,7 @@ impl Maps {
             IterableMap::map(&ranges_map).fd().as_fd().as_raw_fd(),
             MAX_RANGES,
         )
-        .map_err(|e| GuardError::Map {
-            name: MAP_RANGES,
-            source: Box::new(MapError::SyscallError(aya::sys::SyscallError {
-                call: "mmap",
-                io_error: e,
-            })),
-        })?;
+        .map_err(syscall_err(MAP_RANGES, "mmap"))?;
         Ok(Maps {
             ports: get(MAP_PORTS)?.try_into().map_err(map_err(MAP_PORTS))?,
             ranges: ranges_map,
@@ -410,13 +408,7 @@ impl Maps {
                 .try_into()
                 .map_err(map_err(MAP_COUNTERS))?,
             alloc: match get(MAP_ALLOC)? {
-                Map::Array(data) => AllocMap::new(data).map_err(|e| GuardError::Map {
-                    name: MAP_ALLOC,
-                    source: Box::new(MapError::SyscallError(aya::sys::SyscallError {
-                        call: "mmap",
-                        io_error: e,
-                    })),
-                })?,
+                Map::Array(data) => AllocMap::new(data).map_err(syscall_err(MAP_ALLOC, "mmap"))?,
                 _ => {
                     return Err(GuardError::Map {
                         name: MAP_ALLOC,

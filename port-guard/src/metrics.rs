@@ -86,15 +86,16 @@ pub fn render(maps: &Maps, pin: &PinDir, stats: &DaemonStats) -> Result<String, 
         c.inc_by(v);
         c
     };
+    let (allocations, exhaustions) = maps.alloc.totals();
     reg.register(
         "lease_allocations",
         "Leases made by spawn and lease",
-        counter(maps.alloc.totals().0),
+        counter(allocations),
     );
     reg.register(
         "lease_exhaustions",
         "Lease requests refused because every port was leased or bound",
-        counter(maps.alloc.totals().1),
+        counter(exhaustions),
     );
     reg.register(
         "denial_events_lost",

@@ -181,8 +181,6 @@ pub struct Reaper {
     last_full: Option<Instant>,
     /// Lessee cgroups inotify could not watch (watch limit): looked at on every tick.
     unwatched: HashSet<u64>,
-    /// Cgroups looked at in the last pass (for tests and the debug log).
-    pub last_checked: usize,
 }
 
 /// `populated` from a cgroup's `cgroup.events`; None when the cgroup is gone.
@@ -211,7 +209,6 @@ impl Reaper {
             generation: None,
             last_full: None,
             unwatched: HashSet::new(),
-            last_checked: 0,
         })
     }
 
@@ -296,7 +293,6 @@ impl Reaper {
             self.watcher.prune_parents();
             self.last_full = Some(Instant::now());
         }
-        self.last_checked = check.len();
         for id in check {
             self.check(id, maps, cg, names, spawn_parent);
         }
