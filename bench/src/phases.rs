@@ -510,10 +510,7 @@ pub fn run_all(opts: &Opts, pg: &Path) -> Result<Report> {
             );
         }
         // What the guard adds over the cost of running any bind program there.
-        let floor = scenarios
-            .iter()
-            .position(|sc| sc.label == FLOOR)
-            .expect("floor");
+        let floor = index(&scenarios, FLOOR, Some(2));
         for (i, sc) in scenarios
             .iter()
             .enumerate()
@@ -557,14 +554,8 @@ pub fn run_all(opts: &Opts, pg: &Path) -> Result<Report> {
             "socket()+bind()+close()"
         };
         let (a, b) = (
-            scenarios
-                .iter()
-                .position(|x| x.label == SCALE_AA)
-                .expect("A/A"),
-            scenarios
-                .iter()
-                .position(|x| x.label == GUARDED[2] && x.guard == Some(0))
-                .expect("small d8"),
+            index(&scenarios, SCALE_AA, Some(0)),
+            index(&scenarios, GUARDED[2], Some(0)),
         );
         let r = summarize(&paired_ratios(&s[a], &s[b]));
         report.line(
@@ -576,24 +567,13 @@ pub fn run_all(opts: &Opts, pg: &Path) -> Result<Report> {
         );
         report.record(&format!("scale.{}.aa", kind.op()), r);
         for label in GUARDED {
-            let si = scenarios
-                .iter()
-                .position(|x| x.label == label && x.guard == Some(0))
-                .expect("small");
-            let li = scenarios
-                .iter()
-                .position(|x| x.label == label && x.guard == Some(1))
-                .expect("large");
+            let (si, li) = (
+                index(&scenarios, label, Some(0)),
+                index(&scenarios, label, Some(1)),
+            );
             let r = summarize(&paired_ratios(&s[li], &s[si]));
             report.line(
-                format!(
-                    "{}: {label}",
-                    if kind == Kind::Hook {
-                        "hook only"
-                    } else {
-                        "socket()+bind()+close()"
-                    }
-                ),
+                format!("{what}: {label}"),
                 time_ns(summarize(&s[li]).median),
                 format!("{} small", ratio(&r)),
                 "≤ 1.02× small",
@@ -610,14 +590,10 @@ pub fn run_all(opts: &Opts, pg: &Path) -> Result<Report> {
         p.stats_rounds
     ));
     for label in GUARDED {
-        let si = scenarios
-            .iter()
-            .position(|x| x.label == label && x.guard == Some(0))
-            .expect("small");
-        let li = scenarios
-            .iter()
-            .position(|x| x.label == label && x.guard == Some(1))
-            .expect("large");
+        let (si, li) = (
+            index(&scenarios, label, Some(0)),
+            index(&scenarios, label, Some(1)),
+        );
         report.line(
             format!("{label}: small / large"),
             format!("{:.0} / {:.0} ns", prog_ns[si].median, prog_ns[li].median),
@@ -633,10 +609,7 @@ pub fn run_all(opts: &Opts, pg: &Path) -> Result<Report> {
             json!({ "small": prog_ns[si], "large": prog_ns[li] }),
         );
     }
-    let fi = scenarios
-        .iter()
-        .position(|x| x.label == FLOOR)
-        .expect("floor");
+    let fi = index(&scenarios, FLOOR, Some(2));
     report.line(
         FLOOR,
         format!("{:.0} ns", prog_ns[fi].median),
@@ -799,6 +772,15 @@ pub fn run_all(opts: &Opts, pg: &Path) -> Result<Report> {
     drop(tree);
     drop(pins);
     Ok(report)
+}
+
+/// The scenario with `label` under `guard` (None: no guard, Some(0) small, Some(1) large,
+/// Some(2) the floor program).
+fn index(scenarios: &[Scenario], label: &str, guard: Option<usize>) -> usize {
+    scenarios
+        .iter()
+        .position(|x| x.label == label && x.guard == guard)
+        .unwrap_or_else(|| panic!("no scenario {label:?} under guard {guard:?}"))
 }
 
 fn key(sc: &Scenario) -> String {

@@ -76,44 +76,22 @@ fn handle(state: &mut State, req: &Value) -> Result<Value> {
                 }
             };
             let sa = sockaddr4(port);
-            let (mut first, mut other) = (None, 0u64);
-            let t = Instant::now();
-            for _ in 0..n {
-                let e = bind_sa(fd, &sa);
-                match first {
-                    None => first = Some(e),
-                    Some(f) if f != e => other += 1,
-                    Some(_) => {}
-                }
-            }
-            let ns = t.elapsed().as_nanos() as u64;
-            Ok(json!({ "ns": ns, "n": n, "errno": first.unwrap_or(0), "other": other }))
+            timed_binds(n, || Ok(bind_sa(fd, &sa)))
         }
         "cycle" => {
             let port = field(req, "port")? as u16;
             let n = field(req, "n")?;
             let sa = sockaddr4(port);
-            let (mut first, mut other) = (None, 0u64);
-            let t = Instant::now();
-            for _ in 0..n {
-                // SAFETY: plain socket syscalls on an fd closed right after.
-                let e = unsafe {
-                    let fd = libc::socket(libc::AF_INET, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0);
-                    if fd < 0 {
-                        bail!("socket: {}", io::Error::last_os_error());
-                    }
-                    let e = bind_sa(fd, &sa);
-                    libc::close(fd);
-                    e
-                };
-                match first {
-                    None => first = Some(e),
-                    Some(f) if f != e => other += 1,
-                    Some(_) => {}
+            // SAFETY: plain socket syscalls on an fd closed right after.
+            timed_binds(n, || unsafe {
+                let fd = libc::socket(libc::AF_INET, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0);
+                if fd < 0 {
+                    bail!("socket: {}", io::Error::last_os_error());
                 }
-            }
-            let ns = t.elapsed().as_nanos() as u64;
-            Ok(json!({ "ns": ns, "n": n, "errno": first.unwrap_or(0), "other": other }))
+                let e = bind_sa(fd, &sa);
+                libc::close(fd);
+                Ok(e)
+            })
         }
         "alloc_lib" => {
             // The library path, as `spawn` runs it: this process is the lessee.
@@ -181,6 +159,23 @@ fn handle(state: &mut State, req: &Value) -> Result<Value> {
         }
         other => bail!("unknown op {other:?}"),
     }
+}
+
+/// Runs `bind_once` (which returns bind()'s errno, 0 for success) `n` times and times the whole
+/// batch: the reply has the time, the first errno, and how many binds returned another one.
+fn timed_binds(n: u64, mut bind_once: impl FnMut() -> Result<i32>) -> Result<Value> {
+    let (mut first, mut other) = (None, 0u64);
+    let t = Instant::now();
+    for _ in 0..n {
+        let e = bind_once()?;
+        match first {
+            None => first = Some(e),
+            Some(f) if f != e => other += 1,
+            Some(_) => {}
+        }
+    }
+    let ns = t.elapsed().as_nanos() as u64;
+    Ok(json!({ "ns": ns, "n": n, "errno": first.unwrap_or(0), "other": other }))
 }
 
 fn open_maps<'a>(state: &'a mut State, pin: &PathBuf) -> Result<&'a mut Maps> {
