@@ -37,6 +37,20 @@ pub const MAP_CONFIG: &str = "PG_CONFIG";
 pub const MAP_COUNTERS: &str = "PG_COUNTERS";
 /// `RingBuf` of [`DenialEvent`].
 pub const MAP_EVENTS: &str = "PG_EVENTS";
+/// `LruPerCpuHashMap<u64 cgroup id, Offender>`, [`MAX_OFFENDERS`] entries: the per-offender
+/// budget of denial events. A refused bind produces an event only while its cgroup has credit
+/// (an offender's first denial always does), so a flood costs the agent a few events a second;
+/// the denials it did not report are counted here for the agent's "N more denials by X"
+/// summary, and in [`MAP_COUNTERS`] exactly. Per CPU, so the program never races itself: the
+/// budget is per offender and per CPU. Added without a layout change: a daemon adopting older
+/// pins creates it.
+pub const MAP_OFFENDERS: &str = "PG_OFFENDERS";
+/// Offenders tracked at once (least recently refused ones are forgotten first).
+pub const MAX_OFFENDERS: u32 = 4096;
+/// Credit one denial event costs, in nanoseconds of elapsed time: 2 events a second.
+pub const EVENT_COST_NS: u64 = 500_000_000;
+/// Most credit an offender can save up: a burst of 4 events.
+pub const EVENT_CREDIT_MAX_NS: u64 = 4 * EVENT_COST_NS;
 
 /// `Array<u64>` of [`ALLOC_ENTRIES`], created `BPF_F_MMAPABLE`: the allocators' shared memory.
 /// Every process that leases (`spawn`, `lease`, the daemon) maps it and updates it with atomic
@@ -182,6 +196,26 @@ pub struct DenialEvent {
     pub comm: [u8; 16],
 }
 
+/// Value of [`MAP_OFFENDERS`] (this CPU's share).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[repr(C)]
+pub struct Offender {
+    /// Event credit in nanoseconds (at most [`EVENT_CREDIT_MAX_NS`]), as of `last_ns`.
+    pub credit_ns: u64,
+    /// bpf_ktime_get_ns() of the last denial.
+    pub last_ns: u64,
+    /// Denials (or audited would-be denials) of this cgroup.
+    pub denials: u64,
+    /// Of them, those sent through the ring buffer.
+    pub reported: u64,
+    /// The last denial: process, port (host order), protocol bit, family.
+    pub last_tgid: u32,
+    pub last_port: u16,
+    pub last_protocol: u8,
+    pub last_family: u8,
+    pub last_comm: [u8; 16],
+}
+
 #[cfg(feature = "user")]
 mod pod {
     // SAFETY: all of these are #[repr(C)], Copy, and have explicit padding, so every bit pattern
@@ -191,6 +225,7 @@ mod pod {
     unsafe impl aya::Pod for super::Lease {}
     unsafe impl aya::Pod for super::GuardConfig {}
     unsafe impl aya::Pod for super::DenialEvent {}
+    unsafe impl aya::Pod for super::Offender {}
 }
 
 #[cfg(test)]
@@ -206,6 +241,7 @@ mod tests {
         assert_eq!(size_of::<Lease>(), 24);
         assert_eq!(size_of::<GuardConfig>(), 40);
         assert_eq!(size_of::<DenialEvent>(), 48);
+        assert_eq!(size_of::<Offender>(), 56);
     }
 
     #[test]

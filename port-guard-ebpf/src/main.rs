@@ -4,7 +4,8 @@
 //! reserved port is then checked against its lease (one helper call: the caller's ancestor at the
 //! lessee's level) or, unleased, against the allowed cgroups of its range (one hash lookup per
 //! level that holds an allowed cgroup). Everything else is refused: counted, reported through the
-//! ring buffer, and, in enforce mode, answered with the configured errno.
+//! ring buffer while the offending cgroup has event credit ([`report`]), and, in enforce mode,
+//! answered with the configured errno.
 //!
 //! # Minimum kernel version
 //! 5.8 (ring buffer; cgroup bpf_link needs 5.7). `bpf_set_retval` for sock_addr hooks needs 6.1:
@@ -18,19 +19,21 @@ use aya_ebpf::{
     helpers::{
         bpf_get_current_comm, bpf_get_current_pid_tgid,
         generated::{
-            bpf_get_current_ancestor_cgroup_id, bpf_get_current_cgroup_id, bpf_set_retval,
+            bpf_get_current_ancestor_cgroup_id, bpf_get_current_cgroup_id, bpf_ktime_get_ns,
+            bpf_set_retval,
         },
     },
     macros::{cgroup_sock_addr, map},
-    maps::{Array, HashMap, PerCpuArray, RingBuf},
+    maps::{Array, HashMap, LruPerCpuHashMap, PerCpuArray, RingBuf},
     programs::SockAddrContext,
 };
 use aya_log_ebpf::debug;
 use port_guard_common::{
-    counter_index, DenialEvent, GuardConfig, Lease, PortEntry, RangeDef, ACTION_AUDITED,
+    counter_index, DenialEvent, GuardConfig, Lease, Offender, PortEntry, RangeDef, ACTION_AUDITED,
     ACTION_DENIED, ALLOC_ENTRIES, BPF_F_MMAPABLE, COUNTERS_LEN, COUNTER_ALLOWED, COUNTER_AUDITED,
-    COUNTER_DENIED, EVENTS_BYTES, EVENTS_LOST_INDEX, MAX_ALLOWED, MAX_CGROUP_LEVEL, MAX_LEASES,
-    MAX_RANGES, MODE_AUDIT, PROTO_TCP, PROTO_UDP,
+    COUNTER_DENIED, EVENTS_BYTES, EVENTS_LOST_INDEX, EVENT_COST_NS, EVENT_CREDIT_MAX_NS,
+    MAX_ALLOWED, MAX_CGROUP_LEVEL, MAX_LEASES, MAX_OFFENDERS, MAX_RANGES, MODE_AUDIT, PROTO_TCP,
+    PROTO_UDP,
 };
 
 /// Set by the agent at load time (`EbpfLoader::override_global`). Read with `read_volatile` so the
@@ -66,6 +69,9 @@ static PG_ALLOC: Array<u64> = Array::pinned(ALLOC_ENTRIES, BPF_F_MMAPABLE);
 
 #[map(name = "PG_EVENTS")]
 static PG_EVENTS: RingBuf = RingBuf::pinned(EVENTS_BYTES, 0);
+
+#[map(name = "PG_OFFENDERS")]
+static PG_OFFENDERS: LruPerCpuHashMap<u64, Offender> = LruPerCpuHashMap::pinned(MAX_OFFENDERS, 0);
 
 const IPPROTO_TCP: u32 = 6;
 const IPPROTO_UDP: u32 = 17;
@@ -186,27 +192,37 @@ fn refuse(
             COUNTER_DENIED
         },
     );
-    if let Some(mut entry) = PG_EVENTS.reserve::<DenialEvent>(0) {
-        let pid_tgid = bpf_get_current_pid_tgid();
-        let comm = bpf_get_current_comm().unwrap_or([0u8; 16]);
-        entry.write(DenialEvent {
-            cgroup_id: unsafe { bpf_get_current_cgroup_id() },
-            pid: pid_tgid as u32,
-            tgid: (pid_tgid >> 32) as u32,
-            port,
-            protocol,
-            family,
-            action: if audit { ACTION_AUDITED } else { ACTION_DENIED },
-            leased: leased as u8,
-            _pad: [0; 2],
-            errno,
-            comm,
-        });
-        entry.submit(0);
-    } else {
-        // The agent is not reading fast enough: the denial is counted above, its event is lost,
-        // and the agent says how many.
-        count_at(EVENTS_LOST_INDEX);
+    let pid_tgid = bpf_get_current_pid_tgid();
+    let cgroup_id = unsafe { bpf_get_current_cgroup_id() };
+    let comm = bpf_get_current_comm().unwrap_or([0u8; 16]);
+    if report(
+        cgroup_id,
+        (pid_tgid >> 32) as u32,
+        port,
+        protocol,
+        family,
+        comm,
+    ) {
+        if let Some(mut entry) = PG_EVENTS.reserve::<DenialEvent>(0) {
+            entry.write(DenialEvent {
+                cgroup_id,
+                pid: pid_tgid as u32,
+                tgid: (pid_tgid >> 32) as u32,
+                port,
+                protocol,
+                family,
+                action: if audit { ACTION_AUDITED } else { ACTION_DENIED },
+                leased: leased as u8,
+                _pad: [0; 2],
+                errno,
+                comm,
+            });
+            entry.submit(0);
+        } else {
+            // The agent is not reading fast enough: the denial is counted above, its event is
+            // lost, and the agent says how many.
+            count_at(EVENTS_LOST_INDEX);
+        }
     }
     // Only with `daemon -v`: the agent loads with AYA_LOG_LEVEL below debug otherwise, and the
     // record is never written.
@@ -229,6 +245,61 @@ fn refuse(
     DENY
 }
 
+/// Whether this denial gets an event: the offending cgroup's first denial (on this CPU) always
+/// does; after that one per [`EVENT_COST_NS`] of credit, saved up to [`EVENT_CREDIT_MAX_NS`]. The
+/// rest are counted in its entry for the agent's summary. One lookup (and on a first denial one
+/// insert) in a per-CPU LRU map: no lock, no race with this program on other CPUs.
+#[inline(always)]
+fn report(cgroup_id: u64, tgid: u32, port: u16, protocol: u8, family: u8, comm: [u8; 16]) -> bool {
+    let now = unsafe { bpf_ktime_get_ns() };
+    match PG_OFFENDERS.get_ptr_mut(&cgroup_id) {
+        Some(o) => {
+            let o = unsafe { &mut *o };
+            let elapsed = now.wrapping_sub(o.last_ns);
+            // A CPU's share of an entry another CPU created starts at zero: full credit.
+            let credit = if o.last_ns == 0 || elapsed >= EVENT_CREDIT_MAX_NS {
+                EVENT_CREDIT_MAX_NS
+            } else {
+                let c = o.credit_ns + elapsed;
+                if c > EVENT_CREDIT_MAX_NS {
+                    EVENT_CREDIT_MAX_NS
+                } else {
+                    c
+                }
+            };
+            let emit = credit >= EVENT_COST_NS;
+            o.credit_ns = if emit { credit - EVENT_COST_NS } else { credit };
+            o.last_ns = now;
+            o.denials += 1;
+            if emit {
+                o.reported += 1;
+            }
+            o.last_tgid = tgid;
+            o.last_port = port;
+            o.last_protocol = protocol;
+            o.last_family = family;
+            o.last_comm = comm;
+            emit
+        }
+        None => {
+            let first = Offender {
+                credit_ns: EVENT_CREDIT_MAX_NS - EVENT_COST_NS,
+                last_ns: now,
+                denials: 1,
+                reported: 1,
+                last_tgid: tgid,
+                last_port: port,
+                last_protocol: protocol,
+                last_family: family,
+                last_comm: comm,
+            };
+            // Not inserted (the map is being changed concurrently): report anyway.
+            let _ = PG_OFFENDERS.insert(&cgroup_id, &first, 0);
+            true
+        }
+    }
+}
+
 #[inline(always)]
 fn count(slot: u32, proto_idx: u32, kind: u32) {
     count_at(counter_index(slot, proto_idx, kind))
@@ -244,7 +315,7 @@ fn count_at(index: u32) {
 
 #[cfg(not(test))]
 #[panic_handler]
-fn panic(_info: &core::panic::PanicInfo) -> ! {
+fn panic(_info: &core::panic::PanicInfo<'_>) -> ! {
     loop {}
 }
 

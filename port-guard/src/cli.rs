@@ -4,7 +4,7 @@ use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand};
 
-use crate::guard::DEFAULT_PIN_DIR;
+use crate::pin::DEFAULT_PIN_DIR;
 
 /// Keeps reserved ports (libvirt's migration range) away from every process that is not meant to
 /// have them, with a cgroup bind4/bind6 eBPF guard, and hands out per-port leases.
@@ -106,9 +106,14 @@ pub struct DaemonArgs {
     /// What a refused bind() returns.
     #[arg(long, value_name = "eperm|eacces|eaddrinuse")]
     pub errno: Option<String>,
-    /// Keep the kernel from auto-picking reserved ports (net.ipv4.ip_local_reserved_ports).
-    #[arg(long)]
+    /// Keep the kernel from auto-picking reserved ports (net.ipv4.ip_local_reserved_ports): the
+    /// default.
+    #[arg(long, overrides_with = "no_protect_ephemeral")]
     pub protect_ephemeral: bool,
+    /// Let the kernel auto-pick reserved ports (connect(), sendto(), bind to port 0): a refused
+    /// process can then get one without bind().
+    #[arg(long, overrides_with = "protect_ephemeral")]
+    pub no_protect_ephemeral: bool,
     /// Start even if this kernel cannot give refused binds the configured errno (before 6.1 they
     /// get EPERM); without it the daemon refuses to start there.
     #[arg(long)]

@@ -145,7 +145,8 @@ pub struct Overrides {
     pub allow: Vec<String>,
     pub mode: Option<String>,
     pub errno: Option<String>,
-    pub protect_ephemeral: bool,
+    /// `--protect-ephemeral` (Some(true)) or `--no-protect-ephemeral` (Some(false)).
+    pub protect_ephemeral: Option<bool>,
     pub allow_fallback: bool,
     pub spawn_parent: Option<String>,
 }
@@ -255,7 +256,12 @@ pub fn build_policy(
         attach,
         mode,
         errno,
-        protect_ephemeral: flags.protect_ephemeral || file.protect_ephemeral.unwrap_or(false),
+        // On unless turned off: a refused process must not get a reserved port by letting the
+        // kernel pick it.
+        protect_ephemeral: flags
+            .protect_ephemeral
+            .or(file.protect_ephemeral)
+            .unwrap_or(true),
         allow_fallback: flags.allow_fallback || file.allow_fallback.unwrap_or(false),
         spawn_parent,
         reserve,
@@ -330,13 +336,20 @@ allow = ["/machine.slice", "/system.slice/libvirtd.service", "/system.slice/virt
         assert_eq!(p.reserve.len(), 1);
         assert_eq!(p.reserve[0].spec, DEFAULT_RESERVE);
         let allow: Vec<&str> = p.reserve[0].allow.iter().map(CgroupPath::as_str).collect();
-        assert_eq!(allow, ["/machine.slice", "/system.slice/libvirtd.service"]);
+        assert_eq!(
+            allow,
+            [
+                "/machine.slice",
+                "/system.slice/libvirtd.service",
+                "/system.slice/virtqemud.service"
+            ]
+        );
         // docs/libvirt.md shows the same settings.
         let doc = include_str!("../../docs/libvirt.md");
         for line in [
             "errno = \"eaddrinuse\"",
             "ports = \"49152-49215\"",
-            "allow = [\"/machine.slice\", \"/system.slice/libvirtd.service\"]",
+            "allow = [\"/machine.slice\", \"/system.slice/libvirtd.service\", \"/system.slice/virtqemud.service\"]",
         ] {
             assert!(doc.contains(line) && text.contains(line), "{line}");
         }
@@ -383,6 +396,32 @@ allow = ["/machine.slice", "/system.slice/libvirtd.service", "/system.slice/virt
             }]
         );
         assert_eq!(p.spawn_parent.as_str(), DEFAULT_SPAWN_PARENT);
+        assert!(
+            p.protect_ephemeral,
+            "ephemeral ports are protected by default"
+        );
+    }
+
+    #[test]
+    fn ephemeral_protection_is_turned_off_only_explicitly() {
+        let path = Path::new("/c.toml");
+        let off = ConfigFile::parse(path, "protect_ephemeral = false").unwrap();
+        let p = build_policy(&off, Some(path), &Overrides::default()).unwrap();
+        assert!(!p.protect_ephemeral);
+        let flags = Overrides {
+            protect_ephemeral: Some(true),
+            ..Default::default()
+        };
+        assert!(
+            build_policy(&off, Some(path), &flags)
+                .unwrap()
+                .protect_ephemeral
+        );
+        let flags = Overrides {
+            protect_ephemeral: Some(false),
+            ..Default::default()
+        };
+        let p = build_policy(&ConfigFile::default(), None, &flags).unwrap();
         assert!(!p.protect_ephemeral);
     }
 

@@ -4,8 +4,10 @@
 use std::collections::HashMap;
 
 use crate::{
-    cgroup::{Cgroup2, CgroupPath},
-    guard::{self, PinDir},
+    cgroup::{Cgroup2, CgroupNames, CgroupPath},
+    logfmt,
+    maps::Maps,
+    pin::PinDir,
     policy::{Policy, ReserveSpec},
     sockets::{self, Owner, Scan, Socket},
 };
@@ -35,26 +37,39 @@ impl View {
 
     /// From the pins, or None when no guard is loaded there.
     pub fn from_pins(pin: &PinDir, cg: &Cgroup2) -> Option<View> {
-        let s = guard::status(pin, cg).ok()?;
-        let parse = |p: &str| p.parse::<CgroupPath>().ok();
-        Some(View {
+        let maps = Maps::open(pin).ok()?;
+        View::from_maps(&maps, cg).ok()
+    }
+
+    /// From the maps: the ranges with their allowed cgroups, and the leases, by path.
+    pub fn from_maps(maps: &Maps, cg: &Cgroup2) -> Result<View, crate::maps::MapsError> {
+        let mut names = CgroupNames::new(cg);
+        let settings = maps.settings()?;
+        let allowed = maps.allowed()?;
+        let mut path = |id: u64| names.lookup(id).ok().flatten();
+        let ranges = maps
+            .ranges()
+            .into_iter()
+            .map(|r| {
+                let allow = allowed
+                    .iter()
+                    .filter(|(_, mask)| *mask & (1u64 << r.slot) != 0)
+                    .filter_map(|(id, _)| path(*id))
+                    .collect();
+                (r.spec, allow)
+            })
+            .collect();
+        let leases = maps
+            .leases()
+            .all()?
+            .into_iter()
+            .map(|(port, l)| (port, path(l.cgroup_id)))
+            .collect();
+        Ok(View {
             source: "pins",
-            attach: parse(&s.attach).unwrap_or_else(CgroupPath::root),
-            ranges: s
-                .reserve
-                .iter()
-                .filter_map(|r| {
-                    let spec: ReserveSpec = format!("{}/{}", r.ports, r.protocols.join("+"))
-                        .parse()
-                        .ok()?;
-                    Some((spec, r.allow.iter().filter_map(|a| parse(a)).collect()))
-                })
-                .collect(),
-            leases: s
-                .leases
-                .iter()
-                .map(|l| (l.port as u16, parse(&l.cgroup)))
-                .collect(),
+            attach: path(settings.attach_id).unwrap_or_else(CgroupPath::root),
+            ranges,
+            leases,
         })
     }
 
@@ -159,7 +174,8 @@ pub fn find(view: &View) -> (Scan, Vec<Holder>) {
     (scan, out)
 }
 
-/// The one-line form used by the daemon's warnings and the table.
+/// The one-line form used by the daemon's warnings (logfmt values: a command or cgroup name
+/// cannot forge a field).
 pub fn describe(h: &Holder) -> String {
     format!(
         "port={}/{} family={} state={} pid={} comm={} cgroup={} guard={}",
@@ -168,13 +184,13 @@ pub fn describe(h: &Holder) -> String {
         h.family,
         h.state,
         h.pid.map(|p| p.to_string()).unwrap_or("?".into()),
-        h.command.as_deref().unwrap_or("?"),
-        h.cgroup.as_deref().unwrap_or("?"),
-        if h.would_refuse {
+        logfmt::value(h.command.as_deref().unwrap_or("?")),
+        logfmt::value(h.cgroup.as_deref().unwrap_or("?")),
+        logfmt::value(&if h.would_refuse {
             format!("would-refuse ({})", h.reason)
         } else {
             format!("permits ({})", h.reason)
-        },
+        }),
     )
 }
 

@@ -1,19 +1,27 @@
 //! Keeping the kernel from auto-picking reserved ports.
 //!
 //! The bind hook never sees ports the kernel chooses itself (connect() without bind(), UDP
-//! sendto(), bind() to port 0). net.ipv4.ip_local_reserved_ports, per network namespace and
-//! covering IPv6 and UDP too, keeps those choices out of the reserved ranges. The ranges are
-//! merged into whatever the sysctl held; the previous value is saved first, in a file under
-//! /run that outlives a daemon crash (and, like the sysctl itself, not a reboot), and `unload`
-//! writes it back exactly.
+//! sendto(), bind() to port 0, listen() on an unbound socket, TCP fastopen, a narrowed
+//! IP_LOCAL_PORT_RANGE). net.ipv4.ip_local_reserved_ports, per network namespace and covering
+//! IPv6 and UDP too, keeps all of those choices out of the reserved ranges.
+//!
+//! The ranges are merged into whatever the sysctl holds, and the ports this adds (those it did
+//! not hold already) are recorded in a file under /run/port-guard that outlives a daemon crash
+//! (like the sysctl, not a reboot). `unload` removes exactly those ports and keeps whatever
+//! others added meanwhile. The daemon looks at the sysctl every few seconds ([`repair`]: inotify
+//! does not work on /proc/sys) and puts back reserved ports something else removed.
 
 use std::{
     fs, io,
-    os::unix::fs::MetadataExt as _,
+    io::Write as _,
+    os::unix::fs::{DirBuilderExt as _, MetadataExt as _, OpenOptionsExt as _},
     path::{Path, PathBuf},
 };
 
-use crate::{guard::PinDir, policy::PortRange};
+use crate::{
+    error::{IoContext as _, IoError},
+    policy::PortRange,
+};
 
 const SYSCTL: &str = "/proc/sys/net/ipv4/ip_local_reserved_ports";
 const STATE_DIR: &str = "/run/port-guard";
@@ -22,13 +30,8 @@ const STATE_DIR: &str = "/run/port-guard";
 #[derive(Debug, thiserror::Error)]
 pub enum EphemeralError {
     /// Reading or writing the sysctl or the saved state failed.
-    #[error("{op} {path}")]
-    Io {
-        op: &'static str,
-        path: PathBuf,
-        #[source]
-        source: io::Error,
-    },
+    #[error(transparent)]
+    Io(#[from] IoError),
     /// The protection was applied in another network namespace.
     #[error("net.ipv4.ip_local_reserved_ports was changed in network namespace net:[{saved}], this process is in net:[{current}]: run this in that namespace")]
     OtherNetns { saved: u64, current: u64 },
@@ -37,13 +40,74 @@ pub enum EphemeralError {
         "cannot understand {0}; restore net.ipv4.ip_local_reserved_ports by hand and remove it"
     )]
     BadState(PathBuf),
+    /// The state dir or file is not root's alone.
+    #[error("{path} is owned by uid {uid} with mode {mode:04o}, or is not a plain file or directory; only root's are trusted (inspect it, then remove it)")]
+    Untrusted { path: PathBuf, uid: u32, mode: u32 },
 }
 
-fn io_err<'a>(op: &'static str, path: &'a Path) -> impl FnOnce(io::Error) -> EphemeralError + 'a {
-    move |source| EphemeralError::Io {
-        op,
-        path: path.to_owned(),
-        source,
+/// A set of ports, one bit each.
+#[derive(Clone, PartialEq, Eq)]
+pub struct PortSet(Vec<u64>);
+
+impl PortSet {
+    pub fn new() -> PortSet {
+        PortSet(vec![0; 1024])
+    }
+
+    pub fn from_ranges(ranges: &[PortRange]) -> PortSet {
+        let mut s = PortSet::new();
+        for r in ranges {
+            for p in r.ports() {
+                s.0[usize::from(p) / 64] |= 1 << (p % 64);
+            }
+        }
+        s
+    }
+
+    fn contains(&self, p: u16) -> bool {
+        self.0[usize::from(p) / 64] & (1 << (p % 64)) != 0
+    }
+
+    pub fn union(&self, o: &PortSet) -> PortSet {
+        PortSet(self.0.iter().zip(&o.0).map(|(a, b)| a | b).collect())
+    }
+
+    pub fn minus(&self, o: &PortSet) -> PortSet {
+        PortSet(self.0.iter().zip(&o.0).map(|(a, b)| a & !b).collect())
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.iter().all(|w| *w == 0)
+    }
+
+    /// The ports as merged ranges, in order.
+    pub fn ranges(&self) -> Vec<PortRange> {
+        let mut out: Vec<PortRange> = Vec::new();
+        for p in 0..=u16::MAX {
+            if !self.contains(p) {
+                continue;
+            }
+            match out.last_mut() {
+                Some(last) if u32::from(last.last) + 1 == u32::from(p) => last.last = p,
+                _ => out.push(PortRange { first: p, last: p }),
+            }
+        }
+        out
+    }
+
+    /// In the sysctl's format: `8080,9000-9010`.
+    pub fn format(&self) -> String {
+        self.ranges()
+            .iter()
+            .map(ToString::to_string)
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+}
+
+impl Default for PortSet {
+    fn default() -> Self {
+        PortSet::new()
     }
 }
 
@@ -58,33 +122,17 @@ pub fn parse_list(s: &str) -> Option<Vec<PortRange>> {
 
 /// Merges and formats ranges in the sysctl's format.
 pub fn format_list(ranges: &[PortRange]) -> String {
-    let mut v = ranges.to_vec();
-    v.sort();
-    let mut merged: Vec<PortRange> = Vec::new();
-    for r in v {
-        match merged.last_mut() {
-            Some(last) if u32::from(r.first) <= u32::from(last.last) + 1 => {
-                last.last = last.last.max(r.last)
-            }
-            _ => merged.push(r),
-        }
-    }
-    merged
-        .iter()
-        .map(ToString::to_string)
-        .collect::<Vec<_>>()
-        .join(",")
+    PortSet::from_ranges(ranges).format()
 }
 
 fn netns() -> Result<u64, EphemeralError> {
     let p = Path::new("/proc/self/ns/net");
-    fs::metadata(p).map(|m| m.ino()).map_err(io_err("stat", p))
+    Ok(fs::metadata(p).map(|m| m.ino()).at("stat", p)?)
 }
 
 /// The saved-state file for a pin dir.
-fn state_file(pin: &PinDir) -> PathBuf {
-    let name: String = pin
-        .path()
+fn state_file(pin_dir: &Path) -> PathBuf {
+    let name: String = pin_dir
         .to_string_lossy()
         .chars()
         .map(|c| {
@@ -98,100 +146,215 @@ fn state_file(pin: &PinDir) -> PathBuf {
     Path::new(STATE_DIR).join(format!("{name}.reserved_ports"))
 }
 
-/// (netns, previous value) saved by an earlier apply.
-fn load(pin: &PinDir) -> Result<Option<(u64, String)>, EphemeralError> {
-    let path = state_file(pin);
-    let text = match fs::read_to_string(&path) {
-        Ok(t) => t,
+/// What an earlier apply recorded: its netns, and the ports it added (older daemons recorded
+/// the whole previous value instead: `previous`).
+struct State {
+    netns: u64,
+    added: Option<PortSet>,
+    previous: Option<String>,
+}
+
+fn trusted(path: &Path, m: &fs::Metadata, dir: bool) -> Result<(), EphemeralError> {
+    let kind_ok = if dir { m.is_dir() } else { m.is_file() };
+    if !kind_ok || m.uid() != 0 || m.mode() & 0o022 != 0 {
+        return Err(EphemeralError::Untrusted {
+            path: path.to_owned(),
+            uid: m.uid(),
+            mode: m.mode() & 0o7777,
+        });
+    }
+    Ok(())
+}
+
+fn load(pin_dir: &Path) -> Result<Option<State>, EphemeralError> {
+    let path = state_file(pin_dir);
+    // O_NOFOLLOW: a link planted at the path is refused, not followed.
+    let file = match fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(&path)
+    {
+        Ok(f) => f,
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
-        Err(e) => return Err(io_err("read", &path)(e)),
+        Err(e) => return Err(IoError::new("open", path, e).into()),
+    };
+    trusted(&path, &file.metadata().at("stat", &path)?, false)?;
+    let text = io::read_to_string(file).at("read", &path)?;
+    let mut state = State {
+        netns: 0,
+        added: None,
+        previous: None,
     };
     let mut netns = None;
-    let mut previous = None;
     for line in text.lines() {
         if let Some(v) = line.strip_prefix("netns=") {
             netns = v.parse::<u64>().ok();
+        } else if let Some(v) = line.strip_prefix("added=") {
+            state.added = Some(PortSet::from_ranges(
+                &parse_list(v).ok_or_else(|| EphemeralError::BadState(path.clone()))?,
+            ));
         } else if let Some(v) = line.strip_prefix("previous=") {
-            previous = Some(v.to_owned());
+            parse_list(v).ok_or_else(|| EphemeralError::BadState(path.clone()))?;
+            state.previous = Some(v.to_owned());
         }
     }
-    match (netns, previous) {
-        (Some(n), Some(p)) if parse_list(&p).is_some() => Ok(Some((n, p))),
+    match netns {
+        Some(n) if state.added.is_some() || state.previous.is_some() => {
+            state.netns = n;
+            Ok(Some(state))
+        }
         _ => Err(EphemeralError::BadState(path)),
     }
 }
 
-fn read_sysctl() -> Result<String, EphemeralError> {
+fn save(pin_dir: &Path, netns: u64, added: &PortSet) -> Result<(), EphemeralError> {
+    let dir = Path::new(STATE_DIR);
+    match fs::DirBuilder::new().mode(0o700).create(dir) {
+        Ok(()) => {}
+        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
+        Err(e) => return Err(IoError::new("create", dir, e).into()),
+    }
+    trusted(dir, &fs::symlink_metadata(dir).at("stat", dir)?, true)?;
+    let path = state_file(pin_dir);
+    let tmp = path.with_extension("tmp");
+    let _ = fs::remove_file(&tmp);
+    let mut f = fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(&tmp)
+        .at("create", &tmp)?;
+    f.write_all(format!("netns={netns}\nadded={}\n", added.format()).as_bytes())
+        .at("write", &tmp)?;
+    fs::rename(&tmp, &path).at("rename to", &path)?;
+    Ok(())
+}
+
+fn read_sysctl() -> Result<PortSet, EphemeralError> {
     let p = Path::new(SYSCTL);
-    fs::read_to_string(p)
-        .map(|s| s.trim_end_matches('\n').to_owned())
-        .map_err(io_err("read", p))
+    let text = fs::read_to_string(p).at("read", p)?;
+    let ranges = parse_list(&text).ok_or_else(|| {
+        IoError::new(
+            "parse",
+            p,
+            io::Error::new(io::ErrorKind::InvalidData, text.trim().to_owned()),
+        )
+    })?;
+    Ok(PortSet::from_ranges(&ranges))
 }
 
 fn write_sysctl(value: &str) -> Result<(), EphemeralError> {
     let p = Path::new(SYSCTL);
     // An empty write is refused by the kernel's parser; a lone newline clears the list.
-    fs::write(p, format!("{value}\n")).map_err(io_err("write", p))
+    Ok(fs::write(p, format!("{value}\n")).at("write", p)?)
 }
 
-/// Merges `ranges` into the sysctl, saving the value it had first (once: a restart after a crash
-/// keeps the original). Returns the new value.
-pub fn apply(pin: &PinDir, ranges: &[PortRange]) -> Result<String, EphemeralError> {
-    let current = netns()?;
-    let previous = match load(pin)? {
-        Some((saved, _)) if saved != current => {
-            return Err(EphemeralError::OtherNetns { saved, current })
+/// Merges `ranges` into the sysctl and records the ports this adds. A restart or reload keeps
+/// what was recorded before, drops from the sysctl the ports it added for ranges no longer
+/// reserved, and adds what the new ranges need. Returns the new value.
+pub fn apply(pin_dir: &Path, ranges: &[PortRange]) -> Result<String, EphemeralError> {
+    let current_ns = netns()?;
+    let ours = PortSet::from_ranges(ranges);
+    let now = read_sysctl()?;
+    let added_before = match load(pin_dir)? {
+        Some(s) if s.netns != current_ns => {
+            return Err(EphemeralError::OtherNetns {
+                saved: s.netns,
+                current: current_ns,
+            })
         }
-        Some((_, previous)) => previous,
-        None => {
-            let previous = read_sysctl()?;
-            let dir = Path::new(STATE_DIR);
-            fs::create_dir_all(dir).map_err(io_err("create", dir))?;
-            let path = state_file(pin);
-            let tmp = path.with_extension("tmp");
-            fs::write(&tmp, format!("netns={current}\nprevious={previous}\n"))
-                .map_err(io_err("write", &tmp))?;
-            fs::rename(&tmp, &path).map_err(io_err("rename to", &path))?;
-            previous
+        Some(State {
+            added: Some(added), ..
+        }) => added,
+        // An older daemon's record: the ports its previous value did not hold were added.
+        Some(State {
+            previous: Some(previous),
+            ..
+        }) => {
+            let before = PortSet::from_ranges(&parse_list(&previous).unwrap_or_default());
+            now.minus(&before)
         }
+        _ => PortSet::new(),
     };
-    let mut all = parse_list(&previous).unwrap_or_default();
-    all.extend_from_slice(ranges);
-    let value = format_list(&all);
+    let stale = added_before.minus(&ours);
+    let base = now.minus(&stale);
+    let added = added_before.minus(&stale).union(&ours.minus(&base));
+    save(pin_dir, current_ns, &added)?;
+    let value = base.union(&ours).format();
     write_sysctl(&value)?;
     Ok(value)
 }
 
-/// Writes the saved value back and forgets it. Returns the restored value, or None when nothing
-/// was changed.
-pub fn restore(pin: &PinDir) -> Result<Option<String>, EphemeralError> {
-    let Some((saved, previous)) = load(pin)? else {
+/// Puts back reserved ports that something else removed from the sysctl. Returns the ports it
+/// put back (None when nothing was missing).
+pub fn repair(ranges: &[PortRange]) -> Result<Option<String>, EphemeralError> {
+    let ours = PortSet::from_ranges(ranges);
+    let now = read_sysctl()?;
+    let lost = ours.minus(&now);
+    if lost.is_empty() {
+        return Ok(None);
+    }
+    write_sysctl(&now.union(&ours).format())?;
+    Ok(Some(lost.format()))
+}
+
+/// Removes the ports an apply added, keeping whatever else the sysctl holds now. Returns the
+/// new value, or None when nothing had been changed.
+pub fn restore(pin_dir: &Path) -> Result<Option<String>, EphemeralError> {
+    let Some(state) = load(pin_dir)? else {
         return Ok(None);
     };
     let current = netns()?;
-    if saved != current {
-        return Err(EphemeralError::OtherNetns { saved, current });
+    if state.netns != current {
+        return Err(EphemeralError::OtherNetns {
+            saved: state.netns,
+            current,
+        });
     }
-    write_sysctl(&previous)?;
-    let path = state_file(pin);
-    fs::remove_file(&path).map_err(io_err("remove", &path))?;
-    Ok(Some(previous))
+    let value = match (&state.added, &state.previous) {
+        (Some(added), _) => read_sysctl()?.minus(added).format(),
+        // An older daemon's record: its exact previous value.
+        (None, Some(previous)) => previous.clone(),
+        (None, None) => unreachable!("load requires one of them"),
+    };
+    write_sysctl(&value)?;
+    let path = state_file(pin_dir);
+    fs::remove_file(&path).at("remove", &path)?;
+    Ok(Some(value))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
+    fn r(s: &str) -> PortRange {
+        s.parse().unwrap()
+    }
+
     #[test]
     fn parses_and_merges_the_sysctl_format() {
         assert_eq!(parse_list(""), Some(vec![]));
         assert_eq!(parse_list("8080,9000-9010").unwrap().len(), 2);
         assert_eq!(parse_list("8080,x"), None);
-        let r = |s: &str| s.parse::<PortRange>().unwrap();
         assert_eq!(
             format_list(&[r("49152-49215"), r("8080"), r("49200-49300"), r("49301")]),
             "8080,49152-49301"
         );
         assert_eq!(format_list(&[]), "");
+        assert_eq!(format_list(&[r("65535"), r("1")]), "1,65535");
+    }
+
+    #[test]
+    fn removing_what_was_added_keeps_what_others_added() {
+        let before = PortSet::from_ranges(&[r("8080"), r("49200-49210")]);
+        let ours = PortSet::from_ranges(&[r("49152-49215")]);
+        let added = ours.minus(&before);
+        assert_eq!(added.format(), "49152-49199,49211-49215");
+        // Meanwhile someone adds 9000 and 49300.
+        let later = before
+            .union(&ours)
+            .union(&PortSet::from_ranges(&[r("9000"), r("49300")]));
+        assert_eq!(later.minus(&added).format(), "8080,9000,49200-49210,49300");
     }
 }

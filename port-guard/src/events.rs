@@ -1,8 +1,34 @@
-//! Denial events from the ring buffer, turned into the log line of SPEC.md.
+//! Denials, from the kernel to the log: ring buffer records turned into the log line of SPEC.md,
+//! and the summaries that stand in for the lines a flood does not get.
+//!
+//! A flood costs little and hides nothing. The programs send an event for an offending cgroup's
+//! first denial and then a few a second at most (`PG_OFFENDERS`, per cgroup and CPU); the
+//! denials they do not send are counted there, and [`DenialLog::summarise`] logs them every few
+//! seconds as "N more denials by X". The daemon's own cap on lines ([`LOG_LINES_PER_SEC`]) is a
+//! last resort for many offenders at once, and what it drops is folded into the same summaries.
+//! The kernel counters stay exact whatever happens to lines.
 
-use port_guard_common::{DenialEvent, ACTION_AUDITED, PROTO_UDP};
+use std::{
+    collections::HashMap,
+    time::{Duration, Instant},
+};
 
-use crate::policy::Errno;
+use aya::maps::{MapData, PerCpuHashMap, RingBuf};
+use log::warn;
+use port_guard_common::{DenialEvent, Offender, ACTION_AUDITED, PROTO_UDP};
+
+use crate::{cgroup::CgroupNames, logfmt, maps::Maps, policy::Errno};
+
+/// Denial lines logged per second at most (for all offenders together).
+pub const LOG_LINES_PER_SEC: u32 = 200;
+/// Events handled per wake-up before the loop looks at its other work.
+const EVENTS_PER_TURN: usize = 4096;
+/// How often denials that got no line are summarised.
+pub const SUMMARY_EVERY: Duration = Duration::from_secs(5);
+/// Offenders named one by one in a summary; the rest are one line together.
+const SUMMARY_LINES: usize = 20;
+/// Cgroups whose dropped lines are remembered between summaries.
+const UNLOGGED_MAX: usize = 4096;
 
 /// Decodes one ring buffer record.
 pub fn decode(bytes: &[u8]) -> Option<DenialEvent> {
@@ -14,27 +40,23 @@ pub fn decode(bytes: &[u8]) -> Option<DenialEvent> {
     Some(unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast::<DenialEvent>()) })
 }
 
-/// The command name, up to its NUL.
-pub fn comm(ev: &DenialEvent) -> String {
-    let end = ev
-        .comm
-        .iter()
-        .position(|&b| b == 0)
-        .unwrap_or(ev.comm.len());
-    String::from_utf8_lossy(&ev.comm[..end])
-        .chars()
-        .map(|c| {
-            if c.is_whitespace() || c.is_control() {
-                '_'
-            } else {
-                c
-            }
-        })
-        .collect()
+/// A command name, up to its NUL.
+pub fn comm(raw: &[u8; 16]) -> String {
+    let end = raw.iter().position(|&b| b == 0).unwrap_or(raw.len());
+    String::from_utf8_lossy(&raw[..end]).into_owned()
+}
+
+fn proto_name(protocol: u8) -> &'static str {
+    if u16::from(protocol) == PROTO_UDP {
+        "udp"
+    } else {
+        "tcp"
+    }
 }
 
 /// `denied bind port=49152/tcp family=ipv6 pid=4242 comm=glusterfsd cgroup=/x errno=EADDRINUSE`,
-/// or in audit mode `audit: would deny bind ...` with the errno enforce mode would give.
+/// or in audit mode `audit: would deny bind ...` with the errno enforce mode would give. The
+/// comm and cgroup are logfmt values: quoted when they hold anything that could forge a field.
 pub fn log_line(ev: &DenialEvent, cgroup: &str, audit_errno: Errno, retval: bool) -> String {
     let audit = ev.action == ACTION_AUDITED;
     let errno = if audit {
@@ -50,15 +72,11 @@ pub fn log_line(ev: &DenialEvent, cgroup: &str, audit_errno: Errno, retval: bool
         "{} bind port={}/{} family=ipv{} pid={} comm={} cgroup={} errno={}{}",
         if audit { "audit: would deny" } else { "denied" },
         ev.port,
-        if u16::from(ev.protocol) == PROTO_UDP {
-            "udp"
-        } else {
-            "tcp"
-        },
+        proto_name(ev.protocol),
         ev.family,
         ev.tgid,
-        comm(ev),
-        cgroup,
+        logfmt::value(&comm(&ev.comm)),
+        logfmt::value(cgroup),
         errno.c_name(),
         if ev.leased != 0 {
             " leased=other-cgroup"
@@ -66,6 +84,179 @@ pub fn log_line(ev: &DenialEvent, cgroup: &str, audit_errno: Errno, retval: bool
             ""
         },
     )
+}
+
+/// Rate limit for denial lines, all offenders together.
+struct LogBudget {
+    window: Instant,
+    used: u32,
+}
+
+impl LogBudget {
+    fn take(&mut self) -> bool {
+        if self.window.elapsed() >= Duration::from_secs(1) {
+            self.window = Instant::now();
+            self.used = 0;
+        }
+        if self.used < LOG_LINES_PER_SEC {
+            self.used += 1;
+            true
+        } else {
+            false
+        }
+    }
+}
+
+/// One offender's entry summed over CPUs, with the last denial of any CPU.
+struct OffenderTotal {
+    denials: u64,
+    reported: u64,
+    last: Offender,
+}
+
+/// Logs denials and summarises what got no line of its own.
+pub struct DenialLog {
+    budget: LogBudget,
+    /// Denial events the ring buffer had no room for, as last said.
+    lost_seen: u64,
+    /// Per offending cgroup: its unreported denials as of the last summary.
+    summarised: HashMap<u64, u64>,
+    /// Per offending cgroup: events that reached the daemon but got no line (over the budget).
+    unlogged: HashMap<u64, u64>,
+    last_summary: Instant,
+    /// Lines not written (summarised instead), for the metrics.
+    pub lines_summarised: u64,
+}
+
+impl DenialLog {
+    pub fn new(maps: &Maps) -> DenialLog {
+        DenialLog {
+            budget: LogBudget {
+                window: Instant::now(),
+                used: 0,
+            },
+            lost_seen: maps.events_lost().unwrap_or(0),
+            summarised: HashMap::new(),
+            unlogged: HashMap::new(),
+            last_summary: Instant::now(),
+            lines_summarised: 0,
+        }
+    }
+
+    /// Logs up to [`EVENTS_PER_TURN`] events; returns whether the ring buffer is empty.
+    pub fn drain(
+        &mut self,
+        ring: &mut RingBuf<MapData>,
+        names: &mut CgroupNames<'_>,
+        errno: Errno,
+        retval: bool,
+    ) -> bool {
+        for _ in 0..EVENTS_PER_TURN {
+            let Some(item) = ring.next() else { return true };
+            let Some(ev) = decode(&item) else {
+                warn!("short event record ({} bytes)", item.len());
+                continue;
+            };
+            drop(item);
+            if self.budget.take() {
+                let cgroup = names.name_for_log(ev.cgroup_id, Duration::from_secs(1));
+                warn!("{}", log_line(&ev, &cgroup, errno, retval));
+            } else {
+                self.lines_summarised += 1;
+                if self.unlogged.len() < UNLOGGED_MAX || self.unlogged.contains_key(&ev.cgroup_id) {
+                    *self.unlogged.entry(ev.cgroup_id).or_default() += 1;
+                }
+            }
+        }
+        false
+    }
+
+    /// Says when the kernel had to drop denial events (ring buffer full).
+    pub fn check_lost(&mut self, maps: &Maps) {
+        let Ok(now) = maps.events_lost() else { return };
+        if now > self.lost_seen {
+            warn!(
+                "{} denial events were lost (the event ring buffer was full); the denial counters are exact, see `port-guard status`",
+                now - self.lost_seen
+            );
+            self.lost_seen = now;
+        }
+    }
+
+    /// Every [`SUMMARY_EVERY`]: one line per offender whose denials got no line of their own
+    /// since the last summary (the busiest [`SUMMARY_LINES`], then one line for the rest).
+    pub fn summarise(
+        &mut self,
+        offenders: &PerCpuHashMap<MapData, u64, Offender>,
+        names: &mut CgroupNames<'_>,
+        force: bool,
+    ) {
+        if !force && self.last_summary.elapsed() < SUMMARY_EVERY {
+            return;
+        }
+        let window = self.last_summary.elapsed();
+        self.last_summary = Instant::now();
+        let mut totals: HashMap<u64, OffenderTotal> = HashMap::new();
+        for entry in offenders.iter() {
+            let Ok((cgroup, per_cpu)) = entry else {
+                continue;
+            };
+            let mut t = OffenderTotal {
+                denials: 0,
+                reported: 0,
+                last: Offender::default(),
+            };
+            for o in per_cpu.iter() {
+                t.denials += o.denials;
+                t.reported += o.reported;
+                if o.last_ns >= t.last.last_ns {
+                    t.last = *o;
+                }
+            }
+            totals.insert(cgroup, t);
+        }
+        // Forget offenders the kernel forgot.
+        self.summarised.retain(|c, _| totals.contains_key(c));
+        let mut news: Vec<(u64, u64, Offender)> = Vec::new();
+        for (cgroup, t) in &totals {
+            let unreported = t.denials.saturating_sub(t.reported);
+            let before = self.summarised.insert(*cgroup, unreported).unwrap_or(0);
+            let unlogged = self.unlogged.remove(cgroup).unwrap_or(0);
+            let n = unreported.saturating_sub(before) + unlogged;
+            if n > 0 {
+                news.push((*cgroup, n, t.last));
+            }
+        }
+        // Dropped lines of cgroups the kernel no longer tracks.
+        for (cgroup, n) in self.unlogged.drain() {
+            news.push((cgroup, n, Offender::default()));
+        }
+        news.sort_by_key(|x| std::cmp::Reverse(x.1));
+        let secs = window.as_secs_f64().round() as u64;
+        for (cgroup, n, last) in news.iter().take(SUMMARY_LINES) {
+            let who =
+                logfmt::value(&names.name_for_log(*cgroup, Duration::from_secs(1))).into_owned();
+            if last.last_ns == 0 {
+                warn!("denials summarised: {n} more denials by cgroup={who} in the last {secs} s");
+            } else {
+                warn!(
+                    "denials summarised: {n} more denials by cgroup={who} in the last {secs} s (last: bind port={}/{} family=ipv{} pid={} comm={})",
+                    last.last_port,
+                    proto_name(last.last_protocol),
+                    last.last_family,
+                    last.last_tgid,
+                    logfmt::value(&comm(&last.last_comm)),
+                );
+            }
+        }
+        if news.len() > SUMMARY_LINES {
+            let rest: u64 = news[SUMMARY_LINES..].iter().map(|x| x.1).sum();
+            warn!(
+                "denials summarised: {rest} more denials by {} other cgroups in the last {secs} s; `port-guard status` counts them all",
+                news.len() - SUMMARY_LINES
+            );
+        }
+    }
 }
 
 #[cfg(test)]
@@ -107,6 +298,44 @@ mod tests {
     }
 
     #[test]
+    fn a_cgroup_or_comm_cannot_forge_fields() {
+        let mut ev = event(ACTION_DENIED, libc::EADDRINUSE as u32);
+        ev.comm = *b"x errno=EPERM\0\0\0";
+        let line = log_line(
+            &ev,
+            "/x comm=libvirtd pid=1 errno=EPERM",
+            Errno::Eaddrinuse,
+            true,
+        );
+        assert_eq!(
+            line,
+            "denied bind port=49152/tcp family=ipv6 pid=4242 comm=\"x errno=EPERM\" cgroup=\"/x comm=libvirtd pid=1 errno=EPERM\" errno=EADDRINUSE"
+        );
+        // Outside quotes, each key appears once.
+        let mut outside = String::new();
+        let mut quoted = false;
+        let mut escaped = false;
+        for c in line.chars() {
+            if quoted {
+                if escaped {
+                    escaped = false;
+                } else if c == '\\' {
+                    escaped = true;
+                } else if c == '"' {
+                    quoted = false;
+                }
+            } else if c == '"' {
+                quoted = true;
+            } else {
+                outside.push(c);
+            }
+        }
+        for key in ["comm=", "cgroup=", "errno=", "pid="] {
+            assert_eq!(outside.matches(key).count(), 1, "{key} in {line}");
+        }
+    }
+
+    #[test]
     fn decodes_records() {
         let ev = event(ACTION_DENIED, 1);
         // SAFETY: reading the bytes of a POD value.
@@ -118,7 +347,7 @@ mod tests {
         };
         let back = decode(bytes).unwrap();
         assert_eq!(
-            (back.tgid, back.port, comm(&back)),
+            (back.tgid, back.port, comm(&back.comm)),
             (4242, 49152, "glusterfsd".into())
         );
         assert!(decode(&bytes[..10]).is_none());

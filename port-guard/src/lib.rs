@@ -1,48 +1,63 @@
 //! port-guard: keeps reserved ports away from processes that are not meant to have them.
 //!
-//! Data flows one way: config and flags → [`policy::Policy`] → kernel maps ([`guard`]) → the
-//! bind4/bind6 programs decide; their events → [`events`] → the daemon's log.
+//! Data flows one way: config and flags ([`config`]) → [`policy::Policy`] → kernel maps
+//! ([`maps`], loaded and attached by [`guard`], pinned in [`pin`]) → the bind4/bind6 programs
+//! decide; their events → [`events`] → the daemon's log ([`daemon`]). Leases ([`leases`]) are
+//! made by `spawn` and `lease` without a daemon and ended by its [`reaper`].
+//!
+//! Rooms: `cli` and `commands/` (one thin file per verb); `daemon/` (the long-running agent);
+//! `policy`, `config` (pure); `cgroup/`, `pin`, `maps/`, `leases/`, `guard`, `status` (the
+//! kernel state); `events`, `logfmt`, `metrics`, `notify` (what the daemon says);
+//! `ephemeral`, `conflicts`, `sockets`, `probe` (the host around the guard); `sys`, `shared`,
+//! `inotify` (syscalls aya does not wrap); `error` (the errors every area shares).
 
-pub mod alloc;
 pub mod cgroup;
 pub mod cli;
 pub mod commands;
 pub mod config;
 pub mod conflicts;
+pub mod daemon;
 pub mod ephemeral;
+pub mod error;
 pub mod events;
 pub mod guard;
 pub mod inotify;
 pub mod leases;
+pub mod logfmt;
+pub mod maps;
 pub mod metrics;
 pub mod notify;
+pub mod pin;
 pub mod policy;
 pub mod probe;
 pub mod reaper;
+pub mod shared;
 pub mod sockets;
+pub mod status;
 pub mod sys;
-
-/// A config asks for something this version or this kernel cannot do (exit status 2).
-#[derive(Debug, thiserror::Error)]
-#[error("{0}")]
-pub struct Unsupported(pub &'static str);
 
 /// The exit status for an error: 2 for usage and config errors, 1 for runtime failures.
 pub fn exit_code(err: &anyhow::Error) -> u8 {
     for cause in err.chain() {
-        if let Some(e) = cause.downcast_ref::<config::ConfigError>() {
-            return if e.is_usage() { 2 } else { 1 };
-        }
-        if let Some(e) = cause.downcast_ref::<cgroup::CgroupError>() {
-            return if e.is_usage() { 2 } else { 1 };
-        }
-        if let Some(e) = cause.downcast_ref::<leases::LeaseError>() {
-            return if e.is_usage() { 2 } else { 1 };
-        }
-        if cause.downcast_ref::<policy::PolicyError>().is_some()
-            || cause.downcast_ref::<Unsupported>().is_some()
+        let usage = if let Some(e) = cause.downcast_ref::<config::ConfigError>() {
+            Some(e.is_usage())
+        } else if let Some(e) = cause.downcast_ref::<cgroup::CgroupError>() {
+            Some(e.is_usage())
+        } else if let Some(e) = cause.downcast_ref::<leases::LeaseError>() {
+            Some(e.is_usage())
+        } else if let Some(e) = cause.downcast_ref::<maps::MapsError>() {
+            Some(e.is_usage())
+        } else if let Some(e) = cause.downcast_ref::<guard::GuardError>() {
+            Some(e.is_usage())
+        } else if cause.downcast_ref::<policy::PolicyError>().is_some()
+            || cause.downcast_ref::<error::UsageError>().is_some()
         {
-            return 2;
+            Some(true)
+        } else {
+            None
+        };
+        if let Some(usage) = usage {
+            return if usage { 2 } else { 1 };
         }
     }
     1

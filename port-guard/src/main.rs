@@ -4,7 +4,7 @@ use clap::{CommandFactory as _, Parser as _};
 use port_guard::{
     cli::{Cli, Command},
     commands, exit_code,
-    guard::PinDir,
+    pin::PinDir,
 };
 
 fn main() -> ExitCode {

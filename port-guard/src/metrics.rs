@@ -1,8 +1,13 @@
 //! Prometheus metrics: `--metrics-listen ADDR` serves `GET /metrics` in the text exposition
 //! format (prometheus-client encodes it). Kernel counters are read at scrape time; the daemon's
 //! own counts live in [`DaemonStats`].
+//!
+//! Anyone who can reach the address can connect, so what a connection can cost is bounded: at
+//! most [`MAX_CONNECTIONS`] are served at once (the rest wait in the kernel's listen backlog,
+//! holding no fd of the daemon's), each gets [`REQUEST_TIMEOUT`] to send its request and as long
+//! to take the answer, and accept errors back off instead of spinning.
 
-use std::{io, net::SocketAddr, time::Duration};
+use std::{io, net::SocketAddr, sync::Arc, time::Duration};
 
 use prometheus_client::{
     encoding::{text::encode, EncodeLabelSet},
@@ -11,11 +16,16 @@ use prometheus_client::{
 };
 use tokio::{
     io::{AsyncReadExt as _, AsyncWriteExt as _},
-    net::TcpListener,
-    sync::{mpsc, oneshot},
+    net::{TcpListener, TcpStream},
+    sync::{mpsc, oneshot, Semaphore},
 };
 
-use crate::guard::{GuardError, Maps, PinDir};
+use crate::maps::{Maps, MapsError};
+
+/// Connections served at once.
+pub const MAX_CONNECTIONS: usize = 16;
+/// Time a connection has to send its request head, and again to take the answer.
+pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// What the daemon counts itself.
 #[derive(Debug, Default, Clone, Copy)]
@@ -23,7 +33,14 @@ pub struct DaemonStats {
     pub leases_reaped: u64,
     pub reloads_ok: u64,
     pub reloads_failed: u64,
-    pub denial_lines_suppressed: u64,
+    /// Denial lines not written on their own (summarised by offender instead).
+    pub denial_lines_summarised: u64,
+    /// Times the sysctl lost reserved ports and the daemon put them back.
+    pub ephemeral_repairs: u64,
+    /// Pins put back after they vanished.
+    pub pins_restored: u64,
+    /// The daemon's links are attached.
+    pub attached: bool,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -38,29 +55,21 @@ struct ResultLabels {
 }
 
 /// Renders every metric in the text exposition format.
-pub fn render(maps: &Maps, pin: &PinDir, stats: &DaemonStats) -> Result<String, GuardError> {
+pub fn render(maps: &Maps, stats: &DaemonStats) -> Result<String, MapsError> {
     let mut reg = Registry::with_prefix("port_guard");
     let denied = Family::<RangeLabels, Counter>::default();
     let audited = Family::<RangeLabels, Counter>::default();
     let allowed = Family::<RangeLabels, Counter>::default();
-    for (slot, def) in maps.ranges()? {
-        let range = if def.first == def.last {
-            def.first.to_string()
-        } else {
-            format!("{}-{}", def.first, def.last)
-        };
-        let c = maps.counters(slot)?;
-        for (i, protocol) in ["tcp", "udp"].into_iter().enumerate() {
-            if def.protocols & (1 << i) == 0 {
-                continue;
-            }
+    for r in maps.ranges() {
+        let c = maps.counters(r.slot)?;
+        for (protocol, counts) in c.by_protocol(r.spec.protocols) {
             let labels = RangeLabels {
-                range: range.clone(),
+                range: r.spec.range.to_string(),
                 protocol: protocol.into(),
             };
-            allowed.get_or_create(&labels).inc_by(c[i][0]);
-            denied.get_or_create(&labels).inc_by(c[i][1]);
-            audited.get_or_create(&labels).inc_by(c[i][2]);
+            allowed.get_or_create(&labels).inc_by(counts.allowed);
+            denied.get_or_create(&labels).inc_by(counts.denied);
+            audited.get_or_create(&labels).inc_by(counts.audited);
         }
     }
     reg.register(
@@ -79,14 +88,14 @@ pub fn render(maps: &Maps, pin: &PinDir, stats: &DaemonStats) -> Result<String, 
         allowed,
     );
     let leases = Gauge::<i64>::default();
-    leases.set(maps.leases()?.len() as i64);
+    leases.set(maps.leases().all()?.len() as i64);
     reg.register("leases", "Ports leased now", leases);
     let counter = |v: u64| {
         let c = Counter::<u64>::default();
         c.inc_by(v);
         c
     };
-    let (allocations, exhaustions) = maps.alloc.totals();
+    let (allocations, exhaustions) = maps.leases().totals();
     reg.register(
         "lease_allocations",
         "Leases made by spawn and lease",
@@ -125,11 +134,21 @@ pub fn render(maps: &Maps, pin: &PinDir, stats: &DaemonStats) -> Result<String, 
     );
     reg.register(
         "denial_log_lines_suppressed",
-        "Denial log lines dropped by the rate limit (the kernel counters have them all)",
-        counter(stats.denial_lines_suppressed),
+        "Denials that got no log line of their own (a flooding offender's, summarised as N more denials by it); the kernel counters have them all",
+        counter(stats.denial_lines_summarised),
+    );
+    reg.register(
+        "ephemeral_repairs",
+        "Times net.ipv4.ip_local_reserved_ports lost reserved ports (rewritten by something else) and the daemon put them back",
+        counter(stats.ephemeral_repairs),
+    );
+    reg.register(
+        "pins_restored",
+        "Pins of the guard that vanished while its links were attached and were pinned again",
+        counter(stats.pins_restored),
     );
     let attached = Gauge::<i64>::default();
-    attached.set(pin.has_links().into());
+    attached.set(stats.attached.into());
     reg.register(
         "attached",
         "1 while the guard's programs are attached",
@@ -143,66 +162,90 @@ pub fn render(maps: &Maps, pin: &PinDir, stats: &DaemonStats) -> Result<String, 
 /// A scrape asks the daemon loop, which owns the maps, for the text.
 pub type Scrape = oneshot::Sender<String>;
 
-/// Serves `GET /metrics` on `addr`, forwarding each scrape to the daemon loop through `tx`.
+/// Listens on `addr` (before anything is loaded: a busy address fails the start cleanly).
 pub async fn bind(addr: SocketAddr) -> io::Result<TcpListener> {
     TcpListener::bind(addr).await
 }
 
+/// Serves `GET /metrics` on `listener`, forwarding each scrape to the daemon loop through `tx`.
 pub async fn serve(listener: TcpListener, tx: mpsc::Sender<Scrape>) {
+    let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+    let mut backoff = Duration::from_millis(10);
     loop {
-        let Ok((mut conn, _)) = listener.accept().await else {
-            continue;
+        // A free slot before accepting: while all are busy, new connections wait in the
+        // kernel's backlog and cost the daemon nothing.
+        let Ok(slot) = Arc::clone(&slots).acquire_owned().await else {
+            return;
         };
-        let tx = tx.clone();
-        tokio::spawn(async move {
-            let mut buf = vec![0u8; 8192];
-            let mut used = 0;
-            // Read the request head (bounded in size and time).
-            let head = tokio::time::timeout(Duration::from_secs(5), async {
-                while used < buf.len() {
-                    let n = conn.read(&mut buf[used..]).await.ok()?;
-                    if n == 0 {
-                        return None;
-                    }
-                    used += n;
-                    if buf[..used].windows(4).any(|w| w == b"\r\n\r\n") {
-                        return Some(());
-                    }
-                }
-                None
-            })
-            .await;
-            if !matches!(head, Ok(Some(()))) {
-                return;
+        match listener.accept().await {
+            Ok((conn, _)) => {
+                backoff = Duration::from_millis(10);
+                let tx = tx.clone();
+                tokio::spawn(async move {
+                    answer(conn, tx).await;
+                    drop(slot);
+                });
             }
-            let line = String::from_utf8_lossy(&buf[..used])
-                .lines()
-                .next()
-                .unwrap_or("")
-                .to_owned();
-            let mut parts = line.split_whitespace();
-            let (method, path) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
-            let (status, ctype, body) =
-                if method == "GET" && (path == "/metrics" || path.starts_with("/metrics?")) {
-                    let (reply, rx) = oneshot::channel();
-                    let body = match tx.send(reply).await {
-                        Ok(()) => rx.await.unwrap_or_default(),
-                        Err(_) => String::new(),
-                    };
-                    (
-                        "200 OK",
-                        "application/openmetrics-text; version=1.0.0; charset=utf-8",
-                        body,
-                    )
-                } else {
-                    ("404 Not Found", "text/plain", "try /metrics\n".to_owned())
-                };
-            let resp = format!(
-                "HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-                body.len()
-            );
-            let _ = conn.write_all(resp.as_bytes()).await;
-            let _ = conn.shutdown().await;
-        });
+            Err(e) => {
+                // EMFILE and friends: waiting is the only cure; spinning would eat a CPU.
+                log::warn!("metrics: accepting a connection: {e}; retrying in {backoff:?}");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(1));
+            }
+        }
     }
+}
+
+/// Reads one request head and answers it; every step is bounded in size and time.
+async fn answer(mut conn: TcpStream, tx: mpsc::Sender<Scrape>) {
+    let mut buf = vec![0u8; 8192];
+    let mut used = 0;
+    let head = tokio::time::timeout(REQUEST_TIMEOUT, async {
+        while used < buf.len() {
+            let n = conn.read(&mut buf[used..]).await.ok()?;
+            if n == 0 {
+                return None;
+            }
+            used += n;
+            if buf[..used].windows(4).any(|w| w == b"\r\n\r\n") {
+                return Some(());
+            }
+        }
+        None
+    })
+    .await;
+    if !matches!(head, Ok(Some(()))) {
+        return;
+    }
+    let line = String::from_utf8_lossy(&buf[..used])
+        .lines()
+        .next()
+        .unwrap_or("")
+        .to_owned();
+    let mut parts = line.split_whitespace();
+    let (method, path) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
+    let (status, ctype, body) =
+        if method == "GET" && (path == "/metrics" || path.starts_with("/metrics?")) {
+            let (reply, rx) = oneshot::channel();
+            let body = match tx.send(reply).await {
+                Ok(()) => rx.await.unwrap_or_default(),
+                Err(_) => String::new(),
+            };
+            (
+                "200 OK",
+                "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                body,
+            )
+        } else {
+            ("404 Not Found", "text/plain", "try /metrics\n".to_owned())
+        };
+    let resp = format!(
+        "HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    let _ = tokio::time::timeout(REQUEST_TIMEOUT, async {
+        let _ = conn.write_all(resp.as_bytes()).await;
+        let _ = conn.shutdown().await;
+    })
+    .await;
 }

@@ -13,6 +13,10 @@
 //!   a second at most, and only cgroups that gained a lease are looked at then;
 //! - every [`FULL_PASS`] (and when inotify overflows) every lessee cgroup is looked at and the
 //!   leased-port bitmap is reconciled with the lease map, as a safety net.
+//!
+//! A lease ends only on evidence: the cgroup is gone (ENOENT, a stale handle) or it is empty.
+//! Any other failure to look (out of file descriptors, a permission error) keeps the lease and
+//! the cgroup is looked at again on the next tick.
 
 use std::{
     collections::{BTreeMap, HashMap, HashSet},
@@ -24,17 +28,19 @@ use log::{info, warn};
 use port_guard_common::Lease;
 
 use crate::{
-    cgroup::{Cgroup2, CgroupPath},
-    guard::{CgroupNames, Maps},
+    cgroup::{Cgroup2, CgroupError, CgroupNames, CgroupPath},
+    error::IoError,
     inotify::Inotify,
-    leases,
+    leases::{self, LeaseError},
+    logfmt,
+    maps::Maps,
 };
 
 /// inotify on lessee cgroups: each one's `cgroup.events` (IN_MODIFY: populated changed) and its
 /// parent directory (IN_DELETE: the cgroup was removed; removing a cgroup sends nothing through
 /// the files inside it, and no IN_DELETE_SELF either while a watch holds its inode).
 pub struct Watcher {
-    pub inotify: Inotify,
+    inotify: Inotify,
     /// cgroup id → (its cgroup.events watch, its path).
     by_id: HashMap<u64, (i32, CgroupPath)>,
     /// cgroup.events watch → cgroup id.
@@ -170,36 +176,61 @@ pub enum Wake {
 
 /// Lease bookkeeping across passes.
 pub struct Reaper {
-    pub watcher: Watcher,
+    watcher: Watcher,
     /// Lessee cgroups seen with processes in them.
     seen_populated: HashSet<u64>,
     pub reaped: u64,
     /// The lease map as last read, by lessee cgroup: id → ports.
-    by_cgroup: HashMap<u64, Vec<u32>>,
+    by_cgroup: HashMap<u64, Vec<u16>>,
     /// The allocators' generation when the lease map was last read.
     generation: Option<u64>,
     last_full: Option<Instant>,
     /// Lessee cgroups inotify could not watch (watch limit): looked at on every tick.
     unwatched: HashSet<u64>,
+    /// Lessee cgroups that could not be looked at (an error, not evidence): every tick too.
+    failing: HashSet<u64>,
 }
 
-/// `populated` from a cgroup's `cgroup.events`; None when the cgroup is gone.
-fn populated(cg: &Cgroup2, path: &CgroupPath) -> Option<bool> {
-    let text = fs::read_to_string(cg.dir(path).join("cgroup.events")).ok()?;
-    text.lines()
-        .find_map(|l| l.strip_prefix("populated "))
-        .map(|v| v.trim() == "1")
-}
-
-fn group(leases: &BTreeMap<u32, Lease>) -> HashMap<u64, Vec<u32>> {
-    let mut by: HashMap<u64, Vec<u32>> = HashMap::new();
+fn group(leases: &BTreeMap<u16, Lease>) -> HashMap<u64, Vec<u16>> {
+    let mut by: HashMap<u64, Vec<u16>> = HashMap::new();
     for (port, lease) in leases {
         by.entry(lease.cgroup_id).or_default().push(*port);
     }
     by
 }
 
+/// What looking at a lessee cgroup found.
+enum Seen {
+    /// It exists at this path.
+    At(CgroupPath),
+    /// It is gone: no cgroup has its id any more.
+    Gone,
+}
+
+/// Finds the cgroup `id`, or says why that cannot be told now.
+fn find(cg: &Cgroup2, names: &mut CgroupNames<'_>, id: u64) -> Result<Seen, IoError> {
+    let Some(path) = names.lookup(id)? else {
+        return Ok(Seen::Gone);
+    };
+    // The cgroup at that path may be a newer one with the same name: compare ids.
+    match cg.id(&path) {
+        Ok(now) if now == id => Ok(Seen::At(path)),
+        Ok(_) | Err(CgroupError::Missing { .. }) => Ok(Seen::Gone),
+        Err(CgroupError::Io(e)) => Err(e),
+        Err(e) => Err(IoError::new(
+            "stat",
+            cg.dir(&path),
+            std::io::Error::other(e.to_string()),
+        )),
+    }
+}
+
 impl Reaper {
+    /// The inotify instance the daemon waits on.
+    pub fn inotify_fd(&self) -> &std::os::fd::OwnedFd {
+        self.watcher.inotify.fd()
+    }
+
     pub fn new() -> io::Result<Reaper> {
         Ok(Reaper {
             watcher: Watcher::new()?,
@@ -209,6 +240,7 @@ impl Reaper {
             generation: None,
             last_full: None,
             unwatched: HashSet::new(),
+            failing: HashSet::new(),
         })
     }
 
@@ -242,9 +274,9 @@ impl Reaper {
             }
         }
         // The lease map, when an allocator changed it (or on a full pass).
-        let generation = maps.alloc.generation();
+        let generation = maps.leases().generation();
         if full || self.generation != Some(generation) {
-            let leases = match maps.leases() {
+            let leases = match maps.leases().all() {
                 Ok(l) => l,
                 Err(e) => {
                     warn!("reading leases: {e}");
@@ -262,12 +294,7 @@ impl Reaper {
             }
             self.by_cgroup = by;
             if full {
-                let lease_map = &maps.leases;
-                let (cleared, set) = maps
-                    .alloc
-                    .reconcile(leases.keys().map(|&p| p as u16), |port| {
-                        lease_map.get(&u32::from(port), 0).is_ok()
-                    });
+                let (cleared, set) = maps.leases().reconcile(&leases);
                 if cleared + set > 0 {
                     info!("leased-port bitmap reconciled with the lease map: {cleared} stale marks cleared, {set} marks added");
                 }
@@ -275,6 +302,7 @@ impl Reaper {
         }
         if matches!(wake, Wake::Tick) {
             check.extend(self.unwatched.iter().copied());
+            check.extend(self.failing.iter().copied());
         }
         if full {
             check.extend(self.by_cgroup.keys().copied());
@@ -299,7 +327,7 @@ impl Reaper {
     }
 
     /// Looks at one cgroup: ends its leases when it is gone or emptied, keeps it watched while
-    /// it lives.
+    /// it lives. When it cannot be looked at, nothing ends: it is looked at again next tick.
     fn check(
         &mut self,
         id: u64,
@@ -308,8 +336,17 @@ impl Reaper {
         names: &mut CgroupNames<'_>,
         spawn_parent: Option<&CgroupPath>,
     ) {
-        // The cgroup at that path may be a newer one with the same name: compare ids.
-        let path = names.lookup(id).filter(|p| cg.id(p).ok() == Some(id));
+        let seen = match find(cg, names, id) {
+            Ok(seen) => seen,
+            Err(e) => {
+                self.retry(id, &e);
+                return;
+            }
+        };
+        let path = match &seen {
+            Seen::At(p) => Some(p.clone()),
+            Seen::Gone => None,
+        };
         let spawned = match (&path, spawn_parent) {
             (Some(p), Some(sp)) => leases::is_spawned(p, sp),
             _ => false,
@@ -326,16 +363,21 @@ impl Reaper {
         }
         let reason = match &path {
             None => Some("its cgroup was removed".to_owned()),
-            Some(p) => match populated(cg, p) {
-                None => Some("its cgroup was removed".to_owned()),
-                Some(true) => {
+            Some(p) => match cg.populated(p) {
+                Ok(None) => Some("its cgroup was removed".to_owned()),
+                Ok(Some(true)) => {
                     self.seen_populated.insert(id);
                     None
                 }
-                Some(false) => (spawned || self.seen_populated.contains(&id))
+                Ok(Some(false)) => (spawned || self.seen_populated.contains(&id))
                     .then(|| format!("{p} has no process left")),
+                Err(e) => {
+                    self.retry(id, &e);
+                    return;
+                }
             },
         };
+        self.unretried(id);
         let Some(why) = reason else {
             // Alive: watched while it holds a lease.
             if let Some(p) = &path {
@@ -344,25 +386,22 @@ impl Reaper {
             return;
         };
         let mut ended = Vec::new();
+        let who = path
+            .as_ref()
+            .map(|p| logfmt::value(p.as_str()).into_owned())
+            .unwrap_or(format!("(id {id})"));
         for port in ports {
             // The lease may have changed hands since it was read (`lease` hands a port from
             // its scratch cgroup to the target, then removes the scratch cgroup): end it only
             // if it is still this cgroup's.
-            match maps.leases.get(&port, 0) {
-                Ok(now) if now.cgroup_id == id => {}
-                _ => continue,
-            }
-            match leases::release(maps, port as u16) {
-                Ok(()) | Err(leases::LeaseError::NotLeased(_)) => {
+            match maps.leases_mut().release_if_held_by(port, id) {
+                Ok(true) => {
                     self.reaped += 1;
                     ended.push(port);
-                    info!(
-                        "lease ended: port={port} cgroup={} ({why})",
-                        path.as_ref()
-                            .map(|p| p.to_string())
-                            .unwrap_or(format!("(id {id})"))
-                    );
+                    info!("lease ended: port={port} cgroup={who} ({why})");
                 }
+                Ok(false) => ended.push(port),
+                Err(LeaseError::NotLeased(_)) => ended.push(port),
                 Err(e) => warn!("ending lease of port {port}: {e}"),
             }
         }
@@ -374,13 +413,27 @@ impl Reaper {
         }
         if let (Some(p), true) = (&path, spawned) {
             match fs::remove_dir(cg.dir(p)) {
-                Ok(()) => info!("removed cgroup {p}"),
+                Ok(()) => info!("removed cgroup {}", logfmt::value(p.as_str())),
                 Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-                Err(e) => warn!("removing cgroup {p}: {e}"),
+                Err(e) => warn!("removing cgroup {}: {e}", logfmt::value(p.as_str())),
             }
         }
         if path.is_none() || spawned || !self.by_cgroup.contains_key(&id) {
             self.forget(id);
+        }
+    }
+
+    /// A cgroup that could not be looked at: its leases stay, and it is looked at every tick
+    /// until it can be (said once per cgroup).
+    fn retry(&mut self, id: u64, e: &IoError) {
+        if self.failing.insert(id) {
+            warn!("cannot look at lessee cgroup id {id} ({e}); its leases stay, looking again every second");
+        }
+    }
+
+    fn unretried(&mut self, id: u64) {
+        if self.failing.remove(&id) {
+            info!("lessee cgroup id {id} can be looked at again");
         }
     }
 
@@ -398,7 +451,8 @@ impl Reaper {
             return false;
         };
         let Ok(id) = cg.id(&child) else { return false };
-        if self.by_cgroup.contains_key(&id) || populated(cg, &child) != Some(false) {
+        // Only when it is positively empty.
+        if self.by_cgroup.contains_key(&id) || !matches!(cg.populated(&child), Ok(Some(false))) {
             return false;
         }
         let dir = cg.dir(&child);
@@ -411,13 +465,16 @@ impl Reaper {
         }
         match fs::remove_dir(&dir) {
             Ok(()) => {
-                info!("removed cgroup {child}: made by a spawn or lease that never claimed a port, empty for more than {} s", ABANDONED_AFTER.as_secs());
+                info!("removed cgroup {}: made by a spawn or lease that never claimed a port, empty for more than {} s", logfmt::value(child.as_str()), ABANDONED_AFTER.as_secs());
                 self.forget(id);
                 true
             }
             Err(e) if e.kind() == io::ErrorKind::NotFound => true,
             Err(e) => {
-                warn!("removing abandoned cgroup {child}: {e}");
+                warn!(
+                    "removing abandoned cgroup {}: {e}",
+                    logfmt::value(child.as_str())
+                );
                 false
             }
         }

@@ -143,3 +143,170 @@ pub fn lookup_batch(
         first = false;
     }
 }
+
+/// Every entry of a map whose keys are `K` and values `V`, read with [`lookup_batch`], `chunk`
+/// entries per syscall.
+pub fn read_all<K: aya::Pod, V: aya::Pod>(
+    map: std::os::fd::BorrowedFd<'_>,
+    chunk: u32,
+) -> io::Result<Vec<(K, V)>> {
+    let (ks, vs) = lookup_batch(map, size_of::<K>(), size_of::<V>(), chunk)?;
+    Ok(ks
+        .chunks_exact(size_of::<K>())
+        .zip(vs.chunks_exact(size_of::<V>()))
+        // SAFETY: K and V are Pod: any bytes of their size are a value.
+        .map(|(k, v)| unsafe {
+            (
+                std::ptr::read_unaligned(k.as_ptr().cast::<K>()),
+                std::ptr::read_unaligned(v.as_ptr().cast::<V>()),
+            )
+        })
+        .collect())
+}
+
+const BPF_OBJ_PIN: libc::c_long = 6;
+const BPF_OBJ_GET_INFO_BY_FD: libc::c_long = 15;
+const BPF_PROG_QUERY: libc::c_long = 16;
+const BPF_PROG_GET_FD_BY_ID: libc::c_long = 13;
+
+/// Pins the object behind `fd` (map, program or link) at `path`.
+pub fn obj_pin(fd: std::os::fd::BorrowedFd<'_>, path: &Path) -> io::Result<()> {
+    #[repr(C)]
+    struct ObjPinAttr {
+        pathname: u64,
+        bpf_fd: u32,
+        file_flags: u32,
+        _rest: [u8; 48],
+    }
+    let c = CString::new(path.as_os_str().as_bytes())
+        .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
+    let attr = ObjPinAttr {
+        pathname: c.as_ptr() as u64,
+        bpf_fd: fd.as_raw_fd() as u32,
+        file_flags: 0,
+        _rest: [0; 48],
+    };
+    // SAFETY: attr is a BPF_OBJ_PIN attr; `c` outlives the call.
+    unsafe {
+        bpf(
+            BPF_OBJ_PIN,
+            (&attr as *const ObjPinAttr).cast(),
+            size_of::<ObjPinAttr>(),
+        )
+    }
+    .map(drop)
+}
+
+/// `struct bpf_link_info` up to the cgroup member of its union (kernel 5.8+).
+#[repr(C)]
+#[derive(Default)]
+struct LinkInfoRaw {
+    type_: u32,
+    id: u32,
+    prog_id: u32,
+    _pad: u32,
+    /// `cgroup.cgroup_id`: 0 once the link was detached (BPF_LINK_DETACH, or its cgroup removed).
+    cgroup_id: u64,
+    attach_type: u32,
+    _rest: [u32; 13],
+}
+
+/// What a cgroup link is attached to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LinkState {
+    pub link_id: u32,
+    pub prog_id: u32,
+    /// 0 when detached.
+    pub cgroup_id: u64,
+}
+
+/// Reads a cgroup link's state from its fd.
+pub fn link_state(link: std::os::fd::BorrowedFd<'_>) -> io::Result<LinkState> {
+    let mut info = LinkInfoRaw::default();
+    let mut attr = [0u64; 2];
+    attr[0] = u64::from(link.as_raw_fd() as u32) | ((size_of::<LinkInfoRaw>() as u64) << 32);
+    attr[1] = (&mut info as *mut LinkInfoRaw) as u64;
+    // SAFETY: a BPF_OBJ_GET_INFO_BY_FD attr whose buffer holds info_len bytes.
+    unsafe {
+        bpf(
+            BPF_OBJ_GET_INFO_BY_FD,
+            attr.as_ptr().cast(),
+            size_of_val(&attr),
+        )
+    }?;
+    Ok(LinkState {
+        link_id: info.id,
+        prog_id: info.prog_id,
+        cgroup_id: info.cgroup_id,
+    })
+}
+
+/// `BPF_CGROUP_INET4_BIND` and `BPF_CGROUP_INET6_BIND`.
+pub const ATTACH_INET4_BIND: u32 = 8;
+pub const ATTACH_INET6_BIND: u32 = 9;
+
+/// The ids of the programs attached directly to the cgroup `cgroup` for `attach_type`.
+pub fn cgroup_prog_ids(
+    cgroup: std::os::fd::BorrowedFd<'_>,
+    attach_type: u32,
+) -> io::Result<Vec<u32>> {
+    let mut ids = vec![0u32; 64];
+    #[repr(C)]
+    struct QueryAttr {
+        target_fd: u32,
+        attach_type: u32,
+        query_flags: u32,
+        attach_flags: u32,
+        prog_ids: u64,
+        prog_cnt: u32,
+        _rest: [u8; 36],
+    }
+    let mut attr = QueryAttr {
+        target_fd: cgroup.as_raw_fd() as u32,
+        attach_type,
+        query_flags: 0,
+        attach_flags: 0,
+        prog_ids: ids.as_mut_ptr() as u64,
+        prog_cnt: ids.len() as u32,
+        _rest: [0; 36],
+    };
+    // SAFETY: a BPF_PROG_QUERY attr whose id buffer holds prog_cnt entries.
+    unsafe {
+        bpf(
+            BPF_PROG_QUERY,
+            (&mut attr as *mut QueryAttr).cast(),
+            size_of::<QueryAttr>(),
+        )
+    }?;
+    ids.truncate((attr.prog_cnt as usize).min(ids.len()));
+    Ok(ids)
+}
+
+/// The name of program `id` (at most 15 bytes, as the kernel keeps it).
+pub fn prog_name(id: u32) -> io::Result<String> {
+    let attr: [u32; 4] = [id, 0, 0, 0];
+    // SAFETY: a BPF_PROG_GET_FD_BY_ID attr.
+    let fd = unsafe {
+        bpf_fd(
+            BPF_PROG_GET_FD_BY_ID,
+            attr.as_ptr().cast(),
+            size_of_val(&attr),
+        )
+    }?;
+    // struct bpf_prog_info: name is at offset 64, 16 bytes; read the first 80 bytes.
+    let mut info = [0u8; 80];
+    let mut attr = [0u64; 2];
+    attr[0] = u64::from(fd.as_raw_fd() as u32) | ((info.len() as u64) << 32);
+    attr[1] = info.as_mut_ptr() as u64;
+    // SAFETY: a BPF_OBJ_GET_INFO_BY_FD attr whose buffer holds info_len bytes.
+    unsafe {
+        bpf(
+            BPF_OBJ_GET_INFO_BY_FD,
+            attr.as_ptr().cast(),
+            size_of_val(&attr),
+        )
+    }?;
+    let name = &info[64..80];
+    let end = name.iter().position(|&b| b == 0).unwrap_or(name.len());
+    Ok(String::from_utf8_lossy(&name[..end]).into_owned())
+}

@@ -1,13 +1,25 @@
-//! cgroup v2: finding the mount, validated cgroup paths, ids (the directory's inode number, which
-//! is what `bpf_get_current_cgroup_id` returns), and mapping ids back to paths.
+//! cgroup v2: finding the mount, validated cgroup paths ([`CgroupPath`]), ids (the directory's
+//! inode number, which is what `bpf_get_current_cgroup_id` returns), and mapping ids back to
+//! paths ([`CgroupNames`]).
+//!
+//! Absence is reported only on evidence: `ENOENT` (or a stale handle) says a cgroup is gone;
+//! any other failure (EMFILE, EACCES, ...) is an error the caller must not take for "gone".
+
+mod names;
+mod path;
 
 use std::{
     collections::HashMap,
-    fmt, fs, io,
+    fs, io,
     os::unix::fs::MetadataExt as _,
     path::{Path, PathBuf},
-    str::FromStr,
 };
+
+pub use names::CgroupNames;
+pub use path::CgroupPath;
+use port_guard_common::MAX_CGROUP_LEVEL;
+
+use crate::error::{IoContext as _, IoError};
 
 /// A cgroup problem.
 #[derive(Debug, thiserror::Error)]
@@ -18,17 +30,15 @@ pub enum CgroupError {
     /// A valid path that names no cgroup.
     #[error("cgroup {path} does not exist (looked for {dir})")]
     Missing { path: CgroupPath, dir: PathBuf },
+    /// A cgroup below the deepest level the guard's programs walk.
+    #[error("cgroup {0} is deeper than level {MAX_CGROUP_LEVEL}, the deepest the guard checks")]
+    TooDeep(CgroupPath),
     /// No cgroup2 filesystem in /proc/self/mountinfo.
     #[error("no cgroup2 filesystem is mounted (checked /proc/self/mountinfo); mount one, e.g. `mount -t cgroup2 none /sys/fs/cgroup`")]
     NoMount,
     /// A filesystem operation failed.
-    #[error("{op} {path}")]
-    Io {
-        op: &'static str,
-        path: PathBuf,
-        #[source]
-        source: io::Error,
-    },
+    #[error(transparent)]
+    Io(#[from] IoError),
 }
 
 impl CgroupError {
@@ -36,109 +46,8 @@ impl CgroupError {
     pub fn is_usage(&self) -> bool {
         matches!(
             self,
-            CgroupError::Invalid { .. } | CgroupError::Missing { .. }
+            CgroupError::Invalid { .. } | CgroupError::Missing { .. } | CgroupError::TooDeep(_)
         )
-    }
-}
-
-fn io_err<'a>(op: &'static str, path: &'a Path) -> impl FnOnce(io::Error) -> CgroupError + 'a {
-    move |source| CgroupError::Io {
-        op,
-        path: path.to_owned(),
-        source,
-    }
-}
-
-/// A cgroup path as in the `0::` line of /proc/PID/cgroup: `/` or `/a/b`, no `.`/`..`, no empty
-/// components, no NUL, UTF-8, each component at most 255 bytes.
-#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize)]
-#[serde(transparent)]
-pub struct CgroupPath(String);
-
-impl CgroupPath {
-    pub fn root() -> CgroupPath {
-        CgroupPath("/".to_owned())
-    }
-
-    pub fn as_str(&self) -> &str {
-        &self.0
-    }
-
-    /// Components below the root.
-    pub fn components(&self) -> impl Iterator<Item = &str> {
-        self.0.split('/').filter(|c| !c.is_empty())
-    }
-
-    /// The cgroup's level: 0 for the root.
-    pub fn level(&self) -> u32 {
-        self.components().count() as u32
-    }
-
-    /// The parent cgroup; None for the root.
-    pub fn parent(&self) -> Option<CgroupPath> {
-        if self.0 == "/" {
-            return None;
-        }
-        match self.0.rfind('/') {
-            Some(0) => Some(CgroupPath::root()),
-            Some(i) => Some(CgroupPath(self.0[..i].to_owned())),
-            None => None,
-        }
-    }
-
-    /// `self/name`, validated.
-    pub fn join(&self, name: &str) -> Result<CgroupPath, CgroupError> {
-        if self.0 == "/" {
-            format!("/{name}").parse()
-        } else {
-            format!("{}/{name}", self.0).parse()
-        }
-    }
-
-    /// Whether `self` is `other` or below it.
-    pub fn is_within(&self, other: &CgroupPath) -> bool {
-        other.0 == "/" || self.0 == other.0 || self.0.starts_with(&format!("{}/", other.0))
-    }
-}
-
-impl fmt::Display for CgroupPath {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.0)
-    }
-}
-
-impl FromStr for CgroupPath {
-    type Err = CgroupError;
-
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        let invalid = |reason| CgroupError::Invalid {
-            path: s.to_owned(),
-            reason,
-        };
-        if !s.starts_with('/') {
-            return Err(invalid(
-                "must start with '/' (relative to the cgroup2 mount)",
-            ));
-        }
-        if s.contains('\0') {
-            return Err(invalid("contains a NUL byte"));
-        }
-        if s.len() > 4096 {
-            return Err(invalid("longer than 4096 bytes"));
-        }
-        if s == "/" {
-            return Ok(CgroupPath::root());
-        }
-        let trimmed = s.strip_suffix('/').unwrap_or(s);
-        for c in trimmed[1..].split('/') {
-            match c {
-                "" => return Err(invalid("has an empty component ('//')")),
-                "." | ".." => return Err(invalid("'.' and '..' components are not allowed")),
-                c if c.len() > 255 => return Err(invalid("a component is longer than 255 bytes")),
-                _ => {}
-            }
-        }
-        Ok(CgroupPath(trimmed.to_owned()))
     }
 }
 
@@ -153,7 +62,7 @@ impl Cgroup2 {
     /// /sys/fs/cgroup/unified).
     pub fn find() -> Result<Cgroup2, CgroupError> {
         let info = Path::new("/proc/self/mountinfo");
-        let text = fs::read_to_string(info).map_err(io_err("read", info))?;
+        let text = fs::read_to_string(info).at("read", info)?;
         parse_mountinfo(&text)
             .map(|mount| Cgroup2 { mount })
             .ok_or(CgroupError::NoMount)
@@ -190,15 +99,39 @@ impl Cgroup2 {
                 path: path.clone(),
                 dir,
             }),
-            Err(e) => Err(io_err("stat", &dir)(e)),
+            Err(e) => Err(IoError::new("stat", dir, e).into()),
         }
     }
 
     /// Creates `path` and its missing parents; returns its id.
     pub fn create(&self, path: &CgroupPath) -> Result<u64, CgroupError> {
         let dir = self.dir(path);
-        fs::create_dir_all(&dir).map_err(io_err("create cgroup", &dir))?;
+        fs::create_dir_all(&dir).at("create cgroup", &dir)?;
         self.id(path)
+    }
+
+    /// Whether `path` has processes (`populated` in its `cgroup.events`): Ok(None) only when the
+    /// cgroup is gone (ENOENT, or ENODEV for a file of a cgroup removed while open).
+    pub fn populated(&self, path: &CgroupPath) -> Result<Option<bool>, IoError> {
+        let file = self.dir(path).join("cgroup.events");
+        let text = match fs::read_to_string(&file) {
+            Ok(t) => t,
+            Err(e)
+                if e.kind() == io::ErrorKind::NotFound
+                    || e.raw_os_error() == Some(libc::ENODEV) =>
+            {
+                return Ok(None)
+            }
+            Err(e) => return Err(IoError::new("read", file, e)),
+        };
+        match text.lines().find_map(|l| l.strip_prefix("populated ")) {
+            Some(v) => Ok(Some(v.trim() == "1")),
+            None => Err(IoError::new(
+                "parse",
+                file,
+                io::Error::new(io::ErrorKind::InvalidData, "no `populated` line"),
+            )),
+        }
     }
 
     /// The path of the cgroup with id `id`, from its file handle (cgroupfs exports the id as a
@@ -258,18 +191,32 @@ impl Cgroup2 {
     }
 
     /// Every cgroup below the mount, by id. Walks the tree: call it when an id is not in a cache.
-    pub fn paths_by_id(&self) -> HashMap<u64, CgroupPath> {
+    /// A directory that vanishes during the walk is skipped (it is gone); any other failure
+    /// fails the walk, which would otherwise miss cgroups that exist.
+    pub fn paths_by_id(&self) -> Result<HashMap<u64, CgroupPath>, IoError> {
         let mut out = HashMap::new();
         let mut stack = vec![(self.mount.clone(), CgroupPath::root())];
+        let gone = |e: &io::Error| e.kind() == io::ErrorKind::NotFound;
         while let Some((dir, path)) = stack.pop() {
-            if let Ok(m) = fs::symlink_metadata(&dir) {
-                out.insert(m.ino(), path.clone());
+            match fs::symlink_metadata(&dir) {
+                Ok(m) => {
+                    out.insert(m.ino(), path.clone());
+                }
+                Err(e) if gone(&e) => continue,
+                Err(e) => return Err(IoError::new("stat", dir, e)),
             }
-            let Ok(entries) = fs::read_dir(&dir) else {
-                continue;
+            let entries = match fs::read_dir(&dir) {
+                Ok(entries) => entries,
+                Err(e) if gone(&e) => continue,
+                Err(e) => return Err(IoError::new("read cgroup", dir, e)),
             };
-            for entry in entries.flatten() {
-                let Ok(ft) = entry.file_type() else { continue };
+            for entry in entries {
+                let entry = entry.at("read cgroup", &dir)?;
+                let ft = match entry.file_type() {
+                    Ok(ft) => ft,
+                    Err(e) if gone(&e) => continue,
+                    Err(e) => return Err(IoError::new("stat", entry.path(), e)),
+                };
                 if !ft.is_dir() {
                     continue;
                 }
@@ -281,7 +228,7 @@ impl Cgroup2 {
                 }
             }
         }
-        out
+        Ok(out)
     }
 }
 
@@ -329,49 +276,6 @@ pub fn of_pid(pid: u32) -> Option<CgroupPath> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn parents() {
-        let p = |s: &str| s.parse::<CgroupPath>().unwrap();
-        assert_eq!(p("/machine/qemu-1").parent(), Some(p("/machine")));
-        assert_eq!(p("/machine").parent(), Some(CgroupPath::root()));
-        assert_eq!(CgroupPath::root().parent(), None);
-    }
-
-    #[test]
-    fn validates_paths() {
-        assert_eq!("/".parse::<CgroupPath>().unwrap().level(), 0);
-        let p: CgroupPath = "/machine.slice/qemu-1/".parse().unwrap();
-        assert_eq!(p.as_str(), "/machine.slice/qemu-1");
-        assert_eq!(p.level(), 2);
-        for bad in [
-            "",
-            "machine.slice",
-            "/a/../b",
-            "/a/./b",
-            "/a//b",
-            "/..",
-            "/a\0b",
-        ] {
-            let e = bad.parse::<CgroupPath>().unwrap_err();
-            assert!(e.is_usage());
-            assert!(e.to_string().contains(&format!("{bad:?}")), "{e}");
-        }
-        assert!(format!("/{}", "x".repeat(256))
-            .parse::<CgroupPath>()
-            .is_err());
-    }
-
-    #[test]
-    fn joins_and_nests() {
-        let root = CgroupPath::root();
-        let a = root.join("a").unwrap();
-        let b = a.join("b").unwrap();
-        assert_eq!(b.as_str(), "/a/b");
-        assert!(b.is_within(&a) && b.is_within(&root) && a.is_within(&a));
-        assert!(!"/ab".parse::<CgroupPath>().unwrap().is_within(&a));
-        assert!(a.join("..").is_err());
-    }
 
     #[test]
     fn finds_cgroup2_in_mountinfo() {

@@ -9,7 +9,7 @@ use crate::{
     cgroup::Cgroup2,
     config::{build_policy, ConfigFile, Overrides},
     conflicts::{self, View},
-    guard::PinDir,
+    pin::PinDir,
     probe,
 };
 
@@ -17,6 +17,9 @@ use crate::{
 struct Item {
     name: &'static str,
     ok: bool,
+    /// Passes, but weakens the guard.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    warning: bool,
     detail: String,
 }
 
@@ -50,6 +53,7 @@ pub fn run(pin: &PinDir, config: Option<&Path>, json: bool) -> Result<ExitCode> 
             preflight.push(Item {
                 name: "bpf",
                 ok: true,
+                warning: false,
                 detail: "cgroup bind programs load".into(),
             });
             Some(f)
@@ -58,6 +62,7 @@ pub fn run(pin: &PinDir, config: Option<&Path>, json: bool) -> Result<ExitCode> 
             preflight.push(Item {
                 name: "bpf",
                 ok: false,
+                warning: false,
                 detail: format!("{:#}", anyhow::Error::new(e)),
             });
             None
@@ -68,24 +73,28 @@ pub fn run(pin: &PinDir, config: Option<&Path>, json: bool) -> Result<ExitCode> 
         Ok(c) => Item {
             name: "cgroup2",
             ok: true,
+            warning: false,
             detail: format!("mounted at {}", c.mount().display()),
         },
         Err(e) => Item {
             name: "cgroup2",
             ok: false,
+            warning: false,
             detail: e.to_string(),
         },
     });
-    let bpffs = crate::guard::bpffs_state(pin);
+    let bpffs = crate::pin::bpffs_state(pin);
     preflight.push(Item {
         name: "bpffs",
         ok: bpffs.0,
+        warning: false,
         detail: bpffs.1,
     });
     let btf = Path::new("/sys/kernel/btf/vmlinux").exists();
     preflight.push(Item {
         name: "btf",
         ok: true,
+        warning: false,
         detail: if btf {
             "present (not required)".into()
         } else {
@@ -94,12 +103,21 @@ pub fn run(pin: &PinDir, config: Option<&Path>, json: bool) -> Result<ExitCode> 
     });
     let (file, path) = ConfigFile::load(config)?;
     let policy = build_policy(&file, path.as_deref(), &Overrides::default())?;
+    if !policy.protect_ephemeral {
+        preflight.push(Item {
+            name: "ephemeral",
+            ok: true,
+            warning: true,
+            detail: "protect_ephemeral = false: a process the guard refuses can still get a reserved port the kernel picks for it (connect(), sendto(), bind() to port 0)".into(),
+        });
+    }
     let fallbacks = match features {
         Some(f) => {
             if let Err(e) = f.check(&policy) {
                 preflight.push(Item {
                     name: "errno",
                     ok: false,
+                    warning: false,
                     detail: e.0,
                 });
             }
@@ -117,6 +135,7 @@ pub fn run(pin: &PinDir, config: Option<&Path>, json: bool) -> Result<ExitCode> 
         preflight.push(Item {
             name: "sockets",
             ok: true,
+            warning: false,
             detail: format!("read from {}: TCP sockets bound but not listening are not visible on this kernel (needs sock_diag, 6.8+)", scan.source),
         });
     }
@@ -156,7 +175,11 @@ fn render(r: &Report, view: &View) -> String {
     for i in &r.preflight {
         out += &format!(
             "{:<5} {:<8} {}\n",
-            if i.ok { "ok" } else { "FAIL" },
+            match (i.ok, i.warning) {
+                (false, _) => "FAIL",
+                (true, true) => "WARN",
+                (true, false) => "ok",
+            },
             i.name,
             i.detail
         );

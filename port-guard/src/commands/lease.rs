@@ -6,8 +6,9 @@ use log::info;
 use crate::{
     cgroup::{self, Cgroup2, CgroupPath},
     commands::spawn::{enter, spawn_parent},
-    guard::{Maps, PinDir},
-    leases,
+    error::UsageError,
+    maps::Maps,
+    pin::PinDir,
 };
 
 /// Leases a port to `cgroup`. This process claims and probes it from a scratch cgroup below the
@@ -25,9 +26,9 @@ pub fn lease(pin: &PinDir, cgroup: &str, port: Option<u16>, json: bool) -> Resul
     let original = cgroup::of_pid(pid).unwrap_or_else(CgroupPath::root);
     let result = (|| -> Result<u16> {
         enter(&cg, &scratch)?;
-        let port = leases::allocate(&mut maps, scratch_id, scratch.level(), port)?;
-        if let Err(e) = leases::hand_over(&mut maps, port, target_id, target.level()) {
-            let _ = leases::release(&mut maps, port);
+        let port = maps.allocate(scratch_id, scratch.level(), port)?;
+        if let Err(e) = maps.leases_mut().hand_over(port, target_id, target.level()) {
+            let _ = maps.leases_mut().release(port);
             return Err(e.into());
         }
         Ok(port)
@@ -51,20 +52,20 @@ pub fn release(pin: &PinDir, port: Option<u16>, cgroup: Option<&str>) -> Result<
     let mut maps = Maps::open(pin)?;
     match (port, cgroup) {
         (Some(port), None) => {
-            leases::release(&mut maps, port)?;
+            maps.leases_mut().release(port)?;
             info!("released port {port}");
         }
         (None, Some(c)) => {
             let path: CgroupPath = c.parse()?;
             let cg = Cgroup2::find()?;
             let id = cg.id(&path)?;
-            let ports = leases::release_cgroup(&mut maps, id)?;
+            let ports = maps.leases_mut().release_cgroup(id)?;
             if ports.is_empty() {
                 bail!("cgroup {path} holds no lease");
             }
             info!("released {} lease(s) of {path}: {ports:?}", ports.len());
         }
-        _ => bail!(crate::Unsupported(
+        _ => bail!(UsageError::new(
             "give exactly one of --port N and --cgroup CGROUP"
         )),
     }

@@ -5,9 +5,10 @@ use std::{io::Write as _, os::unix::process::CommandExt as _, process::Command};
 use anyhow::{bail, Context as _, Result};
 
 use crate::{
-    cgroup::{self, Cgroup2, CgroupPath},
-    guard::{CgroupNames, Maps, PinDir},
-    leases,
+    cgroup::{self, Cgroup2, CgroupNames, CgroupPath},
+    error::UsageError,
+    maps::Maps,
+    pin::PinDir,
 };
 
 pub struct SpawnArgs {
@@ -19,7 +20,7 @@ pub struct SpawnArgs {
 
 /// The spawn parent recorded by the daemon.
 pub fn spawn_parent(maps: &Maps, cg: &Cgroup2) -> Result<CgroupPath> {
-    let id = maps.config()?.spawn_parent_id;
+    let id = maps.settings()?.spawn_parent_id;
     if id == 0 {
         bail!("the guard has no spawn parent cgroup; start the daemon with --spawn-parent");
     }
@@ -54,9 +55,9 @@ pub fn run(pin: &PinDir, args: SpawnArgs) -> Result<()> {
         Some(n) => {
             let p = parent.join(n)?;
             if p.level() != parent.level() + 1 {
-                bail!(crate::Unsupported(
-                    "--name must be one cgroup name, without '/'"
-                ));
+                bail!(UsageError::new(format!(
+                    "--name {n:?} must be one cgroup name, without '/'"
+                )));
             }
             p
         }
@@ -64,7 +65,7 @@ pub fn run(pin: &PinDir, args: SpawnArgs) -> Result<()> {
     };
     let dir = cg.dir(&path);
     std::fs::create_dir(&dir).map_err(|e| match e.kind() {
-        std::io::ErrorKind::AlreadyExists => anyhow::anyhow!(crate::Unsupported(
+        std::io::ErrorKind::AlreadyExists => anyhow::anyhow!(UsageError::new(
             "cgroup already exists; choose another --name"
         ))
         .context(format!("cgroup {path}")),
@@ -78,7 +79,7 @@ pub fn run(pin: &PinDir, args: SpawnArgs) -> Result<()> {
     let result = (|| -> Result<(u16, std::io::Error)> {
         enter(&cg, &path)?;
         let id = cg.id(&path)?;
-        let port = leases::allocate(&mut maps, id, path.level(), args.port)?;
+        let port = maps.allocate(id, path.level(), args.port)?;
         let argv = substitute(&args.cmd, port);
         let line = if args.json {
             serde_json::json!({ "port": port, "pid": pid, "cgroup": path.as_str() }).to_string()
@@ -96,7 +97,7 @@ pub fn run(pin: &PinDir, args: SpawnArgs) -> Result<()> {
     })();
     match result {
         Ok((port, err)) => {
-            let _ = leases::release(&mut maps, port);
+            let _ = maps.leases_mut().release(port);
             undo(&cg);
             Err(anyhow::Error::new(err).context(format!("executing {:?}", args.cmd[0])))
         }

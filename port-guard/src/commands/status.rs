@@ -2,12 +2,13 @@ use anyhow::Result;
 
 use crate::{
     cgroup::Cgroup2,
-    guard::{self, PinDir, Status},
+    pin::PinDir,
+    status::{self, Status},
 };
 
 pub fn run(pin: &PinDir, json: bool) -> Result<()> {
     let cg = Cgroup2::find()?;
-    let s = guard::status(pin, &cg)?;
+    let s = status::status(pin, &cg)?;
     if json {
         println!("{}", serde_json::to_string_pretty(&s)?);
     } else {
@@ -35,7 +36,7 @@ pub fn render(s: &Status) -> String {
     };
     out += &format!(
         "guard:     {}\npin dir:   {}\nattach:    {}\nmode:      {}\nerrno:     {}\nephemeral: {}\nspawn:     {}\n",
-        if s.attached { "attached" } else { "NOT ATTACHED (maps pinned, no links)" },
+        if s.attached { "attached" } else { "NOT ATTACHED: binds are not checked" },
         s.pin_dir.display(),
         s.attach,
         s.mode,
@@ -43,6 +44,9 @@ pub fn render(s: &Status) -> String {
         if s.protect_ephemeral { "protected" } else { "not protected" },
         if s.spawn_parent.is_empty() { "-" } else { &s.spawn_parent },
     );
+    for d in &s.disagreements {
+        out += &format!("  ! {d}\n");
+    }
     out += &format!(
         "\n{:<13} {:<8} {:>8} {:>8} {:>8}  {}\n",
         "RANGE", "PROTO", "ALLOWED", "DENIED", "AUDITED", "ALLOWED CGROUPS"

@@ -1,7 +1,7 @@
 use anyhow::Result;
 use log::info;
 
-use crate::guard::{self, PinDir};
+use crate::{guard, pin::PinDir};
 
 pub fn run(pin: &PinDir) -> Result<()> {
     guard::unload(pin)?;

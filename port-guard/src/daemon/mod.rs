@@ -1,0 +1,505 @@
+//! `port-guard daemon`: validate, load or adopt, then serve until a signal.
+//!
+//! [`run`] does the start-up, in an order that checks everything it can before it touches the
+//! kernel. The [`Daemon`] then owns everything start-up made and has one method per event
+//! source: denial events (`on_denials`), allowed cgroups appearing (`on_allowed_cgroups`),
+//! lessee cgroups changing (`on_cgroup_events`), the one-second tick (`on_tick`), SIGHUP
+//! (`on_reload`, in [`policy`]) and metrics scrapes (`on_scrape`). [`serve`] joins them in one
+//! `select!`.
+
+mod policy;
+
+use std::time::{Duration, Instant};
+
+use anyhow::{Context as _, Result};
+use aya::maps::{MapData, PerCpuHashMap, RingBuf};
+use log::{error, info, warn};
+use port_guard_common::{Offender, MAP_EVENTS, MAP_OFFENDERS};
+use tokio::{
+    io::unix::AsyncFd,
+    signal::unix::{signal, Signal, SignalKind},
+};
+
+pub use self::policy::Source;
+use crate::{
+    cgroup::{Cgroup2, CgroupNames, CgroupPath},
+    events::DenialLog,
+    guard::{self, Guard, PinCheck},
+    inotify::Inotify,
+    maps::Resolved,
+    metrics::{self, DaemonStats},
+    pin::PinDir,
+    probe::{self, Features},
+    reaper::{Reaper, Wake},
+};
+
+/// How often the sysctl of ephemeral protection is looked at (inotify does not see /proc/sys).
+const SYSCTL_EVERY: Duration = Duration::from_secs(3);
+/// How long links may look detached while their pins remain before the daemon gives up: an
+/// `unload` detaches first and removes the pins a moment later.
+const DETACHED_GRACE: Duration = Duration::from_secs(2);
+
+struct Signals {
+    term: Signal,
+    int: Signal,
+    hup: Signal,
+}
+
+/// Why the loop ended.
+enum Exit {
+    /// SIGTERM or SIGINT: the guard stays.
+    Signal,
+    /// Someone ran `port-guard unload`.
+    Unloaded,
+}
+
+/// Starts the daemon and serves until it is told to stop.
+pub fn run(
+    pin: &PinDir,
+    source: Source<'_>,
+    metrics_listen: Option<std::net::SocketAddr>,
+    unload_on_exit: bool,
+) -> Result<()> {
+    // Signal handlers before anything is loaded: a SIGTERM that arrives while the guard starts
+    // is handled once it runs, instead of killing the process half way.
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("starting the tokio runtime")?;
+    let signals = {
+        let _in_rt = rt.enter();
+        Signals {
+            term: signal(SignalKind::terminate())?,
+            int: signal(SignalKind::interrupt())?,
+            hup: signal(SignalKind::hangup())?,
+        }
+    };
+    // Everything that can be checked without touching the kernel comes first.
+    let metrics = match metrics_listen {
+        Some(addr) => Some(
+            rt.block_on(metrics::bind(addr))
+                .with_context(|| format!("cannot listen for metrics on {addr}"))?,
+        ),
+        None => None,
+    };
+    raise_nofile();
+    let cg = Cgroup2::find()?;
+    let policy = source.policy(&cg)?;
+    // Before the probe: on kernels before 5.11 even the probe's program is charged to
+    // RLIMIT_MEMLOCK, against everything the user has locked already (a pinned guard included).
+    probe::raise_memlock();
+    let features = probe::probe()?;
+    for line in features.describe() {
+        info!("{line}");
+    }
+    features.check(&policy)?;
+
+    pin.prepare()?;
+    let _lock = pin.lock()?;
+    for line in pin.recover() {
+        warn!("{line}");
+    }
+    let created_spawn_parent = !cg.dir(&policy.spawn_parent).exists();
+    let spawn_parent_id = cg.create(&policy.spawn_parent)?;
+    let started = Instant::now();
+    let resolved = Resolved::new(policy, &cg, spawn_parent_id)?;
+    let mut guard = match Guard::start(pin, &resolved, features, &cg) {
+        Ok(g) => g,
+        Err(e) => {
+            if created_spawn_parent {
+                let _ = std::fs::remove_dir(cg.dir(&resolved.policy.spawn_parent));
+            }
+            if !pin.exists() {
+                let _ = std::fs::remove_dir(pin.path());
+            }
+            return Err(e.into());
+        }
+    };
+    if let Err(e) = policy::sync_ephemeral(pin, &mut guard, &resolved.policy) {
+        if !guard.adopted {
+            drop(guard);
+            let _ = guard::unload(pin);
+        }
+        return Err(e);
+    }
+    if guard.adopted {
+        info!(
+            "adopted the guard pinned at {} (its maps and leases are kept)",
+            pin.path().display()
+        );
+    }
+    log_enforcing(&resolved, features, &guard, pin, started);
+    if !resolved.policy.protect_ephemeral {
+        warn!("protect_ephemeral is off: a process the guard refuses can still get a reserved port the kernel picks for it (connect(), sendto(), bind() to port 0)");
+    }
+    // Who already holds a reserved port: the guard cannot evict them, the operator must know.
+    if let Some(view) = crate::conflicts::View::from_pins(pin, &cg) {
+        let (_, holders) = crate::conflicts::find(&view);
+        for h in holders.iter().filter(|h| h.would_refuse) {
+            warn!(
+                "conflict: a reserved port is already held: {}",
+                crate::conflicts::describe(h)
+            );
+        }
+    }
+    crate::notify::notify(&format!(
+        "READY=1\nSTATUS=guard enforcing on {}",
+        resolved.policy.attach
+    ));
+    let daemon = Daemon::new(pin, &cg, source, guard, resolved, features)?;
+    let exit = rt.block_on(serve(daemon, signals, metrics))?;
+    crate::notify::notify("STOPPING=1");
+    if matches!(exit, Exit::Unloaded) {
+        return Ok(());
+    }
+    if unload_on_exit {
+        match guard::unload(pin) {
+            Ok(()) => info!("guard detached and unpinned (--unload-on-exit)"),
+            Err(guard::GuardError::PinDir(crate::pin::PinError::NotLoaded(_))) => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Ok(())
+}
+
+/// The soft limit on open files up to the hard one: the daemon's fds (maps, links, inotify,
+/// metrics connections) must never run out.
+fn raise_nofile() {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit with a valid struct.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 && lim.rlim_cur < lim.rlim_max {
+            lim.rlim_cur = lim.rlim_max;
+            libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
+        }
+    }
+}
+
+fn log_enforcing(r: &Resolved, features: Features, guard: &Guard, pin: &PinDir, started: Instant) {
+    let p = &r.policy;
+    info!(
+        "guard enforcing: attach={} mode={} errno={} ranges={} leases={} pin_dir={} ({} ms)",
+        p.attach,
+        p.mode.name(),
+        if features.set_retval {
+            p.errno.c_name()
+        } else {
+            "EPERM"
+        },
+        p.reserve
+            .iter()
+            .map(|r| {
+                let allow: Vec<&str> = r.allow.iter().map(CgroupPath::as_str).collect();
+                format!(
+                    "{}[allow:{}]",
+                    r.spec,
+                    if allow.is_empty() {
+                        "-".into()
+                    } else {
+                        allow.join(",")
+                    }
+                )
+            })
+            .collect::<Vec<_>>()
+            .join(" "),
+        guard.maps.leases().all().map(|l| l.len()).unwrap_or(0),
+        pin.path().display(),
+        started.elapsed().as_millis(),
+    );
+}
+
+/// Everything the daemon owns while it runs.
+struct Daemon<'a> {
+    pin: &'a PinDir,
+    cg: &'a Cgroup2,
+    source: Source<'a>,
+    guard: Guard,
+    resolved: Resolved,
+    features: Features,
+    names: CgroupNames<'a>,
+    denials: DenialLog,
+    offenders: Option<PerCpuHashMap<MapData, u64, Offender>>,
+    reaper: Reaper,
+    allow_watch: Inotify,
+    stats: DaemonStats,
+    last_sysctl_check: Instant,
+    detached_since: Option<Instant>,
+}
+
+impl Daemon<'_> {
+    /// Denial events: logs what is there. Returns whether the ring buffer is empty.
+    fn on_denials(&mut self, ring: &mut RingBuf<MapData>) -> bool {
+        let errno = self.resolved.policy.errno;
+        let retval = self.features.set_retval;
+        self.denials.drain(ring, &mut self.names, errno, retval)
+    }
+
+    /// An allowed cgroup (or an ancestor of one) was created or removed.
+    fn on_allowed_cgroups(&mut self) {
+        if self.allow_watch.drain() {
+            self.refresh_allowed();
+            self.watch_allowed();
+        }
+    }
+
+    /// A lessee cgroup emptied or went away.
+    fn on_cgroup_events(&mut self) {
+        self.reaper.run(
+            Wake::Inotify,
+            &mut self.guard.maps,
+            self.cg,
+            &mut self.names,
+            Some(&self.resolved.policy.spawn_parent),
+        );
+    }
+
+    /// The one-second tick. Returns why to stop, if it is time to.
+    fn on_tick(&mut self) -> Result<Option<Exit>> {
+        if let Some(exit) = self.check_pins()? {
+            return Ok(Some(exit));
+        }
+        self.refresh_allowed();
+        self.reaper.run(
+            Wake::Tick,
+            &mut self.guard.maps,
+            self.cg,
+            &mut self.names,
+            Some(&self.resolved.policy.spawn_parent),
+        );
+        self.denials.check_lost(&self.guard.maps);
+        if let Some(offenders) = &self.offenders {
+            self.denials.summarise(offenders, &mut self.names, false);
+        }
+        if self.resolved.policy.protect_ephemeral
+            && self.last_sysctl_check.elapsed() >= SYSCTL_EVERY
+        {
+            self.last_sysctl_check = Instant::now();
+            self.repair_ephemeral();
+        }
+        Ok(None)
+    }
+
+    /// Pins that vanished are put back; links detached by `unload` end the daemon; links
+    /// detached otherwise end it with an error, so that the service manager starts it again.
+    fn check_pins(&mut self) -> Result<Option<Exit>> {
+        let dir = self.pin.path().display();
+        match self.guard.check_pins(self.pin) {
+            Ok(PinCheck::Intact) => {
+                self.detached_since = None;
+                self.stats.attached = true;
+            }
+            Ok(PinCheck::Repinned(names)) => {
+                self.stats.pins_restored += names.len() as u64;
+                self.stats.attached = true;
+                error!("the guard's pins {} at {dir} were removed while its links were attached; pinned them again from the daemon's own file descriptors", names.join(", "));
+            }
+            Ok(PinCheck::Unloaded) => {
+                info!("the guard at {dir} was unloaded (its links detached and its pins removed, `port-guard unload`): exiting");
+                return Ok(Some(Exit::Unloaded));
+            }
+            Ok(PinCheck::Detached(links)) => {
+                self.stats.attached = false;
+                let since = *self.detached_since.get_or_insert_with(Instant::now);
+                if since.elapsed() >= DETACHED_GRACE {
+                    anyhow::bail!(
+                        "the guard's links {} were detached while their pins at {dir} remain: binds are not checked; exiting with an error so that the service manager starts the daemon again, which attaches anew",
+                        links.join(", ")
+                    );
+                }
+            }
+            // No evidence either way: look again at the next tick.
+            Err(e) => warn!("checking the guard's pins at {dir}: {e}"),
+        }
+        Ok(None)
+    }
+
+    fn repair_ephemeral(&mut self) {
+        let ranges: Vec<_> = self
+            .resolved
+            .policy
+            .reserve
+            .iter()
+            .map(|r| r.spec.range)
+            .collect();
+        match crate::ephemeral::repair(&ranges) {
+            Ok(None) => {}
+            Ok(Some(lost)) => {
+                self.stats.ephemeral_repairs += 1;
+                warn!("net.ipv4.ip_local_reserved_ports lost {lost} (something rewrote it, e.g. `sysctl --system`); put back: the kernel again keeps auto-picked ports out of the reserved ranges");
+            }
+            Err(e) => warn!("checking net.ipv4.ip_local_reserved_ports: {e}"),
+        }
+    }
+
+    /// A metrics scrape: the text, or None when the maps cannot be read.
+    fn on_scrape(&mut self) -> Option<String> {
+        self.stats.leases_reaped = self.reaper.reaped;
+        self.stats.denial_lines_summarised = self.denials.lines_summarised;
+        match metrics::render(&self.guard.maps, &self.stats) {
+            Ok(text) => Some(text),
+            Err(e) => {
+                warn!("rendering metrics: {e:#}");
+                None
+            }
+        }
+    }
+}
+
+impl<'a> Daemon<'a> {
+    fn new(
+        pin: &'a PinDir,
+        cg: &'a Cgroup2,
+        source: Source<'a>,
+        mut guard: Guard,
+        resolved: Resolved,
+        features: Features,
+    ) -> Result<Daemon<'a>> {
+        let offenders = match guard
+            .ebpf
+            .take_map(MAP_OFFENDERS)
+            .map(PerCpuHashMap::try_from)
+        {
+            Some(Ok(m)) => Some(m),
+            _ => {
+                warn!("no {MAP_OFFENDERS} map: flooding offenders are not summarised");
+                None
+            }
+        };
+        let mut d = Daemon {
+            pin,
+            cg,
+            source,
+            denials: DenialLog::new(&guard.maps),
+            guard,
+            resolved,
+            features,
+            names: CgroupNames::new(cg),
+            offenders,
+            reaper: Reaper::new().context("starting the lease reaper (inotify)")?,
+            allow_watch: Inotify::new().context("watching allowed cgroups (inotify)")?,
+            stats: DaemonStats {
+                attached: true,
+                ..DaemonStats::default()
+            },
+            last_sysctl_check: Instant::now(),
+            detached_since: None,
+        };
+        // Leases whose VM ended while no daemon ran.
+        d.reaper.run(
+            Wake::Full,
+            &mut d.guard.maps,
+            cg,
+            &mut d.names,
+            Some(&d.resolved.policy.spawn_parent),
+        );
+        // Allowed cgroups are followed by path: a service's cgroup appears (or is re-created)
+        // when the service starts, and is allowed from that instant.
+        d.watch_allowed();
+        d.refresh_allowed();
+        Ok(d)
+    }
+}
+
+/// The event loop: every source of work in one `select!`.
+async fn serve(
+    mut d: Daemon<'_>,
+    mut signals: Signals,
+    metrics_listener: Option<tokio::net::TcpListener>,
+) -> Result<Exit> {
+    let (scrape_tx, mut scrapes) = tokio::sync::mpsc::channel::<metrics::Scrape>(16);
+    if let Some(listener) = metrics_listener {
+        info!(
+            "metrics on http://{}/metrics",
+            listener
+                .local_addr()
+                .map(|a| a.to_string())
+                .unwrap_or_default()
+        );
+        tokio::spawn(metrics::serve(listener, scrape_tx));
+    } else {
+        drop(scrape_tx);
+    }
+    let ring = d
+        .guard
+        .ebpf
+        .take_map(MAP_EVENTS)
+        .context("the object has no event ring buffer")?;
+    let ring: RingBuf<MapData> = RingBuf::try_from(ring)?;
+    // SAFETY: the ring buffer owns its fd, and the AsyncFd owns the ring buffer: the fd stays
+    // open for as long as it is registered.
+    let mut ring = unsafe { AsyncFd::register(ring) }
+        .map_err(|e| e.into_parts().1)
+        .context("watching the event ring buffer")?;
+    // The programs' own debug records (aya-log), read for as long as the daemon runs.
+    let mut ebpf_log = match aya_log::EbpfLogger::init(&mut d.guard.ebpf) {
+        // SAFETY: the logger owns its ring buffer fd; the AsyncFd owns the logger.
+        Ok(l) => Some(
+            unsafe { AsyncFd::register(l) }
+                .map_err(|e| e.into_parts().1)
+                .context("watching the aya-log ring buffer")?,
+        ),
+        Err(e) => {
+            warn!("no eBPF log records: {e}");
+            None
+        }
+    };
+    // SAFETY: each AsyncFd owns its duplicate of an inotify fd.
+    let allow_events = unsafe { AsyncFd::register(d.allow_watch.fd().try_clone()?) }
+        .map_err(|e| e.into_parts().1)
+        .context("watching allowed cgroups")?;
+    let inotify = unsafe { AsyncFd::register(d.reaper.inotify_fd().try_clone()?) }
+        .map_err(|e| e.into_parts().1)
+        .context("watching cgroup.events")?;
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+
+    let exit = loop {
+        tokio::select! {
+            ready = ring.readable_mut() => {
+                let mut ready = ready.context("waiting for denial events")?;
+                // Clear readiness only when empty: the ring buffer wakes us on new data only.
+                if d.on_denials(ready.get_inner_mut()) {
+                    ready.clear_ready();
+                } else {
+                    tokio::task::yield_now().await;
+                }
+            }
+            ready = allow_events.readable() => {
+                let mut ready = ready.context("waiting for cgroup creation events")?;
+                d.on_allowed_cgroups();
+                ready.clear_ready();
+            }
+            ready = inotify.readable() => {
+                let mut ready = ready.context("waiting for cgroup events")?;
+                d.on_cgroup_events();
+                ready.clear_ready();
+            }
+            ready = async { ebpf_log.as_mut().expect("guarded by the if").readable_mut().await }, if ebpf_log.is_some() => {
+                let mut ready = ready.context("waiting for eBPF log records")?;
+                ready.get_inner_mut().flush();
+                ready.clear_ready();
+            }
+            _ = signals.term.recv() => { info!("SIGTERM: exiting, the guard stays in place"); break Exit::Signal; }
+            _ = signals.int.recv() => { info!("SIGINT: exiting, the guard stays in place"); break Exit::Signal; }
+            Some(reply) = scrapes.recv() => {
+                if let Some(text) = d.on_scrape() {
+                    let _ = reply.send(text);
+                }
+            }
+            _ = signals.hup.recv() => d.on_reload(),
+            _ = tick.tick() => {
+                if let Some(exit) = d.on_tick()? {
+                    break exit;
+                }
+            }
+        }
+    };
+    // Log what arrived before the signal, then what got no line of its own.
+    while !d.on_denials(ring.get_mut()) {}
+    if let Some(offenders) = &d.offenders {
+        d.denials.summarise(offenders, &mut d.names, true);
+    }
+    Ok(exit)
+}

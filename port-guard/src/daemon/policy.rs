@@ -1,0 +1,169 @@
+//! The daemon's policy while it runs: where it comes from ([`Source`]), SIGHUP reloads (all or
+//! nothing: the maps are rolled back when a write fails), allowed cgroups followed by path, and
+//! ephemeral-port protection kept in step.
+
+use std::path::Path;
+
+use anyhow::{bail, Result};
+use log::{error, info, warn};
+
+use super::Daemon;
+use crate::{
+    cgroup::Cgroup2,
+    config::{build_policy, check_cgroups, ConfigFile, Overrides},
+    guard::Guard,
+    maps::Resolved,
+    pin::PinDir,
+    policy::Policy,
+};
+
+/// Everything the daemon needs to (re)build its policy.
+pub struct Source<'a> {
+    pub config: Option<&'a Path>,
+    pub flags: Overrides,
+}
+
+impl Source<'_> {
+    pub fn policy(&self, cg: &Cgroup2) -> Result<Policy> {
+        let (file, path) = ConfigFile::load(self.config)?;
+        let policy = build_policy(&file, path.as_deref(), &self.flags)?;
+        for missing in check_cgroups(&policy, cg)? {
+            warn!(
+                "allowed cgroup {missing} does not exist yet; it is allowed as soon as it appears"
+            );
+        }
+        Ok(policy)
+    }
+}
+
+/// Applies or withdraws ephemeral-port protection to match `policy`, and records it in the
+/// config map for `status`.
+pub(super) fn sync_ephemeral(pin: &PinDir, guard: &mut Guard, policy: &Policy) -> Result<()> {
+    if policy.protect_ephemeral {
+        let ranges: Vec<_> = policy.reserve.iter().map(|r| r.spec.range).collect();
+        let value = crate::ephemeral::apply(pin.path(), &ranges)?;
+        guard.maps.set_protect_ephemeral(true)?;
+        info!("ephemeral ports protected: net.ipv4.ip_local_reserved_ports = {value}");
+    } else if let Some(value) = crate::ephemeral::restore(pin.path())? {
+        guard.maps.set_protect_ephemeral(false)?;
+        info!(
+            "ephemeral-port protection off: net.ipv4.ip_local_reserved_ports restored to {value:?}"
+        );
+    }
+    Ok(())
+}
+
+impl Daemon<'_> {
+    /// SIGHUP: the new config in force, or the old one, whole.
+    pub(super) fn on_reload(&mut self) {
+        crate::notify::notify(&format!(
+            "RELOADING=1\nMONOTONIC_USEC={}",
+            crate::notify::monotonic_usec()
+        ));
+        let result = self.reload();
+        crate::notify::notify("READY=1");
+        match result {
+            Ok(r) => {
+                self.stats.reloads_ok += 1;
+                info!(
+                    "SIGHUP: config reloaded: mode={} errno={} ranges={}",
+                    r.policy.mode.name(),
+                    r.policy.errno.name(),
+                    r.policy
+                        .reserve
+                        .iter()
+                        .map(|x| x.spec.to_string())
+                        .collect::<Vec<_>>()
+                        .join(" ")
+                );
+                self.resolved = r;
+                self.watch_allowed();
+            }
+            Err(e) => {
+                self.stats.reloads_failed += 1;
+                error!("SIGHUP: new config refused, the old one stays in force: {e:#}");
+            }
+        }
+    }
+
+    /// Builds and checks the new policy completely, then updates the maps in place. A failed map
+    /// write has restored the old policy in the maps before this returns.
+    fn reload(&mut self) -> Result<Resolved> {
+        let cg = self.cg;
+        let old = &self.resolved;
+        let policy = self.source.policy(cg)?;
+        if policy.attach != old.policy.attach {
+            bail!(
+                "attach changed from {} to {}: restart the daemon to move the guard",
+                old.policy.attach,
+                policy.attach
+            );
+        }
+        let spawn_parent_id = if policy.spawn_parent == old.policy.spawn_parent {
+            old.spawn_parent_id
+        } else {
+            cg.create(&policy.spawn_parent)?
+        };
+        let r = Resolved::new(policy, cg, spawn_parent_id)?;
+        self.guard.maps.write_policy(&r, self.features)?;
+        if let Err(e) = sync_ephemeral(self.pin, &mut self.guard, &r.policy) {
+            // The maps hold the new policy: put the old one back, whole.
+            let old = self.resolved.clone();
+            if let Err(undo) = self.guard.maps.write_policy(&old, self.features) {
+                error!("restoring the old policy after a failed reload: {undo}");
+            }
+            return Err(e);
+        }
+        Ok(r)
+    }
+
+    /// Watches the nearest existing directory above each allowed cgroup.
+    pub(super) fn watch_allowed(&self) {
+        let dirs = self
+            .resolved
+            .policy
+            .reserve
+            .iter()
+            .flat_map(|res| res.allow.iter().map(|p| self.cg.dir(p)));
+        crate::reaper::watch_parents(&self.allow_watch, dirs);
+    }
+
+    /// Allowed cgroups are matched by id, and a cgroup that is removed and created again
+    /// (systemd restarting libvirtd.service) gets a new one: follow the paths. A path that is
+    /// missing for now keeps its last id.
+    pub(super) fn refresh_allowed(&mut self) {
+        let mut next = self.resolved.clone();
+        let mut news = Vec::new();
+        for (i, r) in self.resolved.policy.reserve.iter().enumerate() {
+            for (j, path) in r.allow.iter().enumerate() {
+                if let Ok(id) = self.cg.id(path) {
+                    let old = self.resolved.allowed[i][j].0;
+                    if id != old {
+                        next.allowed[i][j].0 = id;
+                        news.push(if old == 0 {
+                            format!("allowed cgroup {path} appeared (id {id}); allowed")
+                        } else {
+                            format!(
+                                "allowed cgroup {path} was re-created (id {old} -> {id}); followed"
+                            )
+                        });
+                    }
+                }
+            }
+        }
+        if news.is_empty() {
+            return;
+        }
+        match self.guard.maps.write_policy(&next, self.features) {
+            Ok(()) => {
+                self.resolved = next;
+                // Logged once in force.
+                news.dedup();
+                for n in news {
+                    info!("{n}");
+                }
+            }
+            Err(e) => error!("updating allowed cgroups: {e}"),
+        }
+    }
+}

@@ -1,0 +1,167 @@
+//! Allocation: finding a free port and making it the caller's.
+//!
+//! Allocation needs no daemon. The caller runs inside the lessee cgroup (spawn moves itself in;
+//! `lease --cgroup` moves into a scratch cgroup and hands the lease over). It claims a port by
+//! inserting `port → cgroup` with BPF_NOEXIST, so the kernel decides any race between
+//! allocators, and only then probe-binds the port (tcp on the v6 and v4 wildcards, as libvirt's
+//! virPortAllocator does, plus udp where the range covers it): the guard lets the lessee through,
+//! and EADDRINUSE means a socket already held the port before the claim, so the claim is dropped
+//! and the next port tried. From the claim on, nobody else can bind the port.
+//!
+//! Candidates come from the leased-port bitmap every allocator shares: the lowest port not
+//! marked is claimed, so an allocation costs one claim and one probe at any fill of the range.
+
+use std::{
+    io,
+    net::{Ipv4Addr, Ipv6Addr, SocketAddr},
+};
+
+use port_guard_common::PROTO_UDP;
+use socket2::{Domain, Socket, Type};
+
+use super::{LeaseError, LeaseTable};
+use crate::{
+    cgroup::{Cgroup2, CgroupNames},
+    policy::{Protocols, ReserveSpec},
+};
+
+/// The ranges, in port order, as `A-B/proto` for messages.
+fn describe(ranges: &[ReserveSpec]) -> String {
+    if ranges.is_empty() {
+        return "no reserved range".into();
+    }
+    ranges
+        .iter()
+        .map(ToString::to_string)
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// Whether no socket holds `port` (the caller must be allowed to bind it: the lessee).
+/// Sockets use SO_REUSEADDR like qemu's listener, so a TIME_WAIT leftover does not count.
+pub fn probe_free(port: u16, protocols: Protocols) -> Result<bool, LeaseError> {
+    let probe_err = |source| LeaseError::Probe { port, source };
+    let wildcards = [
+        SocketAddr::from((Ipv6Addr::UNSPECIFIED, port)),
+        SocketAddr::from((Ipv4Addr::UNSPECIFIED, port)),
+    ];
+    for (wanted, ty) in [
+        (protocols.0 & Protocols::TCP.0 != 0, Type::STREAM),
+        (protocols.0 & PROTO_UDP != 0, Type::DGRAM),
+    ] {
+        if !wanted {
+            continue;
+        }
+        for addr in wildcards {
+            match probe_bind(addr, ty) {
+                Ok(()) => {}
+                Err(e) if e.raw_os_error() == Some(libc::EADDRINUSE) => return Ok(false),
+                // No IPv6 on this host: the v4 probe decides.
+                Err(e) if e.raw_os_error() == Some(libc::EAFNOSUPPORT) => {}
+                Err(e) => return Err(probe_err(e)),
+            }
+        }
+    }
+    Ok(true)
+}
+
+/// Binds (without listening) a socket. TCP as virPortAllocatorBindToPort does: SO_REUSEADDR,
+/// and IPV6_V6ONLY for v6 so the two wildcards are probed separately. UDP plainly.
+fn probe_bind(addr: SocketAddr, ty: Type) -> io::Result<()> {
+    let sock = Socket::new(Domain::for_address(addr), ty.cloexec(), None)?;
+    if ty == Type::STREAM {
+        sock.set_reuse_address(true)?;
+        if addr.is_ipv6() {
+            sock.set_only_v6(true)?;
+        }
+    }
+    sock.bind(&addr.into())
+}
+
+/// Leases a port of `ranges` to `cgroup_id` (at `level`), which must be the caller's own
+/// cgroup: `requested`, or the first free port of the ranges in port order. The outcome is
+/// counted for the daemon's metrics.
+pub fn allocate(
+    ranges: &[ReserveSpec],
+    table: &mut LeaseTable,
+    cgroup_id: u64,
+    level: u32,
+    requested: Option<u16>,
+) -> Result<u16, LeaseError> {
+    let result = allocate_inner(ranges, table, cgroup_id, level, requested);
+    match &result {
+        Ok(_) => table.record(true),
+        Err(LeaseError::Exhausted { .. }) => table.record(false),
+        Err(_) => {}
+    }
+    result
+}
+
+/// Keeps the claim of `port` if the probe finds it free; drops it otherwise.
+fn probe_claimed(
+    table: &mut LeaseTable,
+    port: u16,
+    protocols: Protocols,
+) -> Result<bool, LeaseError> {
+    match probe_free(port, protocols) {
+        Ok(true) => Ok(true),
+        Ok(false) => {
+            table.release(port)?;
+            Ok(false)
+        }
+        Err(e) => {
+            table.release(port)?;
+            Err(e)
+        }
+    }
+}
+
+fn allocate_inner(
+    ranges: &[ReserveSpec],
+    table: &mut LeaseTable,
+    cgroup_id: u64,
+    level: u32,
+    requested: Option<u16>,
+) -> Result<u16, LeaseError> {
+    if let Some(port) = requested {
+        let Some(spec) = ranges.iter().find(|s| s.range.contains(port)) else {
+            return Err(LeaseError::NotReserved {
+                port,
+                ranges: describe(ranges),
+            });
+        };
+        if !table.claim(port, cgroup_id, level)? {
+            let holder = match table.get(port) {
+                Ok(Some(l)) => Cgroup2::find()
+                    .ok()
+                    .and_then(|cg| CgroupNames::new(&cg).lookup(l.cgroup_id).ok().flatten())
+                    .map(|p| p.to_string())
+                    .unwrap_or_else(|| format!("cgroup id {}", l.cgroup_id)),
+                _ => "another cgroup".into(),
+            };
+            return Err(LeaseError::Leased { port, holder });
+        }
+        return if probe_claimed(table, port, spec.protocols)? {
+            Ok(port)
+        } else {
+            Err(LeaseError::InUse { port })
+        };
+    }
+    // The lowest port the bitmap shows unleased; the claim decides.
+    for spec in ranges {
+        let mut from = spec.range.first;
+        while let Some(port) = table.first_unmarked(from, spec.range.last) {
+            if table.claim(port, cgroup_id, level)? && probe_claimed(table, port, spec.protocols)? {
+                return Ok(port);
+            }
+            // Leased (another allocator got it first) or held by a socket: the next one.
+            match port.checked_add(1) {
+                Some(next) => from = next,
+                None => break,
+            }
+        }
+    }
+    Err(LeaseError::Exhausted {
+        ranges: describe(ranges),
+    })
+}

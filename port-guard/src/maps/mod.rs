@@ -1,0 +1,389 @@
+//! The guard's maps, from a fresh load or from the pins, read and written through typed
+//! accessors: the ranges come back as [`ReserveSpec`]s with their slot, the counters as
+//! [`Counters`] per protocol, the config as [`Settings`]. The lease map is inside
+//! [`LeaseTable`]; the policy is written by [`write`].
+
+mod write;
+
+use std::{
+    collections::HashMap as StdHashMap,
+    fs, io,
+    os::fd::{AsFd as _, AsRawFd as _},
+    path::Path,
+};
+
+use aya::{
+    maps::{Array, HashMap, IterableMap, Map, MapData, MapError, PerCpuArray},
+    Ebpf,
+};
+use port_guard_common::{
+    counter_index, GuardConfig, PortEntry, RangeDef, ABI_VERSION, COUNTER_ALLOWED, COUNTER_AUDITED,
+    COUNTER_DENIED, EVENTS_LOST_INDEX, FLAG_PROTECT_EPHEMERAL, FLAG_RETVAL, MAP_ALLOC, MAP_ALLOWED,
+    MAP_CONFIG, MAP_COUNTERS, MAP_LEASES, MAP_PORTS, MAP_RANGES, MAX_RANGES, MODE_AUDIT,
+};
+
+pub use self::write::Resolved;
+use crate::{
+    error::IoError,
+    leases::{LeaseError, LeaseTable},
+    pin::{PinDir, PinError},
+    policy::{Errno, Mode, PolicyError, PortRange, Protocols, ReserveSpec},
+    shared::SharedWords,
+};
+
+/// A problem with the guard's maps.
+#[derive(Debug, thiserror::Error)]
+pub enum MapsError {
+    /// The pins were written by a binary with another map layout.
+    #[error("the guard pinned at {dir} uses map layout {found}, this binary uses {ours}; `port-guard unload --pin-dir {dir}` removes it (its leases are lost)")]
+    Abi {
+        dir: std::path::PathBuf,
+        found: u32,
+        ours: u32,
+    },
+    /// A map could not be opened or used.
+    #[error("map {name}")]
+    Map {
+        name: &'static str,
+        #[source]
+        source: Box<MapError>,
+    },
+    /// The pin dir cannot be used.
+    #[error(transparent)]
+    Pin(#[from] PinError),
+    /// The policy does not fit the maps.
+    #[error(transparent)]
+    Policy(#[from] PolicyError),
+    /// A lease map problem.
+    #[error(transparent)]
+    Lease(#[from] LeaseError),
+    /// A filesystem or syscall failure.
+    #[error(transparent)]
+    Io(#[from] IoError),
+}
+
+impl MapsError {
+    pub fn is_usage(&self) -> bool {
+        matches!(self, MapsError::Policy(_))
+    }
+}
+
+pub(crate) fn map_err(name: &'static str) -> impl FnOnce(MapError) -> MapsError {
+    move |e| MapsError::Map {
+        name,
+        source: Box::new(e),
+    }
+}
+
+/// A raw syscall (`call`) on map `name` failed.
+fn syscall_err(name: &'static str, call: &'static str) -> impl FnOnce(io::Error) -> MapsError {
+    move |io_error| {
+        map_err(name)(MapError::SyscallError(aya::sys::SyscallError {
+            call,
+            io_error,
+        }))
+    }
+}
+
+/// Allowed, denied and audited binds.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub struct Counters {
+    pub allowed: u64,
+    pub denied: u64,
+    pub audited: u64,
+}
+
+impl std::ops::AddAssign for Counters {
+    fn add_assign(&mut self, o: Counters) {
+        self.allowed += o.allowed;
+        self.denied += o.denied;
+        self.audited += o.audited;
+    }
+}
+
+/// A range's counters by protocol.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct RangeCounters {
+    pub tcp: Counters,
+    pub udp: Counters,
+}
+
+impl RangeCounters {
+    pub fn total(&self) -> Counters {
+        let mut t = self.tcp;
+        t += self.udp;
+        t
+    }
+
+    /// The counters of each protocol the range covers, with its name.
+    pub fn by_protocol(&self, protocols: Protocols) -> Vec<(&'static str, Counters)> {
+        protocols
+            .names()
+            .into_iter()
+            .map(|p| (p, if p == "udp" { self.udp } else { self.tcp }))
+            .collect()
+    }
+}
+
+/// A configured range and the slot that holds it (its allowed-cgroup bit and its counters).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SlotRange {
+    pub slot: u32,
+    pub spec: ReserveSpec,
+}
+
+/// The config entry, decoded.
+#[derive(Debug, Clone, Copy)]
+pub struct Settings {
+    pub mode: Mode,
+    pub errno: Errno,
+    /// Whether the kernel gives refused binds the configured errno (else EPERM).
+    pub retval: bool,
+    pub protect_ephemeral: bool,
+    pub attach_id: u64,
+    pub spawn_parent_id: u64,
+}
+
+impl Settings {
+    /// What refused binds get on this kernel.
+    pub fn effective_errno(&self) -> Errno {
+        if self.retval {
+            self.errno
+        } else {
+            Errno::Eperm
+        }
+    }
+}
+
+/// The guard's maps.
+pub struct Maps {
+    ports: Array<MapData, PortEntry>,
+    ranges: Array<MapData, RangeDef>,
+    /// PG_RANGES mapped (it is `BPF_F_MMAPABLE`): reading the ranges costs no syscall, which
+    /// is most of what an allocation costs beyond its probe.
+    ranges_view: SharedWords,
+    allowed: HashMap<MapData, u64, u64>,
+    config: Array<MapData, GuardConfig>,
+    counters: PerCpuArray<MapData, u64>,
+    leases: LeaseTable,
+}
+
+fn open_pinned(pin: &PinDir, name: &'static str) -> Result<Map, MapsError> {
+    let data = MapData::from_pin(pin.file(name)).map_err(map_err(name))?;
+    Map::from_map_data(data).map_err(map_err(name))
+}
+
+impl Maps {
+    fn build(
+        mut get: impl FnMut(&'static str) -> Result<Map, MapsError>,
+    ) -> Result<Maps, MapsError> {
+        let ranges: Array<MapData, RangeDef> =
+            get(MAP_RANGES)?.try_into().map_err(map_err(MAP_RANGES))?;
+        let ranges_view = SharedWords::map(
+            IterableMap::map(&ranges).fd().as_fd().as_raw_fd(),
+            MAX_RANGES,
+        )
+        .map_err(syscall_err(MAP_RANGES, "mmap"))?;
+        let alloc = match get(MAP_ALLOC)? {
+            Map::Array(data) => data,
+            _ => {
+                return Err(map_err(MAP_ALLOC)(MapError::InvalidName {
+                    name: MAP_ALLOC.into(),
+                }))
+            }
+        };
+        let leases = LeaseTable::new(
+            get(MAP_LEASES)?.try_into().map_err(map_err(MAP_LEASES))?,
+            alloc,
+        )
+        .map_err(syscall_err(MAP_ALLOC, "mmap"))?;
+        Ok(Maps {
+            ports: get(MAP_PORTS)?.try_into().map_err(map_err(MAP_PORTS))?,
+            ranges,
+            ranges_view,
+            allowed: get(MAP_ALLOWED)?.try_into().map_err(map_err(MAP_ALLOWED))?,
+            config: get(MAP_CONFIG)?.try_into().map_err(map_err(MAP_CONFIG))?,
+            counters: get(MAP_COUNTERS)?
+                .try_into()
+                .map_err(map_err(MAP_COUNTERS))?,
+            leases,
+        })
+    }
+
+    /// Takes the maps out of a freshly loaded object.
+    pub(crate) fn from_ebpf(ebpf: &mut Ebpf) -> Result<Maps, MapsError> {
+        Maps::build(|name| {
+            ebpf.take_map(name)
+                .ok_or_else(|| map_err(name)(MapError::InvalidName { name: name.into() }))
+        })
+    }
+
+    /// Opens the pinned maps, checking the pin dir and the layout version.
+    pub fn open(pin: &PinDir) -> Result<Maps, MapsError> {
+        pin.verify()?;
+        // An unreadable pin dir (mode 0700, not root) is a permission error, not "not loaded".
+        let config = pin.file(MAP_CONFIG);
+        match fs::symlink_metadata(&config) {
+            Ok(_) => {}
+            Err(e) if e.kind() == io::ErrorKind::NotFound && !pin.exists() => {
+                return Err(PinError::NotLoaded(pin.path().to_owned()).into());
+            }
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(IoError::new("open pin", config, e).into()),
+        }
+        // The layout version first: pins of another layout may lack a map this one has.
+        let config: Array<MapData, GuardConfig> = open_pinned(pin, MAP_CONFIG)?
+            .try_into()
+            .map_err(map_err(MAP_CONFIG))?;
+        Maps::check_abi(&config, pin.path())?;
+        Maps::build(|name| open_pinned(pin, name))
+    }
+
+    pub(crate) fn check_abi(
+        config: &Array<MapData, GuardConfig>,
+        dir: &Path,
+    ) -> Result<(), MapsError> {
+        let c = config.get(&0, 0).map_err(map_err(MAP_CONFIG))?;
+        // 0: created by an interrupted first load that never wrote its config.
+        if c.abi != ABI_VERSION && c.abi != 0 {
+            return Err(MapsError::Abi {
+                dir: dir.to_owned(),
+                found: c.abi,
+                ours: ABI_VERSION,
+            });
+        }
+        Ok(())
+    }
+
+    pub fn leases(&self) -> &LeaseTable {
+        &self.leases
+    }
+
+    pub fn leases_mut(&mut self) -> &mut LeaseTable {
+        &mut self.leases
+    }
+
+    fn raw_config(&self) -> Result<GuardConfig, MapsError> {
+        self.config.get(&0, 0).map_err(map_err(MAP_CONFIG))
+    }
+
+    /// The config entry: mode, errno and what the daemon recorded.
+    pub fn settings(&self) -> Result<Settings, MapsError> {
+        let c = self.raw_config()?;
+        Ok(Settings {
+            mode: if c.mode == MODE_AUDIT {
+                Mode::Audit
+            } else {
+                Mode::Enforce
+            },
+            errno: Errno::from_raw(c.errno).unwrap_or_default(),
+            retval: c.flags & FLAG_RETVAL != 0,
+            protect_ephemeral: c.flags & FLAG_PROTECT_EPHEMERAL != 0,
+            attach_id: c.attach_cgroup_id,
+            spawn_parent_id: c.spawn_parent_id,
+        })
+    }
+
+    /// The configured ranges with their slots, in port order, read from the mapping.
+    pub fn ranges(&self) -> Vec<SlotRange> {
+        const _: () = assert!(size_of::<RangeDef>() == 8);
+        let mut v: Vec<SlotRange> = self
+            .ranges_view
+            .snapshot()
+            .into_iter()
+            .enumerate()
+            .filter_map(|(slot, w)| {
+                // SAFETY: RangeDef is 8 bytes of plain integers: any bits are a value.
+                let r: RangeDef = unsafe { std::mem::transmute::<u64, RangeDef>(w) };
+                (r.in_use != 0).then_some(SlotRange {
+                    slot: slot as u32,
+                    spec: ReserveSpec {
+                        range: PortRange {
+                            first: r.first,
+                            last: r.last,
+                        },
+                        protocols: Protocols(r.protocols),
+                    },
+                })
+            })
+            .collect();
+        v.sort_by_key(|r| r.spec.range);
+        v
+    }
+
+    /// The configured ranges, in port order.
+    pub fn reserved(&self) -> Vec<ReserveSpec> {
+        self.ranges().into_iter().map(|r| r.spec).collect()
+    }
+
+    /// Allowed cgroup id → range mask (bit `slot`).
+    pub fn allowed(&self) -> Result<StdHashMap<u64, u64>, MapsError> {
+        self.allowed
+            .iter()
+            .collect::<Result<_, _>>()
+            .map_err(map_err(MAP_ALLOWED))
+    }
+
+    /// The counters of range `slot`.
+    pub fn counters(&self, slot: u32) -> Result<RangeCounters, MapsError> {
+        let read = |proto: u32| -> Result<Counters, MapsError> {
+            let mut cells = [0u64; 3];
+            for (kind, cell) in [COUNTER_ALLOWED, COUNTER_DENIED, COUNTER_AUDITED]
+                .into_iter()
+                .zip(cells.iter_mut())
+            {
+                let values = self
+                    .counters
+                    .get(&counter_index(slot, proto, kind), 0)
+                    .map_err(map_err(MAP_COUNTERS))?;
+                *cell = values.iter().sum();
+            }
+            Ok(Counters {
+                allowed: cells[0],
+                denied: cells[1],
+                audited: cells[2],
+            })
+        };
+        Ok(RangeCounters {
+            tcp: read(0)?,
+            udp: read(1)?,
+        })
+    }
+
+    /// A per-CPU counter summed, by index.
+    fn counter(&self, index: u32) -> Result<u64, MapsError> {
+        Ok(self
+            .counters
+            .get(&index, 0)
+            .map_err(map_err(MAP_COUNTERS))?
+            .iter()
+            .sum())
+    }
+
+    /// Denial events the ring buffer had no room for, since the guard was first loaded.
+    pub fn events_lost(&self) -> Result<u64, MapsError> {
+        self.counter(EVENTS_LOST_INDEX)
+    }
+
+    /// Records in the config map whether ephemeral protection is in force.
+    pub fn set_protect_ephemeral(&mut self, on: bool) -> Result<(), MapsError> {
+        let mut c = self.raw_config()?;
+        if on {
+            c.flags |= FLAG_PROTECT_EPHEMERAL;
+        } else {
+            c.flags &= !FLAG_PROTECT_EPHEMERAL;
+        }
+        self.config.set(0, c, 0).map_err(map_err(MAP_CONFIG))
+    }
+
+    /// Leases a port of the configured ranges to `cgroup_id`: see [`crate::leases::allocate`].
+    pub fn allocate(
+        &mut self,
+        cgroup_id: u64,
+        level: u32,
+        requested: Option<u16>,
+    ) -> Result<u16, LeaseError> {
+        let ranges = self.reserved();
+        crate::leases::allocate(&ranges, &mut self.leases, cgroup_id, level, requested)
+    }
+}

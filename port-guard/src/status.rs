@@ -1,0 +1,217 @@
+//! A snapshot of the guard for `status`, read from the pins alone: the settings, the ranges with
+//! their allowed cgroups and counters, the leases, and whether the links that are pinned are the
+//! ones attached.
+
+use std::{fs::File, os::fd::AsFd as _, path::PathBuf};
+
+use port_guard_common::PROG_BIND4;
+
+use crate::{
+    cgroup::{Cgroup2, CgroupNames},
+    guard::GuardError,
+    leases::now_secs,
+    maps::{Counters, Maps},
+    pin::{PinDir, LINKS},
+    sys,
+};
+
+/// Everything `status` shows.
+#[derive(Debug, serde::Serialize)]
+pub struct Status {
+    pub pin_dir: PathBuf,
+    /// Both links are pinned and attached to the attach cgroup.
+    pub attached: bool,
+    /// Each hook's link: pinned, attached, and to what.
+    pub links: Vec<LinkStatus>,
+    /// Where the pins and the attached programs disagree, one sentence each (empty when they
+    /// agree).
+    pub disagreements: Vec<String>,
+    pub attach: String,
+    pub mode: &'static str,
+    pub errno: &'static str,
+    /// What refused binds really get on this kernel.
+    pub effective_errno: &'static str,
+    pub protect_ephemeral: bool,
+    pub spawn_parent: String,
+    pub reserve: Vec<RangeStatus>,
+    pub leases: Vec<LeaseStatus>,
+    pub counters: Counters,
+    /// Denials counted but not reported (the event ring buffer was full).
+    pub events_lost: u64,
+}
+
+#[derive(Debug, serde::Serialize)]
+pub struct LinkStatus {
+    pub hook: &'static str,
+    pub pinned: bool,
+    /// The pinned link is attached (to `cgroup_id`).
+    pub attached: bool,
+    pub cgroup_id: u64,
+    pub prog_id: u32,
+}
+
+#[derive(Debug, serde::Serialize)]
+pub struct RangeStatus {
+    pub ports: String,
+    pub first: u16,
+    pub last: u16,
+    pub protocols: Vec<&'static str>,
+    pub allow: Vec<String>,
+    pub counters: Counters,
+    pub tcp: Counters,
+    pub udp: Counters,
+}
+
+#[derive(Debug, serde::Serialize)]
+pub struct LeaseStatus {
+    pub port: u32,
+    pub cgroup: String,
+    pub cgroup_id: u64,
+    pub since: u64,
+    pub age_secs: u64,
+}
+
+/// The two links as pinned, and what the attach cgroup really runs, compared.
+fn links(
+    pin: &PinDir,
+    cg: &Cgroup2,
+    names: &mut CgroupNames<'_>,
+    attach_id: u64,
+) -> (Vec<LinkStatus>, Vec<String>) {
+    let mut out = Vec::new();
+    let mut notes = Vec::new();
+    let mut pinned_progs = Vec::new();
+    for ((_, link_name), hook) in LINKS.iter().zip(["bind4", "bind6"]) {
+        let path = pin.file(link_name);
+        let state = sys::obj_get(&path).and_then(|fd| sys::link_state(fd.as_fd()));
+        let (pinned, st) = match state {
+            Ok(st) => (true, Some(st)),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => (false, None),
+            Err(e) => {
+                notes.push(format!(
+                    "{hook}: cannot read the pinned link {}: {e}",
+                    path.display()
+                ));
+                (true, None)
+            }
+        };
+        let attached = st.is_some_and(|s| s.cgroup_id != 0);
+        if pinned && st.is_some() && !attached {
+            notes.push(format!("{hook}: the pinned link is detached: binds are not checked (restart the daemon to attach again)"));
+        }
+        if let Some(s) = st.filter(|s| s.cgroup_id != 0 && s.cgroup_id != attach_id) {
+            notes.push(format!(
+                "{hook}: the pinned link is attached to {}, not to the attach cgroup",
+                names.name(s.cgroup_id)
+            ));
+        }
+        if !pinned {
+            notes.push(format!("{hook}: no link is pinned at {}", path.display()));
+        }
+        if let Some(s) = st {
+            pinned_progs.push(s.prog_id);
+        }
+        out.push(LinkStatus {
+            hook,
+            pinned,
+            attached,
+            cgroup_id: st.map_or(0, |s| s.cgroup_id),
+            prog_id: st.map_or(0, |s| s.prog_id),
+        });
+    }
+    // Guard programs attached to the attach cgroup that no pin holds: a daemon that holds its
+    // links by fd only (its pins were removed), or an older guard's.
+    if let Some(Ok(attach)) = names
+        .lookup(attach_id)
+        .ok()
+        .flatten()
+        .map(|p| File::open(cg.dir(&p)))
+    {
+        for (hook, attach_type) in [
+            ("bind4", sys::ATTACH_INET4_BIND),
+            ("bind6", sys::ATTACH_INET6_BIND),
+        ] {
+            let Ok(ids) = sys::cgroup_prog_ids(attach.as_fd(), attach_type) else {
+                continue;
+            };
+            let unpinned = ids
+                .iter()
+                .filter(|id| !pinned_progs.contains(id))
+                // The kernel keeps 15 bytes of a name: both programs are "port_guard_bind".
+                .filter(|id| sys::prog_name(**id).is_ok_and(|n| n == PROG_BIND4[..15]))
+                .count();
+            if unpinned > 0 {
+                notes.push(format!("{hook}: {unpinned} guard program(s) attached to the attach cgroup without a pin (held by a running daemon, which pins them again)"));
+            }
+        }
+    }
+    (out, notes)
+}
+
+/// Reads everything `status` shows from the pins.
+pub fn status(pin: &PinDir, cg: &Cgroup2) -> Result<Status, GuardError> {
+    let maps = Maps::open(pin)?;
+    let settings = maps.settings()?;
+    let mut names = CgroupNames::new(cg);
+    let allowed = maps.allowed()?;
+    let mut total = Counters::default();
+    let mut reserve = Vec::new();
+    for r in maps.ranges() {
+        let mut allow: Vec<String> = allowed
+            .iter()
+            .filter(|(_, mask)| *mask & (1u64 << r.slot) != 0)
+            .map(|(id, _)| names.name(*id))
+            .collect();
+        allow.sort();
+        let c = maps.counters(r.slot)?;
+        let counters = c.total();
+        total += counters;
+        reserve.push(RangeStatus {
+            ports: r.spec.range.to_string(),
+            first: r.spec.range.first,
+            last: r.spec.range.last,
+            protocols: r.spec.protocols.names(),
+            allow,
+            counters,
+            tcp: c.tcp,
+            udp: c.udp,
+        });
+    }
+    let now = now_secs();
+    let leases = maps
+        .leases()
+        .all()
+        .map_err(crate::maps::MapsError::from)?
+        .into_iter()
+        .map(|(port, l)| LeaseStatus {
+            port: port.into(),
+            cgroup: names.name(l.cgroup_id),
+            cgroup_id: l.cgroup_id,
+            since: l.since,
+            age_secs: now.saturating_sub(l.since),
+        })
+        .collect();
+    let (links, disagreements) = links(pin, cg, &mut names, settings.attach_id);
+    Ok(Status {
+        pin_dir: pin.path().to_owned(),
+        attached: links
+            .iter()
+            .all(|l| l.attached && l.cgroup_id == settings.attach_id),
+        links,
+        disagreements,
+        attach: names.name(settings.attach_id),
+        mode: settings.mode.name(),
+        errno: settings.errno.name(),
+        effective_errno: settings.effective_errno().name(),
+        protect_ephemeral: settings.protect_ephemeral,
+        spawn_parent: if settings.spawn_parent_id == 0 {
+            String::new()
+        } else {
+            names.name(settings.spawn_parent_id)
+        },
+        reserve,
+        leases,
+        counters: total,
+        events_lost: maps.events_lost()?,
+    })
+}
