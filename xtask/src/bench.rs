@@ -6,10 +6,10 @@ use std::{path::Path, process::Command};
 use anyhow::Result;
 
 pub fn bench(root: &Path, quick: bool, args: &[String]) -> Result<()> {
-    crate::require_root(
+    xtask::require_root(
         "the bench loads BPF programs and creates cgroups and a network namespace",
     )?;
-    crate::cargo(
+    xtask::cargo(
         root,
         &[
             "build",
@@ -26,5 +26,5 @@ pub fn bench(root: &Path, quick: bool, args: &[String]) -> Result<()> {
     if quick {
         cmd.arg("--quick");
     }
-    crate::run(cmd.args(args))
+    xtask::run(cmd.args(args))
 }

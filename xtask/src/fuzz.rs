@@ -1,10 +1,12 @@
-//! `cargo xtask fuzz`: the cargo-fuzz targets, each for a bounded time.
+//! The cargo-fuzz targets, each for a bounded time: the last step of `cargo xtask test` (there is
+//! no `fuzz` verb).
 
 use std::{path::Path, process::Command};
 
 use anyhow::{bail, Context as _, Result};
+use xtask::{output, run};
 
-use crate::{output, run, NIGHTLY};
+use crate::setup::NIGHTLY;
 
 const CARGO_FUZZ_VERSION: &str = "0.13.2";
 pub const TARGETS: [&str; 3] = ["reserve_spec", "config_file", "cgroup_path"];
@@ -13,12 +15,17 @@ pub const TARGETS: [&str; 3] = ["reserve_spec", "config_file", "cgroup_path"];
 pub fn fuzz(root: &Path, seconds: u64) -> Result<()> {
     let have = output(Command::new(env!("CARGO")).args(["fuzz", "--version"])).unwrap_or_default();
     if !have.contains(CARGO_FUZZ_VERSION) {
-        run(Command::new(env!("CARGO")).args(["install", &format!("cargo-fuzz@{CARGO_FUZZ_VERSION}"), "--locked"]))?;
+        run(Command::new(env!("CARGO")).args([
+            "install",
+            &format!("cargo-fuzz@{CARGO_FUZZ_VERSION}"),
+            "--locked",
+        ]))?;
     }
     let dir = root.join("fuzz");
     for target in TARGETS {
         let corpus = dir.join("corpus").join(target);
-        std::fs::create_dir_all(&corpus).with_context(|| format!("creating {}", corpus.display()))?;
+        std::fs::create_dir_all(&corpus)
+            .with_context(|| format!("creating {}", corpus.display()))?;
         let status = Command::new("rustup")
             .current_dir(&dir)
             .args(["run", NIGHTLY, "cargo", "fuzz", "run", target, "--"])

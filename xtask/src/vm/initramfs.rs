@@ -1,0 +1,267 @@
+//! The guest's initramfs, a newc cpio, uncompressed (under TCG, unpacking it gzip'd took 4 s
+//! longer per boot than loading it 3.5 times larger): busybox-static and its applet links, the
+//! agent, the test executables at the absolute paths they were built at, the host tools with
+//! their shared libraries, the settings of the run under `/pg/`, and [`INIT`], the guest's /init
+//! that runs the suite. Each kernel gets a second, small cpio with its modules appended.
+
+use std::{
+    collections::BTreeSet,
+    fs,
+    path::{Path, PathBuf},
+    process::Command,
+};
+
+use anyhow::{bail, ensure, Context as _, Result};
+use xtask::output;
+
+use super::{cpio::write_cpio, elf, kernel::Kernel, static_build::Artifacts, Options};
+
+/// Dynamically linked host tools shipped into the guest with their libraries (found with ldd),
+/// and whether the run needs them: iproute2's `ip` for the network-namespace tests (busybox's
+/// `ip` has no `netns`); bpftool, which the suite uses when present to check that nothing was
+/// left attached.
+const HOST_TOOLS: &[(&str, bool)] = &[("ip", true), ("bpftool", false)];
+
+/// Tests that do not depend on the kernel and need host tools the guest does not have: reported
+/// as skipped, with the reason, without being run. The host suite (`cargo xtask test`) runs them.
+const NOT_IN_VM: &[(&str, &str)] = &[(
+    "operations::the_systemd_unit_passes_systemd_analyze_verify",
+    "not run in VMs: it checks contrib/port-guard.service with systemd-analyze, which the guest does not have (kernel-independent; the host suite runs it)",
+)];
+
+/// Settings of the suite for a slow machine, exported to every test in the guest. A
+/// `port-guard spawn` cycle takes about 140 ms under TCG: the churn test's 10,000 cycles would
+/// take 23 minutes per kernel. 1,000 run the same kernel paths (cgroup creation and removal, lease
+/// map updates, the reaper's inotify) in about 2.5 minutes; the host suite runs all 10,000.
+const VM_ENV: &[(&str, &str)] = &[("PG_CHURN_CYCLES", "1000")];
+
+/// The guest's /init (busybox sh). Per test: `PG-START <id>`, then `PG-RESULT <id> pass`,
+/// `PG-RESULT <id> skip <reason>` or, after its output between `PG-OUTPUT-BEGIN <id>` and
+/// `PG-OUTPUT-END <id>`, `PG-RESULT <id> fail <why>`.
+pub(super) const INIT: &str = r#"#!/bin/sh
+# /init of the port-guard test VM, written by `cargo xtask vm-test`.
+export PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
+export HOME=/root TMPDIR=/tmp RUST_BACKTRACE=1 PORT_GUARD_BIN=/usr/local/bin/port-guard
+export LD_LIBRARY_PATH=/lib/x86_64-linux-gnu:/usr/lib/x86_64-linux-gnu
+. /pg/env
+
+off() {
+    sync
+    poweroff -f
+    sleep 5
+    echo o >/proc/sysrq-trigger
+}
+abort() {
+    echo "PG-ABORT $*"
+    off
+}
+
+mount -t proc proc /proc || abort "mount proc"
+mount -t sysfs sysfs /sys || abort "mount sysfs"
+mount -t devtmpfs devtmpfs /dev || abort "mount devtmpfs"
+exec </dev/console >/dev/console 2>&1
+mkdir -p /dev/pts /dev/shm
+mount -t devpts devpts /dev/pts
+# /tmp and /run stay directories of the initramfs, which is a RAM filesystem already: a tmpfs
+# mounted over /tmp would hide the test executables of a checkout under /tmp (they sit at the
+# absolute paths they were built at).
+chmod 1777 /tmp
+# The pure cgroup v2 layout (Debian 11 and later); the tests find the mount in mountinfo.
+mount -t cgroup2 cgroup2 /sys/fs/cgroup || abort "mount cgroup2"
+mount -t bpf bpf /sys/fs/bpf || abort "mount bpffs"
+hostname pg-vm
+ip link set lo up || abort "ip link set lo up"
+for m in $(cat /lib/modules/pg/order 2>/dev/null); do
+    insmod "/lib/modules/pg/$m.ko" || echo "PG-WARN insmod $m failed"
+done
+echo "PG-INIT kernel=$(uname -r) cgroup2=/sys/fs/cgroup bpffs=/sys/fs/bpf modules=$(cat /lib/modules/pg/order 2>/dev/null | tr '\n' ' ')"
+
+if [ -s /pg/exec ]; then
+    sh /pg/exec
+    echo "PG-EXEC-EXIT $?"
+    echo PG-DONE
+    off
+fi
+
+limit=$(cat /pg/test-timeout)
+filter=$(cat /pg/filter 2>/dev/null)
+while read -r name exe; do
+    if ! list=$("$exe" --list </dev/null 2>/tmp/pg-err); then
+        echo "PG-RESULT $name::* fail cannot list its tests: $(head -c 300 /tmp/pg-err | tr '\n' ' ')"
+        continue
+    fi
+    for t in $(echo "$list" | sed -n 's/: test$//p'); do
+        id="$name::$t"
+        case "$id" in *"$filter"*) ;; *) continue ;; esac
+        why=$(awk -v id="$id" '$1 == id { $1 = ""; sub(/^ /, ""); print }' /pg/not-in-vm)
+        if [ -n "$why" ]; then
+            echo "PG-RESULT $id skip $why"
+            continue
+        fi
+        echo "PG-START $id"
+        timeout -s KILL "$limit" "$exe" --exact "$t" --nocapture --test-threads=1 </dev/null >/tmp/pg-out 2>&1
+        rc=$?
+        skip=$(grep -o 'PG-SKIP: .*' /tmp/pg-out | sed 's/^PG-SKIP: //' | head -n 5 | tr '\n' '|' | sed 's/|$//; s/|/; /g')
+        part=$(grep -o 'PG-SKIP-PART: .*' /tmp/pg-out | sed 's/^PG-SKIP-PART: //' | head -n 5 | tr '\n' '|' | sed 's/|$//; s/|/; /g')
+        if [ "$rc" -ne 0 ]; then
+            echo "PG-OUTPUT-BEGIN $id"
+            cat /tmp/pg-out
+            echo "PG-OUTPUT-END $id"
+            if [ "$rc" -eq 137 ]; then why="killed after ${limit} s"; else why="exit status $rc"; fi
+            echo "PG-RESULT $id fail $why"
+        elif [ -n "$skip" ]; then
+            echo "PG-RESULT $id skip $skip"
+        elif [ -n "$part" ]; then
+            echo "PG-RESULT $id pass partly skipped: $part"
+        else
+            echo "PG-RESULT $id pass"
+        fi
+        rm -f /tmp/pg-out
+    done
+done </pg/tests
+echo PG-DONE
+off
+"#;
+
+fn find_tool(name: &str) -> Option<PathBuf> {
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    std::env::split_paths(&path)
+        .chain(["/usr/sbin", "/sbin", "/usr/bin", "/bin"].map(PathBuf::from))
+        .map(|d| d.join(name))
+        .find(|p| p.is_file())
+}
+
+/// The shared libraries `exe` loads, from ldd (the loader included).
+fn libraries(exe: &Path) -> Result<Vec<PathBuf>> {
+    let out =
+        output(Command::new("ldd").arg(exe)).with_context(|| format!("ldd {}", exe.display()))?;
+    Ok(out
+        .lines()
+        .filter_map(|l| {
+            let l = l.trim();
+            let p = match l.split_once("=>") {
+                Some((_, rest)) => rest.split_whitespace().next()?,
+                None => l.split_whitespace().next()?,
+            };
+            p.starts_with('/').then(|| PathBuf::from(p))
+        })
+        .collect())
+}
+
+pub(super) fn write_base_initramfs(out: &Path, art: &Artifacts, opts: &Options) -> Result<()> {
+    let busybox = Path::new("/bin/busybox");
+    let data = fs::read(busybox).context("reading /bin/busybox (package busybox-static)")?;
+    ensure!(
+        elf::is_static(&data),
+        "/bin/busybox is not static: install busybox-static (it replaces busybox)"
+    );
+    let applets =
+        output(Command::new(busybox).arg("--list-full")).context("busybox --list-full")?;
+    let mut tools = Vec::new();
+    for (name, required) in HOST_TOOLS {
+        match find_tool(name) {
+            Some(p) => tools.push((name, p)),
+            None if *required => bail!("{name} is not installed on this host"),
+            None => eprintln!("xtask: {name} is not installed: the guest runs without it"),
+        }
+    }
+    let mut plan = String::new();
+    for (name, exe) in &art.tests {
+        plan += &format!("{name} {}\n", exe.display());
+    }
+    let file = fs::File::create(out).with_context(|| format!("creating {}", out.display()))?;
+    write_cpio(file, |c| {
+        for d in [
+            "proc",
+            "sys",
+            "tmp",
+            "run",
+            "root",
+            "etc",
+            "usr/local/bin",
+            "usr/local/sbin",
+        ] {
+            c.dir(d)?;
+        }
+        c.symlink("var/run", "/run")?;
+        c.char_dev("dev/console", 0o600, 5, 1)?;
+        c.char_dev("dev/null", 0o666, 1, 3)?;
+        c.file("bin/busybox", 0o755, &data)?;
+        for applet in applets
+            .lines()
+            .map(str::trim)
+            .filter(|a| !a.is_empty() && *a != "bin/busybox")
+        {
+            c.symlink(applet, "/bin/busybox")?;
+        }
+        c.file("init", 0o755, INIT.as_bytes())?;
+        c.file(
+            "etc/passwd",
+            0o644,
+            b"root:x:0:0:root:/root:/bin/sh\nnobody:x:65534:65534:nobody:/nonexistent:/bin/false\n",
+        )?;
+        c.file("etc/group", 0o644, b"root:x:0:\nnogroup:x:65534:\n")?;
+        c.file("etc/hosts", 0o644, b"127.0.0.1 localhost\n::1 localhost\n")?;
+        let mut libs = BTreeSet::new();
+        for (name, path) in &tools {
+            c.host_file(&format!("usr/local/sbin/{name}"), path)?;
+            libs.extend(libraries(path)?);
+        }
+        for lib in &libs {
+            c.host_file(&lib.to_string_lossy(), lib)?;
+        }
+        c.host_file("usr/local/bin/port-guard", &art.agent)?;
+        for (_, exe) in &art.tests {
+            c.host_file(&exe.to_string_lossy(), exe)?;
+        }
+        for exe in &art.bins {
+            c.host_file(&exe.to_string_lossy(), exe)?;
+        }
+        c.file("pg/tests", 0o644, plan.as_bytes())?;
+        c.file(
+            "pg/test-timeout",
+            0o644,
+            opts.test_timeout.as_secs().to_string().as_bytes(),
+        )?;
+        c.file(
+            "pg/filter",
+            0o644,
+            opts.filter.as_deref().unwrap_or("").as_bytes(),
+        )?;
+        let not_in_vm: String = NOT_IN_VM
+            .iter()
+            .map(|(id, why)| format!("{id} {why}\n"))
+            .collect();
+        c.file("pg/not-in-vm", 0o644, not_in_vm.as_bytes())?;
+        let env: String = VM_ENV
+            .iter()
+            .map(|(k, v)| format!("export {k}={v}\n"))
+            .collect();
+        c.file("pg/env", 0o644, env.as_bytes())?;
+        if let Some(cmd) = &opts.exec {
+            c.file("pg/exec", 0o644, format!("{cmd}\n").as_bytes())?;
+        }
+        Ok(())
+    })
+}
+
+/// `base` followed by a cpio of the kernel's modules (the kernel unpacks concatenated archives).
+pub(super) fn write_kernel_initramfs(out: &Path, base: &Path, k: &Kernel) -> Result<()> {
+    fs::copy(base, out).with_context(|| format!("creating {}", out.display()))?;
+    let file = fs::OpenOptions::new().append(true).open(out)?;
+    write_cpio(file, |c| {
+        let mut order = String::new();
+        for m in &k.modules {
+            let name = m
+                .file_name()
+                .unwrap_or_default()
+                .to_string_lossy()
+                .into_owned();
+            c.file(&format!("lib/modules/pg/{name}"), 0o644, &fs::read(m)?)?;
+            order += name.trim_end_matches(".ko");
+            order += "\n";
+        }
+        c.file("lib/modules/pg/order", 0o644, order.as_bytes())?;
+        Ok(())
+    })
+}

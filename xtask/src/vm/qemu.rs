@@ -1,0 +1,320 @@
+//! Booting one kernel under qemu and reading its serial console: the init's `PG-START`,
+//! `PG-RESULT`, `PG-OUTPUT-*` and `PG-DONE` lines become results, the console is saved under
+//! `target/vm/logs/`, and qemu is killed on a kernel panic or a timeout.
+
+use std::{
+    collections::HashMap,
+    fs,
+    io::{self, BufRead as _, BufReader, Read, Write},
+    path::Path,
+    process::{Child, Command, Stdio},
+    sync::mpsc,
+    thread,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, Result};
+
+use super::{kernel::Kernel, Accel, Options, Series};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum Status {
+    Pass,
+    Skip,
+    Fail,
+}
+
+pub(super) struct TestResult {
+    pub(super) id: String,
+    pub(super) status: Status,
+    /// Skip reason, failure summary, or a note on a pass.
+    pub(super) note: String,
+    pub(super) took: Option<Duration>,
+}
+
+pub(super) enum End {
+    /// PG-DONE seen.
+    Done,
+    Panic(String),
+    Timeout(Duration),
+    /// qemu exited before PG-DONE.
+    Exited(String),
+    /// The init gave up (a mount failed).
+    Aborted(String),
+}
+
+impl End {
+    pub(super) fn describe(&self) -> String {
+        match self {
+            End::Done => "finished".into(),
+            End::Panic(l) => format!("kernel panic: {l}"),
+            End::Timeout(t) => format!("timed out after {} s", t.as_secs()),
+            End::Exited(s) => format!("qemu exited early: {s}"),
+            End::Aborted(m) => format!("init aborted: {m}"),
+        }
+    }
+}
+
+pub(super) struct Outcome {
+    pub(super) series: Series,
+    pub(super) package: String,
+    pub(super) version: String,
+    pub(super) results: Vec<TestResult>,
+    /// qemu start → init running.
+    pub(super) boot: Option<Duration>,
+    /// init running → PG-DONE.
+    pub(super) suite: Option<Duration>,
+    pub(super) wall: Duration,
+    pub(super) end: End,
+}
+
+/// The summary of a failed test's output: the panic message and where it happened.
+fn panic_summary(out: &[String]) -> Option<String> {
+    let i = out.iter().position(|l| l.contains("panicked at "))?;
+    let place = out[i]
+        .split("panicked at ")
+        .nth(1)?
+        .trim_end_matches(':')
+        .to_owned();
+    let msg: String = out[i + 1..]
+        .iter()
+        .take_while(|l| !l.starts_with("note:") && !l.starts_with("stack backtrace"))
+        .take(3)
+        .map(|l| l.trim())
+        .collect::<Vec<_>>()
+        .join(" ");
+    let msg: String = msg.chars().take(400).collect();
+    Some(format!("{msg} ({place})"))
+}
+
+pub(super) fn boot(k: &Kernel, initrd: &Path, log_path: &Path, opts: &Options) -> Result<Outcome> {
+    let mut cmd = Command::new("qemu-system-x86_64");
+    match opts.accel {
+        Accel::Tcg => cmd.args(["-accel", "tcg"]),
+        Accel::Kvm => cmd.args(["-accel", "kvm", "-cpu", "host"]),
+    };
+    // -nodefaults: no NIC (the guest has loopback only), no VGA; the serial port is the console.
+    cmd.args([
+        "-m",
+        "1024",
+        "-smp",
+        "2",
+        "-nodefaults",
+        "-display",
+        "none",
+        "-serial",
+        "stdio",
+        "-no-reboot",
+    ])
+    .arg("-kernel")
+    .arg(&k.vmlinuz)
+    .arg("-initrd")
+    .arg(initrd)
+    .args(["-append", "console=ttyS0 panic=-1 quiet"])
+    .stdin(Stdio::null())
+    .stdout(Stdio::piped())
+    .stderr(Stdio::piped());
+    eprintln!("xtask: {cmd:?}");
+    let start = Instant::now();
+    let mut child = cmd.spawn().context("starting qemu-system-x86_64")?;
+    let (tx, rx) = mpsc::channel::<String>();
+    let readers = [
+        spawn_lines(child.stdout.take().expect("piped"), "", tx.clone()),
+        spawn_lines(child.stderr.take().expect("piped"), "[qemu] ", tx),
+    ];
+    let mut log = io::LineWriter::new(fs::File::create(log_path)?);
+    let exec = opts.exec.is_some();
+    let mut results: Vec<TestResult> = Vec::new();
+    let mut started: HashMap<String, Instant> = HashMap::new();
+    let mut captured: Option<(String, Vec<String>)> = None;
+    let mut last_output: HashMap<String, Vec<String>> = HashMap::new();
+    let (mut boot_at, mut done_at) = (None, None);
+    let deadline = start + opts.timeout;
+    let end = loop {
+        let now = Instant::now();
+        if now >= deadline {
+            break End::Timeout(opts.timeout);
+        }
+        let line = match rx.recv_timeout(deadline - now) {
+            Ok(l) => l,
+            Err(mpsc::RecvTimeoutError::Timeout) => continue,
+            Err(mpsc::RecvTimeoutError::Disconnected) => {
+                let st = child.wait().map(|s| s.to_string()).unwrap_or_default();
+                break End::Exited(st);
+            }
+        };
+        writeln!(log, "[{:8.3}] {line}", start.elapsed().as_secs_f64())?;
+        if opts.verbose || exec {
+            eprintln!("  | {line}");
+        }
+        if let Some((id, buf)) = &mut captured {
+            if line.contains(&format!("PG-OUTPUT-END {id}")) {
+                let (id, buf) = captured.take().expect("capturing");
+                last_output.insert(id, buf);
+            } else {
+                buf.push(line);
+            }
+            continue;
+        }
+        if line.contains("Kernel panic") {
+            // A few more lines for the log (the panic's reason), then stop it.
+            let t = Instant::now();
+            while let Ok(l) = rx.recv_timeout(Duration::from_secs(2)) {
+                writeln!(log, "[{:8.3}] {l}", start.elapsed().as_secs_f64())?;
+                if t.elapsed() > Duration::from_secs(3) {
+                    break;
+                }
+            }
+            break End::Panic(line);
+        }
+        if let Some(rest) = after(&line, "PG-ABORT ") {
+            break End::Aborted(rest.to_owned());
+        }
+        if line.contains("PG-INIT") && boot_at.is_none() {
+            boot_at = Some(start.elapsed());
+            eprintln!(
+                "  booted in {:.1} s: {}",
+                start.elapsed().as_secs_f64(),
+                after(&line, "PG-INIT ").unwrap_or("")
+            );
+        } else if let Some(rest) = after(&line, "PG-START ") {
+            started.insert(rest.trim().to_owned(), Instant::now());
+        } else if let Some(rest) = after(&line, "PG-OUTPUT-BEGIN ") {
+            captured = Some((rest.trim().to_owned(), Vec::new()));
+        } else if let Some(rest) = after(&line, "PG-RESULT ") {
+            let mut parts = rest.splitn(3, ' ');
+            let id = parts.next().unwrap_or_default().to_owned();
+            let status = match parts.next() {
+                Some("pass") => Status::Pass,
+                Some("skip") => Status::Skip,
+                _ => Status::Fail,
+            };
+            let mut note = parts.next().unwrap_or_default().trim().to_owned();
+            let out = last_output.remove(&id).unwrap_or_default();
+            if status == Status::Fail {
+                if let Some(p) = panic_summary(&out) {
+                    note = format!("{note}: {p}");
+                }
+            }
+            let took = started.remove(&id).map(|t| t.elapsed());
+            let secs = took
+                .map(|t| format!("{:6.1} s", t.as_secs_f64()))
+                .unwrap_or_default();
+            let tag = match status {
+                Status::Pass => "pass",
+                Status::Skip => "SKIP",
+                Status::Fail => "FAIL",
+            };
+            eprintln!(
+                "  {tag} {secs}  {id}{}",
+                if note.is_empty() {
+                    String::new()
+                } else {
+                    format!("  ({note})")
+                }
+            );
+            if status == Status::Fail && !opts.verbose {
+                let tail = out.len().saturating_sub(150);
+                for l in &out[tail..] {
+                    eprintln!("    | {l}");
+                }
+            }
+            results.push(TestResult {
+                id,
+                status,
+                note,
+                took,
+            });
+        } else if line.contains("PG-DONE") {
+            done_at = Some(start.elapsed());
+            break End::Done;
+        }
+    };
+    // Let it power off by itself for a moment, then make sure it is gone.
+    let t = Instant::now();
+    while matches!(child.try_wait(), Ok(None))
+        && matches!(end, End::Done)
+        && t.elapsed() < Duration::from_secs(30)
+    {
+        thread::sleep(Duration::from_millis(100));
+    }
+    stop(&mut child);
+    for l in rx.try_iter() {
+        writeln!(log, "[{:8.3}] {l}", start.elapsed().as_secs_f64())?;
+    }
+    log.flush()?;
+    drop(readers);
+    // Tests that started but never reported.
+    for (id, t) in started {
+        results.push(TestResult {
+            id,
+            status: Status::Fail,
+            note: format!("no result: {}", end.describe()),
+            took: Some(t.elapsed()),
+        });
+    }
+    let wall = start.elapsed();
+    let suite = match (boot_at, done_at) {
+        (Some(b), Some(d)) => Some(d - b),
+        _ => None,
+    };
+    eprintln!(
+        "  {}: {}; boot {}, suite {}, wall {:.1} s",
+        k.series.name,
+        end.describe(),
+        fmt_secs(boot_at),
+        fmt_secs(suite),
+        wall.as_secs_f64()
+    );
+    Ok(Outcome {
+        series: k.series,
+        package: k.package.clone(),
+        version: k.version.clone(),
+        results,
+        boot: boot_at,
+        suite,
+        wall,
+        end,
+    })
+}
+
+/// The text after `marker` in `line` (kernel messages can land in the middle of a console line).
+fn after<'a>(line: &'a str, marker: &str) -> Option<&'a str> {
+    line.find(marker).map(|i| &line[i + marker.len()..])
+}
+
+fn stop(child: &mut Child) {
+    if matches!(child.try_wait(), Ok(None)) {
+        let _ = child.kill();
+    }
+    let _ = child.wait();
+}
+
+fn spawn_lines(
+    src: impl Read + Send + 'static,
+    prefix: &'static str,
+    tx: mpsc::Sender<String>,
+) -> thread::JoinHandle<()> {
+    thread::spawn(move || {
+        let mut r = BufReader::new(src);
+        let mut buf = Vec::new();
+        loop {
+            buf.clear();
+            match r.read_until(b'\n', &mut buf) {
+                Ok(0) | Err(_) => break,
+                Ok(_) => {
+                    let line = String::from_utf8_lossy(&buf);
+                    let line = line.trim_end_matches(['\n', '\r']).replace('\r', "");
+                    if tx.send(format!("{prefix}{line}")).is_err() {
+                        break;
+                    }
+                }
+            }
+        }
+    })
+}
+
+pub(super) fn fmt_secs(d: Option<Duration>) -> String {
+    d.map(|d| format!("{:.1} s", d.as_secs_f64()))
+        .unwrap_or_else(|| "-".into())
+}
