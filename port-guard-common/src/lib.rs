@@ -206,7 +206,8 @@ pub struct Offender {
     pub last_ns: u64,
     /// Denials (or audited would-be denials) of this cgroup.
     pub denials: u64,
-    /// Of them, those sent through the ring buffer.
+    /// Of them, those sent through the ring buffer (an event the ring buffer had no room for is
+    /// not: it stays in the summary).
     pub reported: u64,
     /// The last denial: process, port (host order), protocol bit, family.
     pub last_tgid: u32,

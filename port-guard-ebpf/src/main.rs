@@ -218,6 +218,11 @@ fn refuse(
                 comm,
             });
             entry.submit(0);
+            // Counted as reported only once it is on its way: a lost event stays in the
+            // offender's summary.
+            if let Some(o) = PG_OFFENDERS.get_ptr_mut(&cgroup_id) {
+                unsafe { (*o).reported += 1 };
+            }
         } else {
             // The agent is not reading fast enough: the denial is counted above, its event is
             // lost, and the agent says how many.
@@ -271,9 +276,6 @@ fn report(cgroup_id: u64, tgid: u32, port: u16, protocol: u8, family: u8, comm: 
             o.credit_ns = if emit { credit - EVENT_COST_NS } else { credit };
             o.last_ns = now;
             o.denials += 1;
-            if emit {
-                o.reported += 1;
-            }
             o.last_tgid = tgid;
             o.last_port = port;
             o.last_protocol = protocol;
@@ -286,7 +288,7 @@ fn report(cgroup_id: u64, tgid: u32, port: u16, protocol: u8, family: u8, comm: 
                 credit_ns: EVENT_CREDIT_MAX_NS - EVENT_COST_NS,
                 last_ns: now,
                 denials: 1,
-                reported: 1,
+                reported: 0,
                 last_tgid: tgid,
                 last_port: port,
                 last_protocol: protocol,

@@ -225,6 +225,25 @@ impl PinDir {
         Ok(())
     }
 
+    /// For the daemon, before anything is loaded: whether [`PinDir::prepare`] can succeed here,
+    /// without creating or mounting anything (so a refusal is the one line on stderr).
+    pub fn preflight(&self) -> Result<(), PinError> {
+        let walk = self.walk()?;
+        if is_bpffs(&walk.fd).at("statfs", &walk.at)? {
+            return visible_to_host(&walk.fd, &walk.at).map_err(|why| PinError::NotVisible {
+                path: self.0.clone(),
+                why,
+            });
+        }
+        if walk.at != Path::new(BPFFS_ROOT) {
+            return Err(PinError::NotBpffs(self.0.clone(), walk.at));
+        }
+        host_mount_namespace().map_err(|why| PinError::NotVisible {
+            path: self.0.clone(),
+            why: format!("nothing is mounted on {BPFFS_ROOT} here, and {why}"),
+        })
+    }
+
     /// For the daemon: makes sure the pin dir is on a bpffs the host sees (mounting
     /// /sys/fs/bpf with mode 0700 when nothing is mounted there and this is the host's mount
     /// namespace) and exists, owned by root, mode 0700. Returns whether bpffs was mounted.

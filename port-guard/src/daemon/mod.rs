@@ -85,6 +85,7 @@ pub fn run(
     raise_nofile();
     let cg = Cgroup2::find()?;
     let policy = source.policy(&cg)?;
+    pin.preflight()?;
     // Before the probe: on kernels before 5.11 even the probe's program is charged to
     // RLIMIT_MEMLOCK, against everything the user has locked already (a pinned guard included).
     probe::raise_memlock();
