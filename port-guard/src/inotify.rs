@@ -98,4 +98,19 @@ impl Inotify {
             any = true;
         }
     }
+
+    /// Watches the nearest existing directory above each of `dirs` for IN_CREATE/IN_DELETE:
+    /// tells the daemon at once when an allowed cgroup, or an ancestor of one, is created or
+    /// removed. Adding a watch twice is a no-op.
+    pub fn watch_parents(&self, dirs: impl IntoIterator<Item = std::path::PathBuf>) {
+        for dir in dirs {
+            let mut d = dir.parent().map(|p| p.to_path_buf()).unwrap_or_default();
+            while !d.is_dir() {
+                if !d.pop() {
+                    break;
+                }
+            }
+            self.add(&d, libc::IN_CREATE | libc::IN_DELETE | libc::IN_ONLYDIR);
+        }
+    }
 }

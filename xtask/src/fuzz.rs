@@ -9,7 +9,7 @@ use xtask::{output, run};
 use crate::setup::NIGHTLY;
 
 const CARGO_FUZZ_VERSION: &str = "0.13.2";
-pub const TARGETS: [&str; 3] = ["reserve_spec", "config_file", "cgroup_path"];
+pub const TARGETS: [&str; 4] = ["reserve_spec", "config_file", "cgroup_path", "log_value"];
 
 /// Installs cargo-fuzz when missing, then runs every target for `seconds`.
 pub fn fuzz(root: &Path, seconds: u64) -> Result<()> {

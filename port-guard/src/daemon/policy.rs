@@ -125,7 +125,7 @@ impl Daemon<'_> {
             .reserve
             .iter()
             .flat_map(|res| res.allow.iter().map(|p| self.cg.dir(p)));
-        crate::reaper::watch_parents(&self.allow_watch, dirs);
+        self.allow_watch.watch_parents(dirs);
     }
 
     /// Allowed cgroups are matched by id, and a cgroup that is removed and created again
