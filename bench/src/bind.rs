@@ -63,8 +63,12 @@ pub fn batch(w: &mut Worker, kind: Kind, port: u16, n: u64, expect: i32) -> Resu
     let errno = r["errno"].as_i64().unwrap_or(-1) as i32;
     let other = r["other"].as_u64().unwrap_or(0);
     if errno != expect || other != 0 {
+        let other_errno = r["other_errno"]
+            .as_i64()
+            .map(|e| format!(", first {}", errno_name(e as i32)))
+            .unwrap_or_default();
         bail!(
-            "{} ({} on port {port}): bind() returned {} ({other} of {n} differed), expected {}",
+            "{} ({} on port {port}): bind() returned {} ({other} of {n} differed{other_errno}), expected {}",
             w.label,
             kind.op(),
             errno_name(errno),

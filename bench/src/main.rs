@@ -10,7 +10,9 @@
 //!    rounds interleaved; then the programs' own run time from bpf_stats;
 //! 4. the baseline again, with the guards gone;
 //! 5. lease allocation through the library against a bare probe-bind allocator (libvirt's way);
-//! 6. `port-guard spawn` against a bare fork/exec, and up to qemu listening.
+//! 6. `port-guard spawn` against a bare fork/exec, and up to qemu listening;
+//! 7. a flood of refused binds from one process: the daemon's CPU meanwhile, and whether one
+//!    refused bind of a second process in another cgroup still reaches its log.
 //!
 //! Why not criterion or divan: the code under test runs in other processes (each in its own
 //! cgroup), and the targets are ratios of 2 to 5 %, which on a shared two-core machine drift more

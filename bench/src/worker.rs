@@ -4,25 +4,23 @@
 //! syscalls under test sits between the two clock reads.
 
 use std::{
+    ffi::CString,
     io::{self, BufRead as _, Write as _},
-    os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd},
+    net::{Ipv4Addr, SocketAddrV4},
     path::PathBuf,
-    time::Instant,
+    time::{Duration, Instant},
 };
 
 use anyhow::{bail, Context as _, Result};
-use port_guard::{
-    guard::{Maps, PinDir},
-    leases,
-    policy::Protocols,
-};
+use port_guard::{leases, maps::Maps, pin::PinDir, policy::Protocols};
 use serde_json::{json, Value};
+use socket2::{Domain, SockAddr, Socket, Type};
 
 #[derive(Default)]
 struct State {
     /// A TCP socket bound once (to a kernel-chosen port): binding it again runs the hook and then
     /// fails with EINVAL in __inet_bind, so the loop measures the hook and the syscall only.
-    prebound: Option<OwnedFd>,
+    prebound: Option<Socket>,
     maps: Option<(PathBuf, Maps)>,
 }
 
@@ -62,34 +60,25 @@ fn handle(state: &mut State, req: &Value) -> Result<Value> {
         "hook" => {
             let port = field(req, "port")? as u16;
             let n = field(req, "n")?;
-            let fd = match &state.prebound {
-                Some(fd) => fd.as_raw_fd(),
-                None => {
-                    let fd = tcp4_socket()?;
-                    if bind4(fd.as_raw_fd(), 0) != 0 {
-                        bail!(
-                            "binding the pre-bound socket: {}",
-                            io::Error::last_os_error()
-                        );
-                    }
-                    state.prebound.insert(fd).as_raw_fd()
-                }
-            };
+            if state.prebound.is_none() {
+                let sock = tcp4_socket()?;
+                sock.bind(&sockaddr4(0))
+                    .context("binding the pre-bound socket")?;
+                state.prebound = Some(sock);
+            }
+            let sock = state.prebound.as_ref().expect("just set");
             let sa = sockaddr4(port);
-            timed_binds(n, || Ok(bind_sa(fd, &sa)))
+            timed_binds(n, || Ok(bind_errno(sock, &sa)))
         }
         "cycle" => {
             let port = field(req, "port")? as u16;
             let n = field(req, "n")?;
             let sa = sockaddr4(port);
-            // SAFETY: plain socket syscalls on an fd closed right after.
-            timed_binds(n, || unsafe {
-                let fd = libc::socket(libc::AF_INET, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0);
-                if fd < 0 {
-                    bail!("socket: {}", io::Error::last_os_error());
-                }
-                let e = bind_sa(fd, &sa);
-                libc::close(fd);
+            // socket() (SOCK_CLOEXEC), bind() and close(): one syscall each.
+            timed_binds(n, || {
+                let sock = tcp4_socket()?;
+                let e = bind_errno(&sock, &sa);
+                drop(sock);
                 Ok(e)
             })
         }
@@ -104,12 +93,12 @@ fn handle(state: &mut State, req: &Value) -> Result<Value> {
             let mut ports = Vec::with_capacity(m as usize);
             for _ in 0..m {
                 let t = Instant::now();
-                let port = leases::allocate(maps, id, level, None)?;
+                let port = maps.allocate(id, level, None)?;
                 ns.push(t.elapsed().as_nanos() as u64);
                 ports.push(port);
             }
             for p in &ports {
-                leases::release(maps, *p)?;
+                maps.leases_mut().release(*p)?;
             }
             Ok(json!({ "ns": ns, "first_port": ports.first(), "last_port": ports.last() }))
         }
@@ -150,12 +139,41 @@ fn handle(state: &mut State, req: &Value) -> Result<Value> {
             let sa = sockaddr4(port);
             let mut refused = 0u64;
             for _ in 0..n {
-                let fd = tcp4_socket()?;
-                if bind_sa(fd.as_raw_fd(), &sa) != 0 {
+                if bind_errno(&tcp4_socket()?, &sa) != 0 {
                     refused += 1;
                 }
             }
             Ok(json!({ "refused": refused }))
+        }
+        "flood" => {
+            // Refused binds as fast as one process can make them, for `ms` milliseconds: one
+            // socket bound again and again (a bind the hook refuses leaves it unbound).
+            let port = field(req, "port")? as u16;
+            let ms = field(req, "ms")?;
+            let sock = tcp4_socket()?;
+            let sa = sockaddr4(port);
+            let mut errnos = Errnos::default();
+            let mut n = 0u64;
+            let end = Duration::from_millis(ms);
+            let t = Instant::now();
+            while t.elapsed() < end {
+                for _ in 0..256 {
+                    errnos.see(bind_errno(&sock, &sa));
+                }
+                n += 256;
+            }
+            let ns = t.elapsed().as_nanos() as u64;
+            Ok(errnos.reply(ns, n))
+        }
+        "comm" => {
+            // The command name the denial events carry (this process has one thread).
+            let name = CString::new(req["name"].as_str().context("no name")?)?;
+            // SAFETY: PR_SET_NAME reads a NUL-terminated string (the kernel keeps 15 bytes).
+            if unsafe { libc::prctl(libc::PR_SET_NAME, name.as_ptr()) } != 0 {
+                bail!("prctl(PR_SET_NAME): {}", io::Error::last_os_error());
+            }
+            let comm = std::fs::read_to_string("/proc/self/comm")?;
+            Ok(json!({ "comm": comm.trim_end() }))
         }
         other => bail!("unknown op {other:?}"),
     }
@@ -164,18 +182,43 @@ fn handle(state: &mut State, req: &Value) -> Result<Value> {
 /// Runs `bind_once` (which returns bind()'s errno, 0 for success) `n` times and times the whole
 /// batch: the reply has the time, the first errno, and how many binds returned another one.
 fn timed_binds(n: u64, mut bind_once: impl FnMut() -> Result<i32>) -> Result<Value> {
-    let (mut first, mut other) = (None, 0u64);
+    let mut errnos = Errnos::default();
     let t = Instant::now();
     for _ in 0..n {
-        let e = bind_once()?;
-        match first {
-            None => first = Some(e),
-            Some(f) if f != e => other += 1,
+        errnos.see(bind_once()?);
+    }
+    let ns = t.elapsed().as_nanos() as u64;
+    Ok(errnos.reply(ns, n))
+}
+
+/// What a batch of binds returned: the first errno (0 for success), how many returned another,
+/// and the first of those others.
+#[derive(Default)]
+struct Errnos {
+    first: Option<i32>,
+    other: u64,
+    other_errno: Option<i32>,
+}
+
+impl Errnos {
+    fn reply(&self, ns: u64, n: u64) -> Value {
+        json!({
+            "ns": ns, "n": n, "errno": self.first.unwrap_or(0), "other": self.other,
+            "other_errno": self.other_errno,
+        })
+    }
+
+    #[inline(always)]
+    fn see(&mut self, e: i32) {
+        match self.first {
+            None => self.first = Some(e),
+            Some(f) if f != e => {
+                self.other += 1;
+                self.other_errno.get_or_insert(e);
+            }
             Some(_) => {}
         }
     }
-    let ns = t.elapsed().as_nanos() as u64;
-    Ok(json!({ "ns": ns, "n": n, "errno": first.unwrap_or(0), "other": other }))
 }
 
 fn open_maps<'a>(state: &'a mut State, pin: &PathBuf) -> Result<&'a mut Maps> {
@@ -187,45 +230,21 @@ fn open_maps<'a>(state: &'a mut State, pin: &PathBuf) -> Result<&'a mut Maps> {
     Ok(&mut state.maps.as_mut().expect("just set").1)
 }
 
-fn tcp4_socket() -> Result<OwnedFd> {
-    // SAFETY: socket returns a new fd or -1.
-    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) };
-    if fd < 0 {
-        bail!("socket: {}", io::Error::last_os_error());
-    }
-    // SAFETY: fresh fd we own.
-    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+fn tcp4_socket() -> Result<Socket> {
+    // socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0), nothing more.
+    Socket::new(Domain::IPV4, Type::STREAM, None).context("socket")
 }
 
-fn sockaddr4(port: u16) -> libc::sockaddr_in {
-    libc::sockaddr_in {
-        sin_family: libc::AF_INET as libc::sa_family_t,
-        sin_port: port.to_be(),
-        sin_addr: libc::in_addr {
-            s_addr: u32::from(std::net::Ipv4Addr::UNSPECIFIED).to_be(),
-        },
-        sin_zero: [0; 8],
-    }
+/// 0.0.0.0:`port`.
+fn sockaddr4(port: u16) -> SockAddr {
+    SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, port).into()
 }
 
-/// bind(2); 0 or the errno.
+/// bind(2), one syscall; 0 or the errno.
 #[inline(always)]
-fn bind_sa(fd: i32, sa: &libc::sockaddr_in) -> i32 {
-    // SAFETY: a valid sockaddr_in and its size.
-    let r = unsafe {
-        libc::bind(
-            fd,
-            (sa as *const libc::sockaddr_in).cast(),
-            std::mem::size_of::<libc::sockaddr_in>() as u32,
-        )
-    };
-    if r == 0 {
-        0
-    } else {
-        io::Error::last_os_error().raw_os_error().unwrap_or(-1)
+fn bind_errno(sock: &Socket, sa: &SockAddr) -> i32 {
+    match sock.bind(sa) {
+        Ok(()) => 0,
+        Err(e) => e.raw_os_error().unwrap_or(-1),
     }
-}
-
-fn bind4(fd: i32, port: u16) -> i32 {
-    bind_sa(fd, &sockaddr4(port))
 }
