@@ -233,7 +233,8 @@ fn cgroup_mounts() -> Vec<PathBuf> {
             let (pre, post) = line.split_once(" - ")?;
             let fstype = post.split_whitespace().next()?;
             let mount = pre.split_whitespace().nth(4)?;
-            (fstype == "cgroup" || fstype == "cgroup2").then(|| crate::unescape_mountinfo(mount))
+            (fstype == "cgroup" || fstype == "cgroup2")
+                .then(|| crate::cgroup::unescape_mountinfo(mount))
         })
         .collect()
 }
@@ -295,7 +296,7 @@ pub fn sweep_dead_runs(tests: &str) {
                 "[libvirt] removing the cgroups of a dead run: {}",
                 d.display()
             );
-            crate::cleanup_cgroup_tree(&d);
+            crate::cgroup::cleanup_cgroup_tree(&d);
         }
     }
     // Pair's temp dirs: <tmp>/<PREFIX>-libvirt-<test>-<pid>-<n>
@@ -327,7 +328,7 @@ pub fn sweep_dead_runs(tests: &str) {
                         "[libvirt] removing a VM cgroup of a dead run: {}",
                         vm.display()
                     );
-                    crate::cleanup_cgroup_tree(&vm);
+                    crate::cgroup::cleanup_cgroup_tree(&vm);
                 }
             }
         }
@@ -413,7 +414,7 @@ impl Drop for MachineCleanup {
     fn drop(&mut self) {
         for vm in self.leftovers() {
             eprintln!("[libvirt] removing VM cgroup left behind: {}", vm.display());
-            crate::cleanup_cgroup_tree(&vm);
+            crate::cgroup::cleanup_cgroup_tree(&vm);
         }
         for (dir, existed) in &self.existed {
             if !existed && dir.exists() && child_dirs(dir).is_empty() {

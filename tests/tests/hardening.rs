@@ -331,7 +331,7 @@ fn a_daemon_in_a_private_mount_namespace_refuses_a_bpffs_the_host_does_not_see()
         [ -e "$PIN" ] && echo "pinned=yes" || echo "pinned=no"
         "#,
         &[
-            ("PIN", pin.clone()),
+            ("PIN", pin),
             ("BIN", bin().display().to_string()),
             ("CFG", s.config.display().to_string()),
             ("ERR1", err1.display().to_string()),

@@ -662,7 +662,7 @@ fn a_port_leased_to_machine_carries_the_migration_and_nothing_else_binds_it() {
         // While the migration runs, keep trying to take the port from both.
         let stop = Arc::new(AtomicBool::new(false));
         let tries = {
-            let (stop, outsider) = (stop.clone(), e.outsider.clone());
+            let (stop, outsider) = (Arc::clone(&stop), e.outsider.clone());
             thread::spawn(move || {
                 let mut results = Vec::new();
                 while !stop.load(Ordering::Relaxed) {
@@ -854,10 +854,7 @@ fn libvirtd_probes_and_qemu_listens_and_both_must_be_allowed() {
     let (path, text) = (e.config.clone(), e.config_text(&["/machine".into()], &[]));
     e.guard().reload(&path, &text);
     let m = e.pair.migrate("tcp://127.0.0.1");
-    let err = m
-        .result
-        .clone()
-        .expect_err("migration with libvirtd not allowed");
+    let err = m.result.expect_err("migration with libvirtd not allowed");
     eprintln!("[who] only /machine allowed: {err}");
     assert!(err.contains("Unable to find an unused port"), "{err}");
     let dest = e.pair.dest().cgroup.path().to_owned();
@@ -875,7 +872,7 @@ fn libvirtd_probes_and_qemu_listens_and_both_must_be_allowed() {
     let text = e.config_text(&["/machine".into()], &[("errno", "eperm")]);
     e.guard().reload(&path, &text);
     let m = e.pair.migrate("tcp://127.0.0.1");
-    let err = m.result.clone().expect_err("migration with EPERM probes");
+    let err = m.result.expect_err("migration with EPERM probes");
     eprintln!("[who] only /machine allowed, errno eperm: {err}");
     assert!(
         err.contains(&format!("Unable to bind to port {}", e.ports.0)),
@@ -888,13 +885,10 @@ fn libvirtd_probes_and_qemu_listens_and_both_must_be_allowed() {
 
     // Enforce, only the libvirtd cgroups allowed: libvirt gets its port, qemu cannot listen.
     let skip = e.guard().lines().len();
-    let text = e.config_text(&[a.clone(), b.clone()], &[]);
+    let text = e.config_text(&[a, b], &[]);
     e.guard().reload(&path, &text);
     let m = e.pair.migrate("tcp://127.0.0.1");
-    let err = m
-        .result
-        .clone()
-        .expect_err("migration with /machine not allowed");
+    let err = m.result.expect_err("migration with /machine not allowed");
     eprintln!("[who] only the libvirtd cgroups allowed: {err}");
     let denied = e.guard().wait_for(skip, "cgroup=/machine/", LOG_TIMEOUT);
     assert!(

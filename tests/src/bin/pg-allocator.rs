@@ -21,6 +21,7 @@ use std::{
 };
 
 use integration_tests::sock;
+use socket2::Socket;
 
 static STOP: AtomicBool = AtomicBool::new(false);
 
@@ -41,16 +42,16 @@ struct Stats {
 
 /// A bound (and with `listen`, listening) socket on `addr`, or the errno. Only bind()
 /// failures are counted; `v6only` applies to IPv6 sockets.
-fn bind(stats: &mut Stats, addr: SocketAddr, v6only: bool, listen: bool) -> Result<i32, i32> {
+fn bind(stats: &mut Stats, addr: SocketAddr, v6only: bool, listen: bool) -> Result<Socket, i32> {
     let opts = sock::Tcp {
         reuseaddr: true,
         v6only,
         listen: listen.then_some(16),
     };
     match sock::tcp(addr, opts) {
-        Ok(fd) => {
+        Ok(s) => {
             stats.binds += 1;
-            Ok(fd)
+            Ok(s)
         }
         Err((step, e)) => {
             if step != sock::Step::Socket {
@@ -62,11 +63,6 @@ fn bind(stats: &mut Stats, addr: SocketAddr, v6only: bool, listen: bool) -> Resu
             Err(e)
         }
     }
-}
-
-fn close(fd: i32) {
-    // SAFETY: closing an fd bind() returned.
-    unsafe { libc::close(fd) };
 }
 
 /// libvirt's probe: free when both wildcards bind.
@@ -85,14 +81,8 @@ fn probe(stats: &mut Stats, port: u16) -> bool {
         false,
         false,
     );
-    close(v6);
-    match v4 {
-        Ok(fd) => {
-            close(fd);
-            true
-        }
-        Err(_) => false,
-    }
+    drop(v6);
+    v4.is_ok()
 }
 
 /// Sleeps up to `ms`, returning early when stopped.
@@ -125,7 +115,7 @@ fn main() {
         u16::try_from(last).expect(USAGE),
     );
     let mut stats = Stats::default();
-    let mut forever: Option<i32> = None;
+    let mut forever: Option<Socket> = None;
     let mut ready = false;
     while !STOP.load(Ordering::Relaxed) {
         if forever.is_some() {
@@ -150,15 +140,15 @@ fn main() {
             false,
             true,
         ) {
-            Ok(fd) => {
+            Ok(s) => {
                 stats.grabbed += 1;
                 stats.ports.insert(port);
                 if hold == 0 {
-                    forever = Some(fd);
+                    forever = Some(s);
                     continue;
                 }
                 pause(hold);
-                close(fd);
+                drop(s);
             }
             Err(_) => stats.lost += 1,
         }

@@ -7,7 +7,13 @@
 //!   PROTO:   tcp | udp | sctp
 //!   ADDR:    an IPv4 or IPv6 address; `fe80::1%lo` style scope ids are accepted
 
-use std::{ffi::CString, io::BufRead as _, net::IpAddr};
+use std::{
+    ffi::CString,
+    io::BufRead as _,
+    net::{IpAddr, SocketAddr, SocketAddrV6},
+};
+
+use socket2::{Domain, Protocol, Socket, Type};
 
 fn bind_once(variant: &str, proto: &str, addr: &str, port: u16) -> Result<(), i32> {
     let (ip, scope) = match addr.split_once('%') {
@@ -19,82 +25,28 @@ fn bind_once(variant: &str, proto: &str, addr: &str, port: u16) -> Result<(), i3
         None => (addr, 0),
     };
     let ip: IpAddr = ip.parse().expect("address");
-    let domain = if ip.is_ipv4() {
-        libc::AF_INET
-    } else {
-        libc::AF_INET6
+    let sa = match ip {
+        IpAddr::V4(a) => SocketAddr::new(a.into(), port),
+        IpAddr::V6(a) => SocketAddrV6::new(a, port, 0, scope).into(),
     };
     let (ty, protocol) = match proto {
-        "tcp" => (libc::SOCK_STREAM, 0),
-        "udp" => (libc::SOCK_DGRAM, 0),
-        "sctp" => (libc::SOCK_STREAM, libc::IPPROTO_SCTP),
+        "tcp" => (Type::STREAM, None),
+        "udp" => (Type::DGRAM, None),
+        "sctp" => (Type::STREAM, Some(Protocol::SCTP)),
         _ => panic!("proto tcp|udp|sctp"),
     };
-    // SAFETY: plain socket calls on an fd closed at the end.
-    unsafe {
-        let fd = libc::socket(domain, ty, protocol);
-        if fd < 0 {
-            return Err(*libc::__errno_location());
-        }
-        let one: libc::c_int = 1;
-        let set = |level, name| libc::setsockopt(fd, level, name, (&one as *const i32).cast(), 4);
-        match variant {
-            "reuseaddr" => {
-                set(libc::SOL_SOCKET, libc::SO_REUSEADDR);
-            }
-            "reuseport" => {
-                set(libc::SOL_SOCKET, libc::SO_REUSEPORT);
-            }
-            "freebind" => {
-                if ip.is_ipv4() {
-                    set(libc::IPPROTO_IP, libc::IP_FREEBIND);
-                } else {
-                    set(libc::IPPROTO_IPV6, 78 /* IPV6_FREEBIND */);
-                }
-            }
-            _ => {}
-        }
-        let r = match ip {
-            IpAddr::V4(a) => {
-                let sa = libc::sockaddr_in {
-                    sin_family: libc::AF_INET as u16,
-                    sin_port: port.to_be(),
-                    sin_addr: libc::in_addr {
-                        s_addr: u32::from(a).to_be(),
-                    },
-                    sin_zero: [0; 8],
-                };
-                libc::bind(
-                    fd,
-                    (&sa as *const libc::sockaddr_in).cast(),
-                    size_of::<libc::sockaddr_in>() as u32,
-                )
-            }
-            IpAddr::V6(a) => {
-                let sa = libc::sockaddr_in6 {
-                    sin6_family: libc::AF_INET6 as u16,
-                    sin6_port: port.to_be(),
-                    sin6_flowinfo: 0,
-                    sin6_addr: libc::in6_addr {
-                        s6_addr: a.octets(),
-                    },
-                    sin6_scope_id: scope,
-                };
-                libc::bind(
-                    fd,
-                    (&sa as *const libc::sockaddr_in6).cast(),
-                    size_of::<libc::sockaddr_in6>() as u32,
-                )
-            }
-        };
-        let e = *libc::__errno_location();
-        libc::close(fd);
-        if r == 0 {
-            Ok(())
-        } else {
-            Err(e)
-        }
-    }
+    let errno = |e: std::io::Error| e.raw_os_error().unwrap_or_default();
+    // new_raw: socket(2) with exactly these flags (no SOCK_CLOEXEC), as a careless caller would.
+    let s = Socket::new_raw(Domain::for_address(sa), ty, protocol).map_err(errno)?;
+    // Option failures are ignored: the bind is what is being tested.
+    let _ = match variant {
+        "reuseaddr" => s.set_reuse_address(true),
+        "reuseport" => s.set_reuse_port(true),
+        "freebind" if ip.is_ipv4() => s.set_freebind_v4(true),
+        "freebind" => s.set_freebind_v6(true),
+        _ => Ok(()),
+    };
+    s.bind(&sa.into()).map_err(errno)
 }
 
 fn main() {

@@ -15,8 +15,9 @@ use std::{
 };
 
 use integration_tests::sock;
+use socket2::Socket;
 
-fn grab(addr: SocketAddr) -> Result<i32, i32> {
+fn grab(addr: SocketAddr) -> Result<Socket, i32> {
     let opts = sock::Tcp {
         reuseaddr: false,
         v6only: true,
@@ -59,9 +60,9 @@ fn main() {
             ] {
                 attempts += 1;
                 match grab(addr) {
-                    Ok(fd) => {
+                    Ok(s) => {
                         grabbed += 1;
-                        held.push(fd);
+                        held.push(s);
                     }
                     Err(e) => *refused.entry(e).or_default() += 1,
                 }
@@ -72,10 +73,7 @@ fn main() {
         } else {
             hold
         }));
-        for fd in held {
-            // SAFETY: closing fds grab() returned.
-            unsafe { libc::close(fd) };
-        }
+        drop(held);
         if gap > 0 {
             std::thread::sleep(Duration::from_millis(gap));
         }

@@ -15,9 +15,10 @@ use std::{
 };
 
 use integration_tests::sock;
+use socket2::{Domain, SockAddr, Socket, Type};
 
-/// A bound-only TCP socket; the fd is leaked on purpose (held until the process dies).
-fn tcp_bound(addr: SocketAddr) -> std::io::Result<i32> {
+/// A bound-only TCP socket (the caller holds it until the process dies).
+fn tcp_bound(addr: SocketAddr) -> std::io::Result<Socket> {
     let opts = sock::Tcp {
         reuseaddr: false,
         v6only: true,
@@ -46,28 +47,16 @@ fn hold(specs: &[String]) {
             "udp6" => keep.push(Box::new(UdpSocket::bind(v6(port(1))).expect(spec))),
             "conn4" => {
                 let server = TcpListener::bind((Ipv4Addr::LOCALHOST, port(2))).expect(spec);
-                let fd = tcp_bound(SocketAddr::from((Ipv4Addr::LOCALHOST, port(1)))).expect(spec);
-                let sa = libc::sockaddr_in {
-                    sin_family: libc::AF_INET as u16,
-                    sin_port: port(2).to_be(),
-                    sin_addr: libc::in_addr {
-                        s_addr: u32::from(Ipv4Addr::LOCALHOST).to_be(),
-                    },
-                    sin_zero: [0; 8],
-                };
-                // SAFETY: connecting an fd we own.
-                let r = unsafe {
-                    libc::connect(
-                        fd,
-                        (&sa as *const libc::sockaddr_in).cast(),
-                        size_of::<libc::sockaddr_in>() as u32,
-                    )
-                };
-                assert_eq!(r, 0, "{spec}: connect: {}", std::io::Error::last_os_error());
+                let client =
+                    tcp_bound(SocketAddr::from((Ipv4Addr::LOCALHOST, port(1)))).expect(spec);
+                let to = SockAddr::from(SocketAddr::from((Ipv4Addr::LOCALHOST, port(2))));
+                client
+                    .connect(&to)
+                    .unwrap_or_else(|e| panic!("{spec}: connect: {e}"));
                 let accepted = server.accept().expect(spec);
                 keep.push(Box::new(server));
                 keep.push(Box::new(accepted));
-                keep.push(Box::new(fd));
+                keep.push(Box::new(client));
             }
             other => panic!("unknown socket kind {other}"),
         }
@@ -95,13 +84,10 @@ fn ephemeral(n: usize, listen_port: u16) {
             Err(e) => tcp_err.push(e.raw_os_error().unwrap_or(-1)),
         }
         // socket() + sendto() without bind(): the kernel picks the port (autobind).
-        // SAFETY: plain socket calls on an fd wrapped right away.
-        let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM, 0) };
-        if fd < 0 {
+        let Ok(sock) = Socket::new_raw(Domain::IPV4, Type::DGRAM, None).map(UdpSocket::from) else {
             udp_err.push(-1);
             continue;
-        }
-        let sock = unsafe { <UdpSocket as std::os::fd::FromRawFd>::from_raw_fd(fd) };
+        };
         match sock.send_to(b"x", target) {
             Ok(_) => {
                 udp.push(sock.local_addr().unwrap().port());

@@ -1,0 +1,54 @@
+//! What the running kernel supports (from `port-guard check --json`), and how a test reports
+//! that it, or a part of it, does not run here.
+
+use crate::cmd::run;
+
+/// What the running kernel lets the guard do, from `port-guard check --json` (cached).
+#[derive(Clone, Copy, Debug)]
+pub struct Features {
+    /// Refused binds get the configured errno (bpf_set_retval, 6.1+); EPERM otherwise.
+    pub set_retval: bool,
+}
+
+pub fn kernel_features() -> Features {
+    static CACHE: std::sync::OnceLock<Features> = std::sync::OnceLock::new();
+    *CACHE.get_or_init(|| {
+        let (_, out, err) = run(&[
+            "--pin-dir",
+            "/nonexistent-pg-test-pin",
+            "--config",
+            "/dev/null",
+            "check",
+            "--json",
+        ]);
+        let v: serde_json::Value =
+            serde_json::from_str(&out).unwrap_or_else(|e| panic!("check --json: {e}: {out} {err}"));
+        Features {
+            set_retval: v["features"]["set_retval"]
+                .as_bool()
+                .expect("features.set_retval in check --json"),
+        }
+    })
+}
+
+/// The errno a refused bind gets with `errno = "eaddrinuse"`: EADDRINUSE, or EPERM on kernels
+/// without bpf_set_retval.
+pub fn expected_errno() -> i32 {
+    if kernel_features().set_retval {
+        libc::EADDRINUSE
+    } else {
+        libc::EPERM
+    }
+}
+
+/// Prints why a test does not run on this machine (`PG-SKIP: <reason>`); the test returns right
+/// after. `cargo xtask vm-test` reports the test as skipped, with the reason.
+pub fn skip(reason: &str) {
+    println!("PG-SKIP: {reason}");
+}
+
+/// Prints why a part of a test does not run on this machine while the rest does
+/// (`PG-SKIP-PART: <reason>`). `cargo xtask vm-test` reports the test as passed, with the note.
+pub fn skip_part(reason: &str) {
+    println!("PG-SKIP-PART: {reason}");
+}
