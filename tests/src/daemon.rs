@@ -74,7 +74,10 @@ fn spawn_reader<R: Read + Send + 'static>(
 }
 
 impl Daemon {
-    /// Spawns `port-guard --pin-dir PIN --config CONFIG daemon ARGS...`.
+    /// Spawns `port-guard --pin-dir PIN --config CONFIG daemon ARGS...`, in the host's network
+    /// namespace. Its sysctls are not the test's to change: ephemeral protection (on by default)
+    /// is turned off with `--no-protect-ephemeral` unless ARGS choose (tests of the protection
+    /// run the daemon in a namespace of their own).
     pub fn start<S: AsRef<OsStr>>(
         pin_dir: impl AsRef<Path>,
         config: impl AsRef<Path>,
@@ -87,6 +90,13 @@ impl Daemon {
             .arg(config.as_ref())
             .arg("daemon")
             .args(args);
+        let chosen = args.iter().any(|a| {
+            let a = a.as_ref();
+            a == "--protect-ephemeral" || a == "--no-protect-ephemeral"
+        });
+        if !chosen {
+            cmd.arg("--no-protect-ephemeral");
+        }
         Daemon::spawn(cmd)
     }
 

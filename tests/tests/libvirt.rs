@@ -206,25 +206,40 @@ impl Guard {
 
     /// The first line at index >= `skip` that contains `needle`.
     fn wait_for(&mut self, skip: usize, needle: &str, timeout: Duration) -> String {
+        self.wait_line(skip, &format!("{needle:?}"), timeout, |l| {
+            l.contains(needle)
+        })
+    }
+
+    /// The first denial line (not a "more denials by" summary) from `cgroup` or below it.
+    fn wait_for_denial(&mut self, skip: usize, cgroup: &str, timeout: Duration) -> String {
+        let needle = format!("cgroup={cgroup}");
+        self.wait_line(skip, &format!("a denial from {cgroup}"), timeout, |l| {
+            l.contains("denied bind") && l.contains(&needle)
+        })
+    }
+
+    fn wait_line(
+        &mut self,
+        skip: usize,
+        what: &str,
+        timeout: Duration,
+        pred: impl Fn(&str) -> bool,
+    ) -> String {
         let t = Instant::now();
         loop {
-            if let Some(l) = self
-                .lines()
-                .into_iter()
-                .skip(skip)
-                .find(|l| l.contains(needle))
-            {
+            if let Some(l) = self.lines().into_iter().skip(skip).find(|l| pred(l)) {
                 return l;
             }
             if let Ok(Some(st)) = self.child.try_wait() {
                 panic!(
-                    "port-guard daemon exited ({st}) before logging {needle:?}:\n{}",
+                    "port-guard daemon exited ({st}) before logging {what}:\n{}",
                     self.log()
                 );
             }
             if t.elapsed() > timeout {
                 panic!(
-                    "port-guard daemon: no {needle:?} within {timeout:?}:\n{}",
+                    "port-guard daemon: no {what} within {timeout:?}:\n{}",
                     libvirt::tail(&self.log(), 100)
                 );
             }
@@ -860,7 +875,7 @@ fn libvirtd_probes_and_qemu_listens_and_both_must_be_allowed() {
     let dest = e.pair.dest().cgroup.path().to_owned();
     let denied = e
         .guard()
-        .wait_for(skip, &format!("cgroup={dest} "), LOG_TIMEOUT);
+        .wait_for_denial(skip, &format!("{dest} "), LOG_TIMEOUT);
     assert!(
         denied.contains("denied bind") && denied.contains("errno=EADDRINUSE"),
         "{denied}"
@@ -880,7 +895,7 @@ fn libvirtd_probes_and_qemu_listens_and_both_must_be_allowed() {
     );
     let denied = e
         .guard()
-        .wait_for(skip, &format!("cgroup={dest} "), LOG_TIMEOUT);
+        .wait_for_denial(skip, &format!("{dest} "), LOG_TIMEOUT);
     assert!(denied.contains("errno=EPERM"), "{denied}");
 
     // Enforce, only the libvirtd cgroups allowed: libvirt gets its port, qemu cannot listen.
@@ -890,7 +905,7 @@ fn libvirtd_probes_and_qemu_listens_and_both_must_be_allowed() {
     let m = e.pair.migrate("tcp://127.0.0.1");
     let err = m.result.expect_err("migration with /machine not allowed");
     eprintln!("[who] only the libvirtd cgroups allowed: {err}");
-    let denied = e.guard().wait_for(skip, "cgroup=/machine/", LOG_TIMEOUT);
+    let denied = e.guard().wait_for_denial(skip, "/machine/", LOG_TIMEOUT);
     assert!(
         denied.contains("denied bind") && denied.contains("errno=EADDRINUSE"),
         "{denied}"

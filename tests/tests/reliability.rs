@@ -301,6 +301,8 @@ fn every_bind_trick_from_an_outsider_is_refused() {
             allowed.path(),
             "--spawn-parent",
             &format!("{}/spawn", cg.path()),
+            // Bind tricks only: the sysctl is the ephemeral tests' subject.
+            "--no-protect-ephemeral",
         ]);
     let d = Daemon::spawn(c);
     d.wait_for("guard enforcing", START_TIMEOUT);

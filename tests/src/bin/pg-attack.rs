@@ -12,6 +12,9 @@
 //!   bind-flood ADDR PORT SECONDS
 //!       bind(2)s one TCP socket to ADDR:PORT over and over for SECONDS:
 //!       {"binds", "ok", "errnos": {errno: count}}
+//!   hop-flood DIR N ADDR PORT
+//!       moves itself into DIR/0 .. DIR/N-1 in turn (cgroups the caller made) and binds
+//!       ADDR:PORT once from each: N offenders, one refused bind each: {"binds", "ok", "errnos"}
 //!   autopick TRICK LISTEN_PORT
 //!       lets the kernel choose a local port, one way: `port-range` (IP_LOCAL_PORT_RANGE narrowed
 //!       to LISTEN_PORT, then listen() unbound), `bind-no-port` (IP_BIND_ADDRESS_NO_PORT, bind to
@@ -113,6 +116,31 @@ fn bind_flood(addr: SocketAddr, secs: f64) -> String {
         }
         if ok > 0 {
             break;
+        }
+    }
+    let errnos: Vec<String> = errnos
+        .iter()
+        .map(|(e, n)| format!(r#""{e}":{n}"#))
+        .collect();
+    format!(
+        r#"{{"binds":{binds},"ok":{ok},"errnos":{{{}}}}}"#,
+        errnos.join(",")
+    )
+}
+
+fn hop_flood(dir: &str, n: usize, addr: SocketAddr) -> String {
+    let sa = SockAddr::from(addr);
+    let (mut binds, mut ok) = (0u64, 0u64);
+    let mut errnos: BTreeMap<i32, u64> = BTreeMap::new();
+    for i in 0..n {
+        std::fs::write(format!("{dir}/{i}/cgroup.procs"), "0")
+            .unwrap_or_else(|_| fail("entering a cgroup"));
+        let s = Socket::new(Domain::for_address(addr), Type::STREAM, None)
+            .unwrap_or_else(|_| fail("socket"));
+        binds += 1;
+        match s.bind(&sa) {
+            Ok(()) => ok += 1,
+            Err(e) => *errnos.entry(errno_of(&e)).or_default() += 1,
         }
     }
     let errnos: Vec<String> = errnos
@@ -240,9 +268,14 @@ fn main() {
             SocketAddr::new(addr.parse().expect("ADDR"), port.parse().expect("PORT")),
             secs.parse().expect("SECONDS"),
         ),
+        ["hop-flood", dir, n, addr, port] => hop_flood(
+            dir,
+            n.parse().expect("N"),
+            SocketAddr::new(addr.parse().expect("ADDR"), port.parse().expect("PORT")),
+        ),
         ["autopick", trick, port] => autopick(trick, port.parse().expect("LISTEN_PORT")),
         _ => {
-            eprintln!("usage: pg-attack [--cgroup DIR] [--uid UID] [--comm NAME] hold-connections ADDR N SECONDS | bind-flood ADDR PORT SECONDS | autopick TRICK LISTEN_PORT");
+            eprintln!("usage: pg-attack [--cgroup DIR] [--uid UID] [--comm NAME] hold-connections ADDR N SECONDS | bind-flood ADDR PORT SECONDS | hop-flood DIR N ADDR PORT | autopick TRICK LISTEN_PORT");
             std::process::exit(2)
         }
     };
