@@ -215,6 +215,10 @@ pub struct Offender {
     pub last_protocol: u8,
     pub last_family: u8,
     pub last_comm: [u8; 16],
+    /// The errno it got (0 in audit mode) and [`ACTION_DENIED`] or [`ACTION_AUDITED`].
+    pub last_errno: u32,
+    pub last_action: u8,
+    pub _pad: [u8; 3],
 }
 
 #[cfg(feature = "user")]
@@ -242,7 +246,7 @@ mod tests {
         assert_eq!(size_of::<Lease>(), 24);
         assert_eq!(size_of::<GuardConfig>(), 40);
         assert_eq!(size_of::<DenialEvent>(), 48);
-        assert_eq!(size_of::<Offender>(), 56);
+        assert_eq!(size_of::<Offender>(), 64);
     }
 
     #[test]

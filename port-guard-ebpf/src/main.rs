@@ -195,14 +195,17 @@ fn refuse(
     let pid_tgid = bpf_get_current_pid_tgid();
     let cgroup_id = unsafe { bpf_get_current_cgroup_id() };
     let comm = bpf_get_current_comm().unwrap_or([0u8; 16]);
-    if report(
-        cgroup_id,
-        (pid_tgid >> 32) as u32,
+    let action = if audit { ACTION_AUDITED } else { ACTION_DENIED };
+    let last = Last {
+        tgid: (pid_tgid >> 32) as u32,
         port,
         protocol,
         family,
         comm,
-    ) {
+        errno,
+        action,
+    };
+    if report(cgroup_id, &last) {
         if let Some(mut entry) = PG_EVENTS.reserve::<DenialEvent>(0) {
             entry.write(DenialEvent {
                 cgroup_id,
@@ -211,7 +214,7 @@ fn refuse(
                 port,
                 protocol,
                 family,
-                action: if audit { ACTION_AUDITED } else { ACTION_DENIED },
+                action,
                 leased: leased as u8,
                 _pad: [0; 2],
                 errno,
@@ -250,12 +253,23 @@ fn refuse(
     DENY
 }
 
+/// What an offender's entry remembers of its last denial, for the agent's summary.
+struct Last {
+    tgid: u32,
+    port: u16,
+    protocol: u8,
+    family: u8,
+    comm: [u8; 16],
+    errno: u32,
+    action: u8,
+}
+
 /// Whether this denial gets an event: the offending cgroup's first denial (on this CPU) always
 /// does; after that one per [`EVENT_COST_NS`] of credit, saved up to [`EVENT_CREDIT_MAX_NS`]. The
 /// rest are counted in its entry for the agent's summary. One lookup (and on a first denial one
 /// insert) in a per-CPU LRU map: no lock, no race with this program on other CPUs.
 #[inline(always)]
-fn report(cgroup_id: u64, tgid: u32, port: u16, protocol: u8, family: u8, comm: [u8; 16]) -> bool {
+fn report(cgroup_id: u64, last: &Last) -> bool {
     let now = unsafe { bpf_ktime_get_ns() };
     match PG_OFFENDERS.get_ptr_mut(&cgroup_id) {
         Some(o) => {
@@ -276,11 +290,13 @@ fn report(cgroup_id: u64, tgid: u32, port: u16, protocol: u8, family: u8, comm: 
             o.credit_ns = if emit { credit - EVENT_COST_NS } else { credit };
             o.last_ns = now;
             o.denials += 1;
-            o.last_tgid = tgid;
-            o.last_port = port;
-            o.last_protocol = protocol;
-            o.last_family = family;
-            o.last_comm = comm;
+            o.last_tgid = last.tgid;
+            o.last_port = last.port;
+            o.last_protocol = last.protocol;
+            o.last_family = last.family;
+            o.last_comm = last.comm;
+            o.last_errno = last.errno;
+            o.last_action = last.action;
             emit
         }
         None => {
@@ -289,11 +305,14 @@ fn report(cgroup_id: u64, tgid: u32, port: u16, protocol: u8, family: u8, comm: 
                 last_ns: now,
                 denials: 1,
                 reported: 0,
-                last_tgid: tgid,
-                last_port: port,
-                last_protocol: protocol,
-                last_family: family,
-                last_comm: comm,
+                last_tgid: last.tgid,
+                last_port: last.port,
+                last_protocol: last.protocol,
+                last_family: last.family,
+                last_comm: last.comm,
+                last_errno: last.errno,
+                last_action: last.action,
+                _pad: [0; 3],
             };
             // Not inserted (the map is being changed concurrently): report anyway.
             let _ = PG_OFFENDERS.insert(&cgroup_id, &first, 0);

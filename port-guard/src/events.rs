@@ -58,32 +58,68 @@ fn proto_name(protocol: u8) -> &'static str {
 /// or in audit mode `audit: would deny bind ...` with the errno enforce mode would give. The
 /// comm and cgroup are logfmt values: quoted when they hold anything that could forge a field.
 pub fn log_line(ev: &DenialEvent, cgroup: &str, audit_errno: Errno, retval: bool) -> String {
-    let audit = ev.action == ACTION_AUDITED;
-    let errno = if audit {
-        if retval {
-            audit_errno
-        } else {
-            Errno::Eperm
-        }
-    } else {
+    describe(ev, cgroup, audit_errno, retval)
+}
+
+/// What a refused bind got, or in audit mode would have got (EPERM where the kernel cannot set
+/// the configured errno).
+fn errno_of(ev: &DenialEvent, audit_errno: Errno, retval: bool) -> Errno {
+    if ev.action != ACTION_AUDITED {
         Errno::from_raw(ev.errno).unwrap_or(Errno::Eperm)
-    };
+    } else if retval {
+        audit_errno
+    } else {
+        Errno::Eperm
+    }
+}
+
+/// `port=P/proto family=ipvN pid=N comm=C`: the fields every denial line has.
+fn fields(ev: &DenialEvent) -> String {
     format!(
-        "{} bind port={}/{} family=ipv{} pid={} comm={} cgroup={} errno={}{}",
-        if audit { "audit: would deny" } else { "denied" },
+        "port={}/{} family=ipv{} pid={} comm={}",
         ev.port,
         proto_name(ev.protocol),
         ev.family,
         ev.tgid,
         logfmt::value(&comm(&ev.comm)),
+    )
+}
+
+/// The denial as [`log_line`] writes it.
+fn describe(ev: &DenialEvent, cgroup: &str, audit_errno: Errno, retval: bool) -> String {
+    format!(
+        "{} bind {} cgroup={} errno={}{}",
+        if ev.action == ACTION_AUDITED {
+            "audit: would deny"
+        } else {
+            "denied"
+        },
+        fields(ev),
         logfmt::value(cgroup),
-        errno.c_name(),
+        errno_of(ev, audit_errno, retval).c_name(),
         if ev.leased != 0 {
             " leased=other-cgroup"
         } else {
             ""
         },
     )
+}
+
+/// An offender's last denial as an event, for its summary.
+fn last_denial(cgroup_id: u64, o: &Offender) -> DenialEvent {
+    DenialEvent {
+        cgroup_id,
+        pid: o.last_tgid,
+        tgid: o.last_tgid,
+        port: o.last_port,
+        protocol: o.last_protocol,
+        family: o.last_family,
+        action: o.last_action,
+        leased: 0,
+        _pad: [0; 2],
+        errno: o.last_errno,
+        comm: o.last_comm,
+    }
 }
 
 /// Rate limit for denial lines, all offenders together.
@@ -189,6 +225,7 @@ impl DenialLog {
         &mut self,
         offenders: &PerCpuHashMap<MapData, u64, Offender>,
         names: &mut CgroupNames<'_>,
+        (errno, retval): (Errno, bool),
         force: bool,
     ) {
         if !force && self.last_summary.elapsed() < SUMMARY_EVERY {
@@ -239,13 +276,16 @@ impl DenialLog {
             if last.last_ns == 0 {
                 warn!("denials summarised: {n} more denials by cgroup={who} in the last {secs} s");
             } else {
+                let ev = last_denial(*cgroup, last);
                 warn!(
-                    "denials summarised: {n} more denials by cgroup={who} in the last {secs} s (last: bind port={}/{} family=ipv{} pid={} comm={})",
-                    last.last_port,
-                    proto_name(last.last_protocol),
-                    last.last_family,
-                    last.last_tgid,
-                    logfmt::value(&comm(&last.last_comm)),
+                    "denials summarised: {n} more {} by cgroup={who} in the last {secs} s (last: {} errno={})",
+                    if ev.action == ACTION_AUDITED {
+                        "would-be denials (audit)"
+                    } else {
+                        "denials"
+                    },
+                    fields(&ev),
+                    errno_of(&ev, errno, retval).c_name()
                 );
             }
         }

@@ -179,6 +179,11 @@ struct Guard {
     log: PathBuf,
 }
 
+/// A wait long enough for the daemon's "more denials by" summary, which comes every 5 s.
+fn summary_timeout(t: Duration) -> Duration {
+    t.max(Duration::from_secs(5) + LOG_TIMEOUT)
+}
+
 impl Guard {
     fn start(pin: &PinDir, config: &Path, log: PathBuf) -> Guard {
         let file = fs::File::create(&log).unwrap();
@@ -211,12 +216,28 @@ impl Guard {
         })
     }
 
-    /// The first denial line (not a "more denials by" summary) from `cgroup` or below it.
-    fn wait_for_denial(&mut self, skip: usize, cgroup: &str, timeout: Duration) -> String {
-        let needle = format!("cgroup={cgroup}");
-        self.wait_line(skip, &format!("a denial from {cgroup}"), timeout, |l| {
-            l.contains("denied bind") && l.contains(&needle)
-        })
+    /// The first report of a denial with `errno` from `cgroup` or below it: its own line, or,
+    /// when the cgroup had used its budget of lines (libvirt probes every port of the range in
+    /// a burst), the "more denials by" summary whose last denial it is.
+    fn wait_for_denial(
+        &mut self,
+        skip: usize,
+        cgroup: &str,
+        errno: &str,
+        timeout: Duration,
+    ) -> String {
+        let who = format!("cgroup={cgroup}");
+        let errno = format!("errno={errno}");
+        self.wait_line(
+            skip,
+            &format!("a denial with {errno} from {cgroup}"),
+            summary_timeout(timeout),
+            |l| {
+                (l.contains("denied bind") || l.contains("more denials by"))
+                    && l.contains(&who)
+                    && l.contains(&errno)
+            },
+        )
     }
 
     fn wait_line(
@@ -875,9 +896,9 @@ fn libvirtd_probes_and_qemu_listens_and_both_must_be_allowed() {
     let dest = e.pair.dest().cgroup.path().to_owned();
     let denied = e
         .guard()
-        .wait_for_denial(skip, &format!("{dest} "), LOG_TIMEOUT);
+        .wait_for_denial(skip, &format!("{dest} "), "EADDRINUSE", LOG_TIMEOUT);
     assert!(
-        denied.contains("denied bind") && denied.contains("errno=EADDRINUSE"),
+        denied.contains("denied") && denied.contains("errno=EADDRINUSE"),
         "{denied}"
     );
 
@@ -895,7 +916,7 @@ fn libvirtd_probes_and_qemu_listens_and_both_must_be_allowed() {
     );
     let denied = e
         .guard()
-        .wait_for_denial(skip, &format!("{dest} "), LOG_TIMEOUT);
+        .wait_for_denial(skip, &format!("{dest} "), "EPERM", LOG_TIMEOUT);
     assert!(denied.contains("errno=EPERM"), "{denied}");
 
     // Enforce, only the libvirtd cgroups allowed: libvirt gets its port, qemu cannot listen.
@@ -905,9 +926,11 @@ fn libvirtd_probes_and_qemu_listens_and_both_must_be_allowed() {
     let m = e.pair.migrate("tcp://127.0.0.1");
     let err = m.result.expect_err("migration with /machine not allowed");
     eprintln!("[who] only the libvirtd cgroups allowed: {err}");
-    let denied = e.guard().wait_for_denial(skip, "/machine/", LOG_TIMEOUT);
+    let denied = e
+        .guard()
+        .wait_for_denial(skip, "/machine/", "EADDRINUSE", LOG_TIMEOUT);
     assert!(
-        denied.contains("denied bind") && denied.contains("errno=EADDRINUSE"),
+        denied.contains("denied") && denied.contains("errno=EADDRINUSE"),
         "{denied}"
     );
     eprintln!("[who] {denied}");

@@ -111,7 +111,9 @@ impl Daemon<'_> {
         );
         self.denials.check_lost(&self.guard.maps);
         if let Some(offenders) = &self.offenders {
-            self.denials.summarise(offenders, &mut self.names, false);
+            let errno = (self.resolved.policy.errno, self.features.set_retval);
+            self.denials
+                .summarise(offenders, &mut self.names, errno, false);
         }
         if self.resolved.policy.protect_ephemeral
             && self.last_sysctl_check.elapsed() >= SYSCTL_EVERY
@@ -339,7 +341,8 @@ async fn serve(
     // Log what arrived before the signal, then what got no line of its own.
     while !d.on_denials(ring.get_mut()) {}
     if let Some(offenders) = &d.offenders {
-        d.denials.summarise(offenders, &mut d.names, true);
+        let errno = (d.resolved.policy.errno, d.features.set_retval);
+        d.denials.summarise(offenders, &mut d.names, errno, true);
     }
     Ok(exit)
 }
