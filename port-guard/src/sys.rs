@@ -39,31 +39,34 @@ pub unsafe fn bpf_fd(cmd: libc::c_long, attr: *const u8, size: usize) -> io::Res
     Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
 }
 
-/// Opens a pinned object (map, program or link).
-pub fn obj_get(path: &Path) -> io::Result<OwnedFd> {
-    #[repr(C)]
-    struct ObjGetAttr {
-        pathname: u64,
-        bpf_fd: u32,
-        file_flags: u32,
-        _rest: [u8; 48],
-    }
+/// `union bpf_attr` for BPF_OBJ_PIN and BPF_OBJ_GET.
+#[repr(C)]
+struct ObjAttr {
+    pathname: u64,
+    bpf_fd: u32,
+    file_flags: u32,
+    _rest: [u8; 48],
+}
+
+/// Runs BPF_OBJ_PIN or BPF_OBJ_GET on `path` (with `fd` for a pin).
+fn obj(cmd: libc::c_long, path: &Path, fd: u32) -> io::Result<libc::c_long> {
     let c = CString::new(path.as_os_str().as_bytes())
         .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
-    let attr = ObjGetAttr {
+    let attr = ObjAttr {
         pathname: c.as_ptr() as u64,
-        bpf_fd: 0,
+        bpf_fd: fd,
         file_flags: 0,
         _rest: [0; 48],
     };
-    // SAFETY: attr is a BPF_OBJ_GET attr; `c` outlives the call.
-    unsafe {
-        bpf_fd(
-            BPF_OBJ_GET,
-            (&attr as *const ObjGetAttr).cast(),
-            size_of::<ObjGetAttr>(),
-        )
-    }
+    // SAFETY: attr is a BPF_OBJ_PIN/BPF_OBJ_GET attr; `c` outlives the call.
+    unsafe { bpf(cmd, (&attr as *const ObjAttr).cast(), size_of::<ObjAttr>()) }
+}
+
+/// Opens a pinned object (map, program or link).
+pub fn obj_get(path: &Path) -> io::Result<OwnedFd> {
+    let fd = obj(BPF_OBJ_GET, path, 0)?;
+    // SAFETY: BPF_OBJ_GET returned a fresh fd that nothing else owns.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
 }
 
 /// Forces a bpf_link off its hook even while other holders keep it open (5.9+).
@@ -171,30 +174,7 @@ const BPF_PROG_GET_FD_BY_ID: libc::c_long = 13;
 
 /// Pins the object behind `fd` (map, program or link) at `path`.
 pub fn obj_pin(fd: std::os::fd::BorrowedFd<'_>, path: &Path) -> io::Result<()> {
-    #[repr(C)]
-    struct ObjPinAttr {
-        pathname: u64,
-        bpf_fd: u32,
-        file_flags: u32,
-        _rest: [u8; 48],
-    }
-    let c = CString::new(path.as_os_str().as_bytes())
-        .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
-    let attr = ObjPinAttr {
-        pathname: c.as_ptr() as u64,
-        bpf_fd: fd.as_raw_fd() as u32,
-        file_flags: 0,
-        _rest: [0; 48],
-    };
-    // SAFETY: attr is a BPF_OBJ_PIN attr; `c` outlives the call.
-    unsafe {
-        bpf(
-            BPF_OBJ_PIN,
-            (&attr as *const ObjPinAttr).cast(),
-            size_of::<ObjPinAttr>(),
-        )
-    }
-    .map(drop)
+    obj(BPF_OBJ_PIN, path, fd.as_raw_fd() as u32).map(drop)
 }
 
 /// `struct bpf_link_info` up to the cgroup member of its union (kernel 5.8+).

@@ -4,7 +4,7 @@
 
 use std::{ffi::CString, os::unix::process::CommandExt as _, path::PathBuf, process::Command};
 
-use crate::Cgroup;
+use crate::{bin, Cgroup, Daemon, PinDir, START_TIMEOUT};
 
 /// `/run/netns/<PREFIX>-<name>-<pid>` with `lo` up; deleted on drop.
 pub struct TestNetns {
@@ -108,4 +108,45 @@ impl Drop for TestNetns {
             .args(["netns", "del", &self.name])
             .output();
     }
+}
+
+/// Runs `port-guard unload` inside the namespace on drop, so the sysctl is restored where it was
+/// changed even when an assert fails. Declare it after the PinDir it guards (it drops first).
+pub struct UnloadInNetns<'a> {
+    pub ns: &'a TestNetns,
+    pub pin: &'a PinDir,
+}
+
+impl Drop for UnloadInNetns<'_> {
+    fn drop(&mut self) {
+        if self.pin.exists() {
+            let _ = self
+                .ns
+                .command(bin())
+                .arg("--pin-dir")
+                .arg(self.pin.path())
+                .arg("unload")
+                .output();
+        }
+    }
+}
+
+/// `port-guard --pin-dir PIN --config CONFIG daemon ARGS...` inside the namespace, once it
+/// enforces.
+pub fn daemon_in<S: AsRef<std::ffi::OsStr>>(
+    ns: &TestNetns,
+    pin: &PinDir,
+    config: &std::path::Path,
+    args: &[S],
+) -> Daemon {
+    let mut c = ns.command(bin());
+    c.arg("--pin-dir")
+        .arg(pin.path())
+        .arg("--config")
+        .arg(config)
+        .arg("daemon")
+        .args(args);
+    let d = Daemon::spawn(c);
+    d.wait_for("guard enforcing", START_TIMEOUT);
+    d
 }

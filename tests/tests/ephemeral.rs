@@ -8,29 +8,11 @@ use std::{
     process::{Child, Command, Stdio},
 };
 
-use integration_tests::{netns::TestNetns, *};
+use integration_tests::{
+    netns::{daemon_in, TestNetns, UnloadInNetns},
+    *,
+};
 use serde_json::Value;
-
-/// Runs `port-guard unload` inside the namespace on drop, so the sysctl is restored where it was
-/// changed even when an assert fails. Declared after the PinDir it guards (drops before it).
-struct UnloadInNetns<'a> {
-    ns: &'a TestNetns,
-    pin: &'a PinDir,
-}
-
-impl Drop for UnloadInNetns<'_> {
-    fn drop(&mut self) {
-        if self.pin.exists() {
-            let _ = self
-                .ns
-                .command(bin())
-                .arg("--pin-dir")
-                .arg(self.pin.path())
-                .arg("unload")
-                .output();
-        }
-    }
-}
 
 fn pg_in(
     ns: &TestNetns,
@@ -45,19 +27,6 @@ fn pg_in(
         .arg(config)
         .args(args);
     run_cmd(c)
-}
-
-fn daemon_in(ns: &TestNetns, pin: &PinDir, config: &std::path::Path, args: &[String]) -> Daemon {
-    let mut c = ns.command(bin());
-    c.arg("--pin-dir")
-        .arg(pin.path())
-        .arg("--config")
-        .arg(config)
-        .arg("daemon")
-        .args(args);
-    let d = Daemon::spawn(c);
-    d.wait_for("guard enforcing", START_TIMEOUT);
-    d
 }
 
 /// `pg-sockets ephemeral N 62290` inside the namespace.

@@ -28,7 +28,10 @@ use std::{
     time::{Duration, Instant},
 };
 
-use integration_tests::{netns::TestNetns, *};
+use integration_tests::{
+    netns::{self, TestNetns, UnloadInNetns},
+    *,
+};
 use serde_json::Value;
 
 const NOBODY: u32 = 65534;
@@ -652,34 +655,9 @@ fn cgroup_and_command_names_cannot_forge_log_fields() {
     assert!(!line.contains('\u{1b}') && !line.contains('\t'), "{line:?}");
 }
 
-/// Runs `port-guard unload` in the namespace on drop (restores that namespace's sysctl).
-struct UnloadIn<'a>(&'a TestNetns, &'a PinDir);
-
-impl Drop for UnloadIn<'_> {
-    fn drop(&mut self) {
-        if self.1.exists() {
-            let _ = self
-                .0
-                .command(bin())
-                .arg("--pin-dir")
-                .arg(self.1.path())
-                .arg("unload")
-                .output();
-        }
-    }
-}
-
+/// The daemon in `ns` on the test's pin dir, with the default ephemeral protection.
 fn daemon_in(ns: &TestNetns, s: &Setup, range: &str) -> Daemon {
-    let mut c = ns.command(bin());
-    c.arg("--pin-dir")
-        .arg(s.pin.path())
-        .arg("--config")
-        .arg(&s.config)
-        .arg("daemon")
-        .args(s.args(Some(range), &[]));
-    let d = Daemon::spawn(c);
-    d.wait_for("guard enforcing", START_TIMEOUT);
-    d
+    netns::daemon_in(ns, &s.pin, &s.config, &s.args(Some(range), &[]))
 }
 
 /// One way of letting the kernel pick a port, from `cg` in `ns`, as nobody.
@@ -739,7 +717,10 @@ fn no_trick_gets_a_kernel_chosen_reserved_port_under_the_default_config() {
     }
 
     // Under the default config (no protect_ephemeral in it): none does.
-    let _unload = UnloadIn(&ns, &s.pin);
+    let _unload = UnloadInNetns {
+        ns: &ns,
+        pin: &s.pin,
+    };
     let _d = daemon_in(&ns, &s, "63300-63309");
     assert_eq!(ns.sysctl("net.ipv4.ip_local_reserved_ports"), "63300-63309");
     for trick in TRICKS {
@@ -781,7 +762,10 @@ fn a_rewritten_sysctl_is_put_back_and_unload_removes_only_what_the_daemon_added(
     let s = Setup::new("sysctl");
     let key = "net.ipv4.ip_local_reserved_ports";
     ns.set_sysctl(key, "1234,63405");
-    let _unload = UnloadIn(&ns, &s.pin);
+    let _unload = UnloadInNetns {
+        ns: &ns,
+        pin: &s.pin,
+    };
     let d = daemon_in(&ns, &s, "63400-63409");
     assert_eq!(ns.sysctl(key), "1234,63400-63409");
 

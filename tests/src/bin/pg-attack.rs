@@ -118,14 +118,7 @@ fn bind_flood(addr: SocketAddr, secs: f64) -> String {
             break;
         }
     }
-    let errnos: Vec<String> = errnos
-        .iter()
-        .map(|(e, n)| format!(r#""{e}":{n}"#))
-        .collect();
-    format!(
-        r#"{{"binds":{binds},"ok":{ok},"errnos":{{{}}}}}"#,
-        errnos.join(",")
-    )
+    tally(binds, ok, &errnos)
 }
 
 fn hop_flood(dir: &str, n: usize, addr: SocketAddr) -> String {
@@ -143,6 +136,11 @@ fn hop_flood(dir: &str, n: usize, addr: SocketAddr) -> String {
             Err(e) => *errnos.entry(errno_of(&e)).or_default() += 1,
         }
     }
+    tally(binds, ok, &errnos)
+}
+
+/// `{"binds", "ok", "errnos": {errno: count}}`.
+fn tally(binds: u64, ok: u64, errnos: &BTreeMap<i32, u64>) -> String {
     let errnos: Vec<String> = errnos
         .iter()
         .map(|(e, n)| format!(r#""{e}":{n}"#))
