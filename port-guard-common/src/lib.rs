@@ -37,13 +37,14 @@ pub const MAP_CONFIG: &str = "PG_CONFIG";
 pub const MAP_COUNTERS: &str = "PG_COUNTERS";
 /// `RingBuf` of [`DenialEvent`].
 pub const MAP_EVENTS: &str = "PG_EVENTS";
-/// `LruPerCpuHashMap<u64 cgroup id, Offender>`, [`MAX_OFFENDERS`] entries: the per-offender
-/// budget of denial events. A refused bind produces an event only while its cgroup has credit
+/// `LruHashMap<u64 cgroup id, Offender>`, [`MAX_OFFENDERS`] entries: the per-offender budget of
+/// denial events. A refused bind produces an event only while its cgroup has credit
 /// (an offender's first denial always does), so a flood costs the agent a few events a second;
 /// the denials it did not report are counted here for the agent's "N more denials by X"
-/// summary, and in [`MAP_COUNTERS`] exactly. Per CPU, so the program never races itself: the
-/// budget is per offender and per CPU. Added without a layout change: a daemon adopting older
-/// pins creates it.
+/// summary, and in [`MAP_COUNTERS`] exactly. One entry for all CPUs (a per-CPU map would cost
+/// its size times the possible CPUs of the host), updated without atomics: the summaries of an
+/// offender refusing on several CPUs at once may miss a few. Added without a layout change: a
+/// daemon adopting older pins creates it.
 pub const MAP_OFFENDERS: &str = "PG_OFFENDERS";
 /// Offenders tracked at once (least recently refused ones are forgotten first).
 pub const MAX_OFFENDERS: u32 = 4096;
@@ -196,7 +197,7 @@ pub struct DenialEvent {
     pub comm: [u8; 16],
 }
 
-/// Value of [`MAP_OFFENDERS`] (this CPU's share).
+/// Value of [`MAP_OFFENDERS`].
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 #[repr(C)]
 pub struct Offender {

@@ -24,7 +24,7 @@ use aya_ebpf::{
         },
     },
     macros::{cgroup_sock_addr, map},
-    maps::{Array, HashMap, LruPerCpuHashMap, PerCpuArray, RingBuf},
+    maps::{Array, HashMap, LruHashMap, PerCpuArray, RingBuf},
     programs::SockAddrContext,
 };
 use aya_log_ebpf::debug;
@@ -71,7 +71,7 @@ static PG_ALLOC: Array<u64> = Array::pinned(ALLOC_ENTRIES, BPF_F_MMAPABLE);
 static PG_EVENTS: RingBuf = RingBuf::pinned(EVENTS_BYTES, 0);
 
 #[map(name = "PG_OFFENDERS")]
-static PG_OFFENDERS: LruPerCpuHashMap<u64, Offender> = LruPerCpuHashMap::pinned(MAX_OFFENDERS, 0);
+static PG_OFFENDERS: LruHashMap<u64, Offender> = LruHashMap::pinned(MAX_OFFENDERS, 0);
 
 const IPPROTO_TCP: u32 = 6;
 const IPPROTO_UDP: u32 = 17;
@@ -267,7 +267,9 @@ struct Last {
 /// Whether this denial gets an event: the offending cgroup's first denial (on this CPU) always
 /// does; after that one per [`EVENT_COST_NS`] of credit, saved up to [`EVENT_CREDIT_MAX_NS`]. The
 /// rest are counted in its entry for the agent's summary. One lookup (and on a first denial one
-/// insert) in a per-CPU LRU map: no lock, no race with this program on other CPUs.
+/// insert) in an LRU map shared by all CPUs, updated with plain stores (this target has no atomic
+/// add): threads of one cgroup refusing on several CPUs at once may let an extra event through
+/// and lose a few counts of its summary. The counters in PG_COUNTERS stay exact.
 #[inline(always)]
 fn report(cgroup_id: u64, last: &Last) -> bool {
     let now = unsafe { bpf_ktime_get_ns() };
@@ -275,8 +277,7 @@ fn report(cgroup_id: u64, last: &Last) -> bool {
         Some(o) => {
             let o = unsafe { &mut *o };
             let elapsed = now.wrapping_sub(o.last_ns);
-            // A CPU's share of an entry another CPU created starts at zero: full credit.
-            let credit = if o.last_ns == 0 || elapsed >= EVENT_CREDIT_MAX_NS {
+            let credit = if elapsed >= EVENT_CREDIT_MAX_NS {
                 EVENT_CREDIT_MAX_NS
             } else {
                 let c = o.credit_ns + elapsed;

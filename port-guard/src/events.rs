@@ -2,7 +2,7 @@
 //! and the summaries that stand in for the lines a flood does not get.
 //!
 //! A flood costs little and hides nothing. The programs send an event for an offending cgroup's
-//! first denial and then a few a second at most (`PG_OFFENDERS`, per cgroup and CPU); the
+//! first denial and then a few a second at most (`PG_OFFENDERS`, by cgroup); the
 //! denials they do not send are counted there, and [`DenialLog::summarise`] logs them every few
 //! seconds as "N more denials by X". The daemon's own cap on lines ([`LOG_LINES_PER_SEC`]) is a
 //! last resort for many offenders at once, and what it drops is folded into the same summaries.
@@ -13,7 +13,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use aya::maps::{MapData, PerCpuHashMap, RingBuf};
+use aya::maps::{HashMap as BpfHashMap, MapData, RingBuf};
 use log::warn;
 use port_guard_common::{DenialEvent, Offender, ACTION_AUDITED, PROTO_UDP};
 
@@ -143,13 +143,6 @@ impl LogBudget {
     }
 }
 
-/// One offender's entry summed over CPUs, with the last denial of any CPU.
-struct OffenderTotal {
-    denials: u64,
-    reported: u64,
-    last: Offender,
-}
-
 /// Logs denials and summarises what got no line of its own.
 pub struct DenialLog {
     budget: LogBudget,
@@ -223,7 +216,7 @@ impl DenialLog {
     /// since the last summary (the busiest [`SUMMARY_LINES`], then one line for the rest).
     pub fn summarise(
         &mut self,
-        offenders: &PerCpuHashMap<MapData, u64, Offender>,
+        offenders: &BpfHashMap<MapData, u64, Offender>,
         names: &mut CgroupNames<'_>,
         (errno, retval): (Errno, bool),
         force: bool,
@@ -233,35 +226,18 @@ impl DenialLog {
         }
         let window = self.last_summary.elapsed();
         self.last_summary = Instant::now();
-        let mut totals: HashMap<u64, OffenderTotal> = HashMap::new();
-        for entry in offenders.iter() {
-            let Ok((cgroup, per_cpu)) = entry else {
-                continue;
-            };
-            let mut t = OffenderTotal {
-                denials: 0,
-                reported: 0,
-                last: Offender::default(),
-            };
-            for o in per_cpu.iter() {
-                t.denials += o.denials;
-                t.reported += o.reported;
-                if o.last_ns >= t.last.last_ns {
-                    t.last = *o;
-                }
-            }
-            totals.insert(cgroup, t);
-        }
+        let totals: HashMap<u64, Offender> = offenders.iter().filter_map(Result::ok).collect();
         // Forget offenders the kernel forgot.
         self.summarised.retain(|c, _| totals.contains_key(c));
         let mut news: Vec<(u64, u64, Offender)> = Vec::new();
         for (cgroup, t) in &totals {
             let unreported = t.denials.saturating_sub(t.reported);
+            let last = *t;
             let before = self.summarised.insert(*cgroup, unreported).unwrap_or(0);
             let unlogged = self.unlogged.remove(cgroup).unwrap_or(0);
             let n = unreported.saturating_sub(before) + unlogged;
             if n > 0 {
-                news.push((*cgroup, n, t.last));
+                news.push((*cgroup, n, last));
             }
         }
         // Dropped lines of cgroups the kernel no longer tracks.

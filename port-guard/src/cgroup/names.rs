@@ -83,6 +83,13 @@ impl<'a> CgroupNames<'a> {
         Ok(found)
     }
 
+    /// Drops what the cache says of `id` (a path that no longer has it: renamed, or removed).
+    pub fn forget(&mut self, id: u64) {
+        if let Some(c) = self.cache.as_mut() {
+            c.remove(&id);
+        }
+    }
+
     /// Like [`CgroupNames::name`] for the denial log: a miss walks the tree again (a cgroup made
     /// after the last walk), but an id the walk did not find is not looked for again for
     /// `retry`, so a flood of denials from a vanished cgroup costs one walk.

@@ -13,7 +13,7 @@ mod start;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, Result};
-use aya::maps::{MapData, PerCpuHashMap, RingBuf};
+use aya::maps::{HashMap, MapData, RingBuf};
 use log::{error, info, warn};
 use port_guard_common::{Offender, MAP_EVENTS, MAP_OFFENDERS};
 use tokio::{io::unix::AsyncFd, signal::unix::Signal};
@@ -61,7 +61,7 @@ struct Daemon<'a> {
     features: Features,
     names: CgroupNames<'a>,
     denials: DenialLog,
-    offenders: Option<PerCpuHashMap<MapData, u64, Offender>>,
+    offenders: Option<HashMap<MapData, u64, Offender>>,
     reaper: Reaper,
     allow_watch: Inotify,
     stats: DaemonStats,
@@ -199,11 +199,7 @@ impl<'a> Daemon<'a> {
         resolved: Resolved,
         features: Features,
     ) -> Result<Daemon<'a>> {
-        let offenders = match guard
-            .ebpf
-            .take_map(MAP_OFFENDERS)
-            .map(PerCpuHashMap::try_from)
-        {
+        let offenders = match guard.ebpf.take_map(MAP_OFFENDERS).map(HashMap::try_from) {
             Some(Ok(m)) => Some(m),
             _ => {
                 warn!("no {MAP_OFFENDERS} map: flooding offenders are not summarised");

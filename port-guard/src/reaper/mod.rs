@@ -90,20 +90,31 @@ enum Seen {
 
 /// Finds the cgroup `id`, or says why that cannot be told now.
 fn find(cg: &Cgroup2, names: &mut CgroupNames<'_>, id: u64) -> Result<Seen, IoError> {
-    let Some(path) = names.lookup(id)? else {
-        return Ok(Seen::Gone);
-    };
-    // The cgroup at that path may be a newer one with the same name: compare ids.
-    match cg.id(&path) {
-        Ok(now) if now == id => Ok(Seen::At(path)),
-        Ok(_) | Err(CgroupError::Missing { .. }) => Ok(Seen::Gone),
-        Err(CgroupError::Io(e)) => Err(e),
-        Err(e) => Err(IoError::new(
-            "stat",
-            cg.dir(&path),
-            std::io::Error::other(e.to_string()),
-        )),
+    // Twice at most: a cached path that no longer holds `id` (the cgroup was renamed, or removed
+    // and another made with its name) is forgotten and `id` looked up afresh.
+    for _ in 0..2 {
+        let Some(path) = names.lookup(id)? else {
+            return Ok(Seen::Gone);
+        };
+        match cg.id(&path) {
+            Ok(now) if now == id => return Ok(Seen::At(path)),
+            Ok(_) | Err(CgroupError::Missing { .. }) => names.forget(id),
+            Err(CgroupError::Io(e)) => return Err(e),
+            Err(e) => {
+                return Err(IoError::new(
+                    "stat",
+                    cg.dir(&path),
+                    std::io::Error::other(e.to_string()),
+                ))
+            }
+        }
     }
+    // Found by handle at a path that then held another cgroup: it moved as we looked.
+    Err(IoError::new(
+        "find cgroup",
+        cg.mount(),
+        std::io::Error::other(format!("cgroup id {id} moved while it was looked up")),
+    ))
 }
 
 impl Reaper {
