@@ -5,7 +5,7 @@ use std::{
     ffi::CString,
     io,
     os::{
-        fd::{AsRawFd as _, FromRawFd as _, OwnedFd},
+        fd::{AsFd as _, AsRawFd as _, FromRawFd as _, OwnedFd},
         unix::ffi::OsStrExt as _,
     },
     path::Path,
@@ -200,12 +200,12 @@ pub struct LinkState {
     pub cgroup_id: u64,
 }
 
-/// Reads a cgroup link's state from its fd.
-pub fn link_state(link: std::os::fd::BorrowedFd<'_>) -> io::Result<LinkState> {
-    let mut info = LinkInfoRaw::default();
+/// BPF_OBJ_GET_INFO_BY_FD into `info` (the kernel fills what it has of its struct, up to
+/// `info.len()` bytes).
+fn obj_info(fd: std::os::fd::BorrowedFd<'_>, info: &mut [u8]) -> io::Result<()> {
     let mut attr = [0u64; 2];
-    attr[0] = u64::from(link.as_raw_fd() as u32) | ((size_of::<LinkInfoRaw>() as u64) << 32);
-    attr[1] = (&mut info as *mut LinkInfoRaw) as u64;
+    attr[0] = u64::from(fd.as_raw_fd() as u32) | ((info.len() as u64) << 32);
+    attr[1] = info.as_mut_ptr() as u64;
     // SAFETY: a BPF_OBJ_GET_INFO_BY_FD attr whose buffer holds info_len bytes.
     unsafe {
         bpf(
@@ -213,7 +213,20 @@ pub fn link_state(link: std::os::fd::BorrowedFd<'_>) -> io::Result<LinkState> {
             attr.as_ptr().cast(),
             size_of_val(&attr),
         )
-    }?;
+    }
+    .map(drop)
+}
+
+/// Reads a cgroup link's state from its fd.
+pub fn link_state(link: std::os::fd::BorrowedFd<'_>) -> io::Result<LinkState> {
+    let mut info = LinkInfoRaw::default();
+    // SAFETY: LinkInfoRaw is plain integers: any bytes the kernel writes are a value.
+    obj_info(link, unsafe {
+        std::slice::from_raw_parts_mut(
+            (&mut info as *mut LinkInfoRaw).cast::<u8>(),
+            size_of::<LinkInfoRaw>(),
+        )
+    })?;
     Ok(LinkState {
         link_id: info.id,
         prog_id: info.prog_id,
@@ -275,17 +288,7 @@ pub fn prog_name(id: u32) -> io::Result<String> {
     }?;
     // struct bpf_prog_info: name is at offset 64, 16 bytes; read the first 80 bytes.
     let mut info = [0u8; 80];
-    let mut attr = [0u64; 2];
-    attr[0] = u64::from(fd.as_raw_fd() as u32) | ((info.len() as u64) << 32);
-    attr[1] = info.as_mut_ptr() as u64;
-    // SAFETY: a BPF_OBJ_GET_INFO_BY_FD attr whose buffer holds info_len bytes.
-    unsafe {
-        bpf(
-            BPF_OBJ_GET_INFO_BY_FD,
-            attr.as_ptr().cast(),
-            size_of_val(&attr),
-        )
-    }?;
+    obj_info(fd.as_fd(), &mut info)?;
     let name = &info[64..80];
     let end = name.iter().position(|&b| b == 0).unwrap_or(name.len());
     Ok(String::from_utf8_lossy(&name[..end]).into_owned())
