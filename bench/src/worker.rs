@@ -93,7 +93,7 @@ fn handle(state: &mut State, req: &Value) -> Result<Value> {
             let mut ports = Vec::with_capacity(m as usize);
             for _ in 0..m {
                 let t = Instant::now();
-                let port = maps.allocate(id, level, None)?;
+                let port = maps.allocate(id, level, None, &port_guard::netns::ProbeIn::here())?;
                 ns.push(t.elapsed().as_nanos() as u64);
                 ports.push(port);
             }

@@ -46,6 +46,23 @@ pub const MAP_EVENTS: &str = "PG_EVENTS";
 /// offender refusing on several CPUs at once may miss a few. Added without a layout change: a
 /// daemon adopting older pins creates it.
 pub const MAP_OFFENDERS: &str = "PG_OFFENDERS";
+/// `HashMap<u64 netns cookie, u64 netns inode>`, [`MAX_NETNS`] entries: the network namespaces
+/// the guard enforces in, when [`FLAG_NETNS_SCOPED`] is set (the inode is for `status`). Binds in
+/// any other netns take nothing from the guarded ones' port spaces and pass, counted in
+/// [`MAP_UNGUARDED`]. Added without a layout change: a daemon adopting older pins creates it.
+pub const MAP_NETNS: &str = "PG_NETNS";
+/// Network namespaces the guard can enforce in at once.
+pub const MAX_NETNS: u32 = 256;
+/// `PerCpuArray<u64>` indexed by `slot * 2 + proto` (as in [`counter_index`] without the kind):
+/// binds of reserved ports let through because their netns is not guarded.
+pub const MAP_UNGUARDED: &str = "PG_UNGUARDED";
+/// Entries in [`MAP_UNGUARDED`].
+pub const UNGUARDED_LEN: u32 = MAX_RANGES as u32 * 2;
+/// `Array<u64>`, one entry, not pinned: where the agent's netns-learning program writes the
+/// cookie of the netns a bind came from (how the agent learns a namespace's cookie on every
+/// kernel; SO_NETNS_COOKIE needs 5.14).
+pub const MAP_NETNS_LEARN: &str = "PG_NETNS_LEARN";
+
 /// Offenders tracked at once (least recently refused ones are forgotten first).
 pub const MAX_OFFENDERS: u32 = 4096;
 /// Credit one denial event costs, in nanoseconds of elapsed time: 2 events a second.
@@ -79,10 +96,17 @@ pub const BPF_F_MMAPABLE: u32 = 1 << 10;
 /// Program names in the object (the function names).
 pub const PROG_BIND4: &str = "port_guard_bind4";
 pub const PROG_BIND6: &str = "port_guard_bind6";
+/// The agent's helper that learns a netns cookie: a bind4 program it attaches to a scratch
+/// cgroup only, never to the attach cgroup.
+pub const PROG_NETNS_LEARN: &str = "port_guard_netns_learn";
 
 /// Load-time constant: 1 when the kernel has `bpf_set_retval` for cgroup sock_addr programs
 /// (6.1+). With 0 the call is dead code the verifier removes, so the object loads on 5.10.
 pub const GLOBAL_USE_RETVAL: &str = "USE_RETVAL";
+/// Load-time constant: 1 when the kernel has `bpf_get_netns_cookie` for cgroup sock_addr
+/// programs (5.7+, so every kernel the guard runs on; probed all the same). With 0 the guard
+/// enforces in every netns.
+pub const GLOBAL_USE_NETNS: &str = "USE_NETNS";
 
 /// Protocol bits in [`PortEntry::protocols`] and [`RangeDef::protocols`].
 pub const PROTO_TCP: u16 = 1;
@@ -167,6 +191,9 @@ pub struct GuardConfig {
 pub const FLAG_PROTECT_EPHEMERAL: u32 = 1;
 /// The kernel sets the configured errno (bpf_set_retval); without it refused binds get EPERM.
 pub const FLAG_RETVAL: u32 = 2;
+/// Enforce only in the network namespaces of [`MAP_NETNS`]. Clear: in every netns (what pins of
+/// an older daemon, which never set it, mean).
+pub const FLAG_NETNS_SCOPED: u32 = 4;
 
 /// Event kinds in [`DenialEvent::action`].
 pub const ACTION_DENIED: u8 = 1;
@@ -195,7 +222,14 @@ pub struct DenialEvent {
     /// The errno the caller got (0 in audit mode).
     pub errno: u32,
     pub comm: [u8; 16],
+    /// The netns the bind came from (its cookie); 0 when the kernel cannot tell. Added at the
+    /// end: the agent reads records of [`DENIAL_EVENT_V1_LEN`] bytes (older programs, still
+    /// attached while a new daemon takes over) without it.
+    pub netns_cookie: u64,
 }
+
+/// Size of a [`DenialEvent`] record before `netns_cookie` was added.
+pub const DENIAL_EVENT_V1_LEN: usize = 48;
 
 /// Value of [`MAP_OFFENDERS`].
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -246,7 +280,11 @@ mod tests {
         assert_eq!(size_of::<RangeDef>(), 8);
         assert_eq!(size_of::<Lease>(), 24);
         assert_eq!(size_of::<GuardConfig>(), 40);
-        assert_eq!(size_of::<DenialEvent>(), 48);
+        assert_eq!(size_of::<DenialEvent>(), 56);
+        assert_eq!(
+            core::mem::offset_of!(DenialEvent, netns_cookie),
+            DENIAL_EVENT_V1_LEN
+        );
         assert_eq!(size_of::<Offender>(), 64);
     }
 

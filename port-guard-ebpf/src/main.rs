@@ -1,7 +1,9 @@
 //! The guard: `cgroup/bind4` and `cgroup/bind6` programs that refuse reserved ports.
 //!
 //! Both hooks call [`decide`]. The common bind (port not reserved) costs one array lookup. A
-//! reserved port is then checked against its lease (one helper call: the caller's ancestor at the
+//! reserved port in a network namespace the guard does not enforce in passes at once (one
+//! helper call and one hash lookup, when the guard is scoped to some namespaces). A reserved
+//! port is then checked against its lease (one helper call: the caller's ancestor at the
 //! lessee's level) or, unleased, against the allowed cgroups of its range (one hash lookup per
 //! level that holds an allowed cgroup). Everything else is refused: counted, reported through the
 //! ring buffer while the offending cgroup has event credit ([`report`]), and, in enforce mode,
@@ -19,8 +21,8 @@ use aya_ebpf::{
     helpers::{
         bpf_get_current_comm, bpf_get_current_pid_tgid,
         generated::{
-            bpf_get_current_ancestor_cgroup_id, bpf_get_current_cgroup_id, bpf_ktime_get_ns,
-            bpf_set_retval,
+            bpf_get_current_ancestor_cgroup_id, bpf_get_current_cgroup_id, bpf_get_netns_cookie,
+            bpf_ktime_get_ns, bpf_set_retval,
         },
     },
     macros::{cgroup_sock_addr, map},
@@ -32,8 +34,8 @@ use port_guard_common::{
     counter_index, DenialEvent, GuardConfig, Lease, Offender, PortEntry, RangeDef, ACTION_AUDITED,
     ACTION_DENIED, ALLOC_ENTRIES, BPF_F_MMAPABLE, COUNTERS_LEN, COUNTER_ALLOWED, COUNTER_AUDITED,
     COUNTER_DENIED, EVENTS_BYTES, EVENTS_LOST_INDEX, EVENT_COST_NS, EVENT_CREDIT_MAX_NS,
-    MAX_ALLOWED, MAX_CGROUP_LEVEL, MAX_LEASES, MAX_OFFENDERS, MAX_RANGES, MODE_AUDIT, PROTO_TCP,
-    PROTO_UDP,
+    FLAG_NETNS_SCOPED, MAX_ALLOWED, MAX_CGROUP_LEVEL, MAX_LEASES, MAX_NETNS, MAX_OFFENDERS,
+    MAX_RANGES, MODE_AUDIT, PROTO_TCP, PROTO_UDP, UNGUARDED_LEN,
 };
 
 /// Set by the agent at load time (`EbpfLoader::override_global`). Read with `read_volatile` so the
@@ -41,6 +43,11 @@ use port_guard_common::{
 /// on 5.10 a reachable call to `bpf_set_retval` fails with "invalid func unknown#187".
 #[no_mangle]
 static USE_RETVAL: u32 = 1;
+
+/// Set by the agent at load time like [`USE_RETVAL`]: 0 where the kernel has no
+/// `bpf_get_netns_cookie` for sock_addr programs (then the guard enforces in every netns).
+#[no_mangle]
+static USE_NETNS: u32 = 1;
 
 // The map names below must match port_guard_common::MAP_*: they are the pin file names.
 #[map(name = "PG_PORTS")]
@@ -70,6 +77,16 @@ static PG_ALLOC: Array<u64> = Array::pinned(ALLOC_ENTRIES, BPF_F_MMAPABLE);
 #[map(name = "PG_EVENTS")]
 static PG_EVENTS: RingBuf = RingBuf::pinned(EVENTS_BYTES, 0);
 
+#[map(name = "PG_NETNS")]
+static PG_NETNS: HashMap<u64, u64> = HashMap::pinned(MAX_NETNS, 0);
+
+#[map(name = "PG_UNGUARDED")]
+static PG_UNGUARDED: PerCpuArray<u64> = PerCpuArray::pinned(UNGUARDED_LEN, 0);
+
+/// Written by [`port_guard_netns_learn`] only; the agent's own, not pinned.
+#[map(name = "PG_NETNS_LEARN")]
+static PG_NETNS_LEARN: Array<u64> = Array::with_max_entries(1, 0);
+
 #[map(name = "PG_OFFENDERS")]
 static PG_OFFENDERS: LruHashMap<u64, Offender> = LruHashMap::pinned(MAX_OFFENDERS, 0);
 
@@ -94,6 +111,45 @@ pub fn port_guard_bind6(ctx: SockAddrContext) -> i32 {
     decide(&ctx, 6)
 }
 
+/// The agent's helper, attached to a scratch cgroup only: records the cookie of the netns a bind
+/// comes from, and refuses the bind.
+#[cgroup_sock_addr(bind4)]
+pub fn port_guard_netns_learn(ctx: SockAddrContext) -> i32 {
+    if unsafe { core::ptr::read_volatile(&USE_NETNS) } != 0 {
+        let cookie = unsafe { bpf_get_netns_cookie(ctx.sock_addr.cast()) };
+        if let Some(slot) = PG_NETNS_LEARN.get_ptr_mut(0) {
+            unsafe { *slot = cookie };
+        }
+    }
+    DENY
+}
+
+/// The cookie of the caller's netns when the guard is scoped to some namespaces and this one is
+/// not among them: the bind passes.
+#[inline(always)]
+fn unguarded_netns(ctx: &SockAddrContext) -> bool {
+    if unsafe { core::ptr::read_volatile(&USE_NETNS) } == 0 {
+        return false;
+    }
+    let scoped = PG_CONFIG
+        .get(0)
+        .is_some_and(|c| c.flags & FLAG_NETNS_SCOPED != 0);
+    if !scoped {
+        return false;
+    }
+    let cookie = unsafe { bpf_get_netns_cookie(ctx.sock_addr.cast()) };
+    unsafe { PG_NETNS.get(cookie) }.is_none()
+}
+
+/// The cookie of the caller's netns, or 0 where the kernel cannot tell.
+#[inline(always)]
+fn netns_cookie(ctx: &SockAddrContext) -> u64 {
+    if unsafe { core::ptr::read_volatile(&USE_NETNS) } == 0 {
+        return 0;
+    }
+    unsafe { bpf_get_netns_cookie(ctx.sock_addr.cast()) }
+}
+
 #[inline(always)]
 fn decide(ctx: &SockAddrContext, family: u8) -> i32 {
     let sa: &bpf_sock_addr = unsafe { &*ctx.sock_addr };
@@ -114,8 +170,14 @@ fn decide(ctx: &SockAddrContext, family: u8) -> i32 {
         return ALLOW;
     }
     let slot = (entry.slot - 1) as u32;
+    if unguarded_netns(ctx) {
+        if let Some(c) = PG_UNGUARDED.get_ptr_mut(slot * 2 + proto_idx) {
+            unsafe { *c += 1 };
+        }
+        return ALLOW;
+    }
 
-    let lease = unsafe { PG_LEASES.get(&(port as u32)) };
+    let lease = unsafe { PG_LEASES.get(port as u32) };
     let leased = lease.is_some();
     let permitted = match lease {
         Some(lease) => {
@@ -150,7 +212,7 @@ fn allowed_by_range(slot: u32) -> bool {
                 // The caller is shallower than `level`: nothing deeper can match.
                 break;
             }
-            if let Some(mask) = unsafe { PG_ALLOWED.get(&id) } {
+            if let Some(mask) = unsafe { PG_ALLOWED.get(id) } {
                 if mask & bit != 0 {
                     return true;
                 }
@@ -219,6 +281,7 @@ fn refuse(
                 _pad: [0; 2],
                 errno,
                 comm,
+                netns_cookie: netns_cookie(ctx),
             });
             entry.submit(0);
             // Counted as reported only once it is on its way: a lost event stays in the

@@ -118,6 +118,11 @@ pub struct DaemonArgs {
     /// get EPERM); without it the daemon refuses to start there.
     #[arg(long)]
     pub allow_fallback: bool,
+    /// A network namespace to enforce in: host (the daemon's own: the default), all, or a netns
+    /// file such as /run/netns/NAME (guarded from the moment it exists). Repeat for several;
+    /// replaces the config file's list.
+    #[arg(long, value_name = "host|all|PATH")]
+    pub netns: Vec<String>,
     /// Parent of the cgroups `spawn` creates (default /port-guard).
     #[arg(long, value_name = "CGROUP")]
     pub spawn_parent: Option<String>,

@@ -11,8 +11,8 @@ use serde::Deserialize;
 use crate::{
     cgroup::{Cgroup2, CgroupError, CgroupPath},
     policy::{
-        check_ranges, Errno, Mode, Policy, PolicyError, PortRange, Protocols, Reservation,
-        ReserveSpec, DEFAULT_RESERVE,
+        check_ranges, Errno, Mode, NetnsScope, Policy, PolicyError, PortRange, Protocols,
+        Reservation, ReserveSpec, DEFAULT_RESERVE,
     },
 };
 
@@ -75,6 +75,8 @@ pub struct ConfigFile {
     pub allow_fallback: Option<bool>,
     pub spawn_parent: Option<String>,
     pub reserve: Option<Vec<ReserveEntry>>,
+    /// `["host"]` (default), `["all"]`, or netns paths (with or without "host").
+    pub netns: Option<Vec<String>>,
 }
 
 /// A `[[reserve]]` table.
@@ -149,6 +151,8 @@ pub struct Overrides {
     pub protect_ephemeral: Option<bool>,
     pub allow_fallback: bool,
     pub spawn_parent: Option<String>,
+    /// `--netns`, repeated: replaces the file's list.
+    pub netns: Vec<String>,
 }
 
 /// Merges the file and the flags into a policy, checking syntax only (no cgroup needs to exist).
@@ -252,7 +256,15 @@ pub fn build_policy(
             e.into()
         }
     })?;
+    let netns = if !flags.netns.is_empty() {
+        NetnsScope::parse_list(flags.netns.iter().map(String::as_str))?
+    } else if let Some(list) = &file.netns {
+        NetnsScope::parse_list(list.iter().map(String::as_str)).map_err(in_file)?
+    } else {
+        NetnsScope::default()
+    };
     Ok(Policy {
+        netns,
         attach,
         mode,
         errno,
@@ -304,7 +316,8 @@ mod tests {
 attach = "/"
 mode = "enforce"            # "audit": log what would be denied, deny nothing
 errno = "eaddrinuse"        # what a refused bind() returns: eperm | eacces | eaddrinuse
-protect_ephemeral = true    # keep the kernel from auto-picking reserved ports (ip_local_reserved_ports)
+protect_ephemeral = true    # default true: keep the kernel from auto-picking reserved ports (ip_local_reserved_ports)
+netns = ["host"]            # where the guard enforces: "host" (the daemon's netns), "all", or netns paths
 spawn_parent = "/port-guard"
 
 [[reserve]]
@@ -400,6 +413,28 @@ allow = ["/machine.slice", "/system.slice/libvirtd.service", "/system.slice/virt
             p.protect_ephemeral,
             "ephemeral ports are protected by default"
         );
+    }
+
+    #[test]
+    fn netns_from_the_file_or_the_flags() {
+        use crate::policy::NetnsSpec;
+        let path = Path::new("/c.toml");
+        let p = build_policy(&ConfigFile::default(), None, &Overrides::default()).unwrap();
+        assert_eq!(p.netns, NetnsScope::Listed(vec![NetnsSpec::Host]));
+        let file = ConfigFile::parse(path, "netns = [\"host\", \"/run/netns/b\"]").unwrap();
+        let p = build_policy(&file, Some(path), &Overrides::default()).unwrap();
+        assert_eq!(p.netns.specs().len(), 2);
+        let flags = Overrides {
+            netns: vec!["all".into()],
+            ..Default::default()
+        };
+        assert_eq!(
+            build_policy(&file, Some(path), &flags).unwrap().netns,
+            NetnsScope::All
+        );
+        let bad = ConfigFile::parse(path, "netns = [\"all\", \"host\"]").unwrap();
+        let e = build_policy(&bad, Some(path), &Overrides::default()).unwrap_err();
+        assert!(format!("{:#}", anyhow::Error::new(e)).contains("list it alone"));
     }
 
     #[test]

@@ -7,8 +7,9 @@ use crate::{
     cgroup::{Cgroup2, CgroupNames, CgroupPath},
     logfmt,
     maps::Maps,
+    netns::Netns,
     pin::PinDir,
-    policy::{Policy, ReserveSpec},
+    policy::{NetnsScope, NetnsSpec, Policy, ReserveSpec},
     sockets::{self, Owner, Scan, Socket},
 };
 
@@ -119,13 +120,46 @@ pub struct Holder {
     pub pid: Option<u32>,
     pub command: Option<String>,
     pub cgroup: Option<String>,
+    /// The network namespace it is in (`host`, or the guarded netns's name).
+    pub netns: String,
     /// The guard would refuse this process the port: a conflict.
     pub would_refuse: bool,
     pub reason: String,
 }
 
-/// Scans the sockets on reserved ports and judges each owner.
-pub fn find(view: &View) -> (Scan, Vec<Holder>) {
+/// Scans the sockets on reserved ports of every guarded netns of `scope` (this one for `all`)
+/// and judges each owner. Also returns a note for each listed netns that does not exist.
+pub fn find_in(view: &View, scope: &NetnsScope) -> (Scan, Vec<Holder>, Vec<String>) {
+    let mut notes = Vec::new();
+    // Here first, whether guarded or not: its scan's facts (source, visibility) are the
+    // report's.
+    let (scan, mut holders) = find(view, "host");
+    let here_guarded = matches!(scope, NetnsScope::All) || scope.specs().contains(&NetnsSpec::Host);
+    if !here_guarded {
+        holders.clear();
+    }
+    for spec in scope.specs() {
+        let NetnsSpec::Path(path) = spec else {
+            continue;
+        };
+        match Netns::open(path) {
+            Ok(Some(ns)) => match ns.run(|| find(view, &spec.name()).1) {
+                Ok(h) => holders.extend(h),
+                Err(e) => notes.push(format!("netns {}: {e}", spec.name())),
+            },
+            Ok(None) => notes.push(format!(
+                "netns {} does not exist (yet): nothing to scan there",
+                spec.name()
+            )),
+            Err(e) => notes.push(format!("netns {}: {e}", spec.name())),
+        }
+    }
+    (scan, holders, notes)
+}
+
+/// Scans the sockets on reserved ports of this thread's netns (named `netns`) and judges each
+/// owner.
+pub fn find(view: &View, netns: &str) -> (Scan, Vec<Holder>) {
     let scan = sockets::scan(|port, proto| view.reserved(port, proto));
     let mut out = Vec::new();
     for s in &scan.sockets {
@@ -147,6 +181,7 @@ pub fn find(view: &View) -> (Scan, Vec<Holder>) {
                 pid: None,
                 command: None,
                 cgroup: None,
+                netns: netns.to_owned(),
                 would_refuse,
                 reason,
             });
@@ -166,6 +201,7 @@ pub fn find(view: &View) -> (Scan, Vec<Holder>) {
                 pid: Some(*pid),
                 command: Some(command.clone()),
                 cgroup: cgroup.as_ref().map(ToString::to_string),
+                netns: netns.to_owned(),
                 would_refuse,
                 reason,
             });
@@ -178,7 +214,7 @@ pub fn find(view: &View) -> (Scan, Vec<Holder>) {
 /// cannot forge a field).
 pub fn describe(h: &Holder) -> String {
     format!(
-        "port={}/{} family={} state={} pid={} comm={} cgroup={} guard={}",
+        "port={}/{} family={} state={} pid={} comm={} cgroup={} netns={} guard={}",
         h.port,
         h.protocol,
         h.family,
@@ -186,6 +222,7 @@ pub fn describe(h: &Holder) -> String {
         h.pid.map(|p| p.to_string()).unwrap_or("?".into()),
         logfmt::value(h.command.as_deref().unwrap_or("?")),
         logfmt::value(h.cgroup.as_deref().unwrap_or("?")),
+        logfmt::value(&h.netns),
         logfmt::value(&if h.would_refuse {
             format!("would-refuse ({})", h.reason)
         } else {

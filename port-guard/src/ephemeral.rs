@@ -125,13 +125,14 @@ pub fn format_list(ranges: &[PortRange]) -> String {
     PortSet::from_ranges(ranges).format()
 }
 
+/// The calling thread's netns (a thread may have entered another one than the process's).
 fn netns() -> Result<u64, EphemeralError> {
-    let p = Path::new("/proc/self/ns/net");
+    let p = Path::new("/proc/thread-self/ns/net");
     Ok(fs::metadata(p).map(|m| m.ino()).at("stat", p)?)
 }
 
-/// The saved-state file for a pin dir.
-fn state_file(pin_dir: &Path) -> PathBuf {
+/// A state file of a pin dir under /run/port-guard: `<pin dir, as a name>.<what>`.
+pub fn state_path(pin_dir: &Path, what: &str) -> PathBuf {
     let name: String = pin_dir
         .to_string_lossy()
         .chars()
@@ -143,7 +144,72 @@ fn state_file(pin_dir: &Path) -> PathBuf {
             }
         })
         .collect();
-    Path::new(STATE_DIR).join(format!("{name}.reserved_ports"))
+    Path::new(STATE_DIR).join(format!("{name}.{what}"))
+}
+
+/// The saved-state file for a pin dir in the netns with inode `netns` (None: the name of older
+/// daemons, which protected one netns only).
+fn state_file(pin_dir: &Path, netns: Option<u64>) -> PathBuf {
+    match netns {
+        Some(n) => state_path(pin_dir, &format!("reserved_ports.{n}")),
+        None => state_path(pin_dir, "reserved_ports"),
+    }
+}
+
+/// Every saved-state file of a pin dir.
+fn state_files(pin_dir: &Path) -> Result<Vec<PathBuf>, EphemeralError> {
+    let legacy = state_file(pin_dir, None);
+    let prefix = legacy
+        .file_name()
+        .expect("a file name")
+        .to_string_lossy()
+        .into_owned();
+    let dir = Path::new(STATE_DIR);
+    let entries = match fs::read_dir(dir) {
+        Ok(e) => e,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(IoError::new("read", dir, e).into()),
+    };
+    let mut out = Vec::new();
+    for entry in entries {
+        let name = entry
+            .at("read", dir)?
+            .file_name()
+            .to_string_lossy()
+            .into_owned();
+        let ours = name == prefix
+            || name
+                .strip_prefix(&format!("{prefix}."))
+                .is_some_and(|n| n.bytes().all(|b| b.is_ascii_digit()));
+        if ours {
+            out.push(dir.join(name));
+        }
+    }
+    out.sort();
+    Ok(out)
+}
+
+/// Makes sure /run/port-guard exists, root's, mode 0700, not a link.
+pub fn state_dir() -> Result<(), IoError> {
+    let dir = Path::new(STATE_DIR);
+    match fs::DirBuilder::new().mode(0o700).create(dir) {
+        Ok(()) => {}
+        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
+        Err(e) => return Err(IoError::new("create", dir, e)),
+    }
+    let m = fs::symlink_metadata(dir).at("stat", dir)?;
+    if !m.is_dir() || m.uid() != 0 || m.mode() & 0o022 != 0 {
+        return Err(IoError::new(
+            "use",
+            dir,
+            io::Error::other(format!(
+                "owned by uid {} with mode {:04o}, or not a directory: only root's is trusted",
+                m.uid(),
+                m.mode() & 0o7777
+            )),
+        ));
+    }
+    Ok(())
 }
 
 /// What an earlier apply recorded: its netns, and the ports it added (older daemons recorded
@@ -152,6 +218,8 @@ struct State {
     netns: u64,
     added: Option<PortSet>,
     previous: Option<String>,
+    /// A path that opens the netns, for an `unload` run elsewhere.
+    path: Option<PathBuf>,
 }
 
 fn trusted(path: &Path, m: &fs::Metadata, dir: bool) -> Result<(), EphemeralError> {
@@ -166,8 +234,8 @@ fn trusted(path: &Path, m: &fs::Metadata, dir: bool) -> Result<(), EphemeralErro
     Ok(())
 }
 
-fn load(pin_dir: &Path) -> Result<Option<State>, EphemeralError> {
-    let path = state_file(pin_dir);
+fn load(path: &Path) -> Result<Option<State>, EphemeralError> {
+    let path = path.to_owned();
     // O_NOFOLLOW: a link planted at the path is refused, not followed.
     let file = match fs::OpenOptions::new()
         .read(true)
@@ -184,6 +252,7 @@ fn load(pin_dir: &Path) -> Result<Option<State>, EphemeralError> {
         netns: 0,
         added: None,
         previous: None,
+        path: None,
     };
     let mut netns = None;
     for line in text.lines() {
@@ -196,6 +265,8 @@ fn load(pin_dir: &Path) -> Result<Option<State>, EphemeralError> {
         } else if let Some(v) = line.strip_prefix("previous=") {
             parse_list(v).ok_or_else(|| EphemeralError::BadState(path.clone()))?;
             state.previous = Some(v.to_owned());
+        } else if let Some(v) = line.strip_prefix("path=") {
+            state.path = Some(PathBuf::from(v));
         }
     }
     match netns {
@@ -207,15 +278,14 @@ fn load(pin_dir: &Path) -> Result<Option<State>, EphemeralError> {
     }
 }
 
-fn save(pin_dir: &Path, netns: u64, added: &PortSet) -> Result<(), EphemeralError> {
-    let dir = Path::new(STATE_DIR);
-    match fs::DirBuilder::new().mode(0o700).create(dir) {
-        Ok(()) => {}
-        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
-        Err(e) => return Err(IoError::new("create", dir, e).into()),
-    }
-    trusted(dir, &fs::symlink_metadata(dir).at("stat", dir)?, true)?;
-    let path = state_file(pin_dir);
+fn save(
+    pin_dir: &Path,
+    netns: u64,
+    added: &PortSet,
+    ns_path: Option<&Path>,
+) -> Result<(), EphemeralError> {
+    state_dir()?;
+    let path = state_file(pin_dir, Some(netns));
     let tmp = path.with_extension("tmp");
     let _ = fs::remove_file(&tmp);
     let mut f = fs::OpenOptions::new()
@@ -225,8 +295,11 @@ fn save(pin_dir: &Path, netns: u64, added: &PortSet) -> Result<(), EphemeralErro
         .custom_flags(libc::O_NOFOLLOW)
         .open(&tmp)
         .at("create", &tmp)?;
-    f.write_all(format!("netns={netns}\nadded={}\n", added.format()).as_bytes())
-        .at("write", &tmp)?;
+    let mut text = format!("netns={netns}\nadded={}\n", added.format());
+    if let Some(p) = ns_path {
+        text.push_str(&format!("path={}\n", p.display()));
+    }
+    f.write_all(text.as_bytes()).at("write", &tmp)?;
     fs::rename(&tmp, &path).at("rename to", &path)?;
     Ok(())
 }
@@ -250,20 +323,26 @@ fn write_sysctl(value: &str) -> Result<(), EphemeralError> {
     Ok(fs::write(p, format!("{value}\n")).at("write", p)?)
 }
 
-/// Merges `ranges` into the sysctl and records the ports this adds. A restart or reload keeps
-/// what was recorded before, drops from the sysctl the ports it added for ranges no longer
-/// reserved, and adds what the new ranges need. Returns the new value.
-pub fn apply(pin_dir: &Path, ranges: &[PortRange]) -> Result<String, EphemeralError> {
+/// Merges `ranges` into the sysctl of the calling thread's netns and records the ports this
+/// adds (with `ns_path`, a path that opens this netns, for an `unload` run in another). A
+/// restart or reload keeps what was recorded before, drops from the sysctl the ports it added
+/// for ranges no longer reserved, and adds what the new ranges need. Returns the new value.
+pub fn apply(
+    pin_dir: &Path,
+    ranges: &[PortRange],
+    ns_path: Option<&Path>,
+) -> Result<String, EphemeralError> {
     let current_ns = netns()?;
     let ours = PortSet::from_ranges(ranges);
     let now = read_sysctl()?;
-    let added_before = match load(pin_dir)? {
-        Some(s) if s.netns != current_ns => {
-            return Err(EphemeralError::OtherNetns {
-                saved: s.netns,
-                current: current_ns,
-            })
-        }
+    // This netns's record, or an older daemon's one-netns record if it is this netns's.
+    let legacy = state_file(pin_dir, None);
+    let legacy_state = load(&legacy)?.filter(|s| s.netns == current_ns);
+    let state = match load(&state_file(pin_dir, Some(current_ns)))? {
+        Some(s) => Some(s),
+        None => legacy_state,
+    };
+    let added_before = match state {
         Some(State {
             added: Some(added), ..
         }) => added,
@@ -280,7 +359,10 @@ pub fn apply(pin_dir: &Path, ranges: &[PortRange]) -> Result<String, EphemeralEr
     let stale = added_before.minus(&ours);
     let base = now.minus(&stale);
     let added = added_before.minus(&stale).union(&ours.minus(&base));
-    save(pin_dir, current_ns, &added)?;
+    save(pin_dir, current_ns, &added, ns_path)?;
+    if load(&legacy)?.is_some_and(|s| s.netns == current_ns) {
+        fs::remove_file(&legacy).at("remove", &legacy)?;
+    }
     let value = base.union(&ours).format();
     write_sysctl(&value)?;
     Ok(value)
@@ -299,19 +381,9 @@ pub fn repair(ranges: &[PortRange]) -> Result<Option<String>, EphemeralError> {
     Ok(Some(lost.format()))
 }
 
-/// Removes the ports an apply added, keeping whatever else the sysctl holds now. Returns the
-/// new value, or None when nothing had been changed.
-pub fn restore(pin_dir: &Path) -> Result<Option<String>, EphemeralError> {
-    let Some(state) = load(pin_dir)? else {
-        return Ok(None);
-    };
-    let current = netns()?;
-    if state.netns != current {
-        return Err(EphemeralError::OtherNetns {
-            saved: state.netns,
-            current,
-        });
-    }
+/// Removes the ports an apply added to the calling thread's netns, as `state` records, and the
+/// record at `file`. Returns the new value.
+fn restore_here(state: &State, file: &Path) -> Result<String, EphemeralError> {
     let value = match (&state.added, &state.previous) {
         (Some(added), _) => read_sysctl()?.minus(added).format(),
         // An older daemon's record: its exact previous value.
@@ -319,9 +391,54 @@ pub fn restore(pin_dir: &Path) -> Result<Option<String>, EphemeralError> {
         (None, None) => unreachable!("load requires one of them"),
     };
     write_sysctl(&value)?;
-    let path = state_file(pin_dir);
-    fs::remove_file(&path).at("remove", &path)?;
-    Ok(Some(value))
+    fs::remove_file(file).at("remove", file)?;
+    Ok(value)
+}
+
+/// Removes the ports every apply of `pin_dir` added, in every netns it applied in, keeping
+/// whatever else each sysctl holds now. Returns one line per netns, saying what it did (none
+/// when nothing had been changed).
+pub fn restore(pin_dir: &Path) -> Result<Vec<String>, EphemeralError> {
+    let current = netns()?;
+    let mut done = Vec::new();
+    for file in state_files(pin_dir)? {
+        let Some(state) = load(&file)? else { continue };
+        if state.netns == current {
+            let value = restore_here(&state, &file)?;
+            done.push(format!(
+                "net.ipv4.ip_local_reserved_ports restored to {value:?}"
+            ));
+            continue;
+        }
+        let Some(path) = state.path.clone() else {
+            return Err(EphemeralError::OtherNetns {
+                saved: state.netns,
+                current,
+            });
+        };
+        match crate::netns::Netns::open(&path)? {
+            Some(ns) if ns.inode == state.netns => {
+                let value = ns
+                    .run(|| restore_here(&state, &file))
+                    .at("enter netns", &path)??;
+                done.push(format!(
+                    "net.ipv4.ip_local_reserved_ports of netns {} restored to {value:?}",
+                    path.display()
+                ));
+            }
+            // The netns it was applied in is gone (its path is gone or names another): its
+            // sysctl went with it.
+            _ => {
+                fs::remove_file(&file).at("remove", &file)?;
+                done.push(format!(
+                    "net.ipv4.ip_local_reserved_ports of netns {} (inode {}): that netns is gone, nothing to restore",
+                    path.display(),
+                    state.netns
+                ));
+            }
+        }
+    }
+    Ok(done)
 }
 
 #[cfg(test)]

@@ -15,7 +15,7 @@ use std::{
 
 use aya::maps::{HashMap as BpfHashMap, MapData, RingBuf};
 use log::warn;
-use port_guard_common::{DenialEvent, Offender, ACTION_AUDITED, PROTO_UDP};
+use port_guard_common::{DenialEvent, Offender, ACTION_AUDITED, DENIAL_EVENT_V1_LEN, PROTO_UDP};
 
 use crate::{cgroup::CgroupNames, logfmt, maps::Maps, policy::Errno};
 
@@ -30,14 +30,18 @@ const SUMMARY_LINES: usize = 20;
 /// Cgroups whose dropped lines are remembered between summaries.
 const UNLOGGED_MAX: usize = 4096;
 
-/// Decodes one ring buffer record.
+/// Decodes one ring buffer record: a whole [`DenialEvent`], or one of an older program (the
+/// first [`DENIAL_EVENT_V1_LEN`] bytes: no netns cookie) that ran until a new daemon took over.
 pub fn decode(bytes: &[u8]) -> Option<DenialEvent> {
-    if bytes.len() < size_of::<DenialEvent>() {
+    let mut whole = [0u8; size_of::<DenialEvent>()];
+    let n = bytes.len().min(whole.len());
+    if n < DENIAL_EVENT_V1_LEN {
         return None;
     }
-    // SAFETY: DenialEvent is plain old data and the length was checked; read_unaligned copes
-    // with any alignment of the ring buffer record.
-    Some(unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast::<DenialEvent>()) })
+    whole[..n].copy_from_slice(&bytes[..n]);
+    // SAFETY: DenialEvent is plain old data of exactly these bytes; read_unaligned copes with
+    // the array's alignment.
+    Some(unsafe { std::ptr::read_unaligned(whole.as_ptr().cast::<DenialEvent>()) })
 }
 
 /// A command name, up to its NUL.
@@ -54,11 +58,18 @@ fn proto_name(protocol: u8) -> &'static str {
     }
 }
 
-/// `denied bind port=49152/tcp family=ipv6 pid=4242 comm=glusterfsd cgroup=/x errno=EADDRINUSE`,
-/// or in audit mode `audit: would deny bind ...` with the errno enforce mode would give. The
-/// comm and cgroup are logfmt values: quoted when they hold anything that could forge a field.
-pub fn log_line(ev: &DenialEvent, cgroup: &str, audit_errno: Errno, retval: bool) -> String {
-    describe(ev, cgroup, audit_errno, retval)
+/// `denied bind port=49152/tcp family=ipv6 pid=4242 comm=glusterfsd cgroup=/x netns=host
+/// errno=EADDRINUSE`, or in audit mode `audit: would deny bind ...` with the errno enforce mode
+/// would give. The comm, cgroup and netns are logfmt values: quoted when they hold anything that
+/// could forge a field.
+pub fn log_line(
+    ev: &DenialEvent,
+    cgroup: &str,
+    netns: &str,
+    audit_errno: Errno,
+    retval: bool,
+) -> String {
+    describe(ev, cgroup, netns, audit_errno, retval)
 }
 
 /// What a refused bind got, or in audit mode would have got (EPERM where the kernel cannot set
@@ -86,9 +97,15 @@ fn fields(ev: &DenialEvent) -> String {
 }
 
 /// The denial as [`log_line`] writes it.
-fn describe(ev: &DenialEvent, cgroup: &str, audit_errno: Errno, retval: bool) -> String {
+fn describe(
+    ev: &DenialEvent,
+    cgroup: &str,
+    netns: &str,
+    audit_errno: Errno,
+    retval: bool,
+) -> String {
     format!(
-        "{} bind {} cgroup={} errno={}{}",
+        "{} bind {} cgroup={} netns={} errno={}{}",
         if ev.action == ACTION_AUDITED {
             "audit: would deny"
         } else {
@@ -96,6 +113,7 @@ fn describe(ev: &DenialEvent, cgroup: &str, audit_errno: Errno, retval: bool) ->
         },
         fields(ev),
         logfmt::value(cgroup),
+        logfmt::value(netns),
         errno_of(ev, audit_errno, retval).c_name(),
         if ev.leased != 0 {
             " leased=other-cgroup"
@@ -119,6 +137,58 @@ fn last_denial(cgroup_id: u64, o: &Offender) -> DenialEvent {
         _pad: [0; 2],
         errno: o.last_errno,
         comm: o.last_comm,
+        netns_cookie: 0,
+    }
+}
+
+/// Names network namespaces in denial lines: `host`, an `ip netns` name or the configured path,
+/// else the inode number of the refused process's netns, else `?`.
+#[derive(Default)]
+pub struct NetnsNames {
+    /// Guarded namespaces: cookie → name.
+    by_cookie: HashMap<u64, String>,
+    /// Guarded namespaces: inode → name.
+    by_inode: HashMap<u64, String>,
+    /// Others seen in events (audit mode with `netns = "all"`), bounded.
+    seen: HashMap<u64, String>,
+}
+
+impl NetnsNames {
+    /// The guarded namespaces: (cookie, inode, name) each.
+    pub fn set(&mut self, guarded: impl IntoIterator<Item = (u64, u64, String)>) {
+        self.by_cookie.clear();
+        self.by_inode.clear();
+        for (cookie, inode, name) in guarded {
+            self.by_cookie.insert(cookie, name.clone());
+            self.by_inode.insert(inode, name);
+        }
+    }
+
+    /// The name of the netns of `ev`.
+    pub fn name(&mut self, ev: &DenialEvent) -> String {
+        let cookie = ev.netns_cookie;
+        if let Some(n) = self.by_cookie.get(&cookie).or(self.seen.get(&cookie)) {
+            return n.clone();
+        }
+        // Not a guarded one (or no cookie): the refused process's netns, while it lives.
+        let Ok(inode) = std::fs::metadata(format!("/proc/{}/ns/net", ev.tgid))
+            .map(|m| std::os::unix::fs::MetadataExt::ino(&m))
+        else {
+            return "?".into();
+        };
+        let name = self
+            .by_inode
+            .get(&inode)
+            .cloned()
+            .or_else(|| crate::netns::run_netns_name(inode))
+            .unwrap_or_else(|| inode.to_string());
+        if cookie != 0 {
+            if self.seen.len() >= 1024 {
+                self.seen.clear();
+            }
+            self.seen.insert(cookie, name.clone());
+        }
+        name
     }
 }
 
@@ -155,6 +225,8 @@ pub struct DenialLog {
     last_summary: Instant,
     /// Lines not written (summarised instead), for the metrics.
     pub lines_summarised: u64,
+    /// How lines name network namespaces.
+    pub netns: NetnsNames,
 }
 
 impl DenialLog {
@@ -169,6 +241,7 @@ impl DenialLog {
             unlogged: HashMap::new(),
             last_summary: Instant::now(),
             lines_summarised: 0,
+            netns: NetnsNames::default(),
         }
     }
 
@@ -189,7 +262,8 @@ impl DenialLog {
             drop(item);
             if self.budget.take() {
                 let cgroup = names.name_for_log(ev.cgroup_id, Duration::from_secs(1));
-                warn!("{}", log_line(&ev, &cgroup, errno, retval));
+                let netns = self.netns.name(&ev);
+                warn!("{}", log_line(&ev, &cgroup, &netns, errno, retval));
             } else {
                 self.lines_summarised += 1;
                 if self.unlogged.len() < UNLOGGED_MAX || self.unlogged.contains_key(&ev.cgroup_id) {
@@ -296,6 +370,7 @@ mod tests {
             _pad: [0; 2],
             errno,
             comm,
+            netns_cookie: 99,
         }
     }
 
@@ -303,14 +378,27 @@ mod tests {
     fn formats_the_spec_line() {
         let ev = event(ACTION_DENIED, libc::EADDRINUSE as u32);
         assert_eq!(
-            log_line(&ev, "/system.slice/glusterd.service", Errno::Eaddrinuse, true),
-            "denied bind port=49152/tcp family=ipv6 pid=4242 comm=glusterfsd cgroup=/system.slice/glusterd.service errno=EADDRINUSE"
+            log_line(&ev, "/system.slice/glusterd.service", "host", Errno::Eaddrinuse, true),
+            "denied bind port=49152/tcp family=ipv6 pid=4242 comm=glusterfsd cgroup=/system.slice/glusterd.service netns=host errno=EADDRINUSE"
         );
         let ev = event(ACTION_AUDITED, 0);
-        assert!(log_line(&ev, "/a", Errno::Eacces, true)
+        assert!(log_line(&ev, "/a", "host", Errno::Eacces, true)
             .starts_with("audit: would deny bind port=49152/tcp"));
-        assert!(log_line(&ev, "/a", Errno::Eacces, true).ends_with("errno=EACCES"));
-        assert!(log_line(&ev, "/a", Errno::Eacces, false).ends_with("errno=EPERM"));
+        assert!(log_line(&ev, "/a", "host", Errno::Eacces, true).ends_with("errno=EACCES"));
+        assert!(log_line(&ev, "/a", "host", Errno::Eacces, false).ends_with("errno=EPERM"));
+    }
+
+    #[test]
+    fn guarded_namespaces_are_named_by_cookie() {
+        let mut names = NetnsNames::default();
+        names.set([
+            (99, 4026531833, "host".to_owned()),
+            (7, 4026532000, "blue".to_owned()),
+        ]);
+        let mut ev = event(ACTION_DENIED, 1);
+        assert_eq!(names.name(&ev), "host");
+        ev.netns_cookie = 7;
+        assert_eq!(names.name(&ev), "blue");
     }
 
     #[test]
@@ -320,12 +408,13 @@ mod tests {
         let line = log_line(
             &ev,
             "/x comm=libvirtd pid=1 errno=EPERM",
+            "host",
             Errno::Eaddrinuse,
             true,
         );
         assert_eq!(
             line,
-            "denied bind port=49152/tcp family=ipv6 pid=4242 comm=\"x errno=EPERM\" cgroup=\"/x comm=libvirtd pid=1 errno=EPERM\" errno=EADDRINUSE"
+            "denied bind port=49152/tcp family=ipv6 pid=4242 comm=\"x errno=EPERM\" cgroup=\"/x comm=libvirtd pid=1 errno=EPERM\" netns=host errno=EADDRINUSE"
         );
         // Outside quotes, each key appears once.
         let mut outside = String::new();
@@ -346,7 +435,7 @@ mod tests {
                 outside.push(c);
             }
         }
-        for key in ["comm=", "cgroup=", "errno=", "pid="] {
+        for key in ["comm=", "cgroup=", "netns=", "errno=", "pid="] {
             assert_eq!(outside.matches(key).count(), 1, "{key} in {line}");
         }
     }
@@ -363,9 +452,12 @@ mod tests {
         };
         let back = decode(bytes).unwrap();
         assert_eq!(
-            (back.tgid, back.port, comm(&back.comm)),
-            (4242, 49152, "glusterfsd".into())
+            (back.tgid, back.port, comm(&back.comm), back.netns_cookie),
+            (4242, 49152, "glusterfsd".into(), 99)
         );
+        // A record of an older program: no cookie.
+        let old = decode(&bytes[..DENIAL_EVENT_V1_LEN]).unwrap();
+        assert_eq!((old.tgid, old.netns_cookie), (4242, 0));
         assert!(decode(&bytes[..10]).is_none());
     }
 }

@@ -20,6 +20,7 @@ use std::{
 };
 
 use aya::{
+    maps::{Array, MapData, MapError},
     programs::{
         links::{CgroupAttachMode, FdLink, LinkError},
         CgroupSockAddr, ProgramError,
@@ -28,15 +29,17 @@ use aya::{
 };
 use log::{info, warn};
 use port_guard_common::{
-    GLOBAL_USE_RETVAL, MAP_ALLOC, MAP_ALLOWED, MAP_CONFIG, MAP_COUNTERS, MAP_EVENTS, MAP_LEASES,
-    MAP_OFFENDERS, MAP_PORTS, MAP_RANGES,
+    GLOBAL_USE_NETNS, GLOBAL_USE_RETVAL, MAP_ALLOC, MAP_ALLOWED, MAP_CONFIG, MAP_COUNTERS,
+    MAP_EVENTS, MAP_LEASES, MAP_NETNS, MAP_NETNS_LEARN, MAP_OFFENDERS, MAP_PORTS, MAP_RANGES,
+    MAP_UNGUARDED, PROG_NETNS_LEARN,
 };
 
 use crate::{
-    cgroup::{Cgroup2, CgroupError},
+    cgroup::{Cgroup2, CgroupError, CgroupPath},
     ephemeral::EphemeralError,
     error::{IoContext as _, IoError},
     maps::{Maps, MapsError, Resolved},
+    netns::Netns,
     pin::{PinDir, PinError, LINKS},
     probe::Features,
     sys,
@@ -46,7 +49,7 @@ use crate::{
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/port-guard"));
 
 /// Every map the object pins, by pin name.
-pub const PINNED_MAPS: [&str; 9] = [
+pub const PINNED_MAPS: [&str; 11] = [
     MAP_PORTS,
     MAP_RANGES,
     MAP_ALLOWED,
@@ -56,6 +59,8 @@ pub const PINNED_MAPS: [&str; 9] = [
     MAP_ALLOC,
     MAP_EVENTS,
     MAP_OFFENDERS,
+    MAP_NETNS,
+    MAP_UNGUARDED,
 ];
 
 /// A guard problem at run time (exit status 1 unless it wraps a usage error).
@@ -144,20 +149,23 @@ pub struct Guard {
 }
 
 impl Guard {
-    /// Loads the object with its maps pinned (reused when already pinned), writes the policy and
-    /// attaches. On a first load, any failure removes everything this call created.
+    /// Loads the object with its maps pinned (reused when already pinned), writes the policy,
+    /// runs `before_attach` (which writes the guarded network namespaces: it needs the loaded
+    /// object to learn their cookies) and attaches. On a first load, any failure removes
+    /// everything this call created.
     pub fn start(
         pin: &PinDir,
         r: &Resolved,
         features: Features,
         cg: &Cgroup2,
+        before_attach: impl FnOnce(&mut Guard) -> Result<(), GuardError>,
     ) -> Result<Guard, GuardError> {
         let adopted = pin.exists();
         if adopted {
             // Refuse a foreign layout before aya reuses its maps.
             Maps::open(pin)?;
         }
-        let result = Guard::start_inner(pin, r, features, cg, adopted);
+        let result = Guard::start_inner(pin, r, features, cg, adopted, before_attach);
         if result.is_err() && !adopted {
             if let Err(e) = unload(pin) {
                 warn!("cleaning up after a failed start: {e}");
@@ -172,8 +180,10 @@ impl Guard {
         features: Features,
         cg: &Cgroup2,
         adopted: bool,
+        before_attach: impl FnOnce(&mut Guard) -> Result<(), GuardError>,
     ) -> Result<Guard, GuardError> {
         let use_retval: u32 = features.set_retval.into();
+        let use_netns: u32 = features.netns_cookie.into();
         // The programs' aya-log records are debug only: written when the agent logs debug.
         let log_level: u8 = if log::log_enabled!(log::Level::Debug) {
             4
@@ -183,11 +193,19 @@ impl Guard {
         let mut ebpf = EbpfLoader::new()
             .default_map_pin_directory(pin.path())
             .override_global(GLOBAL_USE_RETVAL, &use_retval, true)
+            .override_global(GLOBAL_USE_NETNS, &use_netns, true)
             .override_global(aya_log::LEVEL, &log_level, false)
             .load(OBJECT)
             .map_err(|e| GuardError::Load(Box::new(e)))?;
         let mut maps = Maps::from_ebpf(&mut ebpf)?;
         maps.write_policy(r, features)?;
+        let mut g = Guard {
+            ebpf,
+            maps,
+            adopted,
+            held: Vec::new(),
+        };
+        before_attach(&mut g)?;
 
         let dir = cg.dir(&r.policy.attach);
         let cgroup = File::open(&dir).at("open cgroup", &dir)?;
@@ -203,7 +221,8 @@ impl Guard {
                     source: Box::new(e),
                 }
             };
-            let prog: &mut CgroupSockAddr = ebpf
+            let prog: &mut CgroupSockAddr = g
+                .ebpf
                 .program_mut(name)
                 .ok_or(ProgramError::InvalidName {
                     name: name.to_owned(),
@@ -269,12 +288,106 @@ impl Guard {
                 link,
             });
         }
-        Ok(Guard {
-            ebpf,
-            maps,
-            adopted,
-            held,
-        })
+        g.held = held;
+        Ok(g)
+    }
+
+    /// The cookie the kernel gives the network namespace `ns` (what the programs compare with
+    /// the guarded set). Learnt on every kernel the same way: the helper program is attached to
+    /// a scratch cgroup, a child process in it enters `ns` and binds once, and the program
+    /// writes the cookie it sees (SO_NETNS_COOKIE would need 5.14).
+    pub fn cookie_of(
+        &mut self,
+        cg: &Cgroup2,
+        scratch: &CgroupPath,
+        ns: &Netns,
+    ) -> Result<u64, GuardError> {
+        let dir = cg.dir(scratch);
+        match fs::create_dir(&dir) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
+            Err(e) => return Err(IoError::new("create cgroup", dir, e).into()),
+        }
+        let result = self.attach_learner(&dir).and_then(|link| {
+            let learnt = self.learn(&dir, ns);
+            if let Ok(p) = self.learner() {
+                let _ = p.detach(link);
+            }
+            learnt
+        });
+        let _ = fs::remove_dir(&dir);
+        result
+    }
+
+    /// The helper program, loaded.
+    fn learner(&mut self) -> Result<&mut CgroupSockAddr, GuardError> {
+        let prog_err = |what| {
+            move |e| GuardError::Program {
+                what,
+                program: PROG_NETNS_LEARN,
+                source: Box::new(e),
+            }
+        };
+        let prog: &mut CgroupSockAddr = self
+            .ebpf
+            .program_mut(PROG_NETNS_LEARN)
+            .ok_or(ProgramError::InvalidName {
+                name: PROG_NETNS_LEARN.to_owned(),
+            })
+            .map_err(prog_err("find"))?
+            .try_into()
+            .map_err(prog_err("find"))?;
+        if prog.fd().is_err() {
+            prog.load().map_err(prog_err("load"))?;
+        }
+        Ok(prog)
+    }
+
+    /// Attaches the helper program to the scratch cgroup `dir`.
+    fn attach_learner(
+        &mut self,
+        dir: &std::path::Path,
+    ) -> Result<aya::programs::cgroup_sock_addr::CgroupSockAddrLinkId, GuardError> {
+        let cgroup = File::open(dir).at("open cgroup", dir)?;
+        self.learner()?
+            .attach(&cgroup, CgroupAttachMode::Single)
+            .map_err(|e| GuardError::Program {
+                what: "attach",
+                program: PROG_NETNS_LEARN,
+                source: Box::new(e),
+            })
+    }
+
+    /// A child in the scratch cgroup `dir` enters `ns` and binds; the cookie the helper wrote.
+    fn learn(&mut self, dir: &std::path::Path, ns: &Netns) -> Result<u64, GuardError> {
+        let map_err = |e| {
+            GuardError::Maps(MapsError::Map {
+                name: MAP_NETNS_LEARN,
+                source: Box::new(e),
+            })
+        };
+        let mut learnt: Array<&mut MapData, u64> = self
+            .ebpf
+            .map_mut(MAP_NETNS_LEARN)
+            .ok_or(MapError::InvalidName {
+                name: MAP_NETNS_LEARN.into(),
+            })
+            .map_err(map_err)?
+            .try_into()
+            .map_err(map_err)?;
+        learnt.set(0, 0, 0).map_err(map_err)?;
+        sys::bind_in_cgroup_and_netns(&dir.join("cgroup.procs"), ns.raw_fd())
+            .at("bind from a scratch cgroup in netns", dir)?;
+        let cookie = learnt.get(&0, 0).map_err(map_err)?;
+        if cookie == 0 {
+            return Err(IoError::new(
+                "learn the netns cookie in",
+                dir,
+                io::Error::other("the helper program did not see the bind"),
+            )
+            .into());
+        }
+        Ok(cookie)
     }
 
     /// Whether this daemon's links are attached, from its own fds (positive evidence both ways:
@@ -327,8 +440,8 @@ impl Guard {
 pub fn unload(pin: &PinDir) -> Result<(), GuardError> {
     pin.verify()?;
     // First, so that a failure (another network namespace) leaves the guard whole.
-    if let Some(value) = crate::ephemeral::restore(pin.path())? {
-        info!("net.ipv4.ip_local_reserved_ports restored to {value:?}");
+    for line in crate::ephemeral::restore(pin.path())? {
+        info!("{line}");
     }
     for (_, link_name) in LINKS {
         for name in [link_name.to_owned(), format!("{link_name}_new")] {
@@ -353,5 +466,12 @@ pub fn unload(pin: &PinDir) -> Result<(), GuardError> {
         fs::remove_file(&path).at("remove pin", &path)?;
     }
     fs::remove_dir(pin.path()).at("remove pin dir", pin.path())?;
+    // What the daemon recorded of the guarded namespaces for spawn and check.
+    let record = crate::ephemeral::state_path(pin.path(), "netns");
+    match fs::remove_file(&record) {
+        Ok(()) => {}
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+        Err(e) => warn!("removing {}: {e}", record.display()),
+    }
     Ok(())
 }

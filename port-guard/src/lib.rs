@@ -26,6 +26,7 @@ pub mod leases;
 pub mod logfmt;
 pub mod maps;
 pub mod metrics;
+pub mod netns;
 pub mod notify;
 pub mod pin;
 pub mod policy;

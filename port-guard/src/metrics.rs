@@ -58,6 +58,7 @@ struct ResultLabels {
 pub fn render(maps: &Maps, stats: &DaemonStats) -> Result<String, MapsError> {
     let mut reg = Registry::with_prefix("port_guard");
     let denied = Family::<RangeLabels, Counter>::default();
+    let unguarded = Family::<RangeLabels, Counter>::default();
     let audited = Family::<RangeLabels, Counter>::default();
     let allowed = Family::<RangeLabels, Counter>::default();
     for r in maps.ranges() {
@@ -68,6 +69,10 @@ pub fn render(maps: &Maps, stats: &DaemonStats) -> Result<String, MapsError> {
                 protocol: protocol.into(),
             };
             allowed.get_or_create(&labels).inc_by(counts.allowed);
+            let (ut, uu) = maps.unguarded(r.slot)?;
+            unguarded
+                .get_or_create(&labels)
+                .inc_by(if protocol == "udp" { uu } else { ut });
             denied.get_or_create(&labels).inc_by(counts.denied);
             audited.get_or_create(&labels).inc_by(counts.audited);
         }
@@ -86,6 +91,22 @@ pub fn render(maps: &Maps, stats: &DaemonStats) -> Result<String, MapsError> {
         "allowed_reserved_binds",
         "Binds of reserved ports by allowed cgroups or lessees, by range and protocol",
         allowed,
+    );
+    reg.register(
+        "unguarded_netns_binds",
+        "Binds of reserved ports let through because their network namespace is not guarded, by range and protocol",
+        unguarded,
+    );
+    let guarded = Gauge::<i64>::default();
+    guarded.set(if maps.settings()?.netns_scoped {
+        maps.guarded_netns()?.len() as i64
+    } else {
+        -1
+    });
+    reg.register(
+        "guarded_netns",
+        "Network namespaces the guard enforces in (-1: every one)",
+        guarded,
     );
     let leases = Gauge::<i64>::default();
     leases.set(maps.leases().all()?.len() as i64);

@@ -9,6 +9,7 @@ const BPF_PROG_TYPE_CGROUP_SOCK_ADDR: u32 = 18;
 const BPF_CGROUP_INET4_BIND: u32 = 8;
 const BPF_FUNC_GET_CURRENT_ANCESTOR_CGROUP_ID: i32 = 123;
 const BPF_FUNC_SET_RETVAL: i32 = 187;
+const BPF_FUNC_GET_NETNS_COOKIE: i32 = 122;
 
 /// A probe could not run at all.
 #[derive(Debug, thiserror::Error)]
@@ -37,6 +38,9 @@ pub struct Unenforceable(pub String);
 pub struct Features {
     /// `bpf_set_retval` in cgroup sock_addr programs (6.1+): refused binds get the configured errno.
     pub set_retval: bool,
+    /// `bpf_get_netns_cookie` in cgroup sock_addr programs (5.7+): the guard can enforce in some
+    /// network namespaces only.
+    pub netns_cookie: bool,
 }
 
 impl Features {
@@ -54,11 +58,28 @@ impl Features {
 
     /// One line per feature for logs and `check`.
     pub fn describe(&self) -> Vec<String> {
-        vec![if self.set_retval {
-            "bpf_set_retval available: refused binds get the configured errno".to_owned()
-        } else {
-            "bpf_set_retval missing (kernel < 6.1): refused binds get EPERM instead of the configured errno".to_owned()
-        }]
+        vec![
+            if self.set_retval {
+                "bpf_set_retval available: refused binds get the configured errno".to_owned()
+            } else {
+                "bpf_set_retval missing (kernel < 6.1): refused binds get EPERM instead of the configured errno".to_owned()
+            },
+            if self.netns_cookie {
+                "bpf_get_netns_cookie available: the guard enforces in the configured network namespaces".to_owned()
+            } else {
+                "bpf_get_netns_cookie missing: the guard enforces in every network namespace (netns = \"all\")".to_owned()
+            },
+        ]
+    }
+
+    /// The fallbacks this kernel takes, one line each (for `check`).
+    pub fn fallbacks(&self) -> Vec<String> {
+        self.describe()
+            .into_iter()
+            .zip([self.set_retval, self.netns_cookie])
+            .filter(|(_, available)| !available)
+            .map(|(line, _)| line)
+            .collect()
     }
 }
 
@@ -168,6 +189,7 @@ pub fn probe() -> Result<Features, ProbeError> {
     }
     Ok(Features {
         set_retval: load_with_helper(Some(BPF_FUNC_SET_RETVAL)).is_ok(),
+        netns_cookie: load_with_helper(Some(BPF_FUNC_GET_NETNS_COOKIE)).is_ok(),
     })
 }
 

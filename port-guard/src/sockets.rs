@@ -190,7 +190,8 @@ fn diag_dump(family: u8, protocol: u8, states: u32) -> io::Result<Vec<(u16, u8, 
 
 /// Reads a /proc/net table: (local port, state, inode).
 fn proc_net(file: &str) -> io::Result<Vec<(u16, u8, u64)>> {
-    let text = fs::read_to_string(file)?;
+    // The calling thread's netns (it may have entered another than the process's).
+    let text = fs::read_to_string(file.replacen("/proc/net/", "/proc/thread-self/net/", 1))?;
     Ok(text
         .lines()
         .skip(1)

@@ -38,6 +38,38 @@ pub struct Status {
     pub counters: Counters,
     /// Denials counted but not reported (the event ring buffer was full).
     pub events_lost: u64,
+    /// Where the guard enforces.
+    pub netns: NetnsStatus,
+}
+
+#[derive(Debug, serde::Serialize)]
+pub struct NetnsStatus {
+    /// Only in the `guarded` namespaces (else in every netns).
+    pub scoped: bool,
+    pub guarded: Vec<GuardedNetns>,
+    /// Binds of reserved ports let through because their netns is not guarded.
+    pub unguarded_binds: u64,
+}
+
+#[derive(Debug, serde::Serialize)]
+pub struct GuardedNetns {
+    pub name: String,
+    pub inode: u64,
+    pub cookie: u64,
+}
+
+/// Names of guarded namespaces as the daemon recorded them: inode → name.
+pub fn recorded_netns_names(pin: &PinDir) -> std::collections::HashMap<u64, String> {
+    std::fs::read_to_string(crate::ephemeral::state_path(pin.path(), "netns"))
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| {
+            let mut it = l.splitn(3, ' ');
+            let inode = it.next()?.parse().ok()?;
+            let _path = it.next()?;
+            Some((inode, it.next()?.to_owned()))
+        })
+        .collect()
 }
 
 #[derive(Debug, serde::Serialize)]
@@ -60,6 +92,8 @@ pub struct RangeStatus {
     pub counters: Counters,
     pub tcp: Counters,
     pub udp: Counters,
+    /// Binds let through because their netns is not guarded.
+    pub unguarded: u64,
 }
 
 #[derive(Debug, serde::Serialize)]
@@ -155,6 +189,7 @@ pub fn status(pin: &PinDir, cg: &Cgroup2) -> Result<Status, GuardError> {
     let mut names = CgroupNames::new(cg);
     let allowed = maps.allowed()?;
     let mut total = Counters::default();
+    let mut unguarded_total = 0;
     let mut reserve = Vec::new();
     for r in maps.ranges() {
         let mut allow: Vec<String> = allowed
@@ -166,6 +201,8 @@ pub fn status(pin: &PinDir, cg: &Cgroup2) -> Result<Status, GuardError> {
         let c = maps.counters(r.slot)?;
         let counters = c.total();
         total += counters;
+        let (ut, uu) = maps.unguarded(r.slot)?;
+        unguarded_total += ut + uu;
         reserve.push(RangeStatus {
             ports: r.spec.range.to_string(),
             first: r.spec.range.first,
@@ -175,6 +212,7 @@ pub fn status(pin: &PinDir, cg: &Cgroup2) -> Result<Status, GuardError> {
             counters,
             tcp: c.tcp,
             udp: c.udp,
+            unguarded: ut + uu,
         });
     }
     let now = now_secs();
@@ -213,5 +251,25 @@ pub fn status(pin: &PinDir, cg: &Cgroup2) -> Result<Status, GuardError> {
         leases,
         counters: total,
         events_lost: maps.events_lost()?,
+        netns: {
+            let recorded = recorded_netns_names(pin);
+            NetnsStatus {
+                scoped: settings.netns_scoped,
+                guarded: maps
+                    .guarded_netns()?
+                    .into_iter()
+                    .map(|(cookie, inode)| GuardedNetns {
+                        name: recorded
+                            .get(&inode)
+                            .cloned()
+                            .or_else(|| crate::netns::run_netns_name(inode))
+                            .unwrap_or_else(|| inode.to_string()),
+                        inode,
+                        cookie,
+                    })
+                    .collect(),
+                unguarded_binds: unguarded_total,
+            }
+        },
     })
 }

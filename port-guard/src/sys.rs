@@ -293,3 +293,59 @@ pub fn prog_name(id: u32) -> io::Result<String> {
     let end = name.iter().position(|&b| b == 0).unwrap_or(name.len());
     Ok(String::from_utf8_lossy(&name[..end]).into_owned())
 }
+
+/// Forks a child that moves itself into the cgroup of `procs` (its `cgroup.procs`), enters the
+/// network namespace `netns_fd`, and binds a UDP socket to 0.0.0.0:0 once, then exits. Waits for
+/// it; the bind's own result does not matter (a program attached to the cgroup sees it first).
+pub fn bind_in_cgroup_and_netns(procs: &Path, netns_fd: i32) -> io::Result<()> {
+    let procs = CString::new(procs.as_os_str().as_bytes())
+        .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
+    let addr = libc::sockaddr_in {
+        sin_family: libc::AF_INET as libc::sa_family_t,
+        sin_port: 0,
+        sin_addr: libc::in_addr { s_addr: 0 },
+        sin_zero: [0; 8],
+    };
+    // SAFETY: fork; the child makes only async-signal-safe syscalls on data prepared before the
+    // fork, then _exits.
+    let pid = unsafe { libc::fork() };
+    if pid < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    if pid == 0 {
+        // SAFETY: as above: the child.
+        unsafe {
+            let fd = libc::open(procs.as_ptr(), libc::O_WRONLY | libc::O_CLOEXEC);
+            if fd < 0 || libc::write(fd, b"0".as_ptr().cast(), 1) != 1 {
+                libc::_exit(10);
+            }
+            if libc::setns(netns_fd, libc::CLONE_NEWNET) != 0 {
+                libc::_exit(11);
+            }
+            let s = libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0);
+            if s < 0 {
+                libc::_exit(12);
+            }
+            libc::bind(
+                s,
+                (&addr as *const libc::sockaddr_in).cast(),
+                size_of::<libc::sockaddr_in>() as libc::socklen_t,
+            );
+            libc::_exit(0);
+        }
+    }
+    let mut status = 0;
+    // SAFETY: waiting for our own child.
+    if unsafe { libc::waitpid(pid, &mut status, 0) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    match (libc::WIFEXITED(status), libc::WEXITSTATUS(status)) {
+        (true, 0) => Ok(()),
+        (true, 10) => Err(io::Error::other("the child could not enter the cgroup")),
+        (true, 11) => Err(io::Error::other("the child could not enter the netns")),
+        (true, 12) => Err(io::Error::other("the child could not make a socket")),
+        _ => Err(io::Error::other(format!(
+            "the child ended with status {status}"
+        ))),
+    }
+}

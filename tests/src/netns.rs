@@ -13,7 +13,12 @@ pub struct TestNetns {
 
 impl TestNetns {
     pub fn new(name: &str) -> TestNetns {
-        let name = format!("{}-{name}-{}", crate::PREFIX, std::process::id());
+        TestNetns::named(&format!("{}-{name}-{}", crate::PREFIX, std::process::id()))
+    }
+
+    /// `/run/netns/<name>` exactly (the caller makes the name its own), with `lo` up.
+    pub fn named(name: &str) -> TestNetns {
+        let name = name.to_owned();
         let _ = Command::new("ip").args(["netns", "del", &name]).output();
         let st = Command::new("ip")
             .args(["netns", "add", &name])

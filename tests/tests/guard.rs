@@ -176,7 +176,7 @@ fn denial_text(
     errno: &str,
 ) -> String {
     format!(
-        "denied bind port={port}/{proto} family={family} pid={pid} comm={comm} cgroup={} errno={errno}",
+        "denied bind port={port}/{proto} family={family} pid={pid} comm={comm} cgroup={} netns=host errno={errno}",
         cg.path()
     )
 }

@@ -396,7 +396,7 @@ fn fd_count(pid: i32) -> usize {
 
 #[test]
 fn idle_connections_to_the_metrics_port_end_no_lease() {
-    const LIMIT: u64 = 96;
+    const LIMIT: u64 = 128;
     let s = Setup::new("fds");
     let metrics = "127.0.0.1:63190";
     let mut cmd = s.daemon_cmd(
@@ -640,7 +640,7 @@ fn cgroup_and_command_names_cannot_forge_log_fields() {
     let keys = keys_outside_quotes(line.split("denied bind ").nth(1).unwrap());
     assert_eq!(
         keys,
-        ["port", "family", "pid", "comm", "cgroup", "errno"],
+        ["port", "family", "pid", "comm", "cgroup", "netns", "errno"],
         "{line}"
     );
 

@@ -42,6 +42,7 @@ struct Report {
 #[derive(Serialize)]
 struct Features {
     set_retval: bool,
+    netns_cookie: bool,
 }
 
 /// Exit status: 0 when the preflight passes and nothing conflicts, 1 otherwise.
@@ -121,7 +122,7 @@ pub fn run(pin: &PinDir, config: Option<&Path>, json: bool) -> Result<ExitCode> 
                     detail: e.0,
                 });
             }
-            f.describe().into_iter().filter(|_| !f.set_retval).collect()
+            f.fallbacks()
         }
         None => Vec::new(),
     };
@@ -130,7 +131,15 @@ pub fn run(pin: &PinDir, config: Option<&Path>, json: bool) -> Result<ExitCode> 
         .ok()
         .and_then(|c| View::from_pins(pin, c))
         .unwrap_or_else(|| View::from_policy(&policy));
-    let (scan, holders) = conflicts::find(&view);
+    let (scan, holders, netns_notes) = conflicts::find_in(&view, &policy.netns);
+    for note in netns_notes {
+        preflight.push(Item {
+            name: "netns",
+            ok: true,
+            warning: true,
+            detail: note,
+        });
+    }
     if !scan.bound_inactive_visible {
         preflight.push(Item {
             name: "sockets",
@@ -149,6 +158,7 @@ pub fn run(pin: &PinDir, config: Option<&Path>, json: bool) -> Result<ExitCode> 
         preflight,
         features: Features {
             set_retval: features.is_some_and(|f| f.set_retval),
+            netns_cookie: features.is_some_and(|f| f.netns_cookie),
         },
         fallbacks,
         policy_source: view.source,
@@ -197,12 +207,12 @@ fn render(r: &Report, view: &View) -> String {
         out += "(none)\n";
     } else {
         out += &format!(
-            "{:<6} {:<5} {:<5} {:<12} {:>7} {:<16} {:<40} {}\n",
-            "PORT", "PROTO", "FAM", "STATE", "PID", "COMMAND", "CGROUP", "GUARD"
+            "{:<6} {:<5} {:<5} {:<12} {:>7} {:<16} {:<40} {:<12} {}\n",
+            "PORT", "PROTO", "FAM", "STATE", "PID", "COMMAND", "CGROUP", "NETNS", "GUARD"
         );
         for h in &r.sockets {
             out += &format!(
-                "{:<6} {:<5} {:<5} {:<12} {:>7} {:<16} {:<40} {}\n",
+                "{:<6} {:<5} {:<5} {:<12} {:>7} {:<16} {:<40} {:<12} {}\n",
                 h.port,
                 h.protocol,
                 h.family.trim_start_matches("ip"),
@@ -210,6 +220,7 @@ fn render(r: &Report, view: &View) -> String {
                 h.pid.map(|p| p.to_string()).unwrap_or("?".into()),
                 h.command.as_deref().unwrap_or("?"),
                 h.cgroup.as_deref().unwrap_or("?"),
+                h.netns,
                 if h.would_refuse {
                     format!("CONFLICT: would refuse ({})", h.reason)
                 } else {

@@ -23,6 +23,7 @@ pub fn run(pin: &PinDir, config: Option<&Path>, args: DaemonArgs) -> Result<()> 
             protect_ephemeral,
             allow_fallback: args.allow_fallback,
             spawn_parent: args.spawn_parent,
+            netns: args.netns,
         },
     };
     daemon::run(pin, source, args.metrics_listen, args.unload_on_exit)

@@ -8,6 +8,7 @@ use crate::{
     commands::spawn::{enter, spawn_parent},
     error::UsageError,
     maps::Maps,
+    netns::ProbeIn,
     pin::PinDir,
 };
 
@@ -20,13 +21,14 @@ pub fn lease(pin: &PinDir, cgroup: &str, port: Option<u16>, json: bool) -> Resul
     let target_id = cg.id(&target)?;
     let mut maps = Maps::open(pin)?;
     let parent = spawn_parent(&maps, &cg)?;
+    let probe_in = ProbeIn::guarded(pin.path())?;
     let pid = std::process::id();
     let scratch = parent.join(&format!("lease-{pid}"))?;
     let scratch_id = cg.create(&scratch)?;
     let original = cgroup::of_pid(pid).unwrap_or_else(CgroupPath::root);
     let result = (|| -> Result<u16> {
         enter(&cg, &scratch)?;
-        let port = maps.allocate(scratch_id, scratch.level(), port)?;
+        let port = maps.allocate(scratch_id, scratch.level(), port, &probe_in)?;
         if let Err(e) = maps.leases_mut().hand_over(port, target_id, target.level()) {
             let _ = maps.leases_mut().release(port);
             return Err(e.into());

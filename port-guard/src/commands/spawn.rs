@@ -8,6 +8,7 @@ use crate::{
     cgroup::{self, Cgroup2, CgroupNames, CgroupPath},
     error::UsageError,
     maps::Maps,
+    netns::ProbeIn,
     pin::PinDir,
 };
 
@@ -50,6 +51,8 @@ pub fn run(pin: &PinDir, args: SpawnArgs) -> Result<()> {
     let cg = Cgroup2::find()?;
     let mut maps = Maps::open(pin)?;
     let parent = spawn_parent(&maps, &cg)?;
+    // The port must be free in the guarded namespaces, whichever this process is in.
+    let probe_in = ProbeIn::guarded(pin.path())?;
     let pid = std::process::id();
     let path = match &args.name {
         Some(n) => {
@@ -79,7 +82,7 @@ pub fn run(pin: &PinDir, args: SpawnArgs) -> Result<()> {
     let result = (|| -> Result<(u16, std::io::Error)> {
         enter(&cg, &path)?;
         let id = cg.id(&path)?;
-        let port = maps.allocate(id, path.level(), args.port)?;
+        let port = maps.allocate(id, path.level(), args.port, &probe_in)?;
         let argv = substitute(&args.cmd, port);
         let line = if args.json {
             serde_json::json!({ "port": port, "pid": pid, "cgroup": path.as_str() }).to_string()

@@ -26,6 +26,22 @@ fn age(secs: u64) -> String {
     }
 }
 
+/// Where the guard enforces, for the table.
+fn netns(s: &Status) -> String {
+    if !s.netns.scoped {
+        return "all (every network namespace)".into();
+    }
+    if s.netns.guarded.is_empty() {
+        return "none present yet (binds are checked nowhere)".into();
+    }
+    s.netns
+        .guarded
+        .iter()
+        .map(|n| format!("{} (inode {})", n.name, n.inode))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
 /// The human table.
 pub fn render(s: &Status) -> String {
     let mut out = String::new();
@@ -35,10 +51,11 @@ pub fn render(s: &Status) -> String {
         format!("{} (this kernel gives {})", s.errno, s.effective_errno)
     };
     out += &format!(
-        "guard:     {}\npin dir:   {}\nattach:    {}\nmode:      {}\nerrno:     {}\nephemeral: {}\nspawn:     {}\n",
+        "guard:     {}\npin dir:   {}\nattach:    {}\nnetns:     {}\nmode:      {}\nerrno:     {}\nephemeral: {}\nspawn:     {}\n",
         if s.attached { "attached" } else { "NOT ATTACHED: binds are not checked" },
         s.pin_dir.display(),
         s.attach,
+        netns(s),
         s.mode,
         errno,
         if s.protect_ephemeral { "protected" } else { "not protected" },
@@ -64,6 +81,12 @@ pub fn render(s: &Status) -> String {
             } else {
                 r.allow.join(", ")
             },
+        );
+    }
+    if s.netns.unguarded_binds > 0 {
+        out += &format!(
+            "({} binds of reserved ports in network namespaces the guard does not enforce in, let through)\n",
+            s.netns.unguarded_binds
         );
     }
     if s.events_lost > 0 {

@@ -7,6 +7,7 @@
 //! (`on_reload`, in [`policy`]) and metrics scrapes (`on_scrape`). [`serve`] joins them in one
 //! `select!`.
 
+mod netns;
 mod policy;
 mod start;
 
@@ -20,7 +21,7 @@ use tokio::{io::unix::AsyncFd, signal::unix::Signal};
 
 pub use self::{policy::Source, start::run};
 use crate::{
-    cgroup::{Cgroup2, CgroupNames},
+    cgroup::{Cgroup2, CgroupNames, CgroupPath},
     events::DenialLog,
     guard::{Guard, PinCheck},
     inotify::Inotify,
@@ -67,6 +68,9 @@ struct Daemon<'a> {
     stats: DaemonStats,
     last_sysctl_check: Instant,
     detached_since: Option<Instant>,
+    netns: netns::GuardedNetns,
+    /// Where the netns-learning helper runs.
+    scratch: CgroupPath,
 }
 
 impl Daemon<'_> {
@@ -102,6 +106,7 @@ impl Daemon<'_> {
             return Ok(Some(exit));
         }
         self.refresh_allowed();
+        self.refresh_netns();
         self.reaper.run(
             Wake::Tick,
             &mut self.guard.maps,
@@ -158,6 +163,39 @@ impl Daemon<'_> {
         Ok(None)
     }
 
+    /// Follows the listed netns paths; writes the set when it changed, and protects the
+    /// ephemeral ports of a netns that appeared.
+    fn refresh_netns(&mut self) {
+        if self.netns.refresh(&mut self.guard, self.cg, &self.scratch) {
+            self.write_netns();
+            if self.resolved.policy.protect_ephemeral {
+                if let Err(e) = policy::sync_ephemeral(
+                    self.pin,
+                    &mut self.guard,
+                    &self.resolved.policy,
+                    &self.netns,
+                ) {
+                    warn!("protecting ephemeral ports in the guarded namespaces: {e:#}");
+                }
+            }
+        }
+    }
+
+    /// The guarded set into the kernel, the names into the log, the record for spawn.
+    fn write_netns(&mut self) {
+        if let Err(e) = self
+            .guard
+            .maps
+            .write_netns(&self.netns.set(), self.netns.scoped())
+        {
+            error!("writing the guarded network namespaces: {e}");
+        }
+        self.denials.netns.set(self.netns.names());
+        if let Err(e) = self.netns.record(self.pin) {
+            warn!("recording the guarded network namespaces for spawn and check: {e}");
+        }
+    }
+
     fn repair_ephemeral(&mut self) {
         let ranges: Vec<_> = self
             .resolved
@@ -191,6 +229,10 @@ impl Daemon<'_> {
 }
 
 impl<'a> Daemon<'a> {
+    #[expect(
+        clippy::too_many_arguments,
+        reason = "start-up hands over what it made, once"
+    )]
     fn new(
         pin: &'a PinDir,
         cg: &'a Cgroup2,
@@ -198,6 +240,8 @@ impl<'a> Daemon<'a> {
         mut guard: Guard,
         resolved: Resolved,
         features: Features,
+        netns: netns::GuardedNetns,
+        scratch: CgroupPath,
     ) -> Result<Daemon<'a>> {
         let offenders = match guard.ebpf.take_map(MAP_OFFENDERS).map(HashMap::try_from) {
             Some(Ok(m)) => Some(m),
@@ -224,7 +268,10 @@ impl<'a> Daemon<'a> {
             },
             last_sysctl_check: Instant::now(),
             detached_since: None,
+            netns,
+            scratch,
         };
+        d.denials.netns.set(d.netns.names());
         // Leases whose VM ended while no daemon ran.
         d.reaper.run(
             Wake::Full,

@@ -4,15 +4,17 @@
 
 use std::path::Path;
 
-use anyhow::{bail, Result};
+use anyhow::{bail, Context as _, Result};
 use log::{error, info, warn};
 
-use super::Daemon;
+use super::{netns::GuardedNetns, Daemon};
 use crate::{
     cgroup::Cgroup2,
     config::{build_policy, check_cgroups, ConfigFile, Overrides},
+    ephemeral::EphemeralError,
     guard::Guard,
     maps::Resolved,
+    netns::Netns,
     pin::PinDir,
     policy::Policy,
 };
@@ -36,19 +38,55 @@ impl Source<'_> {
     }
 }
 
-/// Applies or withdraws ephemeral-port protection to match `policy`, and records it in the
-/// config map for `status`.
-pub(super) fn sync_ephemeral(pin: &PinDir, guard: &mut Guard, policy: &Policy) -> Result<()> {
+/// Runs `f` in each netns ephemeral protection goes to (here, or entered by path), with that
+/// netns's path for the record; collects what `f` returned, with the netns's name.
+pub(super) fn in_protected<T: Send>(
+    guarded: &GuardedNetns,
+    f: impl Fn(Option<&Path>) -> Result<T, EphemeralError> + Sync,
+) -> Result<Vec<(String, T)>> {
+    let mut out = Vec::new();
+    for target in guarded.protected() {
+        match target {
+            None => out.push(("host".to_owned(), f(None)?)),
+            Some((name, path)) => {
+                let Some(ns) = Netns::open(&path)? else {
+                    // Gone since it was seen: the next tick forgets it.
+                    continue;
+                };
+                let value = ns
+                    .run(|| f(Some(&path)))
+                    .with_context(|| format!("entering netns {}", path.display()))??;
+                out.push((name, value));
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// Applies or withdraws ephemeral-port protection to match `policy`, in every netns it goes to,
+/// and records it in the config map for `status`.
+pub(super) fn sync_ephemeral(
+    pin: &PinDir,
+    guard: &mut Guard,
+    policy: &Policy,
+    guarded: &GuardedNetns,
+) -> Result<()> {
     if policy.protect_ephemeral {
         let ranges: Vec<_> = policy.reserve.iter().map(|r| r.spec.range).collect();
-        let value = crate::ephemeral::apply(pin.path(), &ranges)?;
+        for (name, value) in in_protected(guarded, |path| {
+            crate::ephemeral::apply(pin.path(), &ranges, path)
+        })? {
+            info!("ephemeral ports protected: net.ipv4.ip_local_reserved_ports = {value} (netns {name})");
+        }
         guard.maps.set_protect_ephemeral(true)?;
-        info!("ephemeral ports protected: net.ipv4.ip_local_reserved_ports = {value}");
-    } else if let Some(value) = crate::ephemeral::restore(pin.path())? {
-        guard.maps.set_protect_ephemeral(false)?;
-        info!(
-            "ephemeral-port protection off: net.ipv4.ip_local_reserved_ports restored to {value:?}"
-        );
+    } else {
+        let restored = crate::ephemeral::restore(pin.path())?;
+        if !restored.is_empty() {
+            guard.maps.set_protect_ephemeral(false)?;
+        }
+        for line in restored {
+            info!("ephemeral-port protection off: {line}");
+        }
     }
     Ok(())
 }
@@ -63,12 +101,13 @@ impl Daemon<'_> {
         let result = self.reload();
         crate::notify::notify("READY=1");
         match result {
-            Ok(r) => {
+            Ok((r, netns)) => {
                 self.stats.reloads_ok += 1;
                 info!(
-                    "SIGHUP: config reloaded: mode={} errno={} ranges={}",
+                    "SIGHUP: config reloaded: mode={} errno={} netns={} ranges={}",
                     r.policy.mode.name(),
                     r.policy.errno.name(),
+                    r.policy.netns,
                     r.policy
                         .reserve
                         .iter()
@@ -76,8 +115,10 @@ impl Daemon<'_> {
                         .collect::<Vec<_>>()
                         .join(" ")
                 );
+                self.netns = netns;
                 self.resolved = r;
                 self.watch_allowed();
+                self.write_netns();
             }
             Err(e) => {
                 self.stats.reloads_failed += 1;
@@ -88,7 +129,7 @@ impl Daemon<'_> {
 
     /// Builds and checks the new policy completely, then updates the maps in place. A failed map
     /// write has restored the old policy in the maps before this returns.
-    fn reload(&mut self) -> Result<Resolved> {
+    fn reload(&mut self) -> Result<(Resolved, GuardedNetns)> {
         let cg = self.cg;
         let old = &self.resolved;
         let policy = self.source.policy(cg)?;
@@ -105,16 +146,34 @@ impl Daemon<'_> {
             cg.create(&policy.spawn_parent)?
         };
         let r = Resolved::new(policy, cg, spawn_parent_id)?;
+        let mut netns = self.netns.clone();
+        netns.set_scope(&r.policy.netns);
+        netns.refresh(&mut self.guard, cg, &self.scratch);
         self.guard.maps.write_policy(&r, self.features)?;
-        if let Err(e) = sync_ephemeral(self.pin, &mut self.guard, &r.policy) {
-            // The maps hold the new policy: put the old one back, whole.
+        let rest = self
+            .guard
+            .maps
+            .write_netns(&netns.set(), netns.scoped())
+            .map_err(anyhow::Error::from)
+            .and_then(|()| sync_ephemeral(self.pin, &mut self.guard, &r.policy, &netns));
+        if let Err(e) = rest {
+            // The maps hold (part of) the new policy: put the old one back, whole.
             let old = self.resolved.clone();
-            if let Err(undo) = self.guard.maps.write_policy(&old, self.features) {
+            if let Err(undo) = self
+                .guard
+                .maps
+                .write_policy(&old, self.features)
+                .and_then(|()| {
+                    self.guard
+                        .maps
+                        .write_netns(&self.netns.set(), self.netns.scoped())
+                })
+            {
                 error!("restoring the old policy after a failed reload: {undo}");
             }
             return Err(e);
         }
-        Ok(r)
+        Ok((r, netns))
     }
 
     /// Watches the nearest existing directory above each allowed cgroup.

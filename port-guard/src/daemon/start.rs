@@ -8,13 +8,14 @@ use anyhow::{Context as _, Result};
 use log::{info, warn};
 use tokio::signal::unix::{signal, SignalKind};
 
-use super::{policy, serve, Daemon, Exit, Signals, Source};
+use super::{netns::GuardedNetns, policy, serve, Daemon, Exit, Signals, Source};
 use crate::{
     cgroup::{Cgroup2, CgroupPath},
     guard::{self, Guard},
     maps::Resolved,
     metrics,
     pin::PinDir,
+    policy::NetnsScope,
     probe::{self, Features},
 };
 
@@ -69,7 +70,29 @@ pub fn run(
     let spawn_parent_id = cg.create(&policy.spawn_parent)?;
     let started = Instant::now();
     let resolved = Resolved::new(policy, &cg, spawn_parent_id)?;
-    let mut guard = match Guard::start(pin, &resolved, features, &cg) {
+    if !features.netns_cookie && resolved.policy.netns != NetnsScope::All {
+        warn!("this kernel cannot tell network namespaces apart in bind programs (no bpf_get_netns_cookie): the guard enforces in every netns, not only in {}", resolved.policy.netns);
+    }
+    // Where the netns-learning helper runs: a scratch cgroup of its own, below the spawn parent.
+    let scratch = resolved
+        .policy
+        .spawn_parent
+        .join(&format!("netns-learn-{}", std::process::id()))?;
+    let mut guarded = None;
+    let started_guard = Guard::start(pin, &resolved, features, &cg, |g| {
+        let mut n = GuardedNetns::new(
+            &resolved.policy.netns,
+            features.netns_cookie,
+            g,
+            &cg,
+            &scratch,
+        )?;
+        n.refresh(g, &cg, &scratch);
+        g.maps.write_netns(&n.set(), n.scoped())?;
+        guarded = Some(n);
+        Ok(())
+    });
+    let mut guard = match started_guard {
         Ok(g) => g,
         Err(e) => {
             if created_spawn_parent {
@@ -81,12 +104,16 @@ pub fn run(
             return Err(e.into());
         }
     };
-    if let Err(e) = policy::sync_ephemeral(pin, &mut guard, &resolved.policy) {
+    let guarded = guarded.expect("Guard::start ran its before_attach");
+    if let Err(e) = policy::sync_ephemeral(pin, &mut guard, &resolved.policy, &guarded) {
         if !guard.adopted {
             drop(guard);
             let _ = guard::unload(pin);
         }
         return Err(e);
+    }
+    if let Err(e) = guarded.record(pin) {
+        warn!("recording the guarded network namespaces for spawn and check: {e}");
     }
     if guard.adopted {
         info!(
@@ -95,12 +122,13 @@ pub fn run(
         );
     }
     log_enforcing(&resolved, features, &guard, pin, started);
+    info!("guarded network namespaces: {}", guarded.describe());
     if !resolved.policy.protect_ephemeral {
         warn!("protect_ephemeral is off: a process the guard refuses can still get a reserved port the kernel picks for it (connect(), sendto(), bind() to port 0)");
     }
     // Who already holds a reserved port: the guard cannot evict them, the operator must know.
     if let Some(view) = crate::conflicts::View::from_pins(pin, &cg) {
-        let (_, holders) = crate::conflicts::find(&view);
+        let (_, holders, _) = crate::conflicts::find_in(&view, &resolved.policy.netns);
         for h in holders.iter().filter(|h| h.would_refuse) {
             warn!(
                 "conflict: a reserved port is already held: {}",
@@ -112,7 +140,9 @@ pub fn run(
         "READY=1\nSTATUS=guard enforcing on {}",
         resolved.policy.attach
     ));
-    let daemon = Daemon::new(pin, &cg, source, guard, resolved, features)?;
+    let daemon = Daemon::new(
+        pin, &cg, source, guard, resolved, features, guarded, scratch,
+    )?;
     let exit = rt.block_on(serve(daemon, signals, metrics))?;
     crate::notify::notify("STOPPING=1");
     if matches!(exit, Exit::Unloaded) {

@@ -22,6 +22,7 @@ use socket2::{Domain, Socket, Type};
 use super::{LeaseError, LeaseTable};
 use crate::{
     cgroup::{Cgroup2, CgroupNames},
+    netns::{ProbeError, ProbeIn},
     policy::{Protocols, ReserveSpec},
 };
 
@@ -79,16 +80,17 @@ fn probe_bind(addr: SocketAddr, ty: Type) -> io::Result<()> {
 }
 
 /// Leases a port of `ranges` to `cgroup_id` (at `level`), which must be the caller's own
-/// cgroup: `requested`, or the first free port of the ranges in port order. The outcome is
-/// counted for the daemon's metrics.
+/// cgroup: `requested`, or the first free port of the ranges in port order, free in every netns
+/// of `probe_in`. The outcome is counted for the daemon's metrics.
 pub fn allocate(
     ranges: &[ReserveSpec],
     table: &mut LeaseTable,
     cgroup_id: u64,
     level: u32,
     requested: Option<u16>,
+    probe_in: &ProbeIn,
 ) -> Result<u16, LeaseError> {
-    let result = allocate_inner(ranges, table, cgroup_id, level, requested);
+    let result = allocate_inner(ranges, table, cgroup_id, level, requested, probe_in);
     match &result {
         Ok(_) => table.record(true),
         Err(LeaseError::Exhausted { .. }) => table.record(false),
@@ -102,8 +104,18 @@ fn probe_claimed(
     table: &mut LeaseTable,
     port: u16,
     protocols: Protocols,
+    probe_in: &ProbeIn,
 ) -> Result<bool, LeaseError> {
-    match probe_free(port, protocols) {
+    let free = probe_in
+        .all_free(|| probe_free(port, protocols))
+        .map_err(|e| match e {
+            ProbeError::Probe(e) => e,
+            ProbeError::Enter(e) => LeaseError::Probe {
+                port,
+                source: io::Error::other(e.to_string()),
+            },
+        });
+    match free {
         Ok(true) => Ok(true),
         Ok(false) => {
             table.release(port)?;
@@ -122,6 +134,7 @@ fn allocate_inner(
     cgroup_id: u64,
     level: u32,
     requested: Option<u16>,
+    probe_in: &ProbeIn,
 ) -> Result<u16, LeaseError> {
     if let Some(port) = requested {
         let Some(spec) = ranges.iter().find(|s| s.range.contains(port)) else {
@@ -141,7 +154,7 @@ fn allocate_inner(
             };
             return Err(LeaseError::Leased { port, holder });
         }
-        return if probe_claimed(table, port, spec.protocols)? {
+        return if probe_claimed(table, port, spec.protocols, probe_in)? {
             Ok(port)
         } else {
             Err(LeaseError::InUse { port })
@@ -151,7 +164,9 @@ fn allocate_inner(
     for spec in ranges {
         let mut from = spec.range.first;
         while let Some(port) = table.first_unmarked(from, spec.range.last) {
-            if table.claim(port, cgroup_id, level)? && probe_claimed(table, port, spec.protocols)? {
+            if table.claim(port, cgroup_id, level)?
+                && probe_claimed(table, port, spec.protocols, probe_in)?
+            {
                 return Ok(port);
             }
             // Leased (another allocator got it first) or held by a socket: the next one.

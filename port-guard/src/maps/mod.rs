@@ -6,7 +6,7 @@
 mod write;
 
 use std::{
-    collections::HashMap as StdHashMap,
+    collections::{BTreeMap, HashMap as StdHashMap},
     fs, io,
     os::fd::{AsFd as _, AsRawFd as _},
     path::Path,
@@ -18,8 +18,9 @@ use aya::{
 };
 use port_guard_common::{
     counter_index, GuardConfig, PortEntry, RangeDef, ABI_VERSION, COUNTER_ALLOWED, COUNTER_AUDITED,
-    COUNTER_DENIED, EVENTS_LOST_INDEX, FLAG_PROTECT_EPHEMERAL, FLAG_RETVAL, MAP_ALLOC, MAP_ALLOWED,
-    MAP_CONFIG, MAP_COUNTERS, MAP_LEASES, MAP_PORTS, MAP_RANGES, MAX_RANGES, MODE_AUDIT,
+    COUNTER_DENIED, EVENTS_LOST_INDEX, FLAG_NETNS_SCOPED, FLAG_PROTECT_EPHEMERAL, FLAG_RETVAL,
+    MAP_ALLOC, MAP_ALLOWED, MAP_CONFIG, MAP_COUNTERS, MAP_LEASES, MAP_NETNS, MAP_PORTS, MAP_RANGES,
+    MAP_UNGUARDED, MAX_RANGES, MODE_AUDIT,
 };
 
 pub use self::write::Resolved;
@@ -140,6 +141,8 @@ pub struct Settings {
     /// Whether the kernel gives refused binds the configured errno (else EPERM).
     pub retval: bool,
     pub protect_ephemeral: bool,
+    /// Enforcing only in the namespaces of [`Maps::guarded_netns`] (else in every netns).
+    pub netns_scoped: bool,
     pub attach_id: u64,
     pub spawn_parent_id: u64,
 }
@@ -166,6 +169,9 @@ pub struct Maps {
     config: Array<MapData, GuardConfig>,
     counters: PerCpuArray<MapData, u64>,
     leases: LeaseTable,
+    /// PG_NETNS and PG_UNGUARDED: None in pins of a daemon from before they existed.
+    netns: Option<HashMap<MapData, u64, u64>>,
+    unguarded: Option<PerCpuArray<MapData, u64>>,
 }
 
 fn open_pinned(pin: &PinDir, name: &'static str) -> Result<Map, MapsError> {
@@ -176,6 +182,7 @@ fn open_pinned(pin: &PinDir, name: &'static str) -> Result<Map, MapsError> {
 impl Maps {
     fn build(
         mut get: impl FnMut(&'static str) -> Result<Map, MapsError>,
+        mut optional: impl FnMut(&'static str) -> Option<Map>,
     ) -> Result<Maps, MapsError> {
         let ranges: Array<MapData, RangeDef> =
             get(MAP_RANGES)?.try_into().map_err(map_err(MAP_RANGES))?;
@@ -207,15 +214,48 @@ impl Maps {
                 .try_into()
                 .map_err(map_err(MAP_COUNTERS))?,
             leases,
+            netns: optional(MAP_NETNS)
+                .map(|m| m.try_into().map_err(map_err(MAP_NETNS)))
+                .transpose()?,
+            unguarded: optional(MAP_UNGUARDED)
+                .map(|m| m.try_into().map_err(map_err(MAP_UNGUARDED)))
+                .transpose()?,
         })
     }
 
     /// Takes the maps out of a freshly loaded object.
     pub(crate) fn from_ebpf(ebpf: &mut Ebpf) -> Result<Maps, MapsError> {
-        Maps::build(|name| {
-            ebpf.take_map(name)
-                .ok_or_else(|| map_err(name)(MapError::InvalidName { name: name.into() }))
-        })
+        let mut take = |name: &'static str| ebpf.take_map(name);
+        let mut required = Vec::new();
+        for name in [
+            MAP_RANGES,
+            MAP_ALLOC,
+            MAP_LEASES,
+            MAP_PORTS,
+            MAP_ALLOWED,
+            MAP_CONFIG,
+            MAP_COUNTERS,
+        ] {
+            required.push((name, take(name)));
+        }
+        let netns = take(MAP_NETNS);
+        let unguarded = take(MAP_UNGUARDED);
+        let mut optional = [(MAP_NETNS, netns), (MAP_UNGUARDED, unguarded)];
+        Maps::build(
+            |name| {
+                required
+                    .iter_mut()
+                    .find(|(n, _)| *n == name)
+                    .and_then(|(_, m)| m.take())
+                    .ok_or_else(|| map_err(name)(MapError::InvalidName { name: name.into() }))
+            },
+            |name| {
+                optional
+                    .iter_mut()
+                    .find(|(n, _)| *n == name)
+                    .and_then(|(_, m)| m.take())
+            },
+        )
     }
 
     /// Opens the pinned maps, checking the pin dir and the layout version.
@@ -236,7 +276,10 @@ impl Maps {
             .try_into()
             .map_err(map_err(MAP_CONFIG))?;
         Maps::check_abi(&config, pin.path())?;
-        Maps::build(|name| open_pinned(pin, name))
+        Maps::build(
+            |name| open_pinned(pin, name),
+            |name| open_pinned(pin, name).ok(),
+        )
     }
 
     pub(crate) fn check_abi(
@@ -279,6 +322,7 @@ impl Maps {
             errno: Errno::from_raw(c.errno).unwrap_or_default(),
             retval: c.flags & FLAG_RETVAL != 0,
             protect_ephemeral: c.flags & FLAG_PROTECT_EPHEMERAL != 0,
+            netns_scoped: c.flags & FLAG_NETNS_SCOPED != 0,
             attach_id: c.attach_cgroup_id,
             spawn_parent_id: c.spawn_parent_id,
         })
@@ -365,25 +409,88 @@ impl Maps {
         self.counter(EVENTS_LOST_INDEX)
     }
 
-    /// Records in the config map whether ephemeral protection is in force.
-    pub fn set_protect_ephemeral(&mut self, on: bool) -> Result<(), MapsError> {
+    fn set_flag(&mut self, flag: u32, on: bool) -> Result<(), MapsError> {
         let mut c = self.raw_config()?;
         if on {
-            c.flags |= FLAG_PROTECT_EPHEMERAL;
+            c.flags |= flag;
         } else {
-            c.flags &= !FLAG_PROTECT_EPHEMERAL;
+            c.flags &= !flag;
         }
         self.config.set(0, c, 0).map_err(map_err(MAP_CONFIG))
     }
 
-    /// Leases a port of the configured ranges to `cgroup_id`: see [`crate::leases::allocate`].
+    /// Records in the config map whether ephemeral protection is in force.
+    pub fn set_protect_ephemeral(&mut self, on: bool) -> Result<(), MapsError> {
+        self.set_flag(FLAG_PROTECT_EPHEMERAL, on)
+    }
+
+    /// The guarded namespaces: cookie → inode.
+    pub fn guarded_netns(&self) -> Result<BTreeMap<u64, u64>, MapsError> {
+        match &self.netns {
+            Some(m) => m
+                .iter()
+                .collect::<Result<_, _>>()
+                .map_err(map_err(MAP_NETNS)),
+            None => Ok(BTreeMap::new()),
+        }
+    }
+
+    /// Makes the guard enforce in the namespaces of `set` (cookie → inode), or, with `scoped`
+    /// false, in every one. Entries go in before the scope narrows to them; stale ones leave
+    /// after.
+    pub fn write_netns(&mut self, set: &BTreeMap<u64, u64>, scoped: bool) -> Result<(), MapsError> {
+        let old = self.guarded_netns()?;
+        let Some(map) = self.netns.as_mut() else {
+            return Ok(());
+        };
+        for (&cookie, &inode) in set {
+            if old.get(&cookie) != Some(&inode) {
+                map.insert(cookie, inode, 0).map_err(map_err(MAP_NETNS))?;
+            }
+        }
+        self.set_flag(FLAG_NETNS_SCOPED, scoped)?;
+        let map = self.netns.as_mut().expect("checked above");
+        for cookie in old.keys().filter(|c| !set.contains_key(c)) {
+            match map.remove(cookie) {
+                Ok(()) | Err(MapError::KeyNotFound) => {}
+                Err(e) => return Err(map_err(MAP_NETNS)(e)),
+            }
+        }
+        Ok(())
+    }
+
+    /// Binds of reserved ports of range `slot` that passed because their netns is not guarded:
+    /// (tcp, udp).
+    pub fn unguarded(&self, slot: u32) -> Result<(u64, u64), MapsError> {
+        let Some(m) = &self.unguarded else {
+            return Ok((0, 0));
+        };
+        let read = |proto: u32| -> Result<u64, MapsError> {
+            Ok(m.get(&(slot * 2 + proto), 0)
+                .map_err(map_err(MAP_UNGUARDED))?
+                .iter()
+                .sum())
+        };
+        Ok((read(0)?, read(1)?))
+    }
+
+    /// Leases a port of the configured ranges to `cgroup_id`, free in every netns of
+    /// `probe_in`: see [`crate::leases::allocate`].
     pub fn allocate(
         &mut self,
         cgroup_id: u64,
         level: u32,
         requested: Option<u16>,
+        probe_in: &crate::netns::ProbeIn,
     ) -> Result<u16, LeaseError> {
         let ranges = self.reserved();
-        crate::leases::allocate(&ranges, &mut self.leases, cgroup_id, level, requested)
+        crate::leases::allocate(
+            &ranges,
+            &mut self.leases,
+            cgroup_id,
+            level,
+            requested,
+            probe_in,
+        )
     }
 }

@@ -13,8 +13,9 @@ use std::{
 use log::error;
 use port_guard_common::{
     counter_index, GuardConfig, PortEntry, RangeDef, ABI_VERSION, COUNTER_ALLOWED, COUNTER_AUDITED,
-    COUNTER_DENIED, FLAG_PROTECT_EPHEMERAL, FLAG_RETVAL, MAP_ALLOWED, MAP_CONFIG, MAP_COUNTERS,
-    MAP_PORTS, MAP_RANGES, MAX_ALLOWED, MAX_CGROUP_LEVEL, MAX_RANGES, MODE_AUDIT, MODE_ENFORCE,
+    COUNTER_DENIED, FLAG_NETNS_SCOPED, FLAG_PROTECT_EPHEMERAL, FLAG_RETVAL, MAP_ALLOWED,
+    MAP_CONFIG, MAP_COUNTERS, MAP_PORTS, MAP_RANGES, MAX_ALLOWED, MAX_CGROUP_LEVEL, MAX_RANGES,
+    MODE_AUDIT, MODE_ENFORCE,
 };
 
 use super::{map_err, Maps, MapsError};
@@ -177,7 +178,7 @@ impl Maps {
                 Mode::Audit => MODE_AUDIT,
             },
             errno: r.policy.errno.raw(),
-            flags: (old_config.flags & FLAG_PROTECT_EPHEMERAL)
+            flags: (old_config.flags & (FLAG_PROTECT_EPHEMERAL | FLAG_NETNS_SCOPED))
                 | if features.set_retval { FLAG_RETVAL } else { 0 },
             allowed_levels: levels | old_config.allowed_levels,
             attach_cgroup_id: r.attach_id,

@@ -2,10 +2,13 @@
 //! or flags). Parsing here is pure and unit-tested; cgroup paths are resolved against the system
 //! in [`crate::config`].
 
+mod netns;
+
 use std::{fmt, str::FromStr};
 
 use port_guard_common::{MAX_ALLOWED, MAX_RANGES, PROTO_TCP, PROTO_UDP};
 
+pub use self::netns::{NetnsScope, NetnsSpec};
 use crate::cgroup::CgroupPath;
 
 /// A bad value in the configuration or on the command line (exit status 2).
@@ -38,6 +41,15 @@ pub enum PolicyError {
     /// An unknown errno name.
     #[error("unknown errno {0:?}: expected eperm, eacces or eaddrinuse")]
     Errno(String),
+    /// Something that names no network namespace.
+    #[error("invalid netns {0:?}: expected host, all, or the absolute path of a netns file (/run/netns/NAME, /proc/PID/ns/net)")]
+    Netns(String),
+    /// `all` with others.
+    #[error("netns \"all\" covers every network namespace: list it alone")]
+    NetnsAllWithOthers,
+    /// An empty list.
+    #[error("netns lists no network namespace: expected [\"host\"], [\"all\"] or netns paths")]
+    NoNetns,
 }
 
 /// An inclusive port range, 1..=65535.
@@ -301,6 +313,8 @@ pub struct Policy {
     pub allow_fallback: bool,
     pub spawn_parent: CgroupPath,
     pub reserve: Vec<Reservation>,
+    /// Where the guard enforces.
+    pub netns: NetnsScope,
 }
 
 /// The default range: libvirt's migration_port_min..migration_port_max.
