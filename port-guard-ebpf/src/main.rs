@@ -124,23 +124,6 @@ pub fn port_guard_netns_learn(ctx: SockAddrContext) -> i32 {
     DENY
 }
 
-/// The cookie of the caller's netns when the guard is scoped to some namespaces and this one is
-/// not among them: the bind passes.
-#[inline(always)]
-fn unguarded_netns(ctx: &SockAddrContext) -> bool {
-    if unsafe { core::ptr::read_volatile(&USE_NETNS) } == 0 {
-        return false;
-    }
-    let scoped = PG_CONFIG
-        .get(0)
-        .is_some_and(|c| c.flags & FLAG_NETNS_SCOPED != 0);
-    if !scoped {
-        return false;
-    }
-    let cookie = unsafe { bpf_get_netns_cookie(ctx.sock_addr.cast()) };
-    unsafe { PG_NETNS.get(cookie) }.is_none()
-}
-
 /// The cookie of the caller's netns, or 0 where the kernel cannot tell.
 #[inline(always)]
 fn netns_cookie(ctx: &SockAddrContext) -> u64 {
@@ -170,11 +153,18 @@ fn decide(ctx: &SockAddrContext, family: u8) -> i32 {
         return ALLOW;
     }
     let slot = (entry.slot - 1) as u32;
-    if unguarded_netns(ctx) {
-        if let Some(c) = PG_UNGUARDED.get_ptr_mut(slot * 2 + proto_idx) {
-            unsafe { *c += 1 };
+    // Read once for the whole decision.
+    let config = PG_CONFIG.get(0);
+    // Scoped to some namespaces: a bind in any other passes, counted apart.
+    let mut cookie = 0;
+    if config.is_some_and(|c| c.flags & FLAG_NETNS_SCOPED != 0) {
+        cookie = netns_cookie(ctx);
+        if cookie != 0 && unsafe { PG_NETNS.get(cookie) }.is_none() {
+            if let Some(c) = PG_UNGUARDED.get_ptr_mut(slot * 2 + proto_idx) {
+                unsafe { *c += 1 };
+            }
+            return ALLOW;
         }
-        return ALLOW;
     }
 
     let lease = unsafe { PG_LEASES.get(port as u32) };
@@ -184,19 +174,40 @@ fn decide(ctx: &SockAddrContext, family: u8) -> i32 {
             let ancestor = unsafe { bpf_get_current_ancestor_cgroup_id(lease.level as i32) };
             ancestor == lease.cgroup_id
         }
-        None => allowed_by_range(slot),
+        None => allowed_by_range(slot, config),
     };
     if permitted {
         count(slot, proto_idx, COUNTER_ALLOWED);
         return ALLOW;
     }
-    refuse(ctx, slot, proto_idx, port, proto_bit as u8, family, leased)
+    let refused = Refused {
+        slot,
+        proto_idx,
+        port,
+        protocol: proto_bit as u8,
+        family,
+        leased,
+        cookie,
+    };
+    refuse(ctx, config, &refused)
+}
+
+/// What [`refuse`] reports.
+struct Refused {
+    slot: u32,
+    proto_idx: u32,
+    port: u16,
+    protocol: u8,
+    family: u8,
+    leased: bool,
+    /// The caller's netns cookie if [`decide`] looked it up already, else 0.
+    cookie: u64,
 }
 
 /// Whether the caller's cgroup or one of its ancestors is allowed for range `slot`.
 #[inline(always)]
-fn allowed_by_range(slot: u32) -> bool {
-    let levels = match PG_CONFIG.get(0) {
+fn allowed_by_range(slot: u32, config: Option<&GuardConfig>) -> bool {
+    let levels = match config {
         Some(c) => c.allowed_levels,
         None => return false,
     };
@@ -224,16 +235,17 @@ fn allowed_by_range(slot: u32) -> bool {
 }
 
 #[inline(always)]
-fn refuse(
-    ctx: &SockAddrContext,
-    slot: u32,
-    proto_idx: u32,
-    port: u16,
-    protocol: u8,
-    family: u8,
-    leased: bool,
-) -> i32 {
-    let (audit, errno) = match PG_CONFIG.get(0) {
+fn refuse(ctx: &SockAddrContext, config: Option<&GuardConfig>, r: &Refused) -> i32 {
+    let Refused {
+        slot,
+        proto_idx,
+        port,
+        protocol,
+        family,
+        leased,
+        cookie,
+    } = *r;
+    let (audit, errno) = match config {
         Some(c) => (c.mode == MODE_AUDIT, c.errno),
         None => (false, EPERM),
     };
@@ -281,7 +293,11 @@ fn refuse(
                 _pad: [0; 2],
                 errno,
                 comm,
-                netns_cookie: netns_cookie(ctx),
+                netns_cookie: if cookie != 0 {
+                    cookie
+                } else {
+                    netns_cookie(ctx)
+                },
             });
             entry.submit(0);
             // Counted as reported only once it is on its way: a lost event stays in the
