@@ -13,18 +13,17 @@
 
 use std::{
     fs, io,
-    io::Write as _,
-    os::unix::fs::{DirBuilderExt as _, MetadataExt as _, OpenOptionsExt as _},
+    os::unix::fs::{MetadataExt as _, OpenOptionsExt as _},
     path::{Path, PathBuf},
 };
 
 use crate::{
     error::{IoContext as _, IoError},
     policy::PortRange,
+    state,
 };
 
 const SYSCTL: &str = "/proc/sys/net/ipv4/ip_local_reserved_ports";
-const STATE_DIR: &str = "/run/port-guard";
 
 /// An ephemeral-port protection problem (runtime, exit 1).
 #[derive(Debug, thiserror::Error)]
@@ -131,28 +130,12 @@ fn netns() -> Result<u64, EphemeralError> {
     Ok(fs::metadata(p).map(|m| m.ino()).at("stat", p)?)
 }
 
-/// A state file of a pin dir under /run/port-guard: `<pin dir, as a name>.<what>`.
-pub fn state_path(pin_dir: &Path, what: &str) -> PathBuf {
-    let name: String = pin_dir
-        .to_string_lossy()
-        .chars()
-        .map(|c| {
-            if c.is_ascii_alphanumeric() || c == '-' || c == '_' {
-                c
-            } else {
-                '_'
-            }
-        })
-        .collect();
-    Path::new(STATE_DIR).join(format!("{name}.{what}"))
-}
-
 /// The saved-state file for a pin dir in the netns with inode `netns` (None: the name of older
 /// daemons, which protected one netns only).
 fn state_file(pin_dir: &Path, netns: Option<u64>) -> PathBuf {
     match netns {
-        Some(n) => state_path(pin_dir, &format!("reserved_ports.{n}")),
-        None => state_path(pin_dir, "reserved_ports"),
+        Some(n) => state::path(pin_dir, &format!("reserved_ports.{n}")),
+        None => state::path(pin_dir, "reserved_ports"),
     }
 }
 
@@ -164,7 +147,7 @@ fn state_files(pin_dir: &Path) -> Result<Vec<PathBuf>, EphemeralError> {
         .expect("a file name")
         .to_string_lossy()
         .into_owned();
-    let dir = Path::new(STATE_DIR);
+    let dir = Path::new(state::STATE_DIR);
     let entries = match fs::read_dir(dir) {
         Ok(e) => e,
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
@@ -187,29 +170,6 @@ fn state_files(pin_dir: &Path) -> Result<Vec<PathBuf>, EphemeralError> {
     }
     out.sort();
     Ok(out)
-}
-
-/// Makes sure /run/port-guard exists, root's, mode 0700, not a link.
-pub fn state_dir() -> Result<(), IoError> {
-    let dir = Path::new(STATE_DIR);
-    match fs::DirBuilder::new().mode(0o700).create(dir) {
-        Ok(()) => {}
-        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
-        Err(e) => return Err(IoError::new("create", dir, e)),
-    }
-    let m = fs::symlink_metadata(dir).at("stat", dir)?;
-    if !m.is_dir() || m.uid() != 0 || m.mode() & 0o022 != 0 {
-        return Err(IoError::new(
-            "use",
-            dir,
-            io::Error::other(format!(
-                "owned by uid {} with mode {:04o}, or not a directory: only root's is trusted",
-                m.uid(),
-                m.mode() & 0o7777
-            )),
-        ));
-    }
-    Ok(())
 }
 
 /// What an earlier apply recorded: its netns, and the ports it added (older daemons recorded
@@ -284,24 +244,15 @@ fn save(
     added: &PortSet,
     ns_path: Option<&Path>,
 ) -> Result<(), EphemeralError> {
-    state_dir()?;
-    let path = state_file(pin_dir, Some(netns));
-    let tmp = path.with_extension("tmp");
-    let _ = fs::remove_file(&tmp);
-    let mut f = fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .custom_flags(libc::O_NOFOLLOW)
-        .open(&tmp)
-        .at("create", &tmp)?;
     let mut text = format!("netns={netns}\nadded={}\n", added.format());
     if let Some(p) = ns_path {
         text.push_str(&format!("path={}\n", p.display()));
     }
-    f.write_all(text.as_bytes()).at("write", &tmp)?;
-    fs::rename(&tmp, &path).at("rename to", &path)?;
-    Ok(())
+    Ok(state::write(
+        &state_file(pin_dir, Some(netns)),
+        &text,
+        0o600,
+    )?)
 }
 
 fn read_sysctl() -> Result<PortSet, EphemeralError> {

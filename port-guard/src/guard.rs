@@ -467,7 +467,7 @@ pub fn unload(pin: &PinDir) -> Result<(), GuardError> {
     }
     fs::remove_dir(pin.path()).at("remove pin dir", pin.path())?;
     // What the daemon recorded of the guarded namespaces for spawn and check.
-    let record = crate::ephemeral::state_path(pin.path(), "netns");
+    let record = crate::state::path(pin.path(), "netns");
     match fs::remove_file(&record) {
         Ok(()) => {}
         Err(e) if e.kind() == io::ErrorKind::NotFound => {}

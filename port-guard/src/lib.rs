@@ -34,6 +34,7 @@ pub mod probe;
 pub mod reaper;
 pub mod shared;
 pub mod sockets;
+pub mod state;
 pub mod status;
 pub mod sys;
 

@@ -137,7 +137,7 @@ impl ProbeIn {
     /// From the daemon's record of `pin_dir`'s guarded namespaces; the caller's netns only when
     /// there is none (no daemon has run) or the guard enforces in every netns.
     pub fn guarded(pin_dir: &Path) -> Result<ProbeIn, IoError> {
-        let record = crate::ephemeral::state_path(pin_dir, "netns");
+        let record = crate::state::path(pin_dir, "netns");
         let text = match fs::read_to_string(&record) {
             Ok(t) => t,
             Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(ProbeIn::here()),

@@ -60,7 +60,7 @@ pub struct GuardedNetns {
 
 /// Names of guarded namespaces as the daemon recorded them: inode → name.
 pub fn recorded_netns_names(pin: &PinDir) -> std::collections::HashMap<u64, String> {
-    std::fs::read_to_string(crate::ephemeral::state_path(pin.path(), "netns"))
+    std::fs::read_to_string(crate::state::path(pin.path(), "netns"))
         .unwrap_or_default()
         .lines()
         .filter_map(|l| {

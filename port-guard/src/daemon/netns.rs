@@ -6,19 +6,13 @@
 //! Fail closed: while a listed netns exists whose cookie could not be learnt, the guard enforces
 //! in every netns rather than leave that one open.
 
-use std::{
-    collections::BTreeMap,
-    fs,
-    io::Write as _,
-    os::unix::fs::OpenOptionsExt as _,
-    path::{Path, PathBuf},
-};
+use std::{collections::BTreeMap, path::PathBuf};
 
 use log::{info, warn};
 
 use crate::{
     cgroup::{Cgroup2, CgroupPath},
-    error::{IoContext as _, IoError},
+    error::IoError,
     guard::{Guard, GuardError},
     netns::{self, Netns},
     pin::PinDir,
@@ -53,7 +47,7 @@ pub(super) struct GuardedNetns {
 
 /// Where `spawn`, `lease` and `check` find the guarded namespaces of a pin dir.
 pub fn state_file(pin: &PinDir) -> PathBuf {
-    crate::ephemeral::state_path(pin.path(), "netns")
+    crate::state::path(pin.path(), "netns")
 }
 
 impl GuardedNetns {
@@ -260,22 +254,6 @@ impl GuardedNetns {
                 ));
             }
         }
-        write_root_file(&state_file(pin), &text)
+        crate::state::write(&state_file(pin), &text, 0o644)
     }
-}
-
-/// Writes `text` to `path` (in the root-owned state dir) through a new file renamed over it.
-fn write_root_file(path: &Path, text: &str) -> Result<(), IoError> {
-    crate::ephemeral::state_dir()?;
-    let tmp = path.with_extension("tmp");
-    let _ = fs::remove_file(&tmp);
-    let mut f = fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o644)
-        .custom_flags(libc::O_NOFOLLOW)
-        .open(&tmp)
-        .at("create", &tmp)?;
-    f.write_all(text.as_bytes()).at("write", &tmp)?;
-    fs::rename(&tmp, path).at("rename to", path)
 }
