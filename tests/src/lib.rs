@@ -43,6 +43,9 @@ pub use cmd::{bin, run, run_cmd, run_cmd_timeout, status_json, wait_attached};
 mod daemon;
 pub use daemon::Daemon;
 
+mod fixture;
+pub use fixture::Fixture;
+
 mod bind;
 pub use bind::{
     bind_in, bind_in_pid, hold_in, BindSpec, Family, Holder, Proto, ANY4, ANY6, LO4, LO6,

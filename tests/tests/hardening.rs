@@ -37,73 +37,6 @@ use serde_json::Value;
 const NOBODY: u32 = 65534;
 const ATTACK: &str = env!("CARGO_BIN_EXE_pg-attack");
 
-/// A test's cgroups, pin dir and config, and the daemon arguments for them.
-struct Setup {
-    pin: PinDir,
-    tmp: TempDir,
-    config: PathBuf,
-    outsider: Cgroup,
-    attach: TestCgroup,
-}
-
-impl Setup {
-    fn new(name: &str) -> Setup {
-        let attach = TestCgroup::new(name);
-        let outsider = attach.child("outsider");
-        let tmp = TempDir::new(name);
-        let config = tmp.write("config.toml", "mode = \"enforce\"\n");
-        Setup {
-            pin: PinDir::new(name),
-            tmp,
-            config,
-            outsider,
-            attach,
-        }
-    }
-
-    /// `--attach`, `--spawn-parent`, `--errno eaddrinuse` (and `--allow-fallback` where the
-    /// kernel only has EPERM), `--reserve RANGE` when given, then `extra`.
-    fn args(&self, range: Option<&str>, extra: &[&str]) -> Vec<String> {
-        let mut a = vec![
-            "--attach".to_string(),
-            self.attach.path().to_string(),
-            "--spawn-parent".to_string(),
-            format!("{}/spawn", self.attach.path()),
-            "--errno".to_string(),
-            "eaddrinuse".to_string(),
-        ];
-        if let Some(r) = range {
-            a.extend(["--reserve".to_string(), r.to_string()]);
-        }
-        if !kernel_features().set_retval {
-            a.push("--allow-fallback".to_string());
-        }
-        a.extend(extra.iter().map(|s| s.to_string()));
-        a
-    }
-
-    fn daemon_cmd(&self, pin: &Path, args: &[String]) -> Command {
-        let mut c = Command::new(bin());
-        c.arg("--pin-dir")
-            .arg(pin)
-            .arg("--config")
-            .arg(&self.config)
-            .arg("daemon")
-            .args(args);
-        c
-    }
-
-    /// A daemon on the test's pin dir, in the host's network namespace (so without ephemeral
-    /// protection: the host's sysctl is not the test's to change).
-    fn start(&self, range: &str, extra: &[&str]) -> Daemon {
-        let mut extra = extra.to_vec();
-        extra.push("--no-protect-ephemeral");
-        let d = Daemon::spawn(self.daemon_cmd(self.pin.path(), &self.args(Some(range), &extra)));
-        d.wait_for("guard enforcing", START_TIMEOUT);
-        d
-    }
-}
-
 /// A bpffs of the test's own at `/tmp/pg-test-bpffs-<name>-<pid>`, mounted as hosts that mount it
 /// by hand do (no `mode=`: world-writable and sticky, 1777). Unmounted and removed on drop.
 struct TestBpffs {
@@ -183,7 +116,7 @@ fn expect_refused(cg: &Cgroup, port: u16) {
 
 #[test]
 fn a_pin_dir_an_unprivileged_user_made_first_is_refused_and_roots_own_is_theirs_to_keep() {
-    let s = Setup::new("pintake");
+    let s = Fixture::new("pintake");
     let fs = TestBpffs::new("pintake");
 
     // nobody makes the pin dir before the daemon starts.
@@ -271,7 +204,7 @@ fn field<'a>(out: &'a str, key: &str) -> &'a str {
 
 #[test]
 fn a_symlink_at_the_pin_path_is_refused_and_nothing_is_mounted_over_bpffs() {
-    let s = Setup::new("pinlink");
+    let s = Fixture::new("pinlink");
     let err = s.tmp.path().join("stderr");
     let link = format!("/sys/fs/bpf/{PREFIX}-link-{}", std::process::id());
     // A fresh bpffs on /sys/fs/bpf, as a host that mounts it by hand has: world-writable, with
@@ -318,7 +251,7 @@ fn a_symlink_at_the_pin_path_is_refused_and_nothing_is_mounted_over_bpffs() {
 
 #[test]
 fn a_daemon_in_a_private_mount_namespace_refuses_a_bpffs_the_host_does_not_see() {
-    let s = Setup::new("privns");
+    let s = Fixture::new("privns");
     let pin = format!("/sys/fs/bpf/{PREFIX}-privns-{}", std::process::id());
     let (err1, err2) = (s.tmp.path().join("err1"), s.tmp.path().join("err2"));
     let out = in_private_mount_ns(
@@ -397,7 +330,7 @@ fn fd_count(pid: i32) -> usize {
 #[test]
 fn idle_connections_to_the_metrics_port_end_no_lease() {
     const LIMIT: u64 = 128;
-    let s = Setup::new("fds");
+    let s = Fixture::new("fds");
     let metrics = "127.0.0.1:63190";
     let mut cmd = s.daemon_cmd(
         s.pin.path(),
@@ -540,7 +473,7 @@ fn keys_outside_quotes(line: &str) -> Vec<String> {
 
 #[test]
 fn a_flood_costs_a_few_lines_with_exact_summaries_and_hides_no_other_offender() {
-    let s = Setup::new("flood");
+    let s = Fixture::new("flood");
     let d = s.start("63200-63209", &[]);
     let flooder = s.attach.child("flooder");
     let second = s.attach.child("second");
@@ -624,7 +557,7 @@ fn a_flood_costs_a_few_lines_with_exact_summaries_and_hides_no_other_offender() 
 
 #[test]
 fn cgroup_and_command_names_cannot_forge_log_fields() {
-    let s = Setup::new("forge");
+    let s = Fixture::new("forge");
     let d = s.start("63250-63259", &[]);
     let evil = s.attach.child("x comm=libvirtd pid=1 errno=EPERM");
     assert_eq!(
@@ -657,7 +590,7 @@ fn cgroup_and_command_names_cannot_forge_log_fields() {
 }
 
 /// The daemon in `ns` on the test's pin dir, with the default ephemeral protection.
-fn daemon_in(ns: &TestNetns, s: &Setup, range: &str) -> Daemon {
+fn daemon_in(ns: &TestNetns, s: &Fixture, range: &str) -> Daemon {
     netns::daemon_in(ns, &s.pin, &s.config, &s.args(Some(range), &[]))
 }
 
@@ -691,7 +624,7 @@ const ENOPROTOOPT: i64 = 92;
 #[test]
 fn no_trick_gets_a_kernel_chosen_reserved_port_under_the_default_config() {
     let ns = TestNetns::new("autopick");
-    let s = Setup::new("autopick");
+    let s = Fixture::new("autopick");
     let reserved = 63300..=63309u16;
     // Every port the kernel may choose is reserved: whatever it picks is a reserved port.
     ns.set_sysctl("net.ipv4.ip_local_port_range", "63300 63309");
@@ -760,7 +693,7 @@ fn no_trick_gets_a_kernel_chosen_reserved_port_under_the_default_config() {
 #[test]
 fn a_rewritten_sysctl_is_put_back_and_unload_removes_only_what_the_daemon_added() {
     let ns = TestNetns::new("sysctl");
-    let s = Setup::new("sysctl");
+    let s = Fixture::new("sysctl");
     let key = "net.ipv4.ip_local_reserved_ports";
     ns.set_sysctl(key, "1234,63405");
     let _unload = UnloadInNetns {
@@ -796,7 +729,7 @@ fn a_rewritten_sysctl_is_put_back_and_unload_removes_only_what_the_daemon_added(
 
 #[test]
 fn a_reload_that_fails_half_way_leaves_the_old_policy_whole_in_the_kernel() {
-    let s = Setup::new("halfway");
+    let s = Fixture::new("halfway");
     // Two sets of allowed cgroups that together do not fit the allowed-cgroup map (4,096): the
     // switch from one to the other fails when the map is full, half way through.
     const N: usize = 2100;
@@ -866,7 +799,7 @@ fn detach_pinned_link(path: &Path) {
 
 #[test]
 fn pins_removed_under_a_running_daemon_come_back_and_detached_links_end_it_for_a_restart() {
-    let s = Setup::new("pinsgone");
+    let s = Fixture::new("pinsgone");
     let mut d = s.start("63600-63609", &[]);
     let link4 = s.pin.path().join("link_bind4");
 

@@ -15,49 +15,6 @@ use integration_tests::{
     *,
 };
 
-/// A test's cgroups, pin dir and config, and the daemon arguments for them.
-struct Setup {
-    pin: PinDir,
-    _tmp: TempDir,
-    config: std::path::PathBuf,
-    outsider: Cgroup,
-    attach: TestCgroup,
-}
-
-impl Setup {
-    fn new(name: &str) -> Setup {
-        let attach = TestCgroup::new(name);
-        let outsider = attach.child("outsider");
-        let tmp = TempDir::new(name);
-        let config = tmp.write("config.toml", "mode = \"enforce\"\n");
-        Setup {
-            pin: PinDir::new(name),
-            _tmp: tmp,
-            config,
-            outsider,
-            attach,
-        }
-    }
-
-    fn args(&self, range: &str, extra: &[&str]) -> Vec<String> {
-        let mut a = vec![
-            "--attach".to_string(),
-            self.attach.path().to_string(),
-            "--spawn-parent".to_string(),
-            format!("{}/spawn", self.attach.path()),
-            "--reserve".to_string(),
-            range.to_string(),
-            "--errno".to_string(),
-            "eaddrinuse".to_string(),
-        ];
-        if !kernel_features().set_retval {
-            a.push("--allow-fallback".to_string());
-        }
-        a.extend(extra.iter().map(|s| s.to_string()));
-        a
-    }
-}
-
 /// One bind from `cg` inside `ns` (pg-bind): Ok, or the errno.
 fn bind_in_ns(ns: &TestNetns, cg: &Cgroup, proto: &str, addr: &str, port: u16) -> Result<(), i32> {
     let mut c = Command::new(env!("CARGO_BIN_EXE_pg-bind"));
@@ -94,9 +51,9 @@ const CASES: [(&str, &str); 4] = [
 
 #[test]
 fn the_host_is_guarded_and_a_containers_netns_is_not_by_default() {
-    let s = Setup::new("nsdefault");
+    let s = Fixture::new("nsdefault");
     let fresh = TestNetns::new("nsdefault");
-    let d = Daemon::start(&s.pin, &s.config, &s.args("63800-63809/tcp+udp", &[]));
+    let d = Daemon::start(&s.pin, &s.config, &s.args(Some("63800-63809/tcp+udp"), &[]));
     d.wait_for("guarded network namespaces: host", LOG_TIMEOUT);
     let st = status_json(s.pin.path());
     assert_eq!(st["netns"]["scoped"], true, "{st:#}");
@@ -136,12 +93,12 @@ fn the_host_is_guarded_and_a_containers_netns_is_not_by_default() {
 
 #[test]
 fn netns_all_guards_every_namespace() {
-    let s = Setup::new("nsall");
+    let s = Fixture::new("nsall");
     let fresh = TestNetns::new("nsall");
     let d = Daemon::start(
         &s.pin,
         &s.config,
-        &s.args("63820-63829", &["--netns", "all"]),
+        &s.args(Some("63820-63829"), &["--netns", "all"]),
     );
     d.wait_for("guarded network namespaces: all", LOG_TIMEOUT);
     assert_eq!(status_json(s.pin.path())["netns"]["scoped"], false);
@@ -157,14 +114,14 @@ fn netns_all_guards_every_namespace() {
 
 #[test]
 fn a_named_netns_is_guarded_from_its_creation_and_followed_when_created_anew() {
-    let s = Setup::new("nsnamed");
+    let s = Fixture::new("nsnamed");
     let name = format!("{PREFIX}-nsnamed-late-{}", std::process::id());
     let path = format!("/run/netns/{name}");
     let _ = Command::new("ip").args(["netns", "del", &name]).output();
     let mut d = Daemon::start(
         &s.pin,
         &s.config,
-        &s.args("63840-63849", &["--netns", "host", "--netns", &path]),
+        &s.args(Some("63840-63849"), &["--netns", "host", "--netns", &path]),
     );
     d.wait_for(&format!("{name}(not yet)"), LOG_TIMEOUT);
 
@@ -199,7 +156,7 @@ fn a_named_netns_is_guarded_from_its_creation_and_followed_when_created_anew() {
 fn ephemeral_protection_goes_to_every_guarded_netns_and_unload_restores_each() {
     let a = TestNetns::new("nseph-a");
     let b = TestNetns::new("nseph-b");
-    let s = Setup::new("nseph");
+    let s = Fixture::new("nseph");
     let key = "net.ipv4.ip_local_reserved_ports";
     a.set_sysctl(key, "1111");
     b.set_sysctl(key, "2222");
@@ -214,7 +171,7 @@ fn ephemeral_protection_goes_to_every_guarded_netns_and_unload_restores_each() {
         &s.pin,
         &s.config,
         &s.args(
-            "63860-63869",
+            Some("63860-63869"),
             &["--netns", "host", "--netns", b_path.to_str().unwrap()],
         ),
     );
@@ -239,7 +196,7 @@ fn ephemeral_protection_goes_to_every_guarded_netns_and_unload_restores_each() {
 #[test]
 fn spawn_outside_the_guarded_netns_gets_a_port_free_there() {
     let x = TestNetns::new("nsspawn");
-    let s = Setup::new("nsspawn");
+    let s = Fixture::new("nsspawn");
     // In X, before the guard: a listener on the range's first port.
     let mut holder = Command::new(env!("CARGO_BIN_EXE_pg-sockets"));
     holder
@@ -269,7 +226,7 @@ fn spawn_outside_the_guarded_netns_gets_a_port_free_there() {
         &x,
         &s.pin,
         &s.config,
-        &s.args("63880-63889", &["--no-protect-ephemeral"]),
+        &s.args(Some("63880-63889"), &["--no-protect-ephemeral"]),
     );
     // spawn runs in the host's netns, where 63880 is free; the guard's port space is X's.
     let (code, out, err) = run(&["--pin-dir", s.pin.as_str(), "spawn", "--", "true"]);
