@@ -17,7 +17,7 @@ pub struct Cli {
     /// Config file (TOML). The default path may be absent (defaults apply); a named one must exist.
     #[arg(long, global = true, value_name = "FILE")]
     pub config: Option<PathBuf>,
-    /// More log output (-vv for debug).
+    /// More log output: -v for debug, -vv for trace (and the eBPF loader's own).
     #[arg(short, long, global = true, action = clap::ArgAction::Count)]
     pub verbose: u8,
     #[command(subcommand)]
@@ -65,8 +65,10 @@ pub enum Command {
     },
     /// End a lease: by port, or every lease of a cgroup.
     Release {
+        /// The leased port to give back.
         #[arg(long, conflicts_with = "cgroup", required_unless_present = "cgroup")]
         port: Option<u16>,
+        /// Give back every port leased to this cgroup.
         #[arg(long, value_name = "CGROUP")]
         cgroup: Option<String>,
     },

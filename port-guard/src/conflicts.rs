@@ -172,7 +172,16 @@ pub fn find(view: &View, netns: &str) -> (Scan, Vec<Holder>) {
             ..
         } = s;
         if owners.is_empty() {
-            let (would_refuse, reason) = view.judge(*port, protocol, None);
+            // A TIME-WAIT left by a connection whose process is gone: nobody holds the port,
+            // and binds with SO_REUSEADDR (libvirt's probe, qemu's listener) are not blocked.
+            let (would_refuse, reason) = if *state == "time-wait" {
+                (
+                    false,
+                    "TIME-WAIT of a closed connection: not held; SO_REUSEADDR binds pass".into(),
+                )
+            } else {
+                view.judge(*port, protocol, None)
+            };
             out.push(Holder {
                 port: *port,
                 protocol,

@@ -59,3 +59,23 @@ impl UsageError {
         UsageError(message.into())
     }
 }
+
+/// `spawn` could not execute its command: exit status 127 when it does not exist, 126 when it
+/// cannot be executed (the shell's convention).
+#[derive(Debug, thiserror::Error)]
+#[error("executing {command:?}")]
+pub struct ExecError {
+    pub command: String,
+    #[source]
+    pub source: io::Error,
+}
+
+impl ExecError {
+    pub fn exit_code(&self) -> u8 {
+        if self.source.kind() == io::ErrorKind::NotFound {
+            127
+        } else {
+            126
+        }
+    }
+}

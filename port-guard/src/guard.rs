@@ -114,6 +114,7 @@ impl GuardError {
         match self {
             GuardError::Maps(e) => e.is_usage(),
             GuardError::Cgroup(e) => e.is_usage(),
+            GuardError::PinDir(e) => e.is_usage(),
             _ => false,
         }
     }

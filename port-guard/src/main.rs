@@ -21,10 +21,10 @@ fn main() -> ExitCode {
                 let _ = e.print();
                 return ExitCode::from(if e.use_stderr() { 2 } else { 0 });
             }
-            // One line: clap's first, without the usage and hint that follow it.
-            let text = e.render().to_string();
-            let line = text.lines().next().unwrap_or("invalid arguments");
-            eprintln!("port-guard: {}", line.trim_start_matches("error: "));
+            // Clap's usage errors whole: the missing arguments, the "did you mean" hint and the
+            // usage line are what a user needs to fix the call (only port-guard's own errors
+            // are one line).
+            let _ = e.print();
             return ExitCode::from(2);
         }
     };
@@ -110,19 +110,55 @@ fn init_logging(verbose: u8) {
     } else {
         log::LevelFilter::Error
     };
+    let journal = stderr_is_journal();
     env_logger::Builder::new()
         .filter_level(level)
         .filter_module("aya", aya_level)
         .filter_module("aya_obj", aya_level)
         .parse_default_env()
-        .format(|buf, record| {
-            writeln!(
-                buf,
-                "{} {:<5} {}",
-                buf.timestamp_millis(),
-                record.level(),
-                record.args()
-            )
+        .format(move |buf, record| {
+            if journal {
+                // The journal keeps the time; the prefix sets the priority, so that
+                // `journalctl -p warning` shows denials and errors.
+                writeln!(buf, "<{}>{}", priority(record.level()), record.args())
+            } else {
+                writeln!(
+                    buf,
+                    "{} {:<5} {}",
+                    buf.timestamp_millis(),
+                    record.level(),
+                    record.args()
+                )
+            }
         })
         .init();
+}
+
+/// The syslog priority of a log level (sd-daemon.h's SD_ERR, SD_WARNING, SD_INFO, SD_DEBUG).
+fn priority(level: log::Level) -> u8 {
+    match level {
+        log::Level::Error => 3,
+        log::Level::Warn => 4,
+        log::Level::Info => 6,
+        log::Level::Debug | log::Level::Trace => 7,
+    }
+}
+
+/// Whether stderr is connected to the journal: systemd sets JOURNAL_STREAM to the device and
+/// inode of the stream it gave the service, and stderr is still that stream.
+fn stderr_is_journal() -> bool {
+    let Some(v) = std::env::var_os("JOURNAL_STREAM") else {
+        return false;
+    };
+    let v = v.to_string_lossy();
+    let Some((dev, ino)) = v.split_once(':') else {
+        return false;
+    };
+    // SAFETY: zeroed is a valid stat; fstat fills it.
+    let mut st: libc::stat = unsafe { std::mem::zeroed() };
+    // SAFETY: fd 2 and a valid out pointer.
+    if unsafe { libc::fstat(2, &mut st) } != 0 {
+        return false;
+    }
+    dev == st.st_dev.to_string() && ino == st.st_ino.to_string()
 }

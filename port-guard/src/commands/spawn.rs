@@ -6,7 +6,7 @@ use anyhow::{bail, Context as _, Result};
 
 use crate::{
     cgroup::{self, Cgroup2, CgroupNames, CgroupPath},
-    error::UsageError,
+    error::{ExecError, UsageError},
     maps::Maps,
     netns::ProbeIn,
     pin::PinDir,
@@ -100,9 +100,14 @@ pub fn run(pin: &PinDir, args: SpawnArgs) -> Result<()> {
     })();
     match result {
         Ok((port, err)) => {
+            // The lease must not outlive the command that never ran.
             let _ = maps.leases_mut().release(port);
             undo(&cg);
-            Err(anyhow::Error::new(err).context(format!("executing {:?}", args.cmd[0])))
+            Err(ExecError {
+                command: args.cmd[0].clone(),
+                source: err,
+            }
+            .into())
         }
         Err(e) => {
             undo(&cg);

@@ -65,7 +65,11 @@ pub enum MapsError {
 
 impl MapsError {
     pub fn is_usage(&self) -> bool {
-        matches!(self, MapsError::Policy(_))
+        match self {
+            MapsError::Policy(_) => true,
+            MapsError::Pin(e) => e.is_usage(),
+            _ => false,
+        }
     }
 }
 
@@ -269,6 +273,9 @@ impl Maps {
                 return Err(PinError::NotLoaded(pin.path().to_owned()).into());
             }
             Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) if e.kind() == io::ErrorKind::PermissionDenied => {
+                return Err(PinError::NeedsRoot(pin.path().to_owned()).into())
+            }
             Err(e) => return Err(IoError::new("open pin", config, e).into()),
         }
         // The layout version first: pins of another layout may lack a map this one has.

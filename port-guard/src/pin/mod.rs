@@ -71,12 +71,22 @@ pub enum PinError {
         uid: u32,
         mode: u32,
     },
+    /// The pins cannot be reached by this user.
+    #[error("the guard's pins at {0} are root's: permission denied (run this as root)")]
+    NeedsRoot(PathBuf),
     /// The bpffs is not visible from the host's initial mount namespace.
     #[error("pin dir {path} is on a bpffs the host's initial mount namespace does not see ({why}); pins there vanish with this mount namespace: mount bpffs on the host (`mount -t bpf -o mode=0700 bpf {BPFFS_ROOT}`; systemd does it at boot) and run the daemon where that mount is visible")]
     NotVisible { path: PathBuf, why: String },
     /// A filesystem or syscall failure.
     #[error(transparent)]
     Io(#[from] IoError),
+}
+
+impl PinError {
+    /// Bad input (exit 2) rather than a runtime failure (exit 1).
+    pub fn is_usage(&self) -> bool {
+        matches!(self, PinError::Relative(_))
+    }
 }
 
 /// The pin directory.
@@ -171,6 +181,9 @@ impl PinDir {
                         missing.push(p.clone());
                     }
                     return Ok(Walk { fd, at, missing });
+                }
+                Err(e) if e.kind() == io::ErrorKind::PermissionDenied => {
+                    return Err(PinError::NeedsRoot(self.0.clone()))
                 }
                 Err(e) => return Err(IoError::new("open", next, e).into()),
             };
