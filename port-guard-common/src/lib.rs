@@ -187,6 +187,11 @@ pub struct GuardConfig {
     pub spawn_parent_id: u64,
 }
 
+/// SO_MARK of the allocator's probe sockets ("pgpr"): their binds are the agent testing a port,
+/// not a VM binding it, and are not counted as allowed. Setting SO_MARK needs CAP_NET_ADMIN, and a
+/// socket carrying it is refused like any other when it is not permitted.
+pub const PROBE_MARK: u32 = 0x7067_7072;
+
 /// The reserved ranges were merged into net.ipv4.ip_local_reserved_ports.
 pub const FLAG_PROTECT_EPHEMERAL: u32 = 1;
 /// The kernel sets the configured errno (bpf_set_retval); without it refused binds get EPERM.

@@ -35,7 +35,7 @@ use port_guard_common::{
     ACTION_DENIED, ALLOC_ENTRIES, BPF_F_MMAPABLE, COUNTERS_LEN, COUNTER_ALLOWED, COUNTER_AUDITED,
     COUNTER_DENIED, EVENTS_BYTES, EVENTS_LOST_INDEX, EVENT_COST_NS, EVENT_CREDIT_MAX_NS,
     FLAG_NETNS_SCOPED, MAX_ALLOWED, MAX_CGROUP_LEVEL, MAX_LEASES, MAX_NETNS, MAX_OFFENDERS,
-    MAX_RANGES, MODE_AUDIT, PROTO_TCP, PROTO_UDP, UNGUARDED_LEN,
+    MAX_RANGES, MODE_AUDIT, PROBE_MARK, PROTO_TCP, PROTO_UDP, UNGUARDED_LEN,
 };
 
 /// Set by the agent at load time (`EbpfLoader::override_global`). Read with `read_volatile` so the
@@ -177,7 +177,11 @@ fn decide(ctx: &SockAddrContext, family: u8) -> i32 {
         None => allowed_by_range(slot, config),
     };
     if permitted {
-        count(slot, proto_idx, COUNTER_ALLOWED);
+        // The allocator's probe binds test the port for its lessee: not a bind to count.
+        let sk = unsafe { sa.__bindgen_anon_1.sk };
+        if sk.is_null() || unsafe { (*sk).mark } != PROBE_MARK {
+            count(slot, proto_idx, COUNTER_ALLOWED);
+        }
         return ALLOW;
     }
     let refused = Refused {

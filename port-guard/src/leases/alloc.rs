@@ -16,7 +16,7 @@ use std::{
     net::{Ipv4Addr, Ipv6Addr, SocketAddr},
 };
 
-use port_guard_common::PROTO_UDP;
+use port_guard_common::{PROBE_MARK, PROTO_UDP};
 use socket2::{Domain, Socket, Type};
 
 use super::{LeaseError, LeaseTable};
@@ -70,6 +70,9 @@ pub fn probe_free(port: u16, protocols: Protocols) -> Result<bool, LeaseError> {
 /// and IPV6_V6ONLY for v6 so the two wildcards are probed separately. UDP plainly.
 fn probe_bind(addr: SocketAddr, ty: Type) -> io::Result<()> {
     let sock = Socket::new(Domain::for_address(addr), ty.cloexec(), None)?;
+    // Marked so that the guard does not count the probe as an allowed bind. Without
+    // CAP_NET_ADMIN it is counted: nothing else changes.
+    let _ = sock.set_mark(PROBE_MARK);
     if ty == Type::STREAM {
         sock.set_reuse_address(true)?;
         if addr.is_ipv6() {
