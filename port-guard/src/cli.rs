@@ -79,8 +79,23 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// Detach the guard and remove its pins.
-    Unload,
+    /// Make the running daemon reload its config (SIGHUP) and wait for the result: exit status 0
+    /// when the new config is in force, 1 when it was refused (the old one stays) or no daemon
+    /// answered. For ExecReload= in the unit, so that `systemctl reload` fails on a bad config.
+    Reload {
+        /// How long to wait for the daemon's answer, in seconds.
+        #[arg(long, default_value_t = 30, value_name = "SECS", value_parser = clap::value_parser!(u64).range(1..=3600))]
+        timeout: u64,
+    },
+    /// Detach the guard and remove its pins; ephemeral protection's sysctl changes are undone in
+    /// every netns they were made in.
+    Unload {
+        /// Drop the saved sysctl change of a network namespace that no path and no process
+        /// reaches any more (it cannot be restored from here: if the netns still exists, its
+        /// net.ipv4.ip_local_reserved_ports keeps the reserved ports until it is changed by hand).
+        #[arg(long)]
+        forget_unreachable: bool,
+    },
     /// Print the man page (roff) on stdout: `port-guard man > port-guard.1`.
     Man,
     /// Print a shell completion script: `port-guard completions bash > /etc/bash_completion.d/port-guard`.

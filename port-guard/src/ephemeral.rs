@@ -32,7 +32,7 @@ pub enum EphemeralError {
     #[error(transparent)]
     Io(#[from] IoError),
     /// The protection was applied in another network namespace.
-    #[error("net.ipv4.ip_local_reserved_ports was changed in network namespace net:[{saved}], this process is in net:[{current}]: run this in that namespace")]
+    #[error("net.ipv4.ip_local_reserved_ports was changed in network namespace net:[{saved}], which no path or process reaches from here (this process is in net:[{current}]): run `port-guard unload` inside it, or, if it is gone, `port-guard unload --forget-unreachable`")]
     OtherNetns { saved: u64, current: u64 },
     /// The saved state file is not ours or is damaged.
     #[error(
@@ -348,8 +348,10 @@ fn restore_here(state: &State, file: &Path) -> Result<String, EphemeralError> {
 
 /// Removes the ports every apply of `pin_dir` added, in every netns it applied in, keeping
 /// whatever else each sysctl holds now. Returns one line per netns, saying what it did (none
-/// when nothing had been changed).
-pub fn restore(pin_dir: &Path) -> Result<Vec<String>, EphemeralError> {
+/// when nothing had been changed). A netns is reached here, through its recorded path, or
+/// through any process in it; one that nothing reaches any more is forgotten when its recorded
+/// path is gone (`ip netns del`: its sysctl went with it), or with `forget_unreachable`.
+pub fn restore(pin_dir: &Path, forget_unreachable: bool) -> Result<Vec<String>, EphemeralError> {
     let current = netns()?;
     let mut done = Vec::new();
     for file in state_files(pin_dir)? {
@@ -361,31 +363,45 @@ pub fn restore(pin_dir: &Path) -> Result<Vec<String>, EphemeralError> {
             ));
             continue;
         }
-        let Some(path) = state.path.clone() else {
-            return Err(EphemeralError::OtherNetns {
-                saved: state.netns,
-                current,
-            });
+        let recorded = match &state.path {
+            Some(path) => crate::netns::Netns::open(path)?
+                .filter(|ns| ns.inode == state.netns)
+                .map(|ns| (path.clone(), ns)),
+            None => None,
         };
-        match crate::netns::Netns::open(&path)? {
-            Some(ns) if ns.inode == state.netns => {
-                let value = ns
-                    .run(|| restore_here(&state, &file))
-                    .at("enter netns", &path)??;
-                done.push(format!(
-                    "net.ipv4.ip_local_reserved_ports of netns {} restored to {value:?}",
-                    path.display()
-                ));
-            }
-            // The netns it was applied in is gone (its path is gone or names another): its
-            // sysctl went with it.
-            _ => {
+        if let Some((path, ns)) = recorded.or_else(|| crate::netns::find(state.netns)) {
+            let value = ns
+                .run(|| restore_here(&state, &file))
+                .at("enter netns", &path)??;
+            done.push(format!(
+                "net.ipv4.ip_local_reserved_ports of netns {} (inode {}) restored to {value:?}",
+                path.display(),
+                state.netns
+            ));
+            continue;
+        }
+        match (&state.path, forget_unreachable) {
+            // Its path was removed and no process is in it: gone, with its sysctl.
+            (Some(path), _) => {
                 fs::remove_file(&file).at("remove", &file)?;
                 done.push(format!(
                     "net.ipv4.ip_local_reserved_ports of netns {} (inode {}): that netns is gone, nothing to restore",
                     path.display(),
                     state.netns
                 ));
+            }
+            (None, true) => {
+                fs::remove_file(&file).at("remove", &file)?;
+                done.push(format!(
+                    "net.ipv4.ip_local_reserved_ports of netns inode {}: no path or process reaches it; its saved change is forgotten (--forget-unreachable)",
+                    state.netns
+                ));
+            }
+            (None, false) => {
+                return Err(EphemeralError::OtherNetns {
+                    saved: state.netns,
+                    current,
+                })
             }
         }
     }

@@ -146,6 +146,8 @@ pub struct Guard {
     pub maps: Maps,
     /// Whether pins of an earlier guard were found and taken over.
     pub adopted: bool,
+    /// The ranges whose counters started with this load (see [`Maps::write_policy`]).
+    pub fresh_counters: Vec<(u16, u16)>,
     held: Vec<Held>,
 }
 
@@ -199,11 +201,12 @@ impl Guard {
             .load(OBJECT)
             .map_err(|e| GuardError::Load(Box::new(e)))?;
         let mut maps = Maps::from_ebpf(&mut ebpf)?;
-        maps.write_policy(r, features)?;
+        let fresh_counters = maps.write_policy(r, features)?;
         let mut g = Guard {
             ebpf,
             maps,
             adopted,
+            fresh_counters,
             held: Vec::new(),
         };
         before_attach(&mut g)?;
@@ -439,9 +442,15 @@ impl Guard {
 
 /// Detaches the links and removes every pin and the pin dir.
 pub fn unload(pin: &PinDir) -> Result<(), GuardError> {
+    unload_with(pin, false)
+}
+
+/// [`unload`], forgetting (with `forget_unreachable`) the sysctl changes of network namespaces
+/// nothing reaches any more.
+pub fn unload_with(pin: &PinDir, forget_unreachable: bool) -> Result<(), GuardError> {
     pin.verify()?;
     // First, so that a failure (another network namespace) leaves the guard whole.
-    for line in crate::ephemeral::restore(pin.path())? {
+    for line in crate::ephemeral::restore(pin.path(), forget_unreachable)? {
         info!("{line}");
     }
     for (_, link_name) in LINKS {
@@ -468,11 +477,12 @@ pub fn unload(pin: &PinDir) -> Result<(), GuardError> {
     }
     fs::remove_dir(pin.path()).at("remove pin dir", pin.path())?;
     // What the daemon recorded of the guarded namespaces for spawn and check.
-    let record = crate::state::path(pin.path(), "netns");
-    match fs::remove_file(&record) {
-        Ok(()) => {}
-        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-        Err(e) => warn!("removing {}: {e}", record.display()),
+    // And when the counters started: they went with the maps.
+    for what in ["netns", "counters"] {
+        let record = crate::state::path(pin.path(), what);
+        if let Err(e) = crate::state::remove(&record) {
+            warn!("{e}");
+        }
     }
     Ok(())
 }

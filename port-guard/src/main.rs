@@ -32,8 +32,12 @@ fn main() -> ExitCode {
     let pin = PinDir::new(&cli.pin_dir);
     let result = match cli.command {
         Command::Daemon(args) => commands::daemon::run(&pin, cli.config.as_deref(), args),
-        Command::Status { json } => commands::status::run(&pin, json),
-        Command::Unload => commands::unload::run(&pin),
+        Command::Status { json } => match commands::status::run(&pin, json) {
+            Ok(code) => return code,
+            Err(e) => Err(e),
+        },
+        Command::Unload { forget_unreachable } => commands::unload::run(&pin, forget_unreachable),
+        Command::Reload { timeout } => commands::reload::run(&pin, timeout),
         Command::Man => man(),
         Command::Completions { shell } => {
             clap_complete::generate(
@@ -78,22 +82,7 @@ fn main() -> ExitCode {
 }
 
 fn man() -> anyhow::Result<()> {
-    let mut out = Vec::new();
-    clap_mangen::Man::new(Cli::command()).render(&mut out)?;
-    // One page for the whole tool: each verb's description and options follow the main page.
-    for sub in Cli::command().get_subcommands() {
-        let about = sub.get_about().map(|a| a.to_string()).unwrap_or_default();
-        out.extend_from_slice(
-            format!(
-                ".SH \"PORT-GUARD {}\"\n{}\n",
-                sub.get_name().to_uppercase(),
-                about.replace('\\', "\\\\")
-            )
-            .as_bytes(),
-        );
-        clap_mangen::Man::new(sub.clone()).render_options_section(&mut out)?;
-    }
-    std::io::Write::write_all(&mut std::io::stdout(), &out)?;
+    std::io::stdout().write_all(&port_guard::manpage::render()?)?;
     Ok(())
 }
 

@@ -108,6 +108,27 @@ pub fn run_netns_name(inode: u64) -> Option<String> {
         .map(|e| e.file_name().to_string_lossy().into_owned())
 }
 
+/// The netns with inode `inode`, reached through its `ip netns` file or any process in it
+/// (/proc/PID/ns/net, the opened file's inode checked): None when neither reaches it.
+pub fn find(inode: u64) -> Option<(PathBuf, Netns)> {
+    let named = run_netns_name(inode).map(|n| Path::new(RUN_NETNS).join(n));
+    let procs = fs::read_dir("/proc").ok()?.flatten().filter_map(|e| {
+        let pid = e.file_name();
+        let pid = pid.to_str()?;
+        pid.bytes()
+            .all(|b| b.is_ascii_digit())
+            .then(|| PathBuf::from(format!("/proc/{pid}/ns/net")))
+    });
+    named
+        .into_iter()
+        .chain(procs)
+        .filter(|p| fs::metadata(p).is_ok_and(|m| m.ino() == inode))
+        .find_map(|p| match Netns::open(&p) {
+            Ok(Some(ns)) if ns.inode == inode => Some((p, ns)),
+            _ => None,
+        })
+}
+
 /// A path that opens the netns with inode `inode` for as long as it lives: its `ip netns`
 /// file, or this process's own /proc entry (valid while the process runs).
 pub fn path_of(inode: u64) -> PathBuf {

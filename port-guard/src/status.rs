@@ -12,6 +12,7 @@ use crate::{
     leases::now_secs,
     maps::{Counters, Maps},
     pin::{PinDir, LINKS},
+    state::{DaemonRecord, ReloadRecord},
     sys,
 };
 
@@ -40,6 +41,66 @@ pub struct Status {
     pub events_lost: u64,
     /// Where the guard enforces.
     pub netns: NetnsStatus,
+    /// The daemon of this pin dir, as it recorded itself.
+    pub daemon: DaemonStatus,
+}
+
+#[derive(Debug, serde::Serialize)]
+pub struct DaemonStatus {
+    /// A daemon runs: its record names a live process.
+    pub running: bool,
+    /// Whether any daemon of this pin dir ran since boot (the record is on a tmpfs).
+    pub recorded: bool,
+    pub pid: Option<u32>,
+    /// Unix seconds at which it started.
+    pub started: Option<u64>,
+    /// Unix seconds at which it exited cleanly (not set when it was killed).
+    pub stopped: Option<u64>,
+    pub config: Option<PathBuf>,
+    /// Command-line flags that override keys of the config file.
+    pub overrides: Vec<String>,
+    /// The configured network namespaces (empty when not recorded).
+    pub netns: String,
+    pub reloads: u64,
+    pub last_reload: Option<ReloadRecord>,
+    /// The record could not be read (a damaged or untrusted file).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+impl DaemonStatus {
+    fn from_record(pin: &PinDir) -> DaemonStatus {
+        let (record, error) = match DaemonRecord::load(pin.path()) {
+            Ok(r) => (r, None),
+            Err(e) => (None, Some(e.to_string())),
+        };
+        DaemonStatus {
+            running: record.as_ref().is_some_and(DaemonRecord::running),
+            recorded: record.is_some(),
+            pid: record.as_ref().map(|r| r.pid),
+            started: record.as_ref().map(|r| r.started),
+            stopped: record.as_ref().and_then(|r| r.stopped),
+            config: record.as_ref().and_then(|r| r.config.clone()),
+            overrides: record
+                .as_ref()
+                .map(|r| r.overrides.clone())
+                .unwrap_or_default(),
+            netns: record.as_ref().map(|r| r.netns.clone()).unwrap_or_default(),
+            reloads: record.as_ref().map_or(0, |r| r.reloads),
+            last_reload: record.and_then(|r| r.last_reload),
+            error,
+        }
+    }
+}
+
+/// An allowed cgroup as configured, and where it stands.
+#[derive(Debug, serde::Serialize)]
+pub struct AllowedCgroup {
+    pub path: String,
+    /// "allowed" (it exists and the guard allows it), "not present" (it does not exist yet: it
+    /// is allowed as soon as it appears, while a daemon runs), "present, not allowed" (it exists
+    /// but the guard holds no or another id for it: no daemon followed it), or "unknown: why".
+    pub state: String,
 }
 
 #[derive(Debug, serde::Serialize)]
@@ -89,7 +150,12 @@ pub struct RangeStatus {
     pub last: u16,
     pub protocols: Vec<&'static str>,
     pub allow: Vec<String>,
+    /// The allowed cgroups as the daemon's config names them, present or not (empty when no
+    /// daemon recorded this range).
+    pub allow_configured: Vec<AllowedCgroup>,
     pub counters: Counters,
+    /// Unix seconds since which the counters count (None: not recorded).
+    pub counters_since: Option<u64>,
     pub tcp: Counters,
     pub udp: Counters,
     /// Binds let through because their netns is not guarded.
@@ -103,6 +169,9 @@ pub struct LeaseStatus {
     pub cgroup_id: u64,
     pub since: u64,
     pub age_secs: u64,
+    /// Whether a range covers the port: a lease on a port no range covers is not enforced (a
+    /// reload took the port out of the ranges).
+    pub in_range: bool,
 }
 
 /// The two links as pinned, and what the attach cgroup really runs, compared.
@@ -191,13 +260,33 @@ pub fn status(pin: &PinDir, cg: &Cgroup2) -> Result<Status, GuardError> {
     let mut total = Counters::default();
     let mut unguarded_total = 0;
     let mut reserve = Vec::new();
+    let daemon = DaemonStatus::from_record(pin);
+    let record = DaemonRecord::load(pin.path()).ok().flatten();
+    let since = crate::state::counters_since(pin.path());
     for r in maps.ranges() {
-        let mut allow: Vec<String> = allowed
+        let ids: Vec<u64> = allowed
             .iter()
             .filter(|(_, mask)| *mask & (1u64 << r.slot) != 0)
-            .map(|(id, _)| names.name(*id))
+            .map(|(id, _)| *id)
             .collect();
+        let mut allow: Vec<String> = ids.iter().map(|id| names.name(*id)).collect();
         allow.sort();
+        let configured = record
+            .as_ref()
+            .and_then(|rec| {
+                rec.ranges
+                    .iter()
+                    .find(|c| c.first == r.spec.range.first && c.last == r.spec.range.last)
+            })
+            .map(|c| c.allow.clone())
+            .unwrap_or_default();
+        let allow_configured = configured
+            .into_iter()
+            .map(|path| AllowedCgroup {
+                state: allowed_state(cg, &path, &ids),
+                path,
+            })
+            .collect();
         let c = maps.counters(r.slot)?;
         let counters = c.total();
         total += counters;
@@ -209,13 +298,16 @@ pub fn status(pin: &PinDir, cg: &Cgroup2) -> Result<Status, GuardError> {
             last: r.spec.range.last,
             protocols: r.spec.protocols.names(),
             allow,
+            allow_configured,
             counters,
+            counters_since: since.get(&(r.spec.range.first, r.spec.range.last)).copied(),
             tcp: c.tcp,
             udp: c.udp,
             unguarded: ut + uu,
         });
     }
     let now = now_secs();
+    let covered = |port: u16| reserve.iter().any(|r| r.first <= port && port <= r.last);
     let leases = maps
         .leases()
         .all()
@@ -227,6 +319,7 @@ pub fn status(pin: &PinDir, cg: &Cgroup2) -> Result<Status, GuardError> {
             cgroup_id: l.cgroup_id,
             since: l.since,
             age_secs: now.saturating_sub(l.since),
+            in_range: covered(port),
         })
         .collect();
     let (links, disagreements) = links(pin, cg, &mut names, settings.attach_id);
@@ -271,5 +364,20 @@ pub fn status(pin: &PinDir, cg: &Cgroup2) -> Result<Status, GuardError> {
                 unguarded_binds: unguarded_total,
             }
         },
+        daemon,
     })
+}
+
+/// Where a configured allowed cgroup stands against the ids the guard allows.
+fn allowed_state(cg: &Cgroup2, path: &str, ids: &[u64]) -> String {
+    let parsed: crate::cgroup::CgroupPath = match path.parse() {
+        Ok(p) => p,
+        Err(e) => return format!("unknown: {e}"),
+    };
+    match cg.id(&parsed) {
+        Ok(id) if ids.contains(&id) => "allowed".into(),
+        Ok(_) => "present, not allowed".into(),
+        Err(crate::cgroup::CgroupError::Missing { .. }) => "not present".into(),
+        Err(e) => format!("unknown: {e}"),
+    }
 }

@@ -117,8 +117,14 @@ pub fn run<S: AsRef<OsStr>>(args: &[S]) -> (i32, String, String) {
     r
 }
 
-/// `port-guard --pin-dir DIR status --json`, asserting exit 0 and parsing the JSON object.
+/// `port-guard --pin-dir DIR status --json`, parsing the JSON object; asserts that status
+/// printed one (exit 0, or 3/4/5: not attached, no daemon, last reload refused).
 pub fn status_json(pin_dir: impl AsRef<Path>) -> serde_json::Value {
+    status_json_code(pin_dir).1
+}
+
+/// [`status_json`] with its exit status.
+pub fn status_json_code(pin_dir: impl AsRef<Path>) -> (i32, serde_json::Value) {
     let dir = pin_dir.as_ref();
     let (code, out, err) = run(&[
         OsStr::new("--pin-dir"),
@@ -126,14 +132,14 @@ pub fn status_json(pin_dir: impl AsRef<Path>) -> serde_json::Value {
         OsStr::new("status"),
         OsStr::new("--json"),
     ]);
-    assert_eq!(
-        code, 0,
+    assert!(
+        [0, 3, 4, 5].contains(&code),
         "status --json failed (exit {code}); stderr:\n{err}\nstdout:\n{out}"
     );
     let v: serde_json::Value = serde_json::from_str(out.trim())
         .unwrap_or_else(|e| panic!("status --json printed invalid JSON ({e}):\n{out}"));
     assert!(v.is_object(), "status --json is not an object:\n{out}");
-    v
+    (code, v)
 }
 
 /// Polls `status --json` until it reports `"attached": true` (for modes that log no
@@ -149,17 +155,20 @@ pub fn wait_attached(pin_dir: impl AsRef<Path>, timeout: Duration) -> serde_json
         let mut cmd = Command::new(bin());
         cmd.arg("--pin-dir").arg(&dir).arg("status").arg("--json");
         match run_cmd_timeout(cmd, CMD_TIMEOUT) {
-            Ok((0, out, _)) => match serde_json::from_str::<serde_json::Value>(out.trim()) {
-                Ok(v) if v["attached"] == serde_json::Value::Bool(true) => Some(v),
-                Ok(v) => {
-                    last = v.to_string();
-                    None
+            // 4/5: attached, but no daemon (yet) or a refused reload: the guard is in force.
+            Ok((0 | 3 | 4 | 5, out, _)) => {
+                match serde_json::from_str::<serde_json::Value>(out.trim()) {
+                    Ok(v) if v["attached"] == serde_json::Value::Bool(true) => Some(v),
+                    Ok(v) => {
+                        last = v.to_string();
+                        None
+                    }
+                    Err(e) => {
+                        last = format!("bad JSON ({e}): {out}");
+                        None
+                    }
                 }
-                Err(e) => {
-                    last = format!("bad JSON ({e}): {out}");
-                    None
-                }
-            },
+            }
             Ok((code, _, err)) => {
                 last = format!("exit {code}: {err}");
                 None

@@ -35,10 +35,10 @@ pub use cgroup::{
 };
 
 mod pin;
-pub use pin::{PinDir, TempDir};
+pub use pin::{state_file, PinDir, TempDir};
 
 mod cmd;
-pub use cmd::{bin, run, run_cmd, run_cmd_timeout, status_json, wait_attached};
+pub use cmd::{bin, run, run_cmd, run_cmd_timeout, status_json, status_json_code, wait_attached};
 
 mod daemon;
 pub use daemon::Daemon;

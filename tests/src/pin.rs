@@ -68,6 +68,10 @@ impl PinDir {
                 _ => {}
             }
         }
+        // The daemon's record of itself stays after unload (it describes the last daemon).
+        for what in ["daemon", "counters", "netns"] {
+            let _ = fs::remove_file(state_file(&self.path, what));
+        }
         if self.path.exists() {
             // Pins are files (unlink) and maybe sub dirs; bpffs allows both.
             if let Err(e) = fs::remove_dir_all(&self.path) {
@@ -75,6 +79,22 @@ impl PinDir {
             }
         }
     }
+}
+
+/// The agent's state file `what` of pin dir `pin` under /run/port-guard (its naming).
+pub fn state_file(pin: &Path, what: &str) -> PathBuf {
+    let name: String = pin
+        .to_string_lossy()
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '-' || c == '_' {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect();
+    Path::new("/run/port-guard").join(format!("{name}.{what}"))
 }
 
 impl AsRef<Path> for PinDir {

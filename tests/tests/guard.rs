@@ -690,9 +690,12 @@ fn status_works_without_daemon_and_reports_the_same_settings() {
         "/tcp",
         &["--mode", "audit", "--errno", "eacces"],
     );
-    let live = status_json(f.pin.path());
+    let (code, live) = status_json_code(f.pin.path());
+    assert_eq!(code, 0, "{live:#}");
     f.daemon_mut().kill9();
-    let st = status_json(f.pin.path());
+    let (code, st) = status_json_code(f.pin.path());
+    assert_eq!(code, 4, "status exits 4 when no daemon runs: {st:#}");
+    assert_eq!(st["daemon"]["running"], Value::Bool(false), "{st:#}");
     for key in ["mode", "attach", "errno", "attached"] {
         assert_eq!(
             st[key], live[key],

@@ -7,7 +7,7 @@ use serde::Serialize;
 
 use crate::{
     cgroup::Cgroup2,
-    config::{build_policy, ConfigFile, Overrides},
+    config::{build_policy, check_cgroups, ConfigFile},
     conflicts::{self, View},
     pin::PinDir,
     probe,
@@ -30,7 +30,12 @@ struct Report {
     features: Features,
     /// One line per fallback the guard takes on this kernel.
     fallbacks: Vec<String>,
-    /// Where the reserved ranges came from: "pins" (a loaded guard) or "config".
+    /// The config file checked (None: no file, the defaults).
+    config: Option<std::path::PathBuf>,
+    /// What that config would change against the loaded guard (None: no guard is loaded).
+    changes: Option<Vec<String>>,
+    /// Where the reserved ranges came from: "config" (with --config, or when no guard is
+    /// loaded) or "pins" (the loaded guard).
     policy_source: &'static str,
     socket_source: &'static str,
     bound_inactive_visible: bool,
@@ -103,7 +108,73 @@ pub fn run(pin: &PinDir, config: Option<&Path>, json: bool) -> Result<ExitCode> 
         },
     });
     let (file, path) = ConfigFile::load(config)?;
-    let policy = build_policy(&file, path.as_deref(), &Overrides::default())?;
+    // Merged with the daemon's command-line flags (as it last started), as its reload would.
+    let record = crate::state::DaemonRecord::load(pin.path()).ok().flatten();
+    let flags = record.as_ref().map(|r| r.flags.clone()).unwrap_or_default();
+    let policy = build_policy(&file, path.as_deref(), &flags)?;
+    let overriding = flags.overriding(&file);
+    if !overriding.is_empty() {
+        preflight.push(Item {
+            name: "config",
+            ok: true,
+            warning: true,
+            detail: format!(
+                "the daemon's command-line flags override the file: {} (a reload keeps them)",
+                overriding.join(", ")
+            ),
+        });
+    }
+    let named = path
+        .as_deref()
+        .map_or("the defaults (no config file)".to_owned(), |p| {
+            p.display().to_string()
+        });
+    if let Ok(c) = &cg {
+        match check_cgroups(&policy, c) {
+            Ok(missing) => {
+                for m in missing {
+                    preflight.push(Item {
+                        name: "config",
+                        ok: true,
+                        warning: true,
+                        detail: format!("{named}: allowed cgroup {m} does not exist yet (allowed as soon as it appears; check its spelling)"),
+                    });
+                }
+            }
+            Err(e) => preflight.push(Item {
+                name: "config",
+                ok: false,
+                warning: false,
+                detail: format!("{named}: {e}"),
+            }),
+        }
+    }
+    if policy.reserve.iter().all(|r| r.allow.is_empty()) {
+        preflight.push(Item {
+            name: "config",
+            ok: true,
+            warning: true,
+            detail: format!("{named}: no range allows any cgroup: only leases (spawn, lease) may bind the reserved ports; on a libvirt host its migrations would be refused"),
+        });
+    }
+    // Against the loaded guard: what a reload would change, and what it would refuse.
+    let loaded = cg
+        .as_ref()
+        .ok()
+        .filter(|_| pin.exists())
+        .and_then(|c| crate::status::status(pin, c).ok());
+    let changes = loaded.as_ref().map(|s| {
+        let p = crate::plan::plan(&policy, s);
+        for problem in p.problems {
+            preflight.push(Item {
+                name: "reload",
+                ok: !problem.fatal,
+                warning: !problem.fatal,
+                detail: problem.detail,
+            });
+        }
+        p.changes
+    });
     if !policy.protect_ephemeral {
         preflight.push(Item {
             name: "ephemeral",
@@ -126,9 +197,11 @@ pub fn run(pin: &PinDir, config: Option<&Path>, json: bool) -> Result<ExitCode> 
         }
         None => Vec::new(),
     };
+    // The file's ranges when one is named; else the loaded guard's, if any.
     let view = cg
         .as_ref()
         .ok()
+        .filter(|_| config.is_none())
         .and_then(|c| View::from_pins(pin, c))
         .unwrap_or_else(|| View::from_policy(&policy));
     let (scan, holders, netns_notes) = conflicts::find_in(&view, &policy.netns);
@@ -161,6 +234,8 @@ pub fn run(pin: &PinDir, config: Option<&Path>, json: bool) -> Result<ExitCode> 
             netns_cookie: features.is_some_and(|f| f.netns_cookie),
         },
         fallbacks,
+        config: path,
+        changes,
         policy_source: view.source,
         socket_source: scan.source,
         bound_inactive_visible: scan.bound_inactive_visible,
@@ -196,6 +271,23 @@ fn render(r: &Report, view: &View) -> String {
     }
     for f in &r.fallbacks {
         out += &format!("{:<5} {:<8} {}\n", "note", "fallback", f);
+    }
+    match &r.changes {
+        None => {}
+        Some(c) if c.is_empty() => {
+            out += "\nagainst the loaded guard: no change\n";
+        }
+        Some(c) => {
+            out += &format!(
+                "\nagainst the loaded guard, {} would change:\n",
+                r.config
+                    .as_deref()
+                    .map_or("the defaults".to_owned(), |p| p.display().to_string())
+            );
+            for line in c {
+                out += &format!("  {line}\n");
+            }
+        }
     }
     let ranges: Vec<String> = view.ranges.iter().map(|(s, _)| s.to_string()).collect();
     out += &format!(
@@ -234,7 +326,11 @@ fn render(r: &Report, view: &View) -> String {
         if r.ok {
             "check passed".to_owned()
         } else {
-            format!("check failed: {} conflict(s)", r.conflicts)
+            let failed = r.preflight.iter().filter(|i| !i.ok).count();
+            format!(
+                "check failed: {failed} failed item(s), {} conflict(s)",
+                r.conflicts
+            )
         }
     );
     out

@@ -3,6 +3,7 @@
 pub mod check;
 pub mod daemon;
 pub mod lease;
+pub mod reload;
 pub mod spawn;
 pub mod status;
 pub mod unload;

@@ -1,12 +1,28 @@
+//! `port-guard status`: the guard as the kernel holds it, the daemon as it recorded itself.
+//!
+//! Exit status (documented in the man page): 0 when the guard is attached, a daemon runs and its
+//! last reload (if any) succeeded; 3 when the guard is loaded but its links are not attached
+//! (binds are not checked); 4 when it is attached but no daemon runs (ended VMs' leases are not
+//! reaped and allowed cgroups that appear are not allowed); 5 when the daemon's last reload was
+//! refused (the previous config is in force); 1 when no guard is loaded or status cannot be read.
+
+use std::process::ExitCode;
+
 use anyhow::Result;
 
 use crate::{
     cgroup::Cgroup2,
+    leases::now_secs,
     pin::PinDir,
     status::{self, Status},
 };
 
-pub fn run(pin: &PinDir, json: bool) -> Result<()> {
+/// Status exit codes, most serious first.
+pub const EXIT_NOT_ATTACHED: u8 = 3;
+pub const EXIT_NO_DAEMON: u8 = 4;
+pub const EXIT_RELOAD_FAILED: u8 = 5;
+
+pub fn run(pin: &PinDir, json: bool) -> Result<ExitCode> {
     let cg = Cgroup2::find()?;
     let s = status::status(pin, &cg)?;
     if json {
@@ -14,7 +30,66 @@ pub fn run(pin: &PinDir, json: bool) -> Result<()> {
     } else {
         print!("{}", render(&s));
     }
-    Ok(())
+    Ok(ExitCode::from(exit_code(&s)))
+}
+
+/// The exit status `s` calls for.
+pub fn exit_code(s: &Status) -> u8 {
+    if !s.attached {
+        EXIT_NOT_ATTACHED
+    } else if !s.daemon.running {
+        EXIT_NO_DAEMON
+    } else if s.daemon.last_reload.as_ref().is_some_and(|r| !r.ok) {
+        EXIT_RELOAD_FAILED
+    } else {
+        0
+    }
+}
+
+/// The daemon's line(s) for the table.
+fn daemon(s: &Status) -> String {
+    let d = &s.daemon;
+    let now = now_secs();
+    let ago = |t: u64| format!("{} ago", age(now.saturating_sub(t)));
+    let mut out = if d.running {
+        format!(
+            "running (pid {}, up {}, config {}{})",
+            d.pid.unwrap_or(0),
+            age(now.saturating_sub(d.started.unwrap_or(now))),
+            d.config
+                .as_deref()
+                .map_or("none: defaults and flags".into(), |p| p
+                    .display()
+                    .to_string()),
+            if d.overrides.is_empty() {
+                String::new()
+            } else {
+                format!("; overridden by {}", d.overrides.join(", "))
+            }
+        )
+    } else {
+        let last = match (d.recorded, d.stopped) {
+            (false, _) => "no daemon ran on this pin dir since boot".to_owned(),
+            (true, Some(t)) => format!("pid {} stopped {}", d.pid.unwrap_or(0), ago(t)),
+            (true, None) => format!("pid {} ended without stopping cleanly", d.pid.unwrap_or(0)),
+        };
+        format!("NOT RUNNING ({last}): ended VMs' leases are not reaped and allowed cgroups that appear are not allowed until it starts")
+    };
+    if let Some(e) = &d.error {
+        out += &format!("\n  ! cannot read the daemon's record: {e}");
+    }
+    if let (true, Some(r)) = (d.running, &d.last_reload) {
+        out += &if r.ok {
+            format!("\n           last reload {}: ok", ago(r.at))
+        } else {
+            format!(
+                "\n           last reload {}: REFUSED, the previous config stays in force: {}",
+                ago(r.at),
+                r.error.as_deref().unwrap_or("?")
+            )
+        };
+    }
+    out
 }
 
 fn age(secs: u64) -> String {
@@ -51,8 +126,9 @@ pub fn render(s: &Status) -> String {
         format!("{} (this kernel gives {})", s.errno, s.effective_errno)
     };
     out += &format!(
-        "guard:     {}\npin dir:   {}\nattach:    {}\nnetns:     {}\nmode:      {}\nerrno:     {}\nephemeral: {}\nspawn:     {}\n",
+        "guard:     {}\ndaemon:    {}\npin dir:   {}\nattach:    {}\nnetns:     {}\nmode:      {}\nerrno:     {}\nephemeral: {}\nspawn:     {}\n",
         if s.attached { "attached" } else { "NOT ATTACHED: binds are not checked" },
+        daemon(s),
         s.pin_dir.display(),
         s.attach,
         netns(s),
@@ -65,22 +141,39 @@ pub fn render(s: &Status) -> String {
         out += &format!("  ! {d}\n");
     }
     out += &format!(
-        "\n{:<13} {:<8} {:>8} {:>8} {:>8}  {}\n",
-        "RANGE", "PROTO", "ALLOWED", "DENIED", "AUDITED", "ALLOWED CGROUPS"
+        "\n{:<13} {:<8} {:>8} {:>8} {:>8} {:>8}  {}\n",
+        "RANGE", "PROTO", "ALLOWED", "DENIED", "AUDITED", "SINCE", "ALLOWED CGROUPS"
     );
+    let now = now_secs();
     for r in &s.reserve {
+        // As configured, with each one's state; else (no record) what the guard allows.
+        let allow = if !r.allow_configured.is_empty() {
+            r.allow_configured
+                .iter()
+                .map(|a| {
+                    if a.state == "allowed" {
+                        a.path.clone()
+                    } else {
+                        format!("{} ({})", a.path, a.state.to_uppercase())
+                    }
+                })
+                .collect::<Vec<_>>()
+                .join(", ")
+        } else if r.allow.is_empty() {
+            "- (none: only leases may bind)".to_owned()
+        } else {
+            r.allow.join(", ")
+        };
         out += &format!(
-            "{:<13} {:<8} {:>8} {:>8} {:>8}  {}\n",
+            "{:<13} {:<8} {:>8} {:>8} {:>8} {:>8}  {}\n",
             r.ports,
             r.protocols.join("+"),
             r.counters.allowed,
             r.counters.denied,
             r.counters.audited,
-            if r.allow.is_empty() {
-                "-".to_owned()
-            } else {
-                r.allow.join(", ")
-            },
+            r.counters_since
+                .map_or("?".to_owned(), |t| age(now.saturating_sub(t))),
+            allow,
         );
     }
     if s.netns.unguarded_binds > 0 {
@@ -100,7 +193,17 @@ pub fn render(s: &Status) -> String {
         out += "(none)\n";
     }
     for l in &s.leases {
-        out += &format!("{:<6} {:>8}  {}\n", l.port, age(l.age_secs), l.cgroup);
+        out += &format!(
+            "{:<6} {:>8}  {}{}\n",
+            l.port,
+            age(l.age_secs),
+            l.cgroup,
+            if l.in_range {
+                ""
+            } else {
+                "  (NO RANGE COVERS THIS PORT: not enforced; `port-guard release --port` ends it)"
+            }
+        );
     }
     out
 }

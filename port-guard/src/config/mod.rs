@@ -139,8 +139,10 @@ impl ConfigFile {
     }
 }
 
-/// The daemon flags that shape the policy.
-#[derive(Debug, Default, Clone)]
+/// The daemon flags that shape the policy (recorded by the daemon, so that `check --config`
+/// merges a file with them as a reload would).
+#[derive(Debug, Default, Clone, serde::Serialize, serde::Deserialize)]
+#[serde(default)]
 pub struct Overrides {
     pub attach: Option<String>,
     pub reserve: Vec<String>,
@@ -153,6 +155,57 @@ pub struct Overrides {
     pub spawn_parent: Option<String>,
     /// `--netns`, repeated: replaces the file's list.
     pub netns: Vec<String>,
+}
+
+impl Overrides {
+    /// The flags that set a key the file sets too (the flag wins), as `--flag (file: key)`.
+    pub fn overriding(&self, file: &ConfigFile) -> Vec<String> {
+        let mut out = Vec::new();
+        let mut check = |flag: bool, in_file: bool, name: &str, key: &str| {
+            if flag && in_file {
+                out.push(format!("--{name} (file: {key})"));
+            }
+        };
+        check(
+            self.attach.is_some(),
+            file.attach.is_some(),
+            "attach",
+            "attach",
+        );
+        check(
+            !self.reserve.is_empty(),
+            file.reserve.is_some(),
+            "reserve",
+            "[[reserve]]",
+        );
+        check(self.mode.is_some(), file.mode.is_some(), "mode", "mode");
+        check(self.errno.is_some(), file.errno.is_some(), "errno", "errno");
+        check(
+            self.protect_ephemeral.is_some(),
+            file.protect_ephemeral.is_some(),
+            "protect-ephemeral",
+            "protect_ephemeral",
+        );
+        check(
+            self.allow_fallback,
+            file.allow_fallback.is_some(),
+            "allow-fallback",
+            "allow_fallback",
+        );
+        check(
+            self.spawn_parent.is_some(),
+            file.spawn_parent.is_some(),
+            "spawn-parent",
+            "spawn_parent",
+        );
+        check(
+            !self.netns.is_empty(),
+            file.netns.is_some(),
+            "netns",
+            "netns",
+        );
+        out
+    }
 }
 
 /// Merges the file and the flags into a policy, checking syntax only (no cgroup needs to exist).
@@ -168,21 +221,39 @@ pub fn build_policy(
         },
         None => ConfigError::Policy(source),
     };
+    // The file's values are checked even where a flag overrides them: a file that only works
+    // with the flags would fail the day the daemon starts without them.
+    if let Some(a) = &file.attach {
+        a.parse::<CgroupPath>()?;
+    }
+    if let Some(p) = &file.spawn_parent {
+        p.parse::<CgroupPath>()?;
+    }
     let attach: CgroupPath = flags
         .attach
         .as_deref()
         .or(file.attach.as_deref())
         .unwrap_or("/")
         .parse()?;
-    let mode = match (&flags.mode, &file.mode) {
-        (Some(m), _) => m.parse::<Mode>()?,
-        (None, Some(m)) => m.parse::<Mode>().map_err(in_file)?,
-        (None, None) => Mode::default(),
+    let file_mode = file
+        .mode
+        .as_deref()
+        .map(str::parse::<Mode>)
+        .transpose()
+        .map_err(in_file)?;
+    let mode = match &flags.mode {
+        Some(m) => m.parse::<Mode>()?,
+        None => file_mode.unwrap_or_default(),
     };
-    let errno = match (&flags.errno, &file.errno) {
-        (Some(e), _) => e.parse::<Errno>()?,
-        (None, Some(e)) => e.parse::<Errno>().map_err(in_file)?,
-        (None, None) => Errno::default(),
+    let file_errno = file
+        .errno
+        .as_deref()
+        .map(str::parse::<Errno>)
+        .transpose()
+        .map_err(in_file)?;
+    let errno = match &flags.errno {
+        Some(e) => e.parse::<Errno>()?,
+        None => file_errno.unwrap_or_default(),
     };
     let spawn_parent: CgroupPath = flags
         .spawn_parent

@@ -19,7 +19,10 @@ use log::{error, info, warn};
 use port_guard_common::{Offender, MAP_EVENTS, MAP_OFFENDERS};
 use tokio::{io::unix::AsyncFd, signal::unix::Signal};
 
-pub use self::{policy::Source, start::run};
+pub use self::{
+    policy::{Loaded, Source},
+    start::run,
+};
 use crate::{
     cgroup::{Cgroup2, CgroupNames, CgroupPath},
     events::DenialLog,
@@ -30,6 +33,7 @@ use crate::{
     pin::PinDir,
     probe::Features,
     reaper::{Reaper, Wake},
+    state::DaemonRecord,
 };
 
 /// How often the sysctl of ephemeral protection is looked at (inotify does not see /proc/sys).
@@ -71,6 +75,8 @@ struct Daemon<'a> {
     netns: netns::GuardedNetns,
     /// Where the netns-learning helper runs.
     scratch: CgroupPath,
+    /// What the daemon tells `status` and `reload` about itself.
+    record: DaemonRecord,
 }
 
 impl Daemon<'_> {
@@ -214,6 +220,18 @@ impl Daemon<'_> {
         }
     }
 
+    /// The record to its file; a failure costs `status` its daemon line, not the guard.
+    fn save_record(&self) {
+        if let Err(e) = self.record.save(self.pin.path()) {
+            warn!("recording the daemon's state for status and reload: {e}");
+        }
+    }
+
+    /// When the counters of `r`'s ranges started: `fresh` ones now.
+    fn record_counters(&self, r: &Resolved, fresh: &[(u16, u16)]) {
+        record_counters(self.pin, r, fresh);
+    }
+
     /// A metrics scrape: the text, or None when the maps cannot be read.
     fn on_scrape(&mut self) -> Option<String> {
         self.stats.leases_reaped = self.reaper.reaped;
@@ -242,6 +260,7 @@ impl<'a> Daemon<'a> {
         features: Features,
         netns: netns::GuardedNetns,
         scratch: CgroupPath,
+        record: DaemonRecord,
     ) -> Result<Daemon<'a>> {
         let offenders = match guard.ebpf.take_map(MAP_OFFENDERS).map(HashMap::try_from) {
             Some(Ok(m)) => Some(m),
@@ -270,7 +289,9 @@ impl<'a> Daemon<'a> {
             detached_since: None,
             netns,
             scratch,
+            record,
         };
+        d.save_record();
         d.denials.netns.set(d.netns.names());
         // Leases whose VM ended while no daemon ran.
         d.reaper.run(
@@ -285,6 +306,21 @@ impl<'a> Daemon<'a> {
         d.watch_allowed();
         d.refresh_allowed();
         Ok(d)
+    }
+}
+
+/// Records when the counters of `r`'s ranges started: `fresh` ones now, the others as before.
+fn record_counters(pin: &PinDir, r: &Resolved, fresh: &[(u16, u16)]) {
+    let ranges: Vec<(u16, u16)> = r
+        .policy
+        .reserve
+        .iter()
+        .map(|x| (x.spec.range.first, x.spec.range.last))
+        .collect();
+    if let Err(e) =
+        crate::state::record_counters(pin.path(), &ranges, fresh, crate::leases::now_secs())
+    {
+        warn!("recording when the counters started: {e}");
     }
 }
 
@@ -387,5 +423,7 @@ async fn serve(
         let errno = (d.resolved.policy.errno, d.features.set_retval);
         d.denials.summarise(offenders, &mut d.names, errno, true);
     }
+    d.record.stopped = Some(crate::leases::now_secs());
+    d.save_record();
     Ok(exit)
 }

@@ -2,7 +2,7 @@
 //! nothing: the maps are rolled back when a write fails), allowed cgroups followed by path, and
 //! ephemeral-port protection kept in step.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context as _, Result};
 use log::{error, info, warn};
@@ -25,16 +25,81 @@ pub struct Source<'a> {
     pub flags: Overrides,
 }
 
+/// A reload that took: what it loaded, the policy in force now, and the ranges whose counters
+/// started with it.
+struct Reloaded {
+    loaded: Loaded,
+    resolved: Resolved,
+    netns: GuardedNetns,
+    fresh: Vec<(u16, u16)>,
+}
+
+/// A policy as loaded, with where it came from.
+pub struct Loaded {
+    pub policy: Policy,
+    /// The file read (None: no file, the defaults and the flags).
+    pub path: Option<PathBuf>,
+    /// Flags that override keys of that file.
+    pub overrides: Vec<String>,
+    /// Allowed cgroups that do not exist yet.
+    pub missing: Vec<String>,
+}
+
 impl Source<'_> {
-    pub fn policy(&self, cg: &Cgroup2) -> Result<Policy> {
+    pub fn load(&self, cg: &Cgroup2) -> Result<Loaded> {
         let (file, path) = ConfigFile::load(self.config)?;
         let policy = build_policy(&file, path.as_deref(), &self.flags)?;
-        for missing in check_cgroups(&policy, cg)? {
-            warn!(
-                "allowed cgroup {missing} does not exist yet; it is allowed as soon as it appears"
-            );
+        let missing = check_cgroups(&policy, cg)?
+            .into_iter()
+            .map(|m| m.to_string())
+            .collect();
+        Ok(Loaded {
+            overrides: self.flags.overriding(&file),
+            policy,
+            path,
+            missing,
+        })
+    }
+}
+
+impl Loaded {
+    /// Warnings worth a line at start and at each reload: allowed cgroups that do not exist
+    /// yet, flags that override the file, and a policy that allows nothing.
+    pub fn warnings(&self) -> Vec<String> {
+        let mut out: Vec<String> = self
+            .missing
+            .iter()
+            .map(|m| {
+                format!(
+                    "allowed cgroup {m} does not exist yet; it is allowed as soon as it appears"
+                )
+            })
+            .collect();
+        if let (Some(path), false) = (&self.path, self.overrides.is_empty()) {
+            out.push(format!(
+                "flags on the command line override {}: {}",
+                path.display(),
+                self.overrides.join(", ")
+            ));
         }
-        Ok(policy)
+        if self.policy.reserve.iter().all(|r| r.allow.is_empty()) {
+            out.push("no range allows any cgroup: only leases (spawn, lease) may bind the reserved ports; on a libvirt host allow libvirt's cgroups (see contrib/libvirt-host.toml) or its migrations are refused".into());
+        }
+        out
+    }
+
+    /// The ranges as configured, for the daemon's record.
+    pub fn configured(&self) -> Vec<crate::state::ConfiguredRange> {
+        self.policy
+            .reserve
+            .iter()
+            .map(|r| crate::state::ConfiguredRange {
+                ports: r.spec.to_string(),
+                first: r.spec.range.first,
+                last: r.spec.range.last,
+                allow: r.allow.iter().map(ToString::to_string).collect(),
+            })
+            .collect()
     }
 }
 
@@ -80,7 +145,7 @@ pub(super) fn sync_ephemeral(
         }
         guard.maps.set_protect_ephemeral(true)?;
     } else {
-        let restored = crate::ephemeral::restore(pin.path())?;
+        let restored = crate::ephemeral::restore(pin.path(), false)?;
         if !restored.is_empty() {
             guard.maps.set_protect_ephemeral(false)?;
         }
@@ -92,19 +157,36 @@ pub(super) fn sync_ephemeral(
 }
 
 impl Daemon<'_> {
-    /// SIGHUP: the new config in force, or the old one, whole.
+    /// SIGHUP: the new config in force, or the old one, whole. The result goes to the log, to
+    /// systemd (STATUS=), to the daemon's record (`status`, `port-guard reload`) and to the
+    /// metrics.
     pub(super) fn on_reload(&mut self) {
         crate::notify::notify(&format!(
             "RELOADING=1\nMONOTONIC_USEC={}",
             crate::notify::monotonic_usec()
         ));
         let result = self.reload();
-        crate::notify::notify("READY=1");
+        let now = crate::leases::now_secs();
+        self.record.reloads += 1;
         match result {
-            Ok((r, netns)) => {
+            Ok(Reloaded {
+                loaded,
+                resolved: r,
+                netns,
+                fresh,
+            }) => {
                 self.stats.reloads_ok += 1;
+                for w in loaded.warnings() {
+                    warn!("{w}");
+                }
                 info!(
-                    "SIGHUP: config reloaded: mode={} errno={} netns={} ranges={}",
+                    "SIGHUP: config reloaded from {}: mode={} errno={} netns={} ranges={}{}",
+                    loaded
+                        .path
+                        .as_deref()
+                        .map_or("(no file: defaults and flags)".into(), |p| p
+                            .display()
+                            .to_string()),
                     r.policy.mode.name(),
                     r.policy.errno.name(),
                     r.policy.netns,
@@ -113,26 +195,61 @@ impl Daemon<'_> {
                         .iter()
                         .map(|x| x.spec.to_string())
                         .collect::<Vec<_>>()
-                        .join(" ")
+                        .join(" "),
+                    if loaded.overrides.is_empty() {
+                        String::new()
+                    } else {
+                        format!(
+                            " (command-line flags override the file: {})",
+                            loaded.overrides.join(", ")
+                        )
+                    }
                 );
+                self.record.config = loaded.path.clone();
+                self.record.overrides = loaded.overrides.clone();
+                self.record.ranges = loaded.configured();
+                self.record.netns = loaded.policy.netns.to_string();
+                self.record.last_reload = Some(crate::state::ReloadRecord {
+                    at: now,
+                    ok: true,
+                    error: None,
+                });
+                self.record_counters(&r, &fresh);
                 self.netns = netns;
                 self.resolved = r;
                 self.watch_allowed();
                 self.write_netns();
+                crate::notify::notify(&format!(
+                    "READY=1\nSTATUS=guard enforcing on {} (config reloaded)",
+                    self.resolved.policy.attach
+                ));
             }
             Err(e) => {
                 self.stats.reloads_failed += 1;
-                error!("SIGHUP: new config refused, the old one stays in force: {e:#}");
+                let error = format!("{e:#}");
+                error!("SIGHUP: new config refused, the old one stays in force: {error}");
+                self.record.last_reload = Some(crate::state::ReloadRecord {
+                    at: now,
+                    ok: false,
+                    error: Some(error.clone()),
+                });
+                crate::notify::notify(&format!(
+                    "READY=1\nSTATUS=guard enforcing on {}; last reload REFUSED (old config in force): {}",
+                    self.resolved.policy.attach,
+                    error.replace('\n', " ")
+                ));
             }
         }
+        self.save_record();
     }
 
     /// Builds and checks the new policy completely, then updates the maps in place. A failed map
     /// write has restored the old policy in the maps before this returns.
-    fn reload(&mut self) -> Result<(Resolved, GuardedNetns)> {
+    fn reload(&mut self) -> Result<Reloaded> {
         let cg = self.cg;
         let old = &self.resolved;
-        let policy = self.source.policy(cg)?;
+        let loaded = self.source.load(cg)?;
+        let policy = loaded.policy.clone();
         if policy.attach != old.policy.attach {
             bail!(
                 "attach changed from {} to {}: restart the daemon to move the guard",
@@ -149,7 +266,7 @@ impl Daemon<'_> {
         let mut netns = self.netns.clone();
         netns.set_scope(&r.policy.netns);
         netns.refresh(&mut self.guard, cg, &self.scratch);
-        self.guard.maps.write_policy(&r, self.features)?;
+        let fresh = self.guard.maps.write_policy(&r, self.features)?;
         let rest = self
             .guard
             .maps
@@ -163,7 +280,7 @@ impl Daemon<'_> {
                 .guard
                 .maps
                 .write_policy(&old, self.features)
-                .and_then(|()| {
+                .and_then(|_| {
                     self.guard
                         .maps
                         .write_netns(&self.netns.set(), self.netns.scoped())
@@ -173,7 +290,12 @@ impl Daemon<'_> {
             }
             return Err(e);
         }
-        Ok((r, netns))
+        Ok(Reloaded {
+            loaded,
+            resolved: r,
+            netns,
+            fresh,
+        })
     }
 
     /// Watches the nearest existing directory above each allowed cgroup.
@@ -214,7 +336,7 @@ impl Daemon<'_> {
             return;
         }
         match self.guard.maps.write_policy(&next, self.features) {
-            Ok(()) => {
+            Ok(_) => {
                 self.resolved = next;
                 // Logged once in force.
                 news.dedup();

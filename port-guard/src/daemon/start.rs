@@ -17,6 +17,7 @@ use crate::{
     pin::PinDir,
     policy::NetnsScope,
     probe::{self, Features},
+    state::DaemonRecord,
 };
 
 /// Starts the daemon and serves until it is told to stop.
@@ -50,7 +51,8 @@ pub fn run(
     };
     raise_nofile();
     let cg = Cgroup2::find()?;
-    let policy = source.policy(&cg)?;
+    let loaded = source.load(&cg)?;
+    let policy = loaded.policy.clone();
     pin.preflight()?;
     // Before the probe: on kernels before 5.11 even the probe's program is charged to
     // RLIMIT_MEMLOCK, against everything the user has locked already (a pinned guard included).
@@ -123,6 +125,9 @@ pub fn run(
     }
     log_enforcing(&resolved, features, &guard, pin, started);
     info!("guarded network namespaces: {}", guarded.describe());
+    for w in loaded.warnings() {
+        warn!("{w}");
+    }
     if !resolved.policy.protect_ephemeral {
         warn!("protect_ephemeral is off: a process the guard refuses can still get a reserved port the kernel picks for it (connect(), sendto(), bind() to port 0)");
     }
@@ -140,8 +145,21 @@ pub fn run(
         "READY=1\nSTATUS=guard enforcing on {}",
         resolved.policy.attach
     ));
+    super::record_counters(pin, &resolved, &guard.fresh_counters);
+    let pid = std::process::id();
+    let record = DaemonRecord {
+        pid,
+        starttime: crate::state::process_start(pid).unwrap_or(0),
+        started: crate::leases::now_secs(),
+        config: loaded.path.clone(),
+        overrides: loaded.overrides.clone(),
+        flags: source.flags.clone(),
+        ranges: loaded.configured(),
+        netns: loaded.policy.netns.to_string(),
+        ..DaemonRecord::default()
+    };
     let daemon = Daemon::new(
-        pin, &cg, source, guard, resolved, features, guarded, scratch,
+        pin, &cg, source, guard, resolved, features, guarded, scratch, record,
     )?;
     let exit = rt.block_on(serve(daemon, signals, metrics))?;
     crate::notify::notify("STOPPING=1");

@@ -105,8 +105,13 @@ impl Maps {
     }
 
     /// Writes `r` into the maps; if any write fails, restores what they held before and returns
-    /// the error.
-    pub fn write_policy(&mut self, r: &Resolved, features: Features) -> Result<(), MapsError> {
+    /// the error. Returns the ranges (first, last) whose counters start now: those that did not
+    /// keep the slot of a range with the same ports.
+    pub fn write_policy(
+        &mut self,
+        r: &Resolved,
+        features: Features,
+    ) -> Result<Vec<(u16, u16)>, MapsError> {
         let before = self.snapshot()?;
         let result = self.write_policy_inner(r, features, &before);
         if let Err(e) = &result {
@@ -122,7 +127,7 @@ impl Maps {
         r: &Resolved,
         features: Features,
         before: &Snapshot,
-    ) -> Result<(), MapsError> {
+    ) -> Result<Vec<(u16, u16)>, MapsError> {
         let old_ranges = &before.ranges;
         let old_allowed = &before.allowed;
         let old_config = before.config;
@@ -138,6 +143,14 @@ impl Maps {
             });
             slots.push(keep.map(|(s, _)| *s));
         }
+        let fresh: Vec<(u16, u16)> = r
+            .policy
+            .reserve
+            .iter()
+            .zip(&slots)
+            .filter(|(_, s)| s.is_none())
+            .map(|(res, _)| (res.spec.range.first, res.spec.range.last))
+            .collect();
         let kept: Vec<u32> = slots.iter().flatten().copied().collect();
         let mut free: Vec<u32> = (0..MAX_RANGES as u32)
             .filter(|s| !old_ranges.contains_key(s))
@@ -248,7 +261,7 @@ impl Maps {
         }
         config.allowed_levels = levels;
         self.config.set(0, config, 0).map_err(map_err(MAP_CONFIG))?;
-        Ok(())
+        Ok(fresh)
     }
 
     /// Puts the policy maps back as `s` recorded them, in the same gap-free order: the old

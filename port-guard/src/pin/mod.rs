@@ -48,9 +48,9 @@ pub enum PinError {
     /// Nothing is pinned at the pin dir.
     #[error("no guard is loaded at {0} (nothing pinned there)")]
     NotLoaded(PathBuf),
-    /// Another daemon holds the pin dir.
-    #[error("another port-guard daemon is running on {0}")]
-    Busy(PathBuf),
+    /// Another daemon holds the pin dir (its pid, when its record names a live process).
+    #[error("another port-guard daemon{} is running on {}: stop it first (`systemctl stop port-guard`, or kill that pid)", .pid.map(|p| format!(" (pid {p})")).unwrap_or_default(), .dir.display())]
+    Busy { dir: PathBuf, pid: Option<u32> },
     /// A relative pin dir.
     #[error("pin dir {0} must be an absolute path (e.g. {DEFAULT_PIN_DIR})")]
     Relative(PathBuf),
@@ -320,7 +320,15 @@ impl PinDir {
         if unsafe { libc::flock(dir.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
             let e = io::Error::last_os_error();
             if e.raw_os_error() == Some(libc::EWOULDBLOCK) {
-                return Err(PinError::Busy(self.0.clone()));
+                let pid = crate::state::DaemonRecord::load(&self.0)
+                    .ok()
+                    .flatten()
+                    .filter(crate::state::DaemonRecord::running)
+                    .map(|r| r.pid);
+                return Err(PinError::Busy {
+                    dir: self.0.clone(),
+                    pid,
+                });
             }
             return Err(IoError::new("lock", &self.0, e).into());
         }
