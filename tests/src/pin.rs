@@ -68,9 +68,20 @@ impl PinDir {
                 _ => {}
             }
         }
-        // The daemon's record of itself stays after unload (it describes the last daemon).
-        for what in ["daemon", "counters", "netns"] {
-            let _ = fs::remove_file(state_file(&self.path, what));
+        // The daemon's record of itself stays after unload (it describes the last daemon);
+        // remove the state of this pin dir and of the pin dirs below it (the bench nests them).
+        let own = state_file(&self.path, "");
+        let own = own.file_name().unwrap().to_string_lossy().into_owned();
+        let below = own.trim_end_matches('.').to_owned() + "_";
+        for e in fs::read_dir("/run/port-guard")
+            .into_iter()
+            .flatten()
+            .flatten()
+        {
+            let name = e.file_name().to_string_lossy().into_owned();
+            if name.starts_with(&own) || name.starts_with(&below) {
+                let _ = fs::remove_file(e.path());
+            }
         }
         if self.path.exists() {
             // Pins are files (unlink) and maybe sub dirs; bpffs allows both.
