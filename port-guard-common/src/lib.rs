@@ -63,6 +63,18 @@ pub const UNGUARDED_LEN: u32 = MAX_RANGES as u32 * 2;
 /// kernel; SO_NETNS_COOKIE needs 5.14).
 pub const MAP_NETNS_LEARN: &str = "PG_NETNS_LEARN";
 
+/// `HashMap<u64 socket cookie, u64 netns cookie>`, [`MAX_SENTINELS`] entries: the agent's
+/// sentinel sockets. The post_bind programs refuse every bind that ends on the sentinel port
+/// unless its socket is one of these, so a refused bind rewritten to the sentinel port can never
+/// succeed there, whether a sentinel holds the port or not.
+pub const MAP_SENTINELS: &str = "PG_SENTINELS";
+pub const MAX_SENTINELS: u32 = 1024;
+/// `HashMap<u64 netns cookie, u32 sentinel port>`, [`MAX_NETNS`] entries: the network
+/// namespaces where a sentinel holds the port (TCP and UDP). Only there is a refused bind
+/// rewritten to the sentinel port (EADDRINUSE from the kernel's own conflict check); elsewhere
+/// it gets EPERM.
+pub const MAP_SENTINEL_NETNS: &str = "PG_SENT_NETNS";
+
 /// Offenders tracked at once (least recently refused ones are forgotten first).
 pub const MAX_OFFENDERS: u32 = 4096;
 /// Credit one denial event costs, in nanoseconds of elapsed time: 2 events a second.
@@ -99,6 +111,12 @@ pub const PROG_BIND6: &str = "port_guard_bind6";
 /// The agent's helper that learns a netns cookie: a bind4 program it attaches to a scratch
 /// cgroup only, never to the attach cgroup.
 pub const PROG_NETNS_LEARN: &str = "port_guard_netns_learn";
+/// The post_bind programs that keep the sentinel port for the sentinels (attached only where the
+/// guard refuses through the sentinel). The kernel keeps 15 bytes of a name: both are
+/// [`PROG_POST_BIND_KERNEL_NAME`].
+pub const PROG_POST_BIND4: &str = "port_guard_post_bind4";
+pub const PROG_POST_BIND6: &str = "port_guard_post_bind6";
+pub const PROG_POST_BIND_KERNEL_NAME: &str = "port_guard_post";
 
 /// Load-time constant: 1 when the kernel has `bpf_set_retval` for cgroup sock_addr programs
 /// (6.1+). With 0 the call is dead code the verifier removes, so the object loads on 5.10.
@@ -107,6 +125,18 @@ pub const GLOBAL_USE_RETVAL: &str = "USE_RETVAL";
 /// programs (5.7+, so every kernel the guard runs on; probed all the same). With 0 the guard
 /// enforces in every netns.
 pub const GLOBAL_USE_NETNS: &str = "USE_NETNS";
+
+/// SO_MARK of the sentinel sockets ("pgsn"), set by the daemon (root: CAP_NET_ADMIN). The
+/// programs rewrite a refused bind to the sentinel port only when a UDP socket carrying it holds
+/// that port in the caller's netns (a socket lookup at the moment of refusal), and bind the
+/// sentinel port itself only for sockets carrying it.
+pub const SENTINEL_MARK: u32 = 0x7067_736e;
+
+/// Load-time constant: the sentinel port, or 0 when the guard does not refuse through it (the
+/// kernel gives the configured errno itself, or the sentinel is turned off). Where it is set, a
+/// refused bind in a netns with a sentinel is rewritten to this port, and the kernel answers it
+/// EADDRINUSE: the way to give EADDRINUSE without `bpf_set_retval` (before 6.1).
+pub const GLOBAL_SENTINEL_PORT: &str = "SENTINEL_PORT";
 
 /// Protocol bits in [`PortEntry::protocols`] and [`RangeDef::protocols`].
 pub const PROTO_TCP: u16 = 1;
@@ -199,6 +229,8 @@ pub const FLAG_RETVAL: u32 = 2;
 /// Enforce only in the network namespaces of [`MAP_NETNS`]. Clear: in every netns (what pins of
 /// an older daemon, which never set it, mean).
 pub const FLAG_NETNS_SCOPED: u32 = 4;
+/// The programs refuse through the sentinel port ([`GLOBAL_SENTINEL_PORT`]), for `status`.
+pub const FLAG_SENTINEL: u32 = 8;
 
 /// Event kinds in [`DenialEvent::action`].
 pub const ACTION_DENIED: u8 = 1;

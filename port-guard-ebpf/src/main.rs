@@ -17,17 +17,18 @@
 #![no_main]
 
 use aya_ebpf::{
-    bindings::bpf_sock_addr,
+    bindings::{bpf_sock_addr, bpf_sock_tuple, BPF_F_CURRENT_NETNS},
     helpers::{
         bpf_get_current_comm, bpf_get_current_pid_tgid,
         generated::{
             bpf_get_current_ancestor_cgroup_id, bpf_get_current_cgroup_id, bpf_get_netns_cookie,
-            bpf_ktime_get_ns, bpf_set_retval,
+            bpf_get_socket_cookie, bpf_ktime_get_ns, bpf_set_retval, bpf_sk_lookup_udp,
+            bpf_sk_release,
         },
     },
-    macros::{cgroup_sock_addr, map},
+    macros::{cgroup_sock, cgroup_sock_addr, map},
     maps::{Array, HashMap, LruHashMap, PerCpuArray, RingBuf},
-    programs::SockAddrContext,
+    programs::{SockAddrContext, SockContext},
 };
 use aya_log_ebpf::debug;
 use port_guard_common::{
@@ -35,7 +36,8 @@ use port_guard_common::{
     ACTION_DENIED, ALLOC_ENTRIES, BPF_F_MMAPABLE, COUNTERS_LEN, COUNTER_ALLOWED, COUNTER_AUDITED,
     COUNTER_DENIED, EVENTS_BYTES, EVENTS_LOST_INDEX, EVENT_COST_NS, EVENT_CREDIT_MAX_NS,
     FLAG_NETNS_SCOPED, MAX_ALLOWED, MAX_CGROUP_LEVEL, MAX_LEASES, MAX_NETNS, MAX_OFFENDERS,
-    MAX_RANGES, MODE_AUDIT, PROBE_MARK, PROTO_TCP, PROTO_UDP, UNGUARDED_LEN,
+    MAX_RANGES, MAX_SENTINELS, MODE_AUDIT, PROBE_MARK, PROTO_TCP, PROTO_UDP, SENTINEL_MARK,
+    UNGUARDED_LEN,
 };
 
 /// Set by the agent at load time (`EbpfLoader::override_global`). Read with `read_volatile` so the
@@ -48,6 +50,11 @@ static USE_RETVAL: u32 = 1;
 /// `bpf_get_netns_cookie` for sock_addr programs (then the guard enforces in every netns).
 #[no_mangle]
 static USE_NETNS: u32 = 1;
+
+/// Set by the agent at load time: the sentinel port (host order), or 0 when refusals do not go
+/// through it (port_guard_common::GLOBAL_SENTINEL_PORT).
+#[no_mangle]
+static SENTINEL_PORT: u32 = 0;
 
 // The map names below must match port_guard_common::MAP_*: they are the pin file names.
 #[map(name = "PG_PORTS")]
@@ -87,6 +94,14 @@ static PG_UNGUARDED: PerCpuArray<u64> = PerCpuArray::pinned(UNGUARDED_LEN, 0);
 #[map(name = "PG_NETNS_LEARN")]
 static PG_NETNS_LEARN: Array<u64> = Array::with_max_entries(1, 0);
 
+#[map(name = "PG_SENTINELS")]
+static PG_SENTINELS: HashMap<u64, u64> = HashMap::pinned(MAX_SENTINELS, 0);
+
+/// The agent's record of where its sentinels hold the port (for `status`); declared here so it
+/// is created and pinned with the others. The programs look the sentinel up themselves.
+#[map(name = "PG_SENT_NETNS")]
+static PG_SENT_NETNS: HashMap<u64, u32> = HashMap::pinned(MAX_NETNS, 0);
+
 #[map(name = "PG_OFFENDERS")]
 static PG_OFFENDERS: LruHashMap<u64, Offender> = LruHashMap::pinned(MAX_OFFENDERS, 0);
 
@@ -95,6 +110,10 @@ const IPPROTO_UDP: u32 = 17;
 /// MPTCP listens on TCP ports: treat it as TCP or it would be a way around a tcp range.
 const IPPROTO_MPTCP: u32 = 262;
 const EPERM: u32 = 1;
+const EADDRINUSE: u32 = 98;
+/// `struct bpf_sock_tuple`'s ipv4 and ipv6 parts.
+const TUPLE4_LEN: u32 = 12;
+const TUPLE6_LEN: u32 = 36;
 
 /// bind() proceeds.
 const ALLOW: i32 = 1;
@@ -124,6 +143,35 @@ pub fn port_guard_netns_learn(ctx: SockAddrContext) -> i32 {
     DENY
 }
 
+/// Keeps the sentinel port for the sentinels: a bind that ends on it from any other socket
+/// fails with EPERM. Above all, a refused bind that [`refuse`] rewrote to the sentinel port
+/// fails here when no sentinel held the port (the daemon stopped without handing its sockets to
+/// the service manager, or the netns has none): it never succeeds on another port.
+#[cgroup_sock(post_bind4)]
+pub fn port_guard_post_bind4(ctx: SockContext) -> i32 {
+    post_bind(&ctx)
+}
+
+#[cgroup_sock(post_bind6)]
+pub fn port_guard_post_bind6(ctx: SockContext) -> i32 {
+    post_bind(&ctx)
+}
+
+#[inline(always)]
+fn post_bind(ctx: &SockContext) -> i32 {
+    let sentinel = unsafe { core::ptr::read_volatile(&SENTINEL_PORT) };
+    // src_port is in host byte order here.
+    if sentinel == 0 || unsafe { (*ctx.sock).src_port } != sentinel {
+        return ALLOW;
+    }
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.sock.cast()) };
+    if unsafe { PG_SENTINELS.get(&cookie) }.is_some() {
+        ALLOW
+    } else {
+        DENY
+    }
+}
+
 /// The cookie of the caller's netns, or 0 where the kernel cannot tell.
 #[inline(always)]
 fn netns_cookie(ctx: &SockAddrContext) -> u64 {
@@ -133,11 +181,73 @@ fn netns_cookie(ctx: &SockAddrContext) -> u64 {
     unsafe { bpf_get_netns_cookie(ctx.sock_addr.cast()) }
 }
 
+/// Whether a sentinel holds `port` in the caller's netns now: a UDP socket bound there that
+/// carries [`SENTINEL_MARK`] (only root can set it). The daemon closes its UDP sentinel before its
+/// TCP one, so a lookup that finds the one means the other is there too.
+#[inline(always)]
+fn sentinel_present(ctx: &SockAddrContext, family: u8, port: u32) -> bool {
+    let mut tuple: bpf_sock_tuple = unsafe { core::mem::zeroed() };
+    let dport = (port as u16).to_be();
+    let sk = if family == 4 {
+        tuple.__bindgen_anon_1.ipv4.dport = dport;
+        unsafe {
+            bpf_sk_lookup_udp(
+                ctx.sock_addr.cast(),
+                &mut tuple,
+                TUPLE4_LEN,
+                BPF_F_CURRENT_NETNS as u64,
+                0,
+            )
+        }
+    } else {
+        tuple.__bindgen_anon_1.ipv6.dport = dport;
+        unsafe {
+            bpf_sk_lookup_udp(
+                ctx.sock_addr.cast(),
+                &mut tuple,
+                TUPLE6_LEN,
+                BPF_F_CURRENT_NETNS as u64,
+                0,
+            )
+        }
+    };
+    if sk.is_null() {
+        return false;
+    }
+    let ours = unsafe { (*sk).mark } == SENTINEL_MARK;
+    unsafe { bpf_sk_release(sk.cast()) };
+    ours
+}
+
+/// A bind to the sentinel port itself: the sentinels' own pass; any other answers as the port
+/// is (taken by the sentinel: EADDRINUSE), or EPERM when no sentinel holds it, so that nobody
+/// can take it from the daemon between two of its runs.
+#[inline(always)]
+fn sentinel_port_bind(ctx: &SockAddrContext, family: u8, port: u32) -> i32 {
+    let sk = unsafe { (*ctx.sock_addr).__bindgen_anon_1.sk };
+    if !sk.is_null() && unsafe { (*sk).mark } == SENTINEL_MARK {
+        return ALLOW;
+    }
+    if sentinel_present(ctx, family, port) {
+        // The kernel's conflict check answers EADDRINUSE (post_bind catches a lost race).
+        return ALLOW;
+    }
+    if unsafe { core::ptr::read_volatile(&USE_RETVAL) } != 0 {
+        // Minimum kernel version 6.1 for sock_addr programs; pruned on older kernels.
+        unsafe { bpf_set_retval(-(EADDRINUSE as i32)) };
+    }
+    DENY
+}
+
 #[inline(always)]
 fn decide(ctx: &SockAddrContext, family: u8) -> i32 {
     let sa: &bpf_sock_addr = unsafe { &*ctx.sock_addr };
     // user_port holds the port in network byte order in its low 16 bits.
     let port = u16::from_be(sa.user_port as u16);
+    let sentinel = unsafe { core::ptr::read_volatile(&SENTINEL_PORT) };
+    if sentinel != 0 && u32::from(port) == sentinel {
+        return sentinel_port_bind(ctx, family, sentinel);
+    }
     let Some(entry) = PG_PORTS.get(port as u32) else {
         return ALLOW;
     };
@@ -254,8 +364,16 @@ fn refuse(ctx: &SockAddrContext, config: Option<&GuardConfig>, r: &Refused) -> i
         None => (false, EPERM),
     };
     let use_retval = unsafe { core::ptr::read_volatile(&USE_RETVAL) } != 0;
+    // Without bpf_set_retval, EADDRINUSE comes from the kernel itself: the bind is rewritten to
+    // the sentinel port, which a sentinel of this netns holds (the post_bind programs make sure
+    // it fails even if that sentinel is gone by the time the kernel looks).
+    let sentinel = unsafe { core::ptr::read_volatile(&SENTINEL_PORT) };
+    let rewrite =
+        !audit && sentinel != 0 && errno == EADDRINUSE && sentinel_present(ctx, family, sentinel);
     let errno = if audit {
         0
+    } else if rewrite {
+        EADDRINUSE
     } else if use_retval {
         errno
     } else {
@@ -327,6 +445,11 @@ fn refuse(ctx: &SockAddrContext, config: Option<&GuardConfig>, r: &Refused) -> i
         audit as u8
     );
     if audit {
+        return ALLOW;
+    }
+    if rewrite {
+        // user_port holds the port in network byte order.
+        unsafe { (*ctx.sock_addr).user_port = u32::from((sentinel as u16).to_be()) };
         return ALLOW;
     }
     if use_retval && errno != EPERM {

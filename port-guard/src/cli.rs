@@ -140,6 +140,11 @@ pub struct DaemonArgs {
     /// replaces the config file's list.
     #[arg(long, value_name = "host|all|PATH")]
     pub netns: Vec<String>,
+    /// Where the kernel cannot set a refused bind's errno (before 6.1): the port refused binds
+    /// are rewritten to, which the daemon holds, so that they fail with EADDRINUSE (default
+    /// 49151, or the nearest port outside the ranges; 0: none, they get EPERM).
+    #[arg(long, value_name = "PORT")]
+    pub sentinel_port: Option<u16>,
     /// Parent of the cgroups `spawn` creates (default /port-guard).
     #[arg(long, value_name = "CGROUP")]
     pub spawn_parent: Option<String>,

@@ -23,15 +23,15 @@ use aya::{
     maps::{Array, MapData, MapError},
     programs::{
         links::{CgroupAttachMode, FdLink, LinkError},
-        CgroupSockAddr, ProgramError,
+        CgroupSock, CgroupSockAddr, ProgramError,
     },
     Ebpf, EbpfError, EbpfLoader,
 };
 use log::{info, warn};
 use port_guard_common::{
-    GLOBAL_USE_NETNS, GLOBAL_USE_RETVAL, MAP_ALLOC, MAP_ALLOWED, MAP_CONFIG, MAP_COUNTERS,
-    MAP_EVENTS, MAP_LEASES, MAP_NETNS, MAP_NETNS_LEARN, MAP_OFFENDERS, MAP_PORTS, MAP_RANGES,
-    MAP_UNGUARDED, PROG_NETNS_LEARN,
+    GLOBAL_SENTINEL_PORT, GLOBAL_USE_NETNS, GLOBAL_USE_RETVAL, MAP_ALLOC, MAP_ALLOWED, MAP_CONFIG,
+    MAP_COUNTERS, MAP_EVENTS, MAP_LEASES, MAP_NETNS, MAP_NETNS_LEARN, MAP_OFFENDERS, MAP_PORTS,
+    MAP_RANGES, MAP_SENTINELS, MAP_SENTINEL_NETNS, MAP_UNGUARDED, PROG_NETNS_LEARN,
 };
 
 use crate::{
@@ -40,7 +40,7 @@ use crate::{
     error::{IoContext as _, IoError},
     maps::{Maps, MapsError, Resolved},
     netns::Netns,
-    pin::{PinDir, PinError, LINKS},
+    pin::{PinDir, PinError, LINKS, POST_LINKS},
     probe::Features,
     sys,
 };
@@ -49,7 +49,7 @@ use crate::{
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/port-guard"));
 
 /// Every map the object pins, by pin name.
-pub const PINNED_MAPS: [&str; 11] = [
+pub const PINNED_MAPS: [&str; 13] = [
     MAP_PORTS,
     MAP_RANGES,
     MAP_ALLOWED,
@@ -61,6 +61,8 @@ pub const PINNED_MAPS: [&str; 11] = [
     MAP_OFFENDERS,
     MAP_NETNS,
     MAP_UNGUARDED,
+    MAP_SENTINELS,
+    MAP_SENTINEL_NETNS,
 ];
 
 /// A guard problem at run time (exit status 1 unless it wraps a usage error).
@@ -187,6 +189,12 @@ impl Guard {
     ) -> Result<Guard, GuardError> {
         let use_retval: u32 = features.set_retval.into();
         let use_netns: u32 = features.netns_cookie.into();
+        let sentinel = features.uses_sentinel(&r.policy);
+        let sentinel_port: u32 = if sentinel {
+            r.policy.sentinel_port.into()
+        } else {
+            0
+        };
         // The programs' aya-log records are debug only: written when the agent logs debug.
         let log_level: u8 = if log::log_enabled!(log::Level::Debug) {
             4
@@ -197,6 +205,7 @@ impl Guard {
             .default_map_pin_directory(pin.path())
             .override_global(GLOBAL_USE_RETVAL, &use_retval, true)
             .override_global(GLOBAL_USE_NETNS, &use_netns, true)
+            .override_global(GLOBAL_SENTINEL_PORT, &sentinel_port, true)
             .override_global(aya_log::LEVEL, &log_level, false)
             .load(OBJECT)
             .map_err(|e| GuardError::Load(Box::new(e)))?;
@@ -213,10 +222,44 @@ impl Guard {
 
         let dir = cg.dir(&r.policy.attach);
         let cgroup = File::open(&dir).at("open cgroup", &dir)?;
-        // Load and attach both programs first, holding the links by fd only: a crash up to here
+        // Load and attach the programs first, holding the links by fd only: a crash up to here
         // detaches them (the kernel drops a link with its last fd), so a first load is either
-        // complete or leaves nothing attached. Loading (the verifier) is the slow part.
+        // complete or leaves nothing attached. Loading (the verifier) is the slow part. The
+        // post_bind programs go first: from the instant a new bind program may rewrite a refusal
+        // to the sentinel port, the rewritten bind must be unable to succeed there.
         let mut links = Vec::new();
+        for (name, link_name) in POST_LINKS.iter().copied().filter(|_| sentinel) {
+            let prog_err = |what| {
+                move |e| GuardError::Program {
+                    what,
+                    program: name,
+                    source: Box::new(e),
+                }
+            };
+            let prog: &mut CgroupSock = g
+                .ebpf
+                .program_mut(name)
+                .ok_or(ProgramError::InvalidName {
+                    name: name.to_owned(),
+                })
+                .map_err(prog_err("find"))?
+                .try_into()
+                .map_err(prog_err("find"))?;
+            prog.load().map_err(prog_err("load"))?;
+            let id = prog
+                .attach(&cgroup, CgroupAttachMode::Single)
+                .map_err(prog_err("attach"))?;
+            let link: FdLink = prog
+                .take_link(id)
+                .map_err(prog_err("attach"))?
+                .try_into()
+                .map_err(|e| GuardError::Link {
+                    what: "take",
+                    program: name,
+                    source: Box::new(e),
+                })?;
+            links.push((name, link_name, link));
+        }
         for (name, link_name) in LINKS {
             let prog_err = |what| {
                 move |e| GuardError::Program {
@@ -277,12 +320,23 @@ impl Guard {
             }
             drop(pinned);
         }
+        // The old guard's post_bind links, when this one refuses without the sentinel: its bind
+        // programs, the only ones that rewrote, are gone with their pins.
+        if !sentinel {
+            remove_links(pin, &POST_LINKS)?;
+        }
         // An fd of everything pinned, kept for as long as the daemon runs.
         let mut held = Vec::new();
         for (name, link) in PINNED_MAPS
             .iter()
             .map(|m| (*m, false))
             .chain(LINKS.iter().map(|(_, l)| (*l, true)))
+            .chain(
+                POST_LINKS
+                    .iter()
+                    .filter(|_| sentinel)
+                    .map(|(_, l)| (*l, true)),
+            )
         {
             let path = pin.file(name);
             let fd = sys::obj_get(&path).at("open pin", &path)?;
@@ -440,21 +494,10 @@ impl Guard {
     }
 }
 
-/// Detaches the links and removes every pin and the pin dir.
-pub fn unload(pin: &PinDir) -> Result<(), GuardError> {
-    unload_with(pin, false)
-}
-
-/// [`unload`], forgetting (with `forget_unreachable`) the sysctl changes of network namespaces
-/// nothing reaches any more.
-pub fn unload_with(pin: &PinDir, forget_unreachable: bool) -> Result<(), GuardError> {
-    pin.verify()?;
-    // First, so that a failure (another network namespace) leaves the guard whole.
-    for line in crate::ephemeral::restore(pin.path(), forget_unreachable)? {
-        info!("{line}");
-    }
-    for (_, link_name) in LINKS {
-        for name in [link_name.to_owned(), format!("{link_name}_new")] {
+/// Detaches the links of `links` (and any staged `_new` of them) and removes their pins.
+fn remove_links(pin: &PinDir, links: &[(&str, &str)]) -> Result<(), GuardError> {
+    for (_, link_name) in links {
+        for name in [(*link_name).to_owned(), format!("{link_name}_new")] {
             let path = pin.file(&name);
             if fs::symlink_metadata(&path).is_err() {
                 continue;
@@ -470,6 +513,25 @@ pub fn unload_with(pin: &PinDir, forget_unreachable: bool) -> Result<(), GuardEr
             fs::remove_file(&path).at("remove pin", &path)?;
         }
     }
+    Ok(())
+}
+
+/// Detaches the links and removes every pin and the pin dir.
+pub fn unload(pin: &PinDir) -> Result<(), GuardError> {
+    unload_with(pin, false)
+}
+
+/// [`unload`], forgetting (with `forget_unreachable`) the sysctl changes of network namespaces
+/// nothing reaches any more.
+pub fn unload_with(pin: &PinDir, forget_unreachable: bool) -> Result<(), GuardError> {
+    pin.verify()?;
+    // First, so that a failure (another network namespace) leaves the guard whole.
+    for line in crate::ephemeral::restore(pin.path(), forget_unreachable)? {
+        info!("{line}");
+    }
+    // The bind programs first: the post_bind ones must outlive every rewrite.
+    remove_links(pin, &LINKS)?;
+    remove_links(pin, &POST_LINKS)?;
     let entries = fs::read_dir(pin.path()).at("read pin dir", pin.path())?;
     for entry in entries {
         let path = entry.at("read pin dir", pin.path())?.path();

@@ -34,6 +34,7 @@ pub mod plan;
 pub mod policy;
 pub mod probe;
 pub mod reaper;
+pub mod sentinel;
 pub mod shared;
 pub mod sockets;
 pub mod state;

@@ -41,6 +41,21 @@ pub struct DaemonStats {
     pub pins_restored: u64,
     /// The daemon's links are attached.
     pub attached: bool,
+    /// Where refusals go through the sentinel port: the guarded netns where the daemon holds
+    /// it, and those where it cannot (taken by another socket).
+    pub sentinel: Option<SentinelCounts>,
+}
+
+/// Netns with and without the sentinel held.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct SentinelCounts {
+    pub held: u64,
+    pub missing: u64,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct StateLabels {
+    state: String,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -175,6 +190,21 @@ pub fn render(maps: &Maps, stats: &DaemonStats) -> Result<String, MapsError> {
         "1 while the guard's programs are attached",
         attached,
     );
+    if let Some(c) = stats.sentinel {
+        let netns = Family::<StateLabels, Gauge>::default();
+        for (state, n) in [("held", c.held), ("missing", c.missing)] {
+            netns
+                .get_or_create(&StateLabels {
+                    state: state.into(),
+                })
+                .set(i64::try_from(n).unwrap_or(i64::MAX));
+        }
+        reg.register(
+            "sentinel_netns",
+            "Guarded network namespaces where the daemon holds the sentinel port (held), so that refused binds get EADDRINUSE on a kernel without bpf_set_retval, and where another socket holds it (missing: refused binds there get EPERM)",
+            netns,
+        );
+    }
     let mut out = String::new();
     encode(&mut out, &reg).expect("writing to a String cannot fail");
     Ok(out)

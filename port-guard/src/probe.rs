@@ -41,16 +41,31 @@ pub struct Features {
     /// `bpf_get_netns_cookie` in cgroup sock_addr programs (5.7+): the guard can enforce in some
     /// network namespaces only.
     pub netns_cookie: bool,
+    /// Refusals with EADDRINUSE go through the sentinel port: the kernel has no `bpf_set_retval`
+    /// for them, or [`FORCE_SENTINEL_ENV`] asks for it (to exercise it where it has).
+    pub sentinel: bool,
 }
+
+/// `PORT_GUARD_SENTINEL=force`: refuse through the sentinel port even where `bpf_set_retval`
+/// exists (the test suite runs the sentinel on every kernel this way).
+pub const FORCE_SENTINEL_ENV: &str = "PORT_GUARD_SENTINEL";
 
 impl Features {
     /// Refuses a policy this kernel cannot enforce as written, unless it allows the fallback.
     pub fn check(&self, policy: &crate::policy::Policy) -> Result<(), Unenforceable> {
         use crate::policy::Errno;
+        if self.sentinel && policy.errno == Errno::Eaddrinuse && policy.sentinel_port != 0 {
+            return Ok(());
+        }
         if !self.set_retval && policy.errno != Errno::Eperm && !policy.allow_fallback {
             return Err(Unenforceable(format!(
-                "errno {} needs bpf_set_retval in cgroup bind programs (kernel 6.1+); this kernel can only refuse with EPERM: set errno = \"eperm\", or allow_fallback = true (--allow-fallback) to accept EPERM",
-                policy.errno.name()
+                "errno {} needs bpf_set_retval in cgroup bind programs (kernel 6.1+){}; this kernel can only refuse with EPERM: set errno = \"eperm\", or allow_fallback = true (--allow-fallback) to accept EPERM",
+                policy.errno.name(),
+                if policy.errno == Errno::Eaddrinuse {
+                    " or the sentinel port, which sentinel_port = 0 turns off"
+                } else {
+                    " (only eaddrinuse can be given through the sentinel port)"
+                }
             )));
         }
         Ok(())
@@ -62,7 +77,7 @@ impl Features {
             if self.set_retval {
                 "bpf_set_retval available: refused binds get the configured errno".to_owned()
             } else {
-                "bpf_set_retval missing (kernel < 6.1): refused binds get EPERM instead of the configured errno".to_owned()
+                "bpf_set_retval missing (kernel < 6.1): the kernel cannot set a refused bind's errno; EADDRINUSE comes through the sentinel port, any other errno is EPERM".to_owned()
             },
             if self.netns_cookie {
                 "bpf_get_netns_cookie available: the guard enforces in the configured network namespaces".to_owned()
@@ -74,12 +89,24 @@ impl Features {
 
     /// The fallbacks this kernel takes, one line each (for `check`).
     pub fn fallbacks(&self) -> Vec<String> {
-        self.describe()
+        let mut out: Vec<String> = self
+            .describe()
             .into_iter()
             .zip([self.set_retval, self.netns_cookie])
             .filter(|(_, available)| !available)
             .map(|(line, _)| line)
-            .collect()
+            .collect();
+        if self.sentinel {
+            out.push("errno eaddrinuse is given through the sentinel port: a refused bind is rewritten to it, and the daemon's sentinel sockets there make the kernel answer EADDRINUSE (EPERM in a netns without a sentinel)".into());
+        }
+        out
+    }
+
+    /// Whether refusals of `policy` go through the sentinel port: only EADDRINUSE can.
+    pub fn uses_sentinel(&self, policy: &crate::policy::Policy) -> bool {
+        self.sentinel
+            && policy.sentinel_port != 0
+            && policy.errno == crate::policy::Errno::Eaddrinuse
     }
 }
 
@@ -187,9 +214,11 @@ pub fn probe() -> Result<Features, ProbeError> {
             });
         }
     }
+    let set_retval = load_with_helper(Some(BPF_FUNC_SET_RETVAL)).is_ok();
     Ok(Features {
-        set_retval: load_with_helper(Some(BPF_FUNC_SET_RETVAL)).is_ok(),
+        set_retval,
         netns_cookie: load_with_helper(Some(BPF_FUNC_GET_NETNS_COOKIE)).is_ok(),
+        sentinel: !set_retval || std::env::var_os(FORCE_SENTINEL_ENV).is_some_and(|v| v == "force"),
     })
 }
 

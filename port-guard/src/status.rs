@@ -32,6 +32,8 @@ pub struct Status {
     pub errno: &'static str,
     /// What refused binds really get on this kernel.
     pub effective_errno: &'static str,
+    /// The kernel sets a refused bind's errno itself (bpf_set_retval, 6.1+).
+    pub kernel_sets_errno: bool,
     pub protect_ephemeral: bool,
     pub spawn_parent: String,
     pub reserve: Vec<RangeStatus>,
@@ -43,6 +45,35 @@ pub struct Status {
     pub netns: NetnsStatus,
     /// The daemon of this pin dir, as it recorded itself.
     pub daemon: DaemonStatus,
+    /// Where refusals go through the sentinel port (None: the kernel sets the errno itself).
+    pub sentinel: Option<SentinelStatus>,
+}
+
+#[derive(Debug, serde::Serialize)]
+pub struct SentinelStatus {
+    /// 0 when no netns has a sentinel now.
+    pub port: u32,
+    /// The network namespaces where a sentinel holds the port: refused binds there get
+    /// EADDRINUSE, elsewhere EPERM.
+    pub held_in: Vec<String>,
+}
+
+/// Where sentinels hold the port, from `PG_SENT_NETNS` (absent in pins of an older daemon).
+fn sentinel_status(pin: &PinDir, netns_name: impl Fn(u64) -> String) -> SentinelStatus {
+    let mut port = 0;
+    let mut held_in = Vec::new();
+    if let Ok(data) = aya::maps::MapData::from_pin(pin.file(port_guard_common::MAP_SENTINEL_NETNS))
+    {
+        if let Ok(map) = aya::maps::HashMap::<_, u64, u32>::try_from(aya::maps::Map::HashMap(data))
+        {
+            for (cookie, p) in map.iter().flatten() {
+                port = p;
+                held_in.push(netns_name(cookie));
+            }
+        }
+    }
+    held_in.sort();
+    SentinelStatus { port, held_in }
 }
 
 #[derive(Debug, serde::Serialize)]
@@ -334,6 +365,7 @@ pub fn status(pin: &PinDir, cg: &Cgroup2) -> Result<Status, GuardError> {
         mode: settings.mode.name(),
         errno: settings.errno.name(),
         effective_errno: settings.effective_errno().name(),
+        kernel_sets_errno: settings.retval,
         protect_ephemeral: settings.protect_ephemeral,
         spawn_parent: if settings.spawn_parent_id == 0 {
             String::new()
@@ -344,6 +376,21 @@ pub fn status(pin: &PinDir, cg: &Cgroup2) -> Result<Status, GuardError> {
         leases,
         counters: total,
         events_lost: maps.events_lost()?,
+        sentinel: settings.sentinel.then(|| {
+            let guarded = maps.guarded_netns().unwrap_or_default();
+            let recorded = recorded_netns_names(pin);
+            sentinel_status(pin, |cookie| {
+                guarded
+                    .get(&cookie)
+                    .map(|inode| {
+                        recorded
+                            .get(inode)
+                            .cloned()
+                            .unwrap_or_else(|| inode.to_string())
+                    })
+                    .unwrap_or_else(|| format!("netns cookie {cookie}"))
+            })
+        }),
         netns: {
             let recorded = recorded_netns_names(pin);
             NetnsStatus {

@@ -349,3 +349,122 @@ pub fn bind_in_cgroup_and_netns(procs: &Path, netns_fd: i32) -> io::Result<()> {
         ))),
     }
 }
+
+const BPF_PROG_ATTACH: libc::c_long = 8;
+const BPF_PROG_DETACH: libc::c_long = 9;
+/// `BPF_F_ALLOW_MULTI`: the program joins the cgroup's list for its hook.
+pub const BPF_F_ALLOW_MULTI: u32 = 2;
+/// `BPF_CGROUP_INET4_POST_BIND` and `BPF_CGROUP_INET6_POST_BIND`.
+pub const ATTACH_INET4_POST_BIND: u32 = 12;
+pub const ATTACH_INET6_POST_BIND: u32 = 13;
+
+/// `union bpf_attr` for BPF_PROG_ATTACH and BPF_PROG_DETACH.
+#[repr(C)]
+struct AttachAttr {
+    target_fd: u32,
+    attach_bpf_fd: u32,
+    attach_type: u32,
+    attach_flags: u32,
+    replace_bpf_fd: u32,
+    _rest: [u8; 44],
+}
+
+fn attach_cmd(
+    cmd: libc::c_long,
+    cgroup: std::os::fd::BorrowedFd<'_>,
+    prog: std::os::fd::BorrowedFd<'_>,
+    attach_type: u32,
+    flags: u32,
+) -> io::Result<()> {
+    let attr = AttachAttr {
+        target_fd: cgroup.as_raw_fd() as u32,
+        attach_bpf_fd: prog.as_raw_fd() as u32,
+        attach_type,
+        attach_flags: flags,
+        replace_bpf_fd: 0,
+        _rest: [0; 44],
+    };
+    // SAFETY: a BPF_PROG_ATTACH/BPF_PROG_DETACH attr.
+    unsafe {
+        bpf(
+            cmd,
+            (&attr as *const AttachAttr).cast(),
+            size_of::<AttachAttr>(),
+        )
+    }
+    .map(drop)
+}
+
+/// Attaches `prog` to `cgroup` for `attach_type` the legacy way (BPF_PROG_ATTACH): the
+/// attachment belongs to the cgroup, not to an fd, and stays until [`prog_detach`].
+pub fn prog_attach(
+    cgroup: std::os::fd::BorrowedFd<'_>,
+    prog: std::os::fd::BorrowedFd<'_>,
+    attach_type: u32,
+) -> io::Result<()> {
+    attach_cmd(
+        BPF_PROG_ATTACH,
+        cgroup,
+        prog,
+        attach_type,
+        BPF_F_ALLOW_MULTI,
+    )
+}
+
+/// Detaches `prog` from `cgroup`'s list for `attach_type`.
+pub fn prog_detach(
+    cgroup: std::os::fd::BorrowedFd<'_>,
+    prog: std::os::fd::BorrowedFd<'_>,
+    attach_type: u32,
+) -> io::Result<()> {
+    attach_cmd(BPF_PROG_DETACH, cgroup, prog, attach_type, 0)
+}
+
+/// An fd of program `id`.
+pub fn prog_fd(id: u32) -> io::Result<OwnedFd> {
+    let attr: [u32; 4] = [id, 0, 0, 0];
+    // SAFETY: a BPF_PROG_GET_FD_BY_ID attr.
+    unsafe {
+        bpf_fd(
+            BPF_PROG_GET_FD_BY_ID,
+            attr.as_ptr().cast(),
+            size_of_val(&attr),
+        )
+    }
+}
+
+/// The socket's cookie (SO_COOKIE): what `bpf_get_socket_cookie` returns for it.
+pub fn socket_cookie(sock: std::os::fd::BorrowedFd<'_>) -> io::Result<u64> {
+    let mut cookie = 0u64;
+    let mut len = size_of::<u64>() as libc::socklen_t;
+    // SAFETY: getsockopt into a u64 of the given length.
+    let r = unsafe {
+        libc::getsockopt(
+            sock.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_COOKIE,
+            (&mut cookie as *mut u64).cast(),
+            &mut len,
+        )
+    };
+    if r != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(cookie)
+}
+
+/// `SIOCGSKNS`: an fd of the network namespace a socket lives in (4.9+).
+const SIOCGSKNS: libc::c_ulong = 0x894C;
+
+/// The inode of the network namespace `sock` lives in.
+pub fn socket_netns_inode(sock: std::os::fd::BorrowedFd<'_>) -> io::Result<u64> {
+    use std::os::unix::fs::MetadataExt as _;
+    // SAFETY: an ioctl without argument that returns a new fd.
+    let fd = unsafe { libc::ioctl(sock.as_raw_fd(), SIOCGSKNS) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: a fresh fd nothing else owns.
+    let ns = std::fs::File::from(unsafe { OwnedFd::from_raw_fd(fd) });
+    Ok(ns.metadata()?.ino())
+}

@@ -48,6 +48,8 @@ struct Report {
 struct Features {
     set_retval: bool,
     netns_cookie: bool,
+    /// EADDRINUSE is given through the sentinel port.
+    sentinel: bool,
 }
 
 /// Exit status: 0 when the preflight passes and nothing conflicts, 1 otherwise.
@@ -183,6 +185,9 @@ pub fn run(pin: &PinDir, config: Option<&Path>, json: bool) -> Result<ExitCode> 
             detail: "protect_ephemeral = false: a process the guard refuses can still get a reserved port the kernel picks for it (connect(), sendto(), bind() to port 0)".into(),
         });
     }
+    if let Some(f) = features.filter(|f| f.uses_sentinel(&policy)) {
+        preflight.push(sentinel_item(f, policy.sentinel_port));
+    }
     let fallbacks = match features {
         Some(f) => {
             if let Err(e) = f.check(&policy) {
@@ -232,6 +237,7 @@ pub fn run(pin: &PinDir, config: Option<&Path>, json: bool) -> Result<ExitCode> 
         features: Features {
             set_retval: features.is_some_and(|f| f.set_retval),
             netns_cookie: features.is_some_and(|f| f.netns_cookie),
+            sentinel: features.is_some_and(|f| f.uses_sentinel(&policy)),
         },
         fallbacks,
         config: path,
@@ -334,4 +340,46 @@ fn render(r: &Report, view: &View) -> String {
         }
     );
     out
+}
+
+/// Who holds the sentinel port in this netns: the daemon (its sentinel), nobody (the daemon
+/// takes it when it starts), or someone else (refused binds here get EPERM while they do).
+fn sentinel_item(f: probe::Features, port: u16) -> Item {
+    let scan = crate::sockets::scan(|p, _| p == port);
+    let others: Vec<String> = scan
+        .sockets
+        .iter()
+        .flat_map(|s| s.owners.iter().map(move |o| (s, o)))
+        // The daemon's sentinel, or its sockets kept in the service manager's fd store.
+        .filter(|(_, o)| o.command != "port-guard" && o.pid != 1)
+        .map(|(s, o)| format!("{}/{} by pid {} ({})", s.port, s.protocol, o.pid, o.command))
+        .collect();
+    if !others.is_empty() {
+        return Item {
+            name: "sentinel",
+            ok: true,
+            warning: true,
+            detail: format!(
+                "the sentinel port {port} is held by {}: the daemon cannot hold it, and refused binds here get EPERM instead of EADDRINUSE until it can (choose another sentinel_port, or stop that process)",
+                others.join(", ")
+            ),
+        };
+    }
+    Item {
+        name: "sentinel",
+        ok: true,
+        warning: false,
+        detail: if scan.sockets.is_empty() {
+            format!(
+                "port {port} is free: the daemon holds it to give refused binds EADDRINUSE ({})",
+                if f.set_retval {
+                    "forced with PORT_GUARD_SENTINEL=force"
+                } else {
+                    "this kernel cannot set their errno"
+                }
+            )
+        } else {
+            format!("port {port} is held by the daemon's sentinel (or the service manager keeps it between two daemons): refused binds get EADDRINUSE")
+        },
+    }
 }

@@ -24,6 +24,7 @@ pub fn run(pin: &PinDir, config: Option<&Path>, args: DaemonArgs) -> Result<()> 
             allow_fallback: args.allow_fallback,
             spawn_parent: args.spawn_parent,
             netns: args.netns,
+            sentinel_port: args.sentinel_port,
         },
     };
     daemon::run(pin, source, args.metrics_listen, args.unload_on_exit)

@@ -120,10 +120,18 @@ fn netns(s: &Status) -> String {
 /// The human table.
 pub fn render(s: &Status) -> String {
     let mut out = String::new();
-    let errno = if s.errno == s.effective_errno {
-        s.errno.to_owned()
-    } else {
-        format!("{} (this kernel gives {})", s.errno, s.effective_errno)
+    let errno = match &s.sentinel {
+        Some(st) if s.errno == "eaddrinuse" && !st.held_in.is_empty() => format!(
+            "eaddrinuse (through the sentinel port {}, held in {}; eperm in other namespaces)",
+            st.port,
+            st.held_in.join(", ")
+        ),
+        Some(_) if s.errno == "eaddrinuse" && !s.kernel_sets_errno => {
+            "eaddrinuse wanted, eperm given: no sentinel holds its port now (is the daemon running?)"
+                .to_owned()
+        }
+        _ if s.errno == s.effective_errno => s.errno.to_owned(),
+        _ => format!("{} (this kernel gives {})", s.errno, s.effective_errno),
     };
     out += &format!(
         "guard:     {}\ndaemon:    {}\npin dir:   {}\nattach:    {}\nnetns:     {}\nmode:      {}\nerrno:     {}\nephemeral: {}\nspawn:     {}\n",

@@ -77,6 +77,8 @@ pub struct ConfigFile {
     pub reserve: Option<Vec<ReserveEntry>>,
     /// `["host"]` (default), `["all"]`, or netns paths (with or without "host").
     pub netns: Option<Vec<String>>,
+    /// The sentinel port (0: none); default [`crate::policy::default_sentinel_port`].
+    pub sentinel_port: Option<u16>,
 }
 
 /// A `[[reserve]]` table.
@@ -155,6 +157,8 @@ pub struct Overrides {
     pub spawn_parent: Option<String>,
     /// `--netns`, repeated: replaces the file's list.
     pub netns: Vec<String>,
+    /// `--sentinel-port N` (0: none).
+    pub sentinel_port: Option<u16>,
 }
 
 impl Overrides {
@@ -203,6 +207,12 @@ impl Overrides {
             file.netns.is_some(),
             "netns",
             "netns",
+        );
+        check(
+            self.sentinel_port.is_some(),
+            file.sentinel_port.is_some(),
+            "sentinel-port",
+            "sentinel_port",
         );
         out
     }
@@ -334,8 +344,19 @@ pub fn build_policy(
     } else {
         NetnsScope::default()
     };
+    if let Some(p) = file.sentinel_port {
+        crate::policy::check_sentinel(p, &reserve).map_err(in_file)?;
+    }
+    let sentinel_port = match flags.sentinel_port.or(file.sentinel_port) {
+        Some(p) => {
+            crate::policy::check_sentinel(p, &reserve)?;
+            p
+        }
+        None => crate::policy::default_sentinel_port(&reserve),
+    };
     Ok(Policy {
         netns,
+        sentinel_port,
         attach,
         mode,
         errno,

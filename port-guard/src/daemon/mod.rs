@@ -9,6 +9,7 @@
 
 mod netns;
 mod policy;
+mod sentinel;
 mod start;
 
 use std::time::{Duration, Instant};
@@ -77,6 +78,8 @@ struct Daemon<'a> {
     scratch: CgroupPath,
     /// What the daemon tells `status` and `reload` about itself.
     record: DaemonRecord,
+    /// Where refusals go through the sentinel port: its sockets.
+    sentinels: Option<sentinel::Sentinels>,
 }
 
 impl Daemon<'_> {
@@ -172,13 +175,19 @@ impl Daemon<'_> {
     /// Follows the listed netns paths; writes the set when it changed, and protects the
     /// ephemeral ports of a netns that appeared.
     fn refresh_netns(&mut self) {
-        if self.netns.refresh(&mut self.guard, self.cg, &self.scratch) {
+        let changed = self.netns.refresh(&mut self.guard, self.cg, &self.scratch);
+        // Every tick: a netns whose sentinel port was taken is tried again.
+        if let Some(s) = &mut self.sentinels {
+            s.sync(&self.netns.sentinel_targets());
+        }
+        if changed {
             self.write_netns();
             if self.resolved.policy.protect_ephemeral {
                 if let Err(e) = policy::sync_ephemeral(
                     self.pin,
                     &mut self.guard,
                     &self.resolved.policy,
+                    self.features,
                     &self.netns,
                 ) {
                     warn!("protecting ephemeral ports in the guarded namespaces: {e:#}");
@@ -203,13 +212,7 @@ impl Daemon<'_> {
     }
 
     fn repair_ephemeral(&mut self) {
-        let ranges: Vec<_> = self
-            .resolved
-            .policy
-            .reserve
-            .iter()
-            .map(|r| r.spec.range)
-            .collect();
+        let ranges = policy::protected_ranges(&self.resolved.policy, self.features);
         match crate::ephemeral::repair(&ranges) {
             Ok(None) => {}
             Ok(Some(lost)) => {
@@ -236,6 +239,7 @@ impl Daemon<'_> {
     fn on_scrape(&mut self) -> Option<String> {
         self.stats.leases_reaped = self.reaper.reaped;
         self.stats.denial_lines_summarised = self.denials.lines_summarised;
+        self.stats.sentinel = self.sentinels.as_ref().map(sentinel::Sentinels::counts);
         match metrics::render(&self.guard.maps, &self.stats) {
             Ok(text) => Some(text),
             Err(e) => {
@@ -261,6 +265,7 @@ impl<'a> Daemon<'a> {
         netns: netns::GuardedNetns,
         scratch: CgroupPath,
         record: DaemonRecord,
+        sentinels: Option<sentinel::Sentinels>,
     ) -> Result<Daemon<'a>> {
         let offenders = match guard.ebpf.take_map(MAP_OFFENDERS).map(HashMap::try_from) {
             Some(Ok(m)) => Some(m),
@@ -290,6 +295,7 @@ impl<'a> Daemon<'a> {
             netns,
             scratch,
             record,
+            sentinels,
         };
         d.save_record();
         d.denials.netns.set(d.netns.names());
@@ -422,6 +428,9 @@ async fn serve(
     if let Some(offenders) = &d.offenders {
         let errno = (d.resolved.policy.errno, d.features.set_retval);
         d.denials.summarise(offenders, &mut d.names, errno, true);
+    }
+    if let Some(s) = &mut d.sentinels {
+        s.stop();
     }
     d.record.stopped = Some(crate::leases::now_secs());
     d.save_record();

@@ -214,6 +214,25 @@ impl GuardedNetns {
         v
     }
 
+    /// Where sentinels go, as (name, inode, cookie, path to enter it or None for the daemon's
+    /// own): wherever ephemeral protection goes.
+    pub(super) fn sentinel_targets(&self) -> Vec<(String, u64, u64, Option<PathBuf>)> {
+        let mut v = Vec::new();
+        if !self.scoped() || self.entries.iter().any(|e| e.spec == NetnsSpec::Host) {
+            v.push(("host".to_owned(), self.host.inode, self.host.cookie, None));
+        }
+        if self.scoped() {
+            for e in &self.entries {
+                if let (Some(f), NetnsSpec::Path(p)) = (e.found, &e.spec) {
+                    if f.inode != self.host.inode {
+                        v.push((e.spec.name(), f.inode, f.cookie, Some(p.clone())));
+                    }
+                }
+            }
+        }
+        v
+    }
+
     /// One line for the start-up log.
     pub(super) fn describe(&self) -> String {
         if !self.supported {

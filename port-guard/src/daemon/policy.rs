@@ -16,7 +16,8 @@ use crate::{
     maps::Resolved,
     netns::Netns,
     pin::PinDir,
-    policy::Policy,
+    policy::{Policy, PortRange},
+    probe::Features,
 };
 
 /// Everything the daemon needs to (re)build its policy.
@@ -128,16 +129,32 @@ pub(super) fn in_protected<T: Send>(
     Ok(out)
 }
 
+/// The ports ephemeral-port protection keeps the kernel from auto-picking: the reserved ranges
+/// and, where refusals go through it, the sentinel port (a connect() or bind(0) given it while no
+/// sentinel holds it would keep the daemon from taking it back, and post_bind refuses a bind(0)
+/// that lands on it).
+pub(super) fn protected_ranges(policy: &Policy, features: Features) -> Vec<PortRange> {
+    let mut ranges: Vec<_> = policy.reserve.iter().map(|r| r.spec.range).collect();
+    if features.uses_sentinel(policy) {
+        ranges.push(PortRange {
+            first: policy.sentinel_port,
+            last: policy.sentinel_port,
+        });
+    }
+    ranges
+}
+
 /// Applies or withdraws ephemeral-port protection to match `policy`, in every netns it goes to,
 /// and records it in the config map for `status`.
 pub(super) fn sync_ephemeral(
     pin: &PinDir,
     guard: &mut Guard,
     policy: &Policy,
+    features: Features,
     guarded: &GuardedNetns,
 ) -> Result<()> {
     if policy.protect_ephemeral {
-        let ranges: Vec<_> = policy.reserve.iter().map(|r| r.spec.range).collect();
+        let ranges = protected_ranges(policy, features);
         for (name, value) in in_protected(guarded, |path| {
             crate::ephemeral::apply(pin.path(), &ranges, path)
         })? {
@@ -250,6 +267,22 @@ impl Daemon<'_> {
         let old = &self.resolved;
         let loaded = self.source.load(cg)?;
         let policy = loaded.policy.clone();
+        self.features.check(&policy)?;
+        if self.sentinels.is_none() && self.features.uses_sentinel(&policy) {
+            bail!(
+                "sentinel_port {} needs a daemon started with it: restart the daemon",
+                policy.sentinel_port
+            );
+        }
+        if let Some(s) = &self.sentinels {
+            if policy.sentinel_port != s.port {
+                bail!(
+                    "sentinel_port changed from {} to {}: restart the daemon to move the sentinel",
+                    s.port,
+                    policy.sentinel_port
+                );
+            }
+        }
         if policy.attach != old.policy.attach {
             bail!(
                 "attach changed from {} to {}: restart the daemon to move the guard",
@@ -272,7 +305,9 @@ impl Daemon<'_> {
             .maps
             .write_netns(&netns.set(), netns.scoped())
             .map_err(anyhow::Error::from)
-            .and_then(|()| sync_ephemeral(self.pin, &mut self.guard, &r.policy, &netns));
+            .and_then(|()| {
+                sync_ephemeral(self.pin, &mut self.guard, &r.policy, self.features, &netns)
+            });
         if let Err(e) = rest {
             // The maps hold (part of) the new policy: put the old one back, whole.
             let old = self.resolved.clone();

@@ -27,6 +27,9 @@ pub fn run(
     metrics_listen: Option<std::net::SocketAddr>,
     unload_on_exit: bool,
 ) -> Result<()> {
+    // Sockets the service manager kept for this daemon (its sentinels), taken before any
+    // thread exists: the variables that name them are removed from the environment.
+    let inherited = crate::sentinel::inherited_fds();
     // Signal handlers before anything is loaded: a SIGTERM that arrives while the guard starts
     // is handled once it runs, instead of killing the process half way.
     let rt = tokio::runtime::Builder::new_current_thread()
@@ -107,13 +110,44 @@ pub fn run(
         }
     };
     let guarded = guarded.expect("Guard::start ran its before_attach");
-    if let Err(e) = policy::sync_ephemeral(pin, &mut guard, &resolved.policy, &guarded) {
+    if let Err(e) = policy::sync_ephemeral(pin, &mut guard, &resolved.policy, features, &guarded) {
         if !guard.adopted {
             drop(guard);
             let _ = guard::unload(pin);
         }
         return Err(e);
     }
+    let sentinels = if features.uses_sentinel(&resolved.policy) {
+        let started =
+            super::sentinel::Sentinels::new(&mut guard, resolved.policy.sentinel_port, inherited);
+        match started {
+            Ok(mut s) => {
+                s.sync(&guarded.sentinel_targets());
+                info!(
+                    "refused binds get EADDRINUSE through the sentinel port {} (held in: {}); EPERM in a netns where it is not held",
+                    s.port,
+                    s.describe()
+                );
+                Some(s)
+            }
+            Err(e) => {
+                if !guard.adopted {
+                    drop(guard);
+                    let _ = guard::unload(pin);
+                }
+                return Err(e.context("setting up the sentinel"));
+            }
+        }
+    } else {
+        // Kept by the service manager for a guard that refused through the sentinel: let go.
+        for (name, _) in inherited
+            .iter()
+            .filter(|(n, _)| n.starts_with(crate::sentinel::FDNAME_PREFIX))
+        {
+            crate::notify::notify(&format!("FDSTOREREMOVE=1\nFDNAME={name}"));
+        }
+        None
+    };
     if let Err(e) = guarded.record(pin) {
         warn!("recording the guarded network namespaces for spawn and check: {e}");
     }
@@ -122,6 +156,24 @@ pub fn run(
             "adopted the guard pinned at {} (its maps and leases are kept)",
             pin.path().display()
         );
+    }
+    super::record_counters(pin, &resolved, &guard.fresh_counters);
+    let pid = std::process::id();
+    let record = DaemonRecord {
+        pid,
+        starttime: crate::state::process_start(pid).unwrap_or(0),
+        started: crate::leases::now_secs(),
+        config: loaded.path.clone(),
+        overrides: loaded.overrides.clone(),
+        flags: source.flags.clone(),
+        ranges: loaded.configured(),
+        netns: loaded.policy.netns.to_string(),
+        ..DaemonRecord::default()
+    };
+    // Before anything says "enforcing" (the log, READY=1): `status` and `reload` find this
+    // daemon from then on.
+    if let Err(e) = record.save(pin.path()) {
+        warn!("recording the daemon's state for status and reload: {e}");
     }
     log_enforcing(&resolved, features, &guard, pin, started);
     info!("guarded network namespaces: {}", guarded.describe());
@@ -145,21 +197,8 @@ pub fn run(
         "READY=1\nSTATUS=guard enforcing on {}",
         resolved.policy.attach
     ));
-    super::record_counters(pin, &resolved, &guard.fresh_counters);
-    let pid = std::process::id();
-    let record = DaemonRecord {
-        pid,
-        starttime: crate::state::process_start(pid).unwrap_or(0),
-        started: crate::leases::now_secs(),
-        config: loaded.path.clone(),
-        overrides: loaded.overrides.clone(),
-        flags: source.flags.clone(),
-        ranges: loaded.configured(),
-        netns: loaded.policy.netns.to_string(),
-        ..DaemonRecord::default()
-    };
     let daemon = Daemon::new(
-        pin, &cg, source, guard, resolved, features, guarded, scratch, record,
+        pin, &cg, source, guard, resolved, features, guarded, scratch, record, sentinels,
     )?;
     let exit = rt.block_on(serve(daemon, signals, metrics))?;
     crate::notify::notify("STOPPING=1");

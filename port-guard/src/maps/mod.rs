@@ -19,8 +19,8 @@ use aya::{
 use port_guard_common::{
     counter_index, GuardConfig, PortEntry, RangeDef, ABI_VERSION, COUNTER_ALLOWED, COUNTER_AUDITED,
     COUNTER_DENIED, EVENTS_LOST_INDEX, FLAG_NETNS_SCOPED, FLAG_PROTECT_EPHEMERAL, FLAG_RETVAL,
-    MAP_ALLOC, MAP_ALLOWED, MAP_CONFIG, MAP_COUNTERS, MAP_LEASES, MAP_NETNS, MAP_PORTS, MAP_RANGES,
-    MAP_UNGUARDED, MAX_RANGES, MODE_AUDIT,
+    FLAG_SENTINEL, MAP_ALLOC, MAP_ALLOWED, MAP_CONFIG, MAP_COUNTERS, MAP_LEASES, MAP_NETNS,
+    MAP_PORTS, MAP_RANGES, MAP_UNGUARDED, MAX_RANGES, MODE_AUDIT,
 };
 
 pub use self::write::Resolved;
@@ -147,6 +147,8 @@ pub struct Settings {
     pub protect_ephemeral: bool,
     /// Enforcing only in the namespaces of [`Maps::guarded_netns`] (else in every netns).
     pub netns_scoped: bool,
+    /// Refusals with EADDRINUSE go through the sentinel port (where a sentinel holds it).
+    pub sentinel: bool,
     pub attach_id: u64,
     pub spawn_parent_id: u64,
 }
@@ -154,7 +156,7 @@ pub struct Settings {
 impl Settings {
     /// What refused binds get on this kernel.
     pub fn effective_errno(&self) -> Errno {
-        if self.retval {
+        if self.retval || (self.sentinel && self.errno == Errno::Eaddrinuse) {
             self.errno
         } else {
             Errno::Eperm
@@ -330,6 +332,7 @@ impl Maps {
             retval: c.flags & FLAG_RETVAL != 0,
             protect_ephemeral: c.flags & FLAG_PROTECT_EPHEMERAL != 0,
             netns_scoped: c.flags & FLAG_NETNS_SCOPED != 0,
+            sentinel: c.flags & FLAG_SENTINEL != 0,
             attach_id: c.attach_cgroup_id,
             spawn_parent_id: c.spawn_parent_id,
         })

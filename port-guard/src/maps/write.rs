@@ -13,9 +13,9 @@ use std::{
 use log::error;
 use port_guard_common::{
     counter_index, GuardConfig, PortEntry, RangeDef, ABI_VERSION, COUNTER_ALLOWED, COUNTER_AUDITED,
-    COUNTER_DENIED, FLAG_NETNS_SCOPED, FLAG_PROTECT_EPHEMERAL, FLAG_RETVAL, MAP_ALLOWED,
-    MAP_CONFIG, MAP_COUNTERS, MAP_PORTS, MAP_RANGES, MAX_ALLOWED, MAX_CGROUP_LEVEL, MAX_RANGES,
-    MODE_AUDIT, MODE_ENFORCE,
+    COUNTER_DENIED, FLAG_NETNS_SCOPED, FLAG_PROTECT_EPHEMERAL, FLAG_RETVAL, FLAG_SENTINEL,
+    MAP_ALLOWED, MAP_CONFIG, MAP_COUNTERS, MAP_PORTS, MAP_RANGES, MAX_ALLOWED, MAX_CGROUP_LEVEL,
+    MAX_RANGES, MODE_AUDIT, MODE_ENFORCE,
 };
 
 use super::{map_err, Maps, MapsError};
@@ -192,7 +192,12 @@ impl Maps {
             },
             errno: r.policy.errno.raw(),
             flags: (old_config.flags & (FLAG_PROTECT_EPHEMERAL | FLAG_NETNS_SCOPED))
-                | if features.set_retval { FLAG_RETVAL } else { 0 },
+                | if features.set_retval { FLAG_RETVAL } else { 0 }
+                | if features.uses_sentinel(&r.policy) {
+                    FLAG_SENTINEL
+                } else {
+                    0
+                },
             allowed_levels: levels | old_config.allowed_levels,
             attach_cgroup_id: r.attach_id,
             spawn_parent_id: r.spawn_parent_id,

@@ -29,7 +29,7 @@ use std::{
     path::{Component, Path, PathBuf},
 };
 
-use port_guard_common::{MAP_CONFIG, PROG_BIND4, PROG_BIND6};
+use port_guard_common::{MAP_CONFIG, PROG_BIND4, PROG_BIND6, PROG_POST_BIND4, PROG_POST_BIND6};
 
 use self::host::{host_mount_namespace, mount_bpffs, visible_to_host};
 use crate::error::{IoContext as _, IoError};
@@ -40,6 +40,11 @@ pub const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/port-guard";
 pub const BPFFS_ROOT: &str = "/sys/fs/bpf";
 /// Pin names of the two links, under the pin dir.
 pub const LINKS: [(&str, &str); 2] = [(PROG_BIND4, "link_bind4"), (PROG_BIND6, "link_bind6")];
+/// Pin names of the post_bind links, there only while refusals go through the sentinel port.
+pub const POST_LINKS: [(&str, &str); 2] = [
+    (PROG_POST_BIND4, "link_post_bind4"),
+    (PROG_POST_BIND6, "link_post_bind6"),
+];
 const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
 
 /// A pin dir problem (runtime: exit status 1).
@@ -133,7 +138,7 @@ impl PinDir {
     /// replaces the final one, or takes its place when it is missing. Returns what it did.
     pub fn recover(&self) -> Vec<String> {
         let mut done = Vec::new();
-        for (_, link_name) in LINKS {
+        for (_, link_name) in LINKS.iter().chain(&POST_LINKS) {
             let staged = self.file(&format!("{link_name}_new"));
             if fs::symlink_metadata(&staged).is_ok()
                 && fs::rename(&staged, self.file(link_name)).is_ok()

@@ -50,6 +50,12 @@ pub enum PolicyError {
     /// An empty list.
     #[error("netns lists no network namespace: expected [\"host\"], [\"all\"] or netns paths")]
     NoNetns,
+    /// A sentinel port inside a reserved range.
+    #[error("sentinel_port {port} is inside the reserved range {range}: it must be a port of its own (0 turns the sentinel off)")]
+    SentinelInRange { port: u16, range: String },
+    /// A sentinel port unprivileged processes could not be sent to.
+    #[error("sentinel_port {0} is below 1024: a refused bind rewritten to it would fail with EACCES, not EADDRINUSE; choose one from 1024 to 65535 (0 turns the sentinel off)")]
+    SentinelPrivileged(u16),
 }
 
 /// An inclusive port range, 1..=65535.
@@ -315,6 +321,52 @@ pub struct Policy {
     pub reserve: Vec<Reservation>,
     /// Where the guard enforces.
     pub netns: NetnsScope,
+    /// The port refused binds are rewritten to where the kernel cannot set their errno (0: no
+    /// sentinel).
+    pub sentinel_port: u16,
+}
+
+/// The sentinel port when the config names none: 49151 (just below libvirt's default range),
+/// unless a range covers it; then the nearest free port below the lowest range (from 1024), else
+/// above the highest.
+pub fn default_sentinel_port(reserve: &[Reservation]) -> u16 {
+    let covered = |p: u16| reserve.iter().any(|r| r.spec.range.contains(p));
+    if !covered(49151) {
+        return 49151;
+    }
+    let lowest = reserve
+        .iter()
+        .map(|r| r.spec.range.first)
+        .min()
+        .unwrap_or(49152);
+    if let Some(p) = (1024..lowest).rev().find(|p| !covered(*p)) {
+        return p;
+    }
+    let highest = reserve
+        .iter()
+        .map(|r| r.spec.range.last)
+        .max()
+        .unwrap_or(49215);
+    (highest.saturating_add(1)..=65535)
+        .find(|p| !covered(*p))
+        .unwrap_or(0)
+}
+
+/// Checks a configured sentinel port against the ranges (0, no sentinel, always passes).
+pub fn check_sentinel(port: u16, reserve: &[Reservation]) -> Result<(), PolicyError> {
+    if port == 0 {
+        return Ok(());
+    }
+    if port < 1024 {
+        return Err(PolicyError::SentinelPrivileged(port));
+    }
+    if let Some(r) = reserve.iter().find(|r| r.spec.range.contains(port)) {
+        return Err(PolicyError::SentinelInRange {
+            port,
+            range: r.spec.to_string(),
+        });
+    }
+    Ok(())
 }
 
 /// The default range: libvirt's migration_port_min..migration_port_max.
