@@ -8,6 +8,8 @@ use crate::cmd::run;
 pub struct Features {
     /// Refused binds get the configured errno (bpf_set_retval, 6.1+); EPERM otherwise.
     pub set_retval: bool,
+    /// Without it, EADDRINUSE comes through the sentinel port (the default config).
+    pub sentinel: bool,
 }
 
 pub fn kernel_features() -> Features {
@@ -27,13 +29,28 @@ pub fn kernel_features() -> Features {
             set_retval: v["features"]["set_retval"]
                 .as_bool()
                 .expect("features.set_retval in check --json"),
+            sentinel: v["features"]["sentinel"]
+                .as_bool()
+                .expect("features.sentinel in check --json"),
         }
     })
 }
 
-/// The errno a refused bind gets with `errno = "eaddrinuse"`: EADDRINUSE, or EPERM on kernels
-/// without bpf_set_retval.
+/// The errno a refused bind gets with `errno = "eaddrinuse"` in a netns the daemon holds the
+/// sentinel port in (its own and every listed one): EADDRINUSE on every kernel, set by the
+/// program (6.1+) or through the sentinel.
 pub fn expected_errno() -> i32 {
+    let f = kernel_features();
+    if f.set_retval || f.sentinel {
+        libc::EADDRINUSE
+    } else {
+        libc::EPERM
+    }
+}
+
+/// The errno a refused bind gets with `errno = "eaddrinuse"` in a netns without a sentinel (one
+/// `netns = ["all"]` reaches but does not list): EADDRINUSE where the kernel sets it, else EPERM.
+pub fn expected_errno_without_sentinel() -> i32 {
     if kernel_features().set_retval {
         libc::EADDRINUSE
     } else {

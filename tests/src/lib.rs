@@ -59,7 +59,9 @@ mod assert;
 pub use assert::{contains_token, single_line};
 
 mod features;
-pub use features::{expected_errno, kernel_features, skip, skip_part, Features};
+pub use features::{
+    expected_errno, expected_errno_without_sentinel, kernel_features, skip, skip_part, Features,
+};
 
 pub mod libvirt;
 pub mod netns;

@@ -71,6 +71,22 @@ impl TestNetns {
         c
     }
 
+    /// Runs `f` on a thread of its own inside the namespace (setns(2) moves only that thread).
+    pub fn run<T: Send>(&self, f: impl FnOnce() -> T + Send) -> T {
+        let file = std::fs::File::open(self.path()).unwrap();
+        std::thread::scope(|s| {
+            s.spawn(move || {
+                use std::os::fd::AsRawFd as _;
+                // SAFETY: setns(2) on an open netns file, for this thread only.
+                let r = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
+                assert_eq!(r, 0, "setns: {}", std::io::Error::last_os_error());
+                f()
+            })
+            .join()
+            .unwrap()
+        })
+    }
+
     /// Makes `cmd` enter the namespace (and `cgroup`, if given) before exec.
     pub fn enter(&self, cmd: &mut Command, cgroup: Option<&Cgroup>) {
         if let Some(cg) = cgroup {

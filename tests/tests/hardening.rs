@@ -96,7 +96,11 @@ impl Drop for TestBpffs {
             .trim_end_matches('.')
             .to_owned()
             + "_";
-        for e in fs::read_dir("/run/port-guard").into_iter().flatten().flatten() {
+        for e in fs::read_dir("/run/port-guard")
+            .into_iter()
+            .flatten()
+            .flatten()
+        {
             if e.file_name().to_string_lossy().starts_with(&prefix) {
                 let _ = fs::remove_file(e.path());
             }

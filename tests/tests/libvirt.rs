@@ -331,8 +331,8 @@ impl Env {
             skip(&format!("real libvirt is not available here: {why}"));
             return None;
         }
-        if !kernel_features().set_retval {
-            skip("kernel without bpf_set_retval (before 6.1): refused binds get EPERM, which fails libvirt's allocator (docs/libvirt.md)");
+        if !kernel_features().set_retval && !kernel_features().sentinel {
+            skip("kernel without bpf_set_retval (before 6.1) and the sentinel off: refused binds get EPERM, which fails libvirt's allocator (docs/libvirt.md)");
             return None;
         }
         libvirt::sweep_dead_runs("lv-");

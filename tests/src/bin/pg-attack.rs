@@ -121,6 +121,27 @@ fn bind_flood(addr: SocketAddr, secs: f64) -> String {
     tally(binds, ok, &errnos)
 }
 
+/// Like [`bind_flood`], with a fresh socket for every bind: what a bind leaves behind on a socket
+/// (bound after all, despite an error) cannot hide later results.
+fn bind_flood_fresh(addr: SocketAddr, secs: f64) -> String {
+    let end = Instant::now() + Duration::from_secs_f64(secs);
+    let sa = SockAddr::from(addr);
+    let (mut binds, mut ok) = (0u64, 0u64);
+    let mut errnos: BTreeMap<i32, u64> = BTreeMap::new();
+    while Instant::now() < end {
+        for _ in 0..100 {
+            let s = Socket::new(Domain::for_address(addr), Type::STREAM, None)
+                .unwrap_or_else(|_| fail("socket"));
+            binds += 1;
+            match s.bind(&sa) {
+                Ok(()) => ok += 1,
+                Err(e) => *errnos.entry(errno_of(&e)).or_default() += 1,
+            }
+        }
+    }
+    tally(binds, ok, &errnos)
+}
+
 fn hop_flood(dir: &str, n: usize, addr: SocketAddr) -> String {
     let sa = SockAddr::from(addr);
     let (mut binds, mut ok) = (0u64, 0u64);
@@ -266,6 +287,10 @@ fn main() {
             SocketAddr::new(addr.parse().expect("ADDR"), port.parse().expect("PORT")),
             secs.parse().expect("SECONDS"),
         ),
+        ["bind-flood-fresh", addr, port, secs] => bind_flood_fresh(
+            SocketAddr::new(addr.parse().expect("ADDR"), port.parse().expect("PORT")),
+            secs.parse().expect("SECONDS"),
+        ),
         ["hop-flood", dir, n, addr, port] => hop_flood(
             dir,
             n.parse().expect("N"),
@@ -273,7 +298,7 @@ fn main() {
         ),
         ["autopick", trick, port] => autopick(trick, port.parse().expect("LISTEN_PORT")),
         _ => {
-            eprintln!("usage: pg-attack [--cgroup DIR] [--uid UID] [--comm NAME] hold-connections ADDR N SECONDS | bind-flood ADDR PORT SECONDS | hop-flood DIR N ADDR PORT | autopick TRICK LISTEN_PORT");
+            eprintln!("usage: pg-attack [--cgroup DIR] [--uid UID] [--comm NAME] hold-connections ADDR N SECONDS | bind-flood ADDR PORT SECONDS | bind-flood-fresh ADDR PORT SECONDS | hop-flood DIR N ADDR PORT | autopick TRICK LISTEN_PORT");
             std::process::exit(2)
         }
     };
