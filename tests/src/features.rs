@@ -69,3 +69,14 @@ pub fn skip(reason: &str) {
 pub fn skip_part(reason: &str) {
     println!("PG-SKIP-PART: {reason}");
 }
+
+/// What ephemeral-port protection adds to net.ipv4.ip_local_reserved_ports ahead of ranges
+/// above 49151 under a config that names no sentinel port: `"49151,"` where refusals go through
+/// the sentinel (it is protected with the ranges), else nothing.
+pub fn default_sentinel_reserved() -> &'static str {
+    if kernel_features().sentinel {
+        "49151,"
+    } else {
+        ""
+    }
+}

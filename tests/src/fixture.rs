@@ -49,7 +49,7 @@ impl Fixture {
         if let Some(r) = range {
             a.extend(["--reserve".to_string(), r.to_string()]);
         }
-        if !kernel_features().set_retval {
+        if !kernel_features().set_retval && !kernel_features().sentinel {
             a.push("--allow-fallback".to_string());
         }
         a.extend(extra.iter().map(|s| s.to_string()));

@@ -60,7 +60,8 @@ pub use assert::{contains_token, single_line};
 
 mod features;
 pub use features::{
-    expected_errno, expected_errno_without_sentinel, kernel_features, skip, skip_part, Features,
+    default_sentinel_reserved, expected_errno, expected_errno_without_sentinel, kernel_features,
+    skip, skip_part, Features,
 };
 
 pub mod libvirt;

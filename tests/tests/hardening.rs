@@ -673,7 +673,10 @@ fn no_trick_gets_a_kernel_chosen_reserved_port_under_the_default_config() {
         pin: &s.pin,
     };
     let _d = daemon_in(&ns, &s, "63300-63309");
-    assert_eq!(ns.sysctl("net.ipv4.ip_local_reserved_ports"), "63300-63309");
+    assert_eq!(
+        ns.sysctl("net.ipv4.ip_local_reserved_ports"),
+        format!("{}63300-63309", default_sentinel_reserved())
+    );
     for trick in TRICKS {
         let v = autopick(
             &ns,
@@ -718,13 +721,19 @@ fn a_rewritten_sysctl_is_put_back_and_unload_removes_only_what_the_daemon_added(
         pin: &s.pin,
     };
     let d = daemon_in(&ns, &s, "63400-63409");
-    assert_eq!(ns.sysctl(key), "1234,63400-63409");
+    // Where refusals go through the sentinel port (49151 by default), it is protected too.
+    let sentinel = default_sentinel_reserved();
+    assert_eq!(ns.sysctl(key), format!("1234,{sentinel}63400-63409"));
 
     // `sysctl --system` writes the file's value: the reserved ranges are gone.
     let skip = d.line_count();
     ns.set_sysctl(key, "1234");
-    d.wait_for_after(skip, &format!("{key} lost 63400-63409"), LOG_TIMEOUT);
-    assert_eq!(ns.sysctl(key), "1234,63400-63409");
+    d.wait_for_after(
+        skip,
+        &format!("{key} lost {sentinel}63400-63409"),
+        LOG_TIMEOUT,
+    );
+    assert_eq!(ns.sysctl(key), format!("1234,{sentinel}63400-63409"));
 
     // Someone else reserves a port meanwhile; unload keeps it, and 63405, which was there
     // before the daemon.

@@ -176,8 +176,10 @@ fn ephemeral_protection_goes_to_every_guarded_netns_and_unload_restores_each() {
             &["--netns", "host", "--netns", b_path.to_str().unwrap()],
         ),
     );
-    assert_eq!(a.sysctl(key), "1111,63860-63869");
-    assert_eq!(b.sysctl(key), "2222,63860-63869");
+    // The sentinel port, where refusals go through it, is held and protected in both.
+    let sentinel = default_sentinel_reserved();
+    assert_eq!(a.sysctl(key), format!("1111,{sentinel}63860-63869"));
+    assert_eq!(b.sysctl(key), format!("2222,{sentinel}63860-63869"));
     let out = a
         .command(bin())
         .arg("--pin-dir")
