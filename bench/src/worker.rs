@@ -93,7 +93,11 @@ fn handle(state: &mut State, req: &Value) -> Result<Value> {
             let mut ports = Vec::with_capacity(m as usize);
             for _ in 0..m {
                 let t = Instant::now();
-                let port = maps.allocate(id, level, None, &port_guard::netns::ProbeIn::here())?;
+                let port = maps.allocate(
+                    port_guard::leases::Holder::until_empty(id, level),
+                    None,
+                    &port_guard::netns::ProbeIn::here(),
+                )?;
                 ns.push(t.elapsed().as_nanos() as u64);
                 ports.push(port);
             }

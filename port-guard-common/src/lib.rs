@@ -8,7 +8,10 @@
 
 /// Bumped whenever a map layout below changes. The agent refuses to adopt pins written by a
 /// different layout instead of misreading them.
-pub const ABI_VERSION: u32 = 2;
+///
+/// 3: [`Lease`] gained `flags`, `expires` and `cpu_usec` (40 bytes; 24 before). A daemon of layout 3 started
+/// over pins of layout 2 migrates the leases in place ([`LeaseV2`]).
+pub const ABI_VERSION: u32 = 3;
 
 /// Number of distinct reserved ranges. A range is one bit in an allowed cgroup's mask.
 pub const MAX_RANGES: usize = 64;
@@ -87,7 +90,7 @@ pub const EVENT_CREDIT_MAX_NS: u64 = 4 * EVENT_COST_NS;
 /// operations; the programs never read it. It holds:
 /// - [`ALLOC_GENERATION`]: bumped by every claim, hand-over and release, so the daemon's reaper
 ///   knows when the lease map changed without reading it;
-/// - [`ALLOC_ALLOCATIONS`], [`ALLOC_EXHAUSTIONS`]: totals for the metrics;
+/// - [`ALLOC_ALLOCATIONS`], [`ALLOC_EXHAUSTIONS`], `ALLOC_ENDED_*`: totals for the metrics;
 /// - from [`ALLOC_BITMAP`], one bit per port (word `port / 64`, bit `port % 64`): set while the
 ///   port is leased. The bitmap is a hint that lets an allocator find the lowest unleased port
 ///   without reading the lease map: the lease map stays the authority (a claim is an insert with
@@ -97,6 +100,12 @@ pub const MAP_ALLOC: &str = "PG_ALLOC";
 pub const ALLOC_GENERATION: usize = 0;
 pub const ALLOC_ALLOCATIONS: usize = 1;
 pub const ALLOC_EXHAUSTIONS: usize = 2;
+/// Leases ended, by how, for the metrics (layout 3 on; zero in pins of layout 2): by `release`,
+/// because their cgroup was removed, because it emptied, because their TTL ran out.
+pub const ALLOC_ENDED_RELEASED: usize = 3;
+pub const ALLOC_ENDED_REMOVED: usize = 4;
+pub const ALLOC_ENDED_EMPTIED: usize = 5;
+pub const ALLOC_ENDED_EXPIRED: usize = 6;
 /// First word of the leased-port bitmap.
 pub const ALLOC_BITMAP: usize = 16;
 /// Words in the bitmap: 65,536 ports.
@@ -191,8 +200,32 @@ pub struct Lease {
     /// The lessee cgroup's level (root = 0): the program compares the caller's ancestor at this
     /// level with `cgroup_id`, one helper call whatever the depth.
     pub level: u32,
-    pub _pad: u32,
+    /// [`LEASE_UNTIL_EMPTY`]; the programs never read it.
+    pub flags: u32,
     /// When the lease was made, seconds since the Unix epoch.
+    pub since: u64,
+    /// When the lease runs out, in CLOCK_BOOTTIME seconds (steps of the wall clock do not move
+    /// it; pins do not outlive a boot), or 0: no TTL. The daemon ends it then; the programs never
+    /// read it.
+    pub expires: u64,
+    /// The lessee's CPU time (`cpu.stat` usage_usec) when the lease was made, or u64::MAX when
+    /// unknown: more CPU time later proves a process ran in it since, however briefly, which is
+    /// what "once populated" means for [`LEASE_UNTIL_EMPTY`]. The programs never read it.
+    pub cpu_usec: u64,
+}
+
+/// The lease also ends when its cgroup, once populated, has no process left (what a `spawn`
+/// lease always does; `lease --until-empty`, and leases migrated from layout 2, which had no
+/// other lifetime).
+pub const LEASE_UNTIL_EMPTY: u32 = 1;
+
+/// Value of [`MAP_LEASES`] in layout 2 (before [`ABI_VERSION`] 3), read once by the migration.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[repr(C)]
+pub struct LeaseV2 {
+    pub cgroup_id: u64,
+    pub level: u32,
+    pub _pad: u32,
     pub since: u64,
 }
 
@@ -300,6 +333,7 @@ mod pod {
     unsafe impl aya::Pod for super::PortEntry {}
     unsafe impl aya::Pod for super::RangeDef {}
     unsafe impl aya::Pod for super::Lease {}
+    unsafe impl aya::Pod for super::LeaseV2 {}
     unsafe impl aya::Pod for super::GuardConfig {}
     unsafe impl aya::Pod for super::DenialEvent {}
     unsafe impl aya::Pod for super::Offender {}
@@ -315,7 +349,14 @@ mod tests {
     fn layouts_have_no_hidden_padding() {
         assert_eq!(size_of::<PortEntry>(), 4);
         assert_eq!(size_of::<RangeDef>(), 8);
-        assert_eq!(size_of::<Lease>(), 24);
+        assert_eq!(size_of::<Lease>(), 40);
+        assert_eq!(size_of::<LeaseV2>(), 24);
+        // Layout 3 kept layout 2's prefix: the programs read only these two fields.
+        assert_eq!(core::mem::offset_of!(Lease, cgroup_id), 0);
+        assert_eq!(core::mem::offset_of!(Lease, level), 8);
+        assert_eq!(core::mem::offset_of!(Lease, since), 16);
+        assert_eq!(core::mem::offset_of!(Lease, expires), 24);
+        assert_eq!(core::mem::offset_of!(Lease, cpu_usec), 32);
         assert_eq!(size_of::<GuardConfig>(), 40);
         assert_eq!(size_of::<DenialEvent>(), 56);
         assert_eq!(

@@ -34,32 +34,56 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// Lease a free port (or --port N) to a fresh cgroup below the spawn parent, move into it,
-    /// replace {port} in every argument, print the port as the first stdout line, exec CMD. The
-    /// lease ends when that cgroup empties.
+    /// Lease a free port (or --port N, or --count N ports at once) to a fresh cgroup below the
+    /// spawn parent, move into it, replace {port} (the first port) and {port0}..{portN-1} in
+    /// every argument, print the port(s) as the first stdout line, exec CMD. The lease ends when
+    /// that cgroup empties (the VM exited).
     Spawn {
         /// Name of the cgroup to create below the spawn parent (default vm-PID).
         #[arg(long)]
         name: Option<String>,
         /// Lease this port instead of the first free one.
-        #[arg(long, value_parser = clap::value_parser!(u16).range(1..))]
+        #[arg(long, value_parser = clap::value_parser!(u16).range(1..), conflicts_with = "count")]
         port: Option<u16>,
-        /// Print one JSON object ({"port", "pid", "cgroup"}) instead of the bare port.
+        /// Lease this many ports, all or nothing (e.g. 2: the migration stream and the NBD
+        /// server of a storage migration).
+        #[arg(long, value_name = "N", default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=64))]
+        count: u16,
+        /// Print one JSON object ({"port", "ports", "pid", "cgroup"}) instead of the port(s).
         #[arg(long)]
         json: bool,
         /// The command and its arguments.
         #[arg(last = true, required = true, value_name = "CMD")]
         cmd: Vec<String>,
     },
-    /// Lease a free port (or --port N) to an existing cgroup and print it.
+    /// Lease a free port (or --port N, or --count N ports) to an existing cgroup and print it.
+    ///
+    /// The lease lasts until `port-guard release`, until CGROUP is removed, or until its --ttl
+    /// runs out, whichever comes first; processes in CGROUP coming and going do not end it
+    /// (--until-empty makes it end when CGROUP, once populated, has no process left). The TTL is
+    /// kept in the kernel map with the lease, so it holds across daemon restarts; the daemon
+    /// ends the lease within a second of it. `--renew --ttl D` restarts the TTL of CGROUP's
+    /// leases (or of --port N) from now.
     Lease {
         /// The lessee: only processes in it or below may bind the port.
         #[arg(long, value_name = "CGROUP")]
         cgroup: String,
-        /// Lease this port instead of the first free one.
-        #[arg(long, value_parser = clap::value_parser!(u16).range(1..))]
+        /// Lease this port instead of the first free one (with --renew: renew only this one).
+        #[arg(long, value_parser = clap::value_parser!(u16).range(1..), conflicts_with = "count")]
         port: Option<u16>,
-        /// Print one JSON object ({"port", "cgroup"}).
+        /// Lease this many ports, all or nothing.
+        #[arg(long, value_name = "N", default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=64))]
+        count: u16,
+        /// End the lease this long from now unless renewed: 90s, 10m, 2h, 1d (1s to 365d).
+        #[arg(long, value_name = "DURATION", value_parser = parse_ttl)]
+        ttl: Option<u64>,
+        /// Also end the lease when CGROUP, once populated, has no process left.
+        #[arg(long, conflicts_with = "renew")]
+        until_empty: bool,
+        /// Restart the TTL of CGROUP's existing leases (or of --port N) from now: needs --ttl.
+        #[arg(long, requires = "ttl", conflicts_with = "count")]
+        renew: bool,
+        /// Print one JSON object ({"port", "ports", "cgroup", "ttl_secs"}).
         #[arg(long)]
         json: bool,
     },
@@ -154,4 +178,28 @@ pub struct DaemonArgs {
     /// Unload the guard when the daemon exits (default: it keeps enforcing).
     #[arg(long)]
     pub unload_on_exit: bool,
+}
+
+/// `--ttl`: a number with s, m, h or d (plain: seconds), 1 s to 365 days; in seconds.
+pub fn parse_ttl(text: &str) -> Result<u64, String> {
+    let bad = || {
+        format!("invalid duration {text:?}: expected a number with s, m, h or d, such as 90s, 10m, 2h or 1d")
+    };
+    let (digits, unit) = match text.find(|c: char| !c.is_ascii_digit()) {
+        Some(i) => text.split_at(i),
+        None => (text, "s"),
+    };
+    let n: u64 = digits.parse().map_err(|_| bad())?;
+    let mult = match unit {
+        "s" => 1,
+        "m" => 60,
+        "h" => 3600,
+        "d" => 86400,
+        _ => return Err(bad()),
+    };
+    let secs = n.checked_mul(mult).ok_or_else(bad)?;
+    if !(1..=365 * 86400).contains(&secs) {
+        return Err(format!("duration {text:?} out of range: from 1s to 365d"));
+    }
+    Ok(secs)
 }

@@ -29,15 +29,16 @@ use aya::{
 };
 use log::{info, warn};
 use port_guard_common::{
-    GLOBAL_SENTINEL_PORT, GLOBAL_USE_NETNS, GLOBAL_USE_RETVAL, MAP_ALLOC, MAP_ALLOWED, MAP_CONFIG,
-    MAP_COUNTERS, MAP_EVENTS, MAP_LEASES, MAP_NETNS, MAP_NETNS_LEARN, MAP_OFFENDERS, MAP_PORTS,
-    MAP_RANGES, MAP_SENTINELS, MAP_SENTINEL_NETNS, MAP_UNGUARDED, PROG_NETNS_LEARN,
+    ABI_VERSION, GLOBAL_SENTINEL_PORT, GLOBAL_USE_NETNS, GLOBAL_USE_RETVAL, MAP_ALLOC, MAP_ALLOWED,
+    MAP_CONFIG, MAP_COUNTERS, MAP_EVENTS, MAP_LEASES, MAP_NETNS, MAP_NETNS_LEARN, MAP_OFFENDERS,
+    MAP_PORTS, MAP_RANGES, MAP_SENTINELS, MAP_SENTINEL_NETNS, MAP_UNGUARDED, PROG_NETNS_LEARN,
 };
 
 use crate::{
     cgroup::{Cgroup2, CgroupError, CgroupPath},
     ephemeral::EphemeralError,
     error::{IoContext as _, IoError},
+    leases::migrate::Migration,
     maps::{Maps, MapsError, Resolved},
     netns::Netns,
     pin::{PinDir, PinError, LINKS, POST_LINKS},
@@ -166,11 +167,41 @@ impl Guard {
         before_attach: impl FnOnce(&mut Guard) -> Result<(), GuardError>,
     ) -> Result<Guard, GuardError> {
         let adopted = pin.exists();
+        let mut migration = None;
         if adopted {
-            // Refuse a foreign layout before aya reuses its maps.
-            Maps::open(pin)?;
+            // Refuse a foreign layout before aya reuses its maps; layout 2 is migrated.
+            match Maps::open(pin) {
+                Ok(_) => crate::leases::migrate::remove_leftover(pin),
+                Err(MapsError::Abi { found: 2, .. }) => {
+                    info!("the guard pinned at {} uses map layout 2: its leases move to layout {ABI_VERSION} in place while it keeps enforcing", pin.path().display());
+                    migration = Some(Migration::prepare(pin)?);
+                }
+                Err(e) => return Err(e.into()),
+            }
         }
-        let result = Guard::start_inner(pin, r, features, cg, adopted, before_attach);
+        let result = Guard::start_inner(
+            pin,
+            r,
+            features,
+            cg,
+            adopted,
+            migration.as_mut(),
+            before_attach,
+        );
+        match (&result, migration) {
+            (Ok(_), Some(m)) => {
+                // The new links replaced the old ones: the late writes, then the old map goes.
+                match Maps::open(pin) {
+                    Ok(mut maps) => m.finish(maps.leases_mut()),
+                    Err(e) => warn!(
+                        "finishing the lease migration: {e}; {} stays pinned until the next start",
+                        crate::leases::migrate::ASIDE
+                    ),
+                }
+            }
+            (Err(_), Some(m)) => m.abort(),
+            _ => {}
+        }
         if result.is_err() && !adopted {
             if let Err(e) = unload(pin) {
                 warn!("cleaning up after a failed start: {e}");
@@ -185,6 +216,7 @@ impl Guard {
         features: Features,
         cg: &Cgroup2,
         adopted: bool,
+        migration: Option<&mut Migration>,
         before_attach: impl FnOnce(&mut Guard) -> Result<(), GuardError>,
     ) -> Result<Guard, GuardError> {
         let use_retval: u32 = features.set_retval.into();
@@ -210,6 +242,10 @@ impl Guard {
             .load(OBJECT)
             .map_err(|e| GuardError::Load(Box::new(e)))?;
         let mut maps = Maps::from_ebpf(&mut ebpf)?;
+        if let Some(m) = migration {
+            // Before the config says the new layout, and before the new programs attach.
+            m.copy(maps.leases_mut()).map_err(MapsError::from)?;
+        }
         let fresh_counters = maps.write_policy(r, features)?;
         let mut g = Guard {
             ebpf,

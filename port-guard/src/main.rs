@@ -55,6 +55,7 @@ fn main() -> ExitCode {
         Command::Spawn {
             name,
             port,
+            count,
             json,
             cmd,
         } => commands::spawn::run(
@@ -62,11 +63,30 @@ fn main() -> ExitCode {
             commands::spawn::SpawnArgs {
                 name,
                 port,
+                count: count.into(),
                 json,
                 cmd,
             },
         ),
-        Command::Lease { cgroup, port, json } => commands::lease::lease(&pin, &cgroup, port, json),
+        Command::Lease {
+            cgroup,
+            port,
+            count,
+            ttl,
+            until_empty,
+            renew,
+            json,
+        } => {
+            let terms = commands::lease::Terms {
+                ttl_secs: ttl,
+                until_empty,
+            };
+            if renew {
+                commands::lease::renew(&pin, &cgroup, port, terms, json)
+            } else {
+                commands::lease::lease(&pin, &cgroup, port, count.into(), terms, json)
+            }
+        }
         Command::Release { port, cgroup } => {
             commands::lease::release(&pin, port, cgroup.as_deref())
         }

@@ -54,6 +54,11 @@ pub struct SentinelCounts {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct CauseLabels {
+    cause: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct StateLabels {
     state: String,
 }
@@ -149,8 +154,21 @@ pub fn render(maps: &Maps, stats: &DaemonStats) -> Result<String, MapsError> {
     );
     reg.register(
         "leases_reaped",
-        "Leases ended because their cgroup emptied or went away",
+        "Leases this daemon ended because their cgroup emptied or went away or their TTL ran out",
         counter(stats.leases_reaped),
+    );
+    let ended = Family::<CauseLabels, Counter>::default();
+    for (how, n) in crate::leases::Ended::ALL.iter().zip(maps.leases().ended()) {
+        ended
+            .get_or_create(&CauseLabels {
+                cause: how.label().into(),
+            })
+            .inc_by(n);
+    }
+    reg.register(
+        "leases_ended",
+        "Leases ended since the guard was first loaded, by cause: released (port-guard release), cgroup_removed, emptied (spawn and --until-empty leases), expired (TTL)",
+        ended,
     );
     let reloads = Family::<ResultLabels, Counter>::default();
     reloads

@@ -38,9 +38,14 @@ pub struct Status {
     pub spawn_parent: String,
     pub reserve: Vec<RangeStatus>,
     pub leases: Vec<LeaseStatus>,
+    /// The same leases grouped by cgroup.
+    pub lessees: Vec<Lessee>,
     pub counters: Counters,
     /// Denials counted but not reported (the event ring buffer was full).
     pub events_lost: u64,
+    /// Leases ended since the guard was first loaded, by how (`released`, `cgroup_removed`,
+    /// `emptied`, `expired`).
+    pub leases_ended: std::collections::BTreeMap<&'static str, u64>,
     /// Where the guard enforces.
     pub netns: NetnsStatus,
     /// The daemon of this pin dir, as it recorded itself.
@@ -203,6 +208,48 @@ pub struct LeaseStatus {
     /// Whether a range covers the port: a lease on a port no range covers is not enforced (a
     /// reload took the port out of the ranges).
     pub in_range: bool,
+    /// It also ends when its cgroup, once populated, empties (spawn, `--until-empty`).
+    pub until_empty: bool,
+    /// Seconds until its TTL runs out (0: due now), or None: no TTL.
+    pub expires_in_secs: Option<u64>,
+}
+
+/// The leases of one cgroup, for the grouped view.
+#[derive(Debug, serde::Serialize)]
+pub struct Lessee {
+    pub cgroup: String,
+    pub ports: Vec<u32>,
+    /// Of the oldest lease.
+    pub age_secs: u64,
+    /// The soonest expiry among them, if any has a TTL.
+    pub expires_in_secs: Option<u64>,
+    pub until_empty: bool,
+}
+
+/// Groups `leases` by cgroup, in the order of their first port.
+pub fn lessees(leases: &[LeaseStatus]) -> Vec<Lessee> {
+    let mut out: Vec<Lessee> = Vec::new();
+    for l in leases {
+        match out.iter_mut().find(|g| g.cgroup == l.cgroup) {
+            Some(g) => {
+                g.ports.push(l.port);
+                g.age_secs = g.age_secs.max(l.age_secs);
+                g.expires_in_secs = match (g.expires_in_secs, l.expires_in_secs) {
+                    (Some(a), Some(b)) => Some(a.min(b)),
+                    (a, b) => a.or(b),
+                };
+                g.until_empty |= l.until_empty;
+            }
+            None => out.push(Lessee {
+                cgroup: l.cgroup.clone(),
+                ports: vec![l.port],
+                age_secs: l.age_secs,
+                expires_in_secs: l.expires_in_secs,
+                until_empty: l.until_empty,
+            }),
+        }
+    }
+    out
 }
 
 /// The two links as pinned, and what the attach cgroup really runs, compared.
@@ -338,8 +385,9 @@ pub fn status(pin: &PinDir, cg: &Cgroup2) -> Result<Status, GuardError> {
         });
     }
     let now = now_secs();
+    let boot = crate::leases::now_boot_secs();
     let covered = |port: u16| reserve.iter().any(|r| r.first <= port && port <= r.last);
-    let leases = maps
+    let leases: Vec<LeaseStatus> = maps
         .leases()
         .all()
         .map_err(crate::maps::MapsError::from)?
@@ -351,6 +399,8 @@ pub fn status(pin: &PinDir, cg: &Cgroup2) -> Result<Status, GuardError> {
             since: l.since,
             age_secs: now.saturating_sub(l.since),
             in_range: covered(port),
+            until_empty: l.flags & port_guard_common::LEASE_UNTIL_EMPTY != 0,
+            expires_in_secs: (l.expires != 0).then(|| l.expires.saturating_sub(boot)),
         })
         .collect();
     let (links, disagreements) = links(pin, cg, &mut names, settings.attach_id);
@@ -373,9 +423,15 @@ pub fn status(pin: &PinDir, cg: &Cgroup2) -> Result<Status, GuardError> {
             names.name(settings.spawn_parent_id)
         },
         reserve,
+        lessees: lessees(&leases),
         leases,
         counters: total,
         events_lost: maps.events_lost()?,
+        leases_ended: crate::leases::Ended::ALL
+            .iter()
+            .map(|e| e.label())
+            .zip(maps.leases().ended())
+            .collect(),
         sentinel: settings.sentinel.then(|| {
             let guarded = maps.guarded_netns().unwrap_or_default();
             let recorded = recorded_netns_names(pin);

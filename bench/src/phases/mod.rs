@@ -325,7 +325,10 @@ pub fn run_all(opts: &Opts, pg: &Path) -> Result<Report> {
 }
 
 fn claim(maps: &mut Maps, port: u16, cg: &Cg) -> Result<()> {
-    if !maps.leases_mut().claim(port, cg.id, cg.level)? {
+    if !maps.leases_mut().claim(
+        port,
+        port_guard::leases::Holder::until_empty(cg.id, cg.level),
+    )? {
         bail!("port {port} is leased already");
     }
     Ok(())

@@ -134,6 +134,24 @@ impl Cgroup2 {
         }
     }
 
+    /// The CPU time spent in `path` and below so far (`cpu.stat` usage_usec, kept by the core
+    /// on every cgroup v2): it grows whenever a process runs there, even one that came and went
+    /// between two looks at `cgroup.events`.
+    pub fn cpu_usec(&self, path: &CgroupPath) -> Result<u64, IoError> {
+        let file = self.dir(path).join("cpu.stat");
+        let text = fs::read_to_string(&file).map_err(|e| IoError::new("read", file.clone(), e))?;
+        text.lines()
+            .find_map(|l| l.strip_prefix("usage_usec "))
+            .and_then(|v| v.trim().parse().ok())
+            .ok_or_else(|| {
+                IoError::new(
+                    "parse",
+                    file,
+                    io::Error::new(io::ErrorKind::InvalidData, "no `usage_usec` line"),
+                )
+            })
+    }
+
     /// The path of the cgroup with id `id`, from its file handle (cgroupfs exports the id as a
     /// kernfs handle): O(1) whatever the size of the tree. Ok(None) when no such cgroup exists;
     /// an error when handles cannot be used here (no CAP_DAC_READ_SEARCH, an old kernel), where

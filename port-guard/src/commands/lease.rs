@@ -4,18 +4,51 @@ use anyhow::{bail, Result};
 use log::info;
 
 use crate::{
-    cgroup::{self, Cgroup2, CgroupPath},
+    cgroup::{self, Cgroup2, CgroupNames, CgroupPath},
     commands::spawn::{enter, spawn_parent},
     error::UsageError,
+    leases::{now_boot_secs, Ended, Holder, LeaseError},
     maps::Maps,
     netns::ProbeIn,
     pin::PinDir,
 };
 
-/// Leases a port to `cgroup`. This process claims and probes it from a scratch cgroup below the
-/// spawn parent (the probe bind must come from the lessee), then hands the lease to `cgroup` in
-/// one map update, and goes back where it was.
-pub fn lease(pin: &PinDir, cgroup: &str, port: Option<u16>, json: bool) -> Result<()> {
+/// How long a `lease --cgroup` lease lasts besides `release` and the removal of its cgroup.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Terms {
+    pub ttl_secs: Option<u64>,
+    pub until_empty: bool,
+}
+
+impl Terms {
+    /// `cpu_usec`: the lessee's CPU time now (an until-empty lease ends once a process ran in
+    /// it since and it is empty).
+    fn holder(self, cgroup_id: u64, level: u32, cpu_usec: Option<u64>) -> Holder {
+        let base = if self.until_empty {
+            Holder::until_empty(cgroup_id, level)
+        } else {
+            Holder::plain(cgroup_id, level)
+        };
+        Holder {
+            expires: self.ttl_secs.map_or(0, |t| now_boot_secs() + t),
+            cpu_usec: cpu_usec.unwrap_or(u64::MAX),
+            ..base
+        }
+    }
+}
+
+/// Leases `count` ports (or `port`) to `cgroup`, all or nothing. This process claims and probes
+/// them from a scratch cgroup below the spawn parent (the probe bind must come from the lessee),
+/// then hands each lease to `cgroup` in one map update, and goes back where it was. A failure
+/// part way releases every port it claimed.
+pub fn lease(
+    pin: &PinDir,
+    cgroup: &str,
+    port: Option<u16>,
+    count: usize,
+    terms: Terms,
+    json: bool,
+) -> Result<()> {
     let target: CgroupPath = cgroup.parse()?;
     let cg = Cgroup2::find()?;
     let target_id = cg.id(&target)?;
@@ -26,27 +59,109 @@ pub fn lease(pin: &PinDir, cgroup: &str, port: Option<u16>, json: bool) -> Resul
     let scratch = parent.join(&format!("lease-{pid}"))?;
     let scratch_id = cg.create(&scratch)?;
     let original = cgroup::of_pid(pid).unwrap_or_else(CgroupPath::root);
-    let result = (|| -> Result<u16> {
+    let result = (|| -> Result<Vec<u16>> {
         enter(&cg, &scratch)?;
-        let port = maps.allocate(scratch_id, scratch.level(), port, &probe_in)?;
-        if let Err(e) = maps.leases_mut().hand_over(port, target_id, target.level()) {
-            let _ = maps.leases_mut().release(port);
-            return Err(e.into());
+        let scratch_holder = Holder::plain(scratch_id, scratch.level());
+        let ports = match port {
+            Some(p) => vec![maps.allocate(scratch_holder, Some(p), &probe_in)?],
+            None => maps.allocate_many(scratch_holder, count, &probe_in)?,
+        };
+        let holder = terms.holder(target_id, target.level(), cg.cpu_usec(&target).ok());
+        for (i, p) in ports.iter().enumerate() {
+            if let Err(e) = maps.leases_mut().hand_over(*p, holder) {
+                // All or nothing: the ones handed over and the ones still claimed.
+                for q in &ports[..=i] {
+                    let _ = maps.leases_mut().release_if_held_by(*q, target_id);
+                }
+                for q in &ports[i..] {
+                    let _ = maps.leases_mut().release_if_held_by(*q, scratch_id);
+                }
+                return Err(e.into());
+            }
         }
-        Ok(port)
+        Ok(ports)
     })();
     let back = enter(&cg, &original);
     let _ = std::fs::remove_dir(cg.dir(&scratch));
-    let port = result?;
+    let ports = result?;
     back?;
+    print_ports(&ports, &target, terms, json);
+    Ok(())
+}
+
+fn print_ports(ports: &[u16], target: &CgroupPath, terms: Terms, json: bool) {
     if json {
         println!(
             "{}",
-            serde_json::json!({ "port": port, "cgroup": target.as_str() })
+            serde_json::json!({
+                "port": ports[0],
+                "ports": ports,
+                "cgroup": target.as_str(),
+                "ttl_secs": terms.ttl_secs,
+                "until_empty": terms.until_empty,
+            })
         );
     } else {
-        println!("{port}");
+        println!(
+            "{}",
+            ports
+                .iter()
+                .map(u16::to_string)
+                .collect::<Vec<_>>()
+                .join(" ")
+        );
     }
+}
+
+/// Restarts the TTL of `cgroup`'s leases (or of `port`, which must be one of them) from now.
+pub fn renew(
+    pin: &PinDir,
+    cgroup: &str,
+    port: Option<u16>,
+    terms: Terms,
+    json: bool,
+) -> Result<()> {
+    let target: CgroupPath = cgroup.parse()?;
+    let cg = Cgroup2::find()?;
+    let target_id = cg.id(&target)?;
+    let mut maps = Maps::open(pin)?;
+    let expires = terms.holder(target_id, target.level(), None).expires;
+    let ports: Vec<u16> = match port {
+        Some(p) => vec![p],
+        None => maps
+            .leases()
+            .all()?
+            .into_iter()
+            .filter(|(_, l)| l.cgroup_id == target_id)
+            .map(|(p, _)| p)
+            .collect(),
+    };
+    if ports.is_empty() {
+        bail!("cgroup {target} holds no lease to renew");
+    }
+    for p in &ports {
+        match maps.leases_mut().renew(*p, target_id, expires) {
+            Ok(_) => {}
+            Err(LeaseError::NotTheirs { port, holder, .. }) => {
+                let holder = holder
+                    .strip_prefix("cgroup id ")
+                    .and_then(|id| id.parse().ok())
+                    .map_or(holder, |id| CgroupNames::new(&cg).name(id));
+                bail!(LeaseError::NotTheirs {
+                    port,
+                    holder,
+                    cgroup: target.to_string(),
+                });
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
+    info!(
+        "renewed {} lease(s) of {target} for {} s: {ports:?}",
+        ports.len(),
+        terms.ttl_secs.unwrap_or(0)
+    );
+    print_ports(&ports, &target, terms, json);
     Ok(())
 }
 
@@ -55,6 +170,7 @@ pub fn release(pin: &PinDir, port: Option<u16>, cgroup: Option<&str>) -> Result<
     match (port, cgroup) {
         (Some(port), None) => {
             maps.leases_mut().release(port)?;
+            maps.leases().count_end(Ended::Released);
             info!("released port {port}");
         }
         (None, Some(c)) => {
@@ -64,6 +180,9 @@ pub fn release(pin: &PinDir, port: Option<u16>, cgroup: Option<&str>) -> Result<
             let ports = maps.leases_mut().release_cgroup(id)?;
             if ports.is_empty() {
                 bail!("cgroup {path} holds no lease");
+            }
+            for _ in &ports {
+                maps.leases().count_end(Ended::Released);
             }
             info!("released {} lease(s) of {path}: {ports:?}", ports.len());
         }

@@ -15,6 +15,8 @@ use crate::{
 pub struct SpawnArgs {
     pub name: Option<String>,
     pub port: Option<u16>,
+    /// Ports to lease, all or nothing (1 unless --count).
+    pub count: usize,
     pub json: bool,
     pub cmd: Vec<String>,
 }
@@ -40,10 +42,17 @@ pub fn enter(cg: &Cgroup2, path: &CgroupPath) -> Result<()> {
         .with_context(|| format!("moving into cgroup {path} ({})", procs.display()))
 }
 
-/// Replaces every `{port}` in `args`.
-pub fn substitute(args: &[String], port: u16) -> Vec<String> {
+/// Replaces every `{port}` (the first port) and `{port0}`..`{portN-1}` in `args`.
+pub fn substitute(args: &[String], ports: &[u16]) -> Vec<String> {
     args.iter()
-        .map(|a| a.replace("{port}", &port.to_string()))
+        .map(|a| {
+            let mut a = a.replace("{port}", &ports[0].to_string());
+            // Highest index first: {port1} must not eat the start of {port10}.
+            for (i, p) in ports.iter().enumerate().rev() {
+                a = a.replace(&format!("{{port{i}}}"), &p.to_string());
+            }
+            a
+        })
         .collect()
 }
 
@@ -79,15 +88,29 @@ pub fn run(pin: &PinDir, args: SpawnArgs) -> Result<()> {
         let _ = enter(cg, &original);
         let _ = std::fs::remove_dir(cg.dir(&path));
     };
-    let result = (|| -> Result<(u16, std::io::Error)> {
+    let result = (|| -> Result<(Vec<u16>, std::io::Error)> {
         enter(&cg, &path)?;
         let id = cg.id(&path)?;
-        let port = maps.allocate(id, path.level(), args.port, &probe_in)?;
-        let argv = substitute(&args.cmd, port);
+        let holder = crate::leases::Holder::until_empty(id, path.level());
+        let ports = match args.port {
+            Some(p) => vec![maps.allocate(holder, Some(p), &probe_in)?],
+            None => maps.allocate_many(holder, args.count.max(1), &probe_in)?,
+        };
+        let argv = substitute(&args.cmd, &ports);
         let line = if args.json {
-            serde_json::json!({ "port": port, "pid": pid, "cgroup": path.as_str() }).to_string()
+            serde_json::json!({
+                "port": ports[0],
+                "ports": ports,
+                "pid": pid,
+                "cgroup": path.as_str(),
+            })
+            .to_string()
         } else {
-            port.to_string()
+            ports
+                .iter()
+                .map(u16::to_string)
+                .collect::<Vec<_>>()
+                .join(" ")
         };
         let mut out = std::io::stdout().lock();
         writeln!(out, "{line}")
@@ -96,12 +119,14 @@ pub fn run(pin: &PinDir, args: SpawnArgs) -> Result<()> {
         drop(out);
         // Only returns on failure.
         let err = Command::new(&argv[0]).args(&argv[1..]).exec();
-        Ok((port, err))
+        Ok((ports, err))
     })();
     match result {
-        Ok((port, err)) => {
-            // The lease must not outlive the command that never ran.
-            let _ = maps.leases_mut().release(port);
+        Ok((ports, err)) => {
+            // The leases must not outlive the command that never ran.
+            for port in ports {
+                let _ = maps.leases_mut().release(port);
+            }
             undo(&cg);
             Err(ExecError {
                 command: args.cmd[0].clone(),
@@ -127,8 +152,21 @@ mod tests {
             .map(|s| s.to_string())
             .collect();
         assert_eq!(
-            substitute(&args, 49153),
+            substitute(&args, &[49153]),
             ["-incoming", "tcp:[::]:49153", "x49153y49153", "plain"]
+        );
+    }
+
+    #[test]
+    fn substitutes_each_port_of_a_multi_port_lease() {
+        let ports: Vec<u16> = (49152..49164).collect();
+        let args: Vec<String> = ["{port}", "{port0}:{port1}", "{port10}/{port11}", "{port12}"]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+        assert_eq!(
+            substitute(&args, &ports),
+            ["49152", "49152:49153", "49162/49163", "{port12}"]
         );
     }
 }

@@ -196,20 +196,46 @@ pub fn render(s: &Status) -> String {
             s.events_lost
         );
     }
-    out += &format!("\n{:<6} {:>8}  {}\n", "LEASE", "AGE", "CGROUP");
-    if s.leases.is_empty() {
+    out += &format!(
+        "\n{:<24} {:>8} {:>8}  {:<22} {}\n",
+        "LEASED PORTS", "AGE", "TTL LEFT", "ENDS ON", "CGROUP"
+    );
+    if s.lessees.is_empty() {
         out += "(none)\n";
     }
-    for l in &s.leases {
+    for g in &s.lessees {
+        let ports = g
+            .ports
+            .iter()
+            .map(u32::to_string)
+            .collect::<Vec<_>>()
+            .join(" ");
+        let ends = match (g.until_empty, g.expires_in_secs.is_some()) {
+            (true, true) => "release/rmdir/empty/TTL",
+            (true, false) => "release/rmdir/empty",
+            (false, true) => "release/rmdir/TTL",
+            (false, false) => "release/rmdir",
+        };
+        let unranged: Vec<String> = s
+            .leases
+            .iter()
+            .filter(|l| l.cgroup == g.cgroup && !l.in_range)
+            .map(|l| l.port.to_string())
+            .collect();
         out += &format!(
-            "{:<6} {:>8}  {}{}\n",
-            l.port,
-            age(l.age_secs),
-            l.cgroup,
-            if l.in_range {
-                ""
+            "{:<24} {:>8} {:>8}  {:<22} {}{}\n",
+            ports,
+            age(g.age_secs),
+            g.expires_in_secs.map_or("-".to_owned(), age),
+            ends,
+            g.cgroup,
+            if unranged.is_empty() {
+                String::new()
             } else {
-                "  (NO RANGE COVERS THIS PORT: not enforced; `port-guard release --port` ends it)"
+                format!(
+                    "  (NO RANGE COVERS {}: not enforced; `port-guard release --port` ends it)",
+                    unranged.join(" ")
+                )
             }
         );
     }

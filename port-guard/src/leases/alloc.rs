@@ -19,7 +19,7 @@ use std::{
 use port_guard_common::{PROBE_MARK, PROTO_UDP};
 use socket2::{Domain, Socket, Type};
 
-use super::{LeaseError, LeaseTable};
+use super::{Holder, LeaseError, LeaseTable};
 use crate::{
     cgroup::{Cgroup2, CgroupNames},
     netns::{ProbeError, ProbeIn},
@@ -82,24 +82,64 @@ fn probe_bind(addr: SocketAddr, ty: Type) -> io::Result<()> {
     sock.bind(&addr.into())
 }
 
-/// Leases a port of `ranges` to `cgroup_id` (at `level`), which must be the caller's own
-/// cgroup: `requested`, or the first free port of the ranges in port order, free in every netns
-/// of `probe_in`. The outcome is counted for the daemon's metrics.
+/// Leases a port of `ranges` to `holder`, whose cgroup must be the caller's own: `requested`,
+/// or the first free port of the ranges in port order, free in every netns of `probe_in`. The
+/// outcome is counted for the daemon's metrics.
 pub fn allocate(
     ranges: &[ReserveSpec],
     table: &mut LeaseTable,
-    cgroup_id: u64,
-    level: u32,
+    holder: Holder,
     requested: Option<u16>,
     probe_in: &ProbeIn,
 ) -> Result<u16, LeaseError> {
-    let result = allocate_inner(ranges, table, cgroup_id, level, requested, probe_in);
+    let result = allocate_inner(ranges, table, holder, requested, probe_in);
     match &result {
         Ok(_) => table.record(true),
         Err(LeaseError::Exhausted { .. }) => table.record(false),
         Err(_) => {}
     }
     result
+}
+
+/// Leases `count` ports of `ranges` to `holder` (the caller's own cgroup), all or nothing: the
+/// lowest free ones, in port order. When fewer are free, or anything fails, the ports claimed so
+/// far are released before the error returns. Counted as one allocation or one exhaustion.
+pub fn allocate_many(
+    ranges: &[ReserveSpec],
+    table: &mut LeaseTable,
+    holder: Holder,
+    count: usize,
+    probe_in: &ProbeIn,
+) -> Result<Vec<u16>, LeaseError> {
+    let mut got: Vec<u16> = Vec::with_capacity(count);
+    while got.len() < count {
+        match allocate_inner(ranges, table, holder, None, probe_in) {
+            Ok(port) => got.push(port),
+            Err(e) => {
+                for port in &got {
+                    let _ = table.release(*port);
+                }
+                return Err(match e {
+                    LeaseError::Exhausted { ranges } if got.is_empty() => {
+                        table.record(false);
+                        LeaseError::Exhausted { ranges }
+                    }
+                    LeaseError::Exhausted { ranges } => {
+                        table.record(false);
+                        LeaseError::TooFew {
+                            wanted: count,
+                            found: got.len(),
+                            ranges,
+                        }
+                    }
+                    e => e,
+                });
+            }
+        }
+    }
+    table.record(true);
+    got.sort_unstable();
+    Ok(got)
 }
 
 /// Keeps the claim of `port` if the probe finds it free; drops it otherwise.
@@ -134,8 +174,7 @@ fn probe_claimed(
 fn allocate_inner(
     ranges: &[ReserveSpec],
     table: &mut LeaseTable,
-    cgroup_id: u64,
-    level: u32,
+    holder: Holder,
     requested: Option<u16>,
     probe_in: &ProbeIn,
 ) -> Result<u16, LeaseError> {
@@ -146,7 +185,7 @@ fn allocate_inner(
                 ranges: describe(ranges),
             });
         };
-        if !table.claim(port, cgroup_id, level)? {
+        if !table.claim(port, holder)? {
             let holder = match table.get(port) {
                 Ok(Some(l)) => Cgroup2::find()
                     .ok()
@@ -167,9 +206,7 @@ fn allocate_inner(
     for spec in ranges {
         let mut from = spec.range.first;
         while let Some(port) = table.first_unmarked(from, spec.range.last) {
-            if table.claim(port, cgroup_id, level)?
-                && probe_claimed(table, port, spec.protocols, probe_in)?
-            {
+            if table.claim(port, holder)? && probe_claimed(table, port, spec.protocols, probe_in)? {
                 return Ok(port);
             }
             // Leased (another allocator got it first) or held by a socket: the next one.

@@ -143,6 +143,17 @@ impl AllocMap {
         self.word(i).fetch_add(1, Ordering::Relaxed);
     }
 
+    /// Adds `n` to counter word `i` (one of the `ALLOC_ENDED_*` totals).
+    pub fn add(&self, i: usize, n: u64) {
+        debug_assert!(i > ALLOC_EXHAUSTIONS && i < ALLOC_BITMAP);
+        self.word(i).fetch_add(n, Ordering::Relaxed);
+    }
+
+    /// Counter word `i`.
+    pub fn read(&self, i: usize) -> u64 {
+        self.word(i).load(Ordering::Relaxed)
+    }
+
     /// (allocations, exhaustions) since the guard was first loaded.
     pub fn totals(&self) -> (u64, u64) {
         (

@@ -10,13 +10,17 @@
 
 mod alloc;
 mod bitmap;
+pub mod migrate;
 
 use std::{collections::BTreeMap, io, os::fd::AsFd as _};
 
 use aya::maps::{HashMap, MapData, MapError};
-use port_guard_common::{Lease, MAP_LEASES};
+use port_guard_common::{
+    Lease, ALLOC_ENDED_EMPTIED, ALLOC_ENDED_EXPIRED, ALLOC_ENDED_RELEASED, ALLOC_ENDED_REMOVED,
+    LEASE_UNTIL_EMPTY, MAP_LEASES,
+};
 
-pub use self::alloc::{allocate, probe_free};
+pub use self::alloc::{allocate, allocate_many, probe_free};
 use self::bitmap::AllocMap;
 use crate::sys;
 
@@ -29,6 +33,20 @@ pub enum LeaseError {
     /// Every port of every range is leased or held.
     #[error("no free port: every port of {ranges} is leased or already bound")]
     Exhausted { ranges: String },
+    /// Fewer free ports than asked for (none of them stays claimed).
+    #[error("{wanted} ports asked for, only {found} free in {ranges} (none was leased)")]
+    TooFew {
+        wanted: usize,
+        found: usize,
+        ranges: String,
+    },
+    /// A lease held by another cgroup than the one named.
+    #[error("port {port} is leased to {holder}, not to {cgroup}")]
+    NotTheirs {
+        port: u16,
+        holder: String,
+        cgroup: String,
+    },
     /// A requested port outside every reserved range.
     #[error("port {port} is not in a reserved range ({ranges})")]
     NotReserved { port: u16, ranges: String },
@@ -57,6 +75,97 @@ impl LeaseError {
     pub fn is_usage(&self) -> bool {
         matches!(self, LeaseError::NotReserved { .. })
     }
+}
+
+/// Who holds a lease and how long it lasts.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Holder {
+    pub cgroup_id: u64,
+    pub level: u32,
+    /// [`LEASE_UNTIL_EMPTY`] or 0.
+    pub flags: u32,
+    /// CLOCK_BOOTTIME seconds, 0: no TTL.
+    pub expires: u64,
+    /// The lessee's CPU time now ([`Lease::cpu_usec`]), u64::MAX: unknown.
+    pub cpu_usec: u64,
+}
+
+impl Holder {
+    /// A lease that lasts until released or its cgroup is removed.
+    pub fn plain(cgroup_id: u64, level: u32) -> Holder {
+        Holder {
+            cgroup_id,
+            level,
+            flags: 0,
+            expires: 0,
+            cpu_usec: u64::MAX,
+        }
+    }
+
+    /// A `spawn` lease: it also ends when its cgroup empties.
+    pub fn until_empty(cgroup_id: u64, level: u32) -> Holder {
+        Holder {
+            flags: LEASE_UNTIL_EMPTY,
+            ..Holder::plain(cgroup_id, level)
+        }
+    }
+
+    fn lease(self) -> Lease {
+        Lease {
+            cgroup_id: self.cgroup_id,
+            level: self.level,
+            flags: self.flags,
+            since: now_secs(),
+            expires: self.expires,
+            cpu_usec: self.cpu_usec,
+        }
+    }
+}
+
+/// How a lease ended, for the log and the metrics.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Ended {
+    /// `port-guard release`.
+    Released,
+    /// Its cgroup was removed.
+    Removed,
+    /// Its cgroup had no process left (spawn leases, `--until-empty`).
+    Emptied,
+    /// Its TTL ran out.
+    Expired,
+}
+
+impl Ended {
+    pub const ALL: [Ended; 4] = [
+        Ended::Released,
+        Ended::Removed,
+        Ended::Emptied,
+        Ended::Expired,
+    ];
+
+    /// The metrics label.
+    pub fn label(self) -> &'static str {
+        match self {
+            Ended::Released => "released",
+            Ended::Removed => "cgroup_removed",
+            Ended::Emptied => "emptied",
+            Ended::Expired => "expired",
+        }
+    }
+
+    fn word(self) -> usize {
+        match self {
+            Ended::Released => ALLOC_ENDED_RELEASED,
+            Ended::Removed => ALLOC_ENDED_REMOVED,
+            Ended::Emptied => ALLOC_ENDED_EMPTIED,
+            Ended::Expired => ALLOC_ENDED_EXPIRED,
+        }
+    }
+}
+
+/// Whether `lease` ran out at `now` (CLOCK_BOOTTIME seconds).
+pub fn expired(lease: &Lease, now: u64) -> bool {
+    lease.expires != 0 && lease.expires <= now
 }
 
 fn map_err(e: MapError) -> LeaseError {
@@ -108,16 +217,13 @@ impl LeaseTable {
             .collect())
     }
 
-    /// Claims `port` for `cgroup_id` (at `level`) if nobody holds a lease on it: the kernel
-    /// decides races between allocators (BPF_NOEXIST). True when this call made the lease.
-    pub fn claim(&mut self, port: u16, cgroup_id: u64, level: u32) -> Result<bool, LeaseError> {
-        let lease = Lease {
-            cgroup_id,
-            level,
-            _pad: 0,
-            since: now_secs(),
-        };
-        match self.map.insert(u32::from(port), lease, BPF_NOEXIST) {
+    /// Claims `port` for `holder` if nobody holds a lease on it: the kernel decides races
+    /// between allocators (BPF_NOEXIST). True when this call made the lease.
+    pub fn claim(&mut self, port: u16, holder: Holder) -> Result<bool, LeaseError> {
+        match self
+            .map
+            .insert(u32::from(port), holder.lease(), BPF_NOEXIST)
+        {
             Ok(()) => {
                 self.bitmap.mark(port);
                 self.bitmap.bump();
@@ -133,16 +239,24 @@ impl LeaseTable {
         }
     }
 
-    /// Gives an existing lease to another cgroup in one map update: the port is never unleased.
-    pub fn hand_over(&mut self, port: u16, cgroup_id: u64, level: u32) -> Result<(), LeaseError> {
-        let lease = Lease {
-            cgroup_id,
-            level,
-            _pad: 0,
-            since: now_secs(),
-        };
+    /// Inserts a lease carried over from an older layout, unless the port has one: true when
+    /// it was inserted.
+    pub(crate) fn insert_migrated(&mut self, port: u16, lease: Lease) -> Result<bool, LeaseError> {
+        match self.map.insert(u32::from(port), lease, BPF_NOEXIST) {
+            Ok(()) => {
+                self.bitmap.mark(port);
+                self.bitmap.bump();
+                Ok(true)
+            }
+            Err(e) if is_errno(&e, libc::EEXIST) => Ok(false),
+            Err(e) => Err(map_err(e)),
+        }
+    }
+
+    /// Gives an existing lease to another holder in one map update: the port is never unleased.
+    pub fn hand_over(&mut self, port: u16, holder: Holder) -> Result<(), LeaseError> {
         self.map
-            .insert(u32::from(port), lease, BPF_EXIST)
+            .insert(u32::from(port), holder.lease(), BPF_EXIST)
             .map_err(|e| {
                 if is_errno(&e, libc::ENOENT) {
                     LeaseError::NotLeased(port)
@@ -169,6 +283,43 @@ impl LeaseTable {
             self.bitmap.bump();
         }
         result
+    }
+
+    /// Sets the expiry of `port`'s lease, which must be `cgroup_id`'s (`expires`: CLOCK_BOOTTIME
+    /// seconds, 0: none), in one map update that keeps the rest of it.
+    pub fn renew(&mut self, port: u16, cgroup_id: u64, expires: u64) -> Result<Lease, LeaseError> {
+        let Some(mut lease) = self.get(port)? else {
+            return Err(LeaseError::NotLeased(port));
+        };
+        if lease.cgroup_id != cgroup_id {
+            return Err(LeaseError::NotTheirs {
+                port,
+                holder: format!("cgroup id {}", lease.cgroup_id),
+                cgroup: format!("cgroup id {cgroup_id}"),
+            });
+        }
+        lease.expires = expires;
+        self.map
+            .insert(u32::from(port), lease, BPF_EXIST)
+            .map_err(|e| {
+                if is_errno(&e, libc::ENOENT) {
+                    LeaseError::NotLeased(port)
+                } else {
+                    map_err(e)
+                }
+            })?;
+        self.bitmap.bump();
+        Ok(lease)
+    }
+
+    /// Counts a lease that ended (`release` counts itself).
+    pub fn count_end(&self, how: Ended) {
+        self.bitmap.add(how.word(), 1);
+    }
+
+    /// Leases ended so far, by how ([`Ended::ALL`] order), since the guard was first loaded.
+    pub fn ended(&self) -> [u64; 4] {
+        Ended::ALL.map(|e| self.bitmap.read(e.word()))
     }
 
     /// Removes the lease on `port` if it is still `cgroup_id`'s (it may have changed hands since
@@ -223,6 +374,17 @@ impl LeaseTable {
     pub fn totals(&self) -> (u64, u64) {
         self.bitmap.totals()
     }
+}
+
+/// CLOCK_BOOTTIME in seconds: the time base of lease expiries.
+pub fn now_boot_secs() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes into the timespec it is given.
+    unsafe { libc::clock_gettime(libc::CLOCK_BOOTTIME, &mut ts) };
+    ts.tv_sec as u64
 }
 
 /// Seconds since the Unix epoch.

@@ -488,19 +488,22 @@ impl Maps {
     /// `probe_in`: see [`crate::leases::allocate`].
     pub fn allocate(
         &mut self,
-        cgroup_id: u64,
-        level: u32,
+        holder: crate::leases::Holder,
         requested: Option<u16>,
         probe_in: &crate::netns::ProbeIn,
     ) -> Result<u16, LeaseError> {
         let ranges = self.reserved();
-        crate::leases::allocate(
-            &ranges,
-            &mut self.leases,
-            cgroup_id,
-            level,
-            requested,
-            probe_in,
-        )
+        crate::leases::allocate(&ranges, &mut self.leases, holder, requested, probe_in)
+    }
+
+    /// [`crate::leases::allocate_many`] over the reserved ranges.
+    pub fn allocate_many(
+        &mut self,
+        holder: crate::leases::Holder,
+        count: usize,
+        probe_in: &crate::netns::ProbeIn,
+    ) -> Result<Vec<u16>, LeaseError> {
+        let ranges = self.reserved();
+        crate::leases::allocate_many(&ranges, &mut self.leases, holder, count, probe_in)
     }
 }

@@ -25,7 +25,7 @@ use std::{
 };
 
 use log::{info, warn};
-use port_guard_common::Lease;
+use port_guard_common::{Lease, LEASE_UNTIL_EMPTY};
 
 mod watcher;
 
@@ -33,7 +33,7 @@ use self::watcher::Watcher;
 use crate::{
     cgroup::{Cgroup2, CgroupError, CgroupNames, CgroupPath},
     error::IoError,
-    leases::{self, LeaseError},
+    leases::{self, Ended, LeaseError},
     logfmt,
     maps::Maps,
 };
@@ -63,6 +63,10 @@ pub struct Reaper {
     pub reaped: u64,
     /// The lease map as last read, by lessee cgroup: id → ports.
     by_cgroup: HashMap<u64, Vec<u16>>,
+    /// The lease map as last read: each lease's terms (until-empty, expiry).
+    snapshot: BTreeMap<u16, Lease>,
+    /// The earliest expiry in the snapshot (CLOCK_BOOTTIME seconds), if any lease has a TTL.
+    next_expiry: Option<u64>,
     /// The allocators' generation when the lease map was last read.
     generation: Option<u64>,
     last_full: Option<Instant>,
@@ -129,6 +133,8 @@ impl Reaper {
             seen_populated: HashSet::new(),
             reaped: 0,
             by_cgroup: HashMap::new(),
+            snapshot: BTreeMap::new(),
+            next_expiry: None,
             generation: None,
             last_full: None,
             unwatched: HashSet::new(),
@@ -176,6 +182,11 @@ impl Reaper {
                 }
             };
             self.generation = Some(generation);
+            self.next_expiry = leases
+                .values()
+                .filter(|l| l.expires != 0)
+                .map(|l| l.expires)
+                .min();
             let by = group(&leases);
             // Cgroups that gained a lease since the last read.
             check.extend(by.keys().filter(|id| !self.by_cgroup.contains_key(id)));
@@ -191,7 +202,9 @@ impl Reaper {
                     info!("leased-port bitmap reconciled with the lease map: {cleared} stale marks cleared, {set} marks added");
                 }
             }
+            self.snapshot = leases;
         }
+        self.expire(maps, cg, names);
         if matches!(wake, Wake::Tick) {
             check.extend(self.unwatched.iter().copied());
             check.extend(self.failing.iter().copied());
@@ -253,16 +266,17 @@ impl Reaper {
             }
             return;
         }
+        let removed = (Ended::Removed, "its cgroup was removed".to_owned());
         let reason = match &path {
-            None => Some("its cgroup was removed".to_owned()),
+            None => Some(removed),
             Some(p) => match cg.populated(p) {
-                Ok(None) => Some("its cgroup was removed".to_owned()),
+                Ok(None) => Some(removed),
                 Ok(Some(true)) => {
                     self.seen_populated.insert(id);
                     None
                 }
-                Ok(Some(false)) => (spawned || self.seen_populated.contains(&id))
-                    .then(|| format!("{p} has no process left")),
+                // Empty now: which leases that ends is decided per lease below.
+                Ok(Some(false)) => Some((Ended::Emptied, format!("{p} has no process left"))),
                 Err(e) => {
                     self.retry(id, &e);
                     return;
@@ -270,13 +284,36 @@ impl Reaper {
             },
         };
         self.unretried(id);
-        let Some(why) = reason else {
+        let Some((how, why)) = reason else {
             // Alive: watched while it holds a lease.
             if let Some(p) = &path {
                 self.watch(cg, p, id);
             }
             return;
         };
+        // An empty cgroup ends only the leases that end that way, once a process was there: a
+        // spawn lease (spawn moves itself in before it claims), and an until-empty one whose
+        // cgroup was seen populated or has used CPU time since the lease was made (a process
+        // that came and went between two looks). The others stay, and the cgroup stays watched.
+        let usage = match (&path, how) {
+            (Some(p), Ended::Emptied) if !spawned => cg.cpu_usec(p).ok(),
+            _ => None,
+        };
+        let seen = self.seen_populated.contains(&id);
+        let (ports, staying): (Vec<u16>, Vec<u16>) = ports.into_iter().partition(|port| {
+            how != Ended::Emptied
+                || spawned
+                || self.snapshot.get(port).is_some_and(|l| {
+                    l.flags & LEASE_UNTIL_EMPTY != 0
+                        && (seen || usage.is_some_and(|u| l.cpu_usec != u64::MAX && u > l.cpu_usec))
+                })
+        });
+        if ports.is_empty() {
+            if let Some(p) = &path {
+                self.watch(cg, p, id);
+            }
+            return;
+        }
         let mut ended = Vec::new();
         let who = path
             .as_ref()
@@ -289,6 +326,7 @@ impl Reaper {
             match maps.leases_mut().release_if_held_by(port, id) {
                 Ok(true) => {
                     self.reaped += 1;
+                    maps.leases().count_end(how);
                     ended.push(port);
                     info!("lease ended: port={port} cgroup={who} ({why})");
                 }
@@ -312,7 +350,53 @@ impl Reaper {
         }
         if path.is_none() || spawned || !self.by_cgroup.contains_key(&id) {
             self.forget(id);
+        } else if !staying.is_empty() {
+            if let Some(p) = &path {
+                self.watch(cg, p, id);
+            }
         }
+    }
+
+    /// Ends the leases whose TTL ran out (read again from the map first: a renewal since the
+    /// snapshot keeps the lease).
+    fn expire(&mut self, maps: &mut Maps, cg: &Cgroup2, names: &mut CgroupNames<'_>) {
+        let now = leases::now_boot_secs();
+        if self.next_expiry.is_none_or(|t| t > now) {
+            return;
+        }
+        let due: Vec<(u16, u64)> = self
+            .snapshot
+            .iter()
+            .filter(|(_, l)| leases::expired(l, now))
+            .map(|(p, l)| (*p, l.cgroup_id))
+            .collect();
+        for (port, id) in due {
+            match maps.leases().get(port) {
+                Ok(Some(l)) if l.cgroup_id == id && leases::expired(&l, now) => {}
+                Ok(_) => continue,
+                Err(e) => {
+                    warn!("reading the lease of port {port}: {e}");
+                    continue;
+                }
+            }
+            match maps.leases_mut().release_if_held_by(port, id) {
+                Ok(true) => {
+                    self.reaped += 1;
+                    maps.leases().count_end(Ended::Expired);
+                    let who = match find(cg, names, id) {
+                        Ok(Seen::At(p)) => logfmt::value(p.as_str()).into_owned(),
+                        _ => format!("(id {id})"),
+                    };
+                    info!("lease ended: port={port} cgroup={who} (its TTL ran out)");
+                }
+                Ok(false) | Err(LeaseError::NotLeased(_)) => {}
+                Err(e) => warn!("ending the expired lease of port {port}: {e}"),
+            }
+        }
+        // Read the map again on the next run (the releases moved the generation anyway): it
+        // sets the next expiry.
+        self.next_expiry = None;
+        self.generation = None;
     }
 
     /// A cgroup that could not be looked at: its leases stay, and it is looked at every tick
