@@ -65,8 +65,10 @@ pub fn lease_for(cgroup: &Cgroup) -> Lease {
     Lease {
         cgroup_id: cgroup.id(),
         level: cgroup.level(),
-        _pad: 0,
+        flags: 0,
         since: now_secs(),
+        expires: 0,
+        cpu_usec: u64::MAX,
     }
 }
 

@@ -435,12 +435,31 @@ impl Drop for MachineCleanup {
 
 /// A diskless x86 guest for TCG (KVM is unreliable on these machines): SeaBIOS finds nothing to
 /// boot and idles, which is all a migration needs.
-pub fn domain_xml(name: &str, memory_mib: u32) -> String {
+pub fn domain_xml(name: &str, memory_mib: u32, disk: Option<&str>) -> String {
+    let disk = disk.map_or(String::new(), |path| {
+        format!(
+            "<disk type='file' device='disk'><driver name='qemu' type='raw'/>\
+             <source file='{path}'/><target dev='vda' bus='virtio'/></disk>\n    "
+        )
+    });
     format!(
         "<domain type='qemu'>\n  <name>{name}</name>\n  <memory unit='MiB'>{memory_mib}</memory>\n  \
          <vcpu>1</vcpu>\n  <os><type arch='x86_64' machine='q35'>hvm</type></os>\n  <devices>\n    \
-         <emulator>{QEMU}</emulator>\n    <memballoon model='none'/>\n  </devices>\n</domain>\n"
+         <emulator>{QEMU}</emulator>\n    {disk}<memballoon model='none'/>\n  </devices>\n</domain>\n"
     )
+}
+
+/// Where a domain's disk lives inside a libvirt host's namespace (/var/lib/libvirt is the
+/// host's own there, so A and B each see their own file at this path).
+pub fn disk_path(token: &str) -> String {
+    format!("/var/lib/libvirt/images/{token}.img")
+}
+
+/// The pattern a test disk starts with (the first MiB), to recognise a copy.
+pub fn disk_pattern() -> Vec<u8> {
+    (0..1024 * 1024u32)
+        .map(|i| (i.wrapping_mul(2654435761) >> 24) as u8)
+        .collect()
 }
 
 /// One libvirtd with its virtlogd, in `cgroup` and in its own mount and UTS namespace.
@@ -676,9 +695,14 @@ impl LibvirtHost {
     }
 
     /// Starts a transient domain `dom` from [`domain_xml`].
-    pub fn create_domain(&self, dom: &str, memory_mib: u32) -> Result<(), String> {
+    pub fn create_domain(
+        &self,
+        dom: &str,
+        memory_mib: u32,
+        disk: Option<&str>,
+    ) -> Result<(), String> {
         let xml = self.dir(&format!("{dom}.xml"));
-        fs::write(&xml, domain_xml(dom, memory_mib)).map_err(|e| e.to_string())?;
+        fs::write(&xml, domain_xml(dom, memory_mib, disk)).map_err(|e| e.to_string())?;
         self.virsh(&["create", xml.to_str().unwrap()], VIRSH_TIMEOUT)?;
         Ok(())
     }
@@ -886,6 +910,19 @@ impl Pair {
     /// Starts A in `cg_a` and B in `cg_b` (qemu.conf's migration range = `ports`) and the domain
     /// on A.
     pub fn start(test: &str, cg_a: Cgroup, cg_b: Cgroup, ports: (u16, u16)) -> Pair {
+        Pair::start_with(test, cg_a, cg_b, ports, None)
+    }
+
+    /// [`Pair::start`], the domain with a raw disk of `disk_mib` MiB when given: on A it starts
+    /// with [`disk_pattern`], on B an empty file of the same size waits for a storage migration
+    /// (libvirt copies into an existing file; it creates one only in a storage pool).
+    pub fn start_with(
+        test: &str,
+        cg_a: Cgroup,
+        cg_b: Cgroup,
+        ports: (u16, u16),
+        disk_mib: Option<u64>,
+    ) -> Pair {
         let seq = PAIR_SEQ.fetch_add(1, Ordering::Relaxed);
         // Letters and digits only: it ends up in cgroup names and hostnames unchanged.
         let token = format!("pgt{}n{seq}", std::process::id());
@@ -930,7 +967,22 @@ impl Pair {
         }
         p.b.wait_ready(t, LIBVIRTD_START_TIMEOUT);
         let dom = p.domain();
-        if let Err(e) = p.a.create_domain(&dom, p.memory_mib) {
+        let disk = disk_mib.map(|mib| {
+            for (host, pattern) in [(&p.a, true), (&p.b, false)] {
+                let dir = host.dir("lib/images");
+                fs::create_dir_all(&dir).unwrap_or_else(|e| panic!("mkdir {}: {e}", dir.display()));
+                let file = dir.join(format!("{}.img", p.token));
+                let f = fs::File::create(&file)
+                    .unwrap_or_else(|e| panic!("create {}: {e}", file.display()));
+                f.set_len(mib * 1024 * 1024).unwrap();
+                if pattern {
+                    use std::os::unix::fs::FileExt as _;
+                    f.write_all_at(&disk_pattern(), 0).unwrap();
+                }
+            }
+            disk_path(&p.token)
+        });
+        if let Err(e) = p.a.create_domain(&dom, p.memory_mib, disk.as_deref()) {
             panic!("creating domain {dom} on A: {e}");
         }
         assert_eq!(p.a.domstate(&dom).as_deref(), Ok("running"));
@@ -969,6 +1021,23 @@ impl Pair {
     /// and gone from the source; on failure it must still run on the source (libvirt rolls
     /// back), or this panics.
     pub fn migrate(&mut self, migrateuri: &str) -> Migration {
+        self.migrate_with(migrateuri, &[])
+    }
+
+    /// The first `len` bytes of the disk file as the host that holds the domain now sees it.
+    pub fn disk_head(&self, len: usize) -> Vec<u8> {
+        let file = self
+            .source()
+            .dir("lib/images")
+            .join(format!("{}.img", self.token));
+        let mut data = fs::read(&file).unwrap_or_else(|e| panic!("read {}: {e}", file.display()));
+        data.truncate(len);
+        data
+    }
+
+    /// [`Pair::migrate`] with more `virsh migrate` arguments (e.g. `--copy-storage-all
+    /// --disks-port P`).
+    pub fn migrate_with(&mut self, migrateuri: &str, extra: &[&str]) -> Migration {
         let (src, dst) = (self.source(), self.dest());
         let direction = if self.on_a { "a->b" } else { "b->a" };
         let dom = self.domain();
@@ -986,7 +1055,10 @@ impl Pair {
                 migrateuri,
                 "--dname",
                 &dname,
-            ],
+            ]
+            .into_iter()
+            .chain(extra.iter().copied())
+            .collect::<Vec<_>>(),
             MIGRATE_TIMEOUT,
         );
         let took = t.elapsed();

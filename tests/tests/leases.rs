@@ -53,7 +53,7 @@ impl Env {
             "--spawn-parent".into(),
             spawn_parent.path().to_string(),
         ];
-        if !kernel_features().set_retval {
+        if !kernel_features().set_retval && !kernel_features().sentinel {
             // errno eaddrinuse cannot be enforced here (EPERM only): start anyway.
             args.push("--allow-fallback".into());
         }
@@ -879,4 +879,425 @@ fn live_migrations_through_spawn_survive_a_hostile_binder_and_fail_without_the_g
         "the hostile binder never beat an unguarded migration"
     );
     assert!(unguarded["grabbed"].as_u64().unwrap() > 0, "{unguarded}");
+}
+
+// ---------------------------------------------------------------------------------------------
+// Leases v2: several ports at once, and lifetimes an orchestrator can rely on
+// ---------------------------------------------------------------------------------------------
+
+/// `port-guard lease --json ARGS...`: (exit code, the JSON on success, stderr).
+fn lease_json(e: &Env, args: &[&str]) -> (i32, Value, String) {
+    let mut c = e.pg();
+    c.arg("lease").arg("--json").args(args);
+    let (code, out, err) = run_cmd(c);
+    let v = if code == 0 {
+        serde_json::from_str(out.trim()).unwrap_or_else(|x| panic!("{x}: {out:?}"))
+    } else {
+        Value::Null
+    };
+    (code, v, err)
+}
+
+fn ports_of(v: &Value) -> Vec<u16> {
+    v["ports"]
+        .as_array()
+        .unwrap_or_else(|| panic!("no ports: {v}"))
+        .iter()
+        .map(|p| p.as_u64().unwrap() as u16)
+        .collect()
+}
+
+#[test]
+fn concurrent_two_port_leases_are_all_or_nothing() {
+    // N leases of 2 ports at once on 2N+1 ports: all N succeed with distinct ports; the next
+    // finds one port and takes none.
+    const N: usize = 4;
+    let e = Env::new("lease-multi", 62200, 62200 + 2 * N as u16);
+    let targets: Vec<Cgroup> = (0..=N).map(|i| e.attach.child(&format!("m{i}"))).collect();
+    let children: Vec<Child> = targets[..N]
+        .iter()
+        .map(|t| {
+            let mut c = e.pg();
+            c.args(["lease", "--count", "2", "--json", "--cgroup", t.path()]);
+            c.stdout(Stdio::piped()).stderr(Stdio::piped());
+            c.spawn().unwrap()
+        })
+        .collect();
+    let mut all = Vec::new();
+    for (c, t) in children.into_iter().zip(&targets) {
+        let out = c.wait_with_output().unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+        let ports = ports_of(&v);
+        assert_eq!(ports.len(), 2, "{v}");
+        assert_eq!(v["port"], ports[0], "{v}");
+        for p in &ports {
+            assert_eq!(
+                e.lease_of(*p).unwrap()["cgroup"],
+                t.path(),
+                "port {p} leased to its lessee"
+            );
+        }
+        all.extend(ports);
+    }
+    all.sort_unstable();
+    all.dedup();
+    assert_eq!(all.len(), 2 * N, "distinct ports: {all:?}");
+    let free: Vec<u16> = (e.first..=e.last).filter(|p| !all.contains(p)).collect();
+    assert_eq!(free.len(), 1);
+    // The next one: one port free, two asked for. Nothing stays claimed.
+    let (code, _, err) = lease_json(&e, &["--count", "2", "--cgroup", targets[N].path()]);
+    assert_eq!(code, 1, "{err}");
+    assert!(
+        single_line(&err)
+            .contains("2 ports asked for, only 1 free in 62200-62208/tcp (none was leased)"),
+        "{err}"
+    );
+    assert_eq!(e.leases().len(), 2 * N);
+    assert!(e.lease_of(free[0]).is_none());
+    assert!(
+        !alloc_marked(e.pin.path(), free[0]),
+        "the rolled-back port is unmarked"
+    );
+    for p in &all {
+        assert!(alloc_marked(e.pin.path(), *p), "{p} marked");
+    }
+    // The status table: one line per lessee, its ports together.
+    let (code, table, err) = run(&["--pin-dir", e.pin.as_str(), "status"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(table.contains("LEASED PORTS"), "{table}");
+    for t in &targets[..N] {
+        let st = status_json(e.pin.path());
+        let g = st["lessees"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|g| g["cgroup"] == t.path())
+            .cloned()
+            .unwrap_or_else(|| panic!("{st:#}"));
+        let ports: Vec<String> = g["ports"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|p| p.to_string())
+            .collect();
+        assert_eq!(ports.len(), 2, "{g}");
+        let line = table
+            .lines()
+            .find(|l| l.ends_with(t.path()))
+            .unwrap_or_else(|| panic!("no line for {}: {table}", t.path()));
+        assert!(
+            line.starts_with(&ports.join(" ")) && line.contains("release/rmdir"),
+            "{line}"
+        );
+    }
+    // Plain output: the ports space-separated on one line.
+    let (code, out, err) = run(&[
+        "--pin-dir",
+        e.pin.as_str(),
+        "release",
+        "--cgroup",
+        targets[0].path(),
+    ]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.is_empty());
+    let (code, out, err) = run(&[
+        "--pin-dir",
+        e.pin.as_str(),
+        "lease",
+        "--count",
+        "3",
+        "--cgroup",
+        targets[N].path(),
+    ]);
+    assert_eq!(code, 0, "{err}");
+    let got: Vec<u16> = out.split_whitespace().map(|p| p.parse().unwrap()).collect();
+    assert_eq!(got.len(), 3, "{out:?}");
+    assert_eq!(out.lines().count(), 1, "{out:?}");
+}
+
+#[test]
+fn spawn_count_substitutes_each_port() {
+    let e = Env::new("lease-spawn2", 62220, 62229);
+    let mut c = e.pg();
+    c.args([
+        "spawn",
+        "--count",
+        "2",
+        "--json",
+        "--name",
+        "svm",
+        "--",
+        "/bin/sh",
+        "-c",
+        "echo first={port} a={port0} b={port1}",
+    ]);
+    let out = c.output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    let mut lines = text.lines();
+    let v: Value = serde_json::from_str(lines.next().unwrap()).unwrap();
+    let ports = ports_of(&v);
+    assert_eq!(ports, vec![62220, 62221], "{v}");
+    assert_eq!(v["port"], 62220);
+    assert_eq!(lines.next(), Some("first=62220 a=62220 b=62221"));
+    // The VM exited: both end with its cgroup.
+    let gone = wait_until(Duration::from_secs(10), || {
+        e.leases().is_empty().then_some(())
+    });
+    assert!(gone.is_some(), "{:?}", e.leases());
+}
+
+#[test]
+fn a_plain_lease_outlives_its_processes_and_until_empty_does_not() {
+    let e = Env::new("lease-life", 62240, 62249);
+    let plain = e.attach.child("orch-plain");
+    let ue = e.attach.child("orch-ue");
+    let (code, v, err) = lease_json(&e, &["--cgroup", plain.path()]);
+    assert_eq!(code, 0, "{err}");
+    let p_plain = v["port"].as_u64().unwrap() as u16;
+    let (code, v, err) = lease_json(&e, &["--cgroup", ue.path(), "--until-empty"]);
+    assert_eq!(code, 0, "{err}");
+    let p_ue = v["port"].as_u64().unwrap() as u16;
+    assert_eq!(v["until_empty"], true);
+    assert_eq!(e.lease_of(p_ue).unwrap()["until_empty"], true);
+    assert_eq!(e.lease_of(p_plain).unwrap()["until_empty"], false);
+    // A short-lived process in each lessee's subtree binds its port and exits (a probe, a qemu
+    // restarted for a retry).
+    for (cg, port) in [(&plain, p_plain), (&ue, p_ue)] {
+        let child = cg.child("qemu");
+        assert_eq!(bind_in(&child, &BindSpec::tcp(ANY4, port)), Ok(()));
+    }
+    // --until-empty: over within seconds of the exit. Plain: still leased, still refused to
+    // others, for as long as we look.
+    let ended = wait_until(Duration::from_secs(10), || {
+        e.lease_of(p_ue).is_none().then_some(())
+    });
+    assert!(
+        ended.is_some(),
+        "--until-empty lease kept: {:?}",
+        e.leases()
+    );
+    e.daemon().wait_for(
+        &format!(
+            "lease ended: port={p_ue} cgroup={}/orch-ue ({}/orch-ue has no process left)",
+            e.attach.path(),
+            e.attach.path()
+        ),
+        LOG_TIMEOUT,
+    );
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(
+        e.lease_of(p_plain)
+            .expect("the plain lease outlives its processes")["cgroup"],
+        plain.path()
+    );
+    assert_eq!(
+        bind_in(&e.allowed, &BindSpec::tcp(ANY4, p_plain)),
+        Err(expected_errno()),
+        "still refused to the allowed cgroup"
+    );
+    // And the lessee binds it again (the retry).
+    assert_eq!(
+        bind_in(plain.child("qemu"), &BindSpec::tcp(ANY6, p_plain)),
+        Ok(())
+    );
+    // rmdir of the lessee ends it.
+    let _ = std::fs::remove_dir(plain.child("qemu").abs());
+    std::fs::remove_dir(plain.abs()).unwrap();
+    let ended = wait_until(Duration::from_secs(10), || {
+        e.lease_of(p_plain).is_none().then_some(())
+    });
+    assert!(ended.is_some(), "{:?}", e.leases());
+    let ended = &status_json(e.pin.path())["leases_ended"];
+    assert_eq!(
+        (
+            &ended["emptied"],
+            &ended["cgroup_removed"],
+            &ended["expired"]
+        ),
+        (&Value::from(1), &Value::from(1), &Value::from(0)),
+        "{ended}"
+    );
+}
+
+#[test]
+fn a_ttl_ends_a_lease_also_across_a_daemon_restart_and_renew_keeps_it() {
+    let mut e = Env::new("lease-ttl", 62260, 62269);
+    let a = e.attach.child("ttl-a");
+    let b = e.attach.child("ttl-b");
+    let c = e.attach.child("ttl-c");
+    let (code, v, err) = lease_json(&e, &["--cgroup", a.path(), "--ttl", "2s"]);
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(v["ttl_secs"], 2);
+    let pa = v["port"].as_u64().unwrap() as u16;
+    let left = e.lease_of(pa).unwrap()["expires_in_secs"].as_u64().unwrap();
+    assert!(left <= 2, "{left}");
+    let t = Instant::now();
+    let ended = wait_until(Duration::from_secs(10), || {
+        e.lease_of(pa).is_none().then_some(t.elapsed())
+    });
+    let took = ended.unwrap_or_else(|| panic!("TTL lease kept: {:?}", e.leases()));
+    eprintln!(
+        "[measure] a 2 s TTL lease ended {} ms after it was made",
+        took.as_millis()
+    );
+    assert!(took >= Duration::from_millis(1000), "{took:?}");
+    e.daemon().wait_for(
+        &format!(
+            "lease ended: port={pa} cgroup={}/ttl-a (its TTL ran out)",
+            e.attach.path()
+        ),
+        LOG_TIMEOUT,
+    );
+
+    // Renewed before it runs out: kept past the first TTL, ended after the second.
+    let (code, v, err) = lease_json(&e, &["--cgroup", b.path(), "--ttl", "3s"]);
+    assert_eq!(code, 0, "{err}");
+    let pb = v["port"].as_u64().unwrap() as u16;
+    std::thread::sleep(Duration::from_secs(2));
+    let (code, v, err) = lease_json(&e, &["--cgroup", b.path(), "--renew", "--ttl", "4s"]);
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(ports_of(&v), vec![pb]);
+    std::thread::sleep(Duration::from_secs(2));
+    assert!(
+        e.lease_of(pb).is_some(),
+        "renewed lease ended at its first TTL"
+    );
+    let ended = wait_until(Duration::from_secs(8), || {
+        e.lease_of(pb).is_none().then_some(())
+    });
+    assert!(ended.is_some(), "{:?}", e.leases());
+    // Renewing what is not there, or another's lease: one line, exit 1.
+    let (code, _, err) = lease_json(&e, &["--cgroup", b.path(), "--renew", "--ttl", "4s"]);
+    assert_eq!(code, 1);
+    assert!(
+        single_line(&err).contains("holds no lease to renew"),
+        "{err}"
+    );
+
+    // Across a daemon stop: the expiry is in the kernel map, the next daemon ends it at start.
+    let (code, v, err) = lease_json(&e, &["--cgroup", c.path(), "--ttl", "2s"]);
+    assert_eq!(code, 0, "{err}");
+    let pc = v["port"].as_u64().unwrap() as u16;
+    e.daemon.as_mut().unwrap().signal(libc::SIGTERM);
+    e.daemon = None;
+    std::thread::sleep(Duration::from_secs(3));
+    let st = status_json(e.pin.path());
+    let l = st["leases"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|l| l["port"] == pc)
+        .cloned();
+    assert_eq!(
+        l.unwrap_or_else(|| panic!("{st:#}"))["expires_in_secs"],
+        0,
+        "run out, no daemon to end it"
+    );
+    assert_eq!(
+        bind_in(&e.allowed, &BindSpec::tcp(ANY4, pc)),
+        Err(expected_errno_without_sentinel())
+    );
+    e.start_daemon();
+    let ended = wait_until(Duration::from_secs(5), || {
+        e.lease_of(pc).is_none().then_some(())
+    });
+    assert!(ended.is_some(), "{:?}", e.leases());
+    let ended = &status_json(e.pin.path())["leases_ended"];
+    assert_eq!(ended["expired"], 3, "{ended}");
+    // Bad durations: one line naming the value, exit 2.
+    for bad in ["0s", "10x", "366d", "m"] {
+        let (code, _, err) = run(&[
+            "--pin-dir",
+            e.pin.as_str(),
+            "lease",
+            "--cgroup",
+            c.path(),
+            "--ttl",
+            bad,
+        ]);
+        assert_eq!(code, 2, "{bad}: {err}");
+        assert!(err.contains(&format!("\"{bad}\"")), "{err}");
+    }
+}
+
+/// Lease/kill cycles of an orchestrator that never releases (PG_LEASE_CYCLES, default 1,000).
+#[test]
+fn an_orchestrator_that_never_releases_leaves_nothing_after_the_ttl() {
+    let cycles: usize = std::env::var("PG_LEASE_CYCLES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1000);
+    let e = Env::new("lease-leak", 62300, 62339);
+    let lessees: Vec<Cgroup> = (0..8)
+        .map(|i| e.attach.child(&format!("orch{i}")))
+        .collect();
+    let mut seed = u64::from(std::process::id());
+    let mut rnd = move |n: u64| {
+        seed = seed
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        (seed >> 33) % n
+    };
+    let (mut made, mut killed, mut refused) = (0, 0, 0);
+    let t = Instant::now();
+    for i in 0..cycles {
+        let mut c = e.pg();
+        c.args([
+            "lease",
+            "--ttl",
+            "3s",
+            "--cgroup",
+            lessees[i % lessees.len()].path(),
+        ]);
+        c.stdout(Stdio::piped()).stderr(Stdio::piped());
+        let child = c.spawn().unwrap();
+        // Killed at a random moment: before, during or after its claim.
+        std::thread::sleep(Duration::from_micros(rnd(30_000)));
+        // SAFETY: kill(2) on our child.
+        unsafe { libc::kill(child.id() as i32, libc::SIGKILL) };
+        let out = child.wait_with_output().unwrap();
+        match out.status.code() {
+            Some(0) => made += 1,
+            Some(_) => {
+                let err = String::from_utf8_lossy(&out.stderr);
+                assert!(err.contains("no free port"), "cycle {i}: {err}");
+                refused += 1;
+            }
+            None => killed += 1,
+        }
+    }
+    eprintln!(
+        "[measure] {cycles} lease/kill cycles in {} s: {made} completed, {killed} killed, {refused} refused (range full)",
+        t.elapsed().as_secs()
+    );
+    // After the TTL (and the reaping of the scratch claims of killed ones): nothing left.
+    let clean = wait_until(Duration::from_secs(15), || {
+        let leases = e.leases();
+        let marked: Vec<u16> = (e.first..=e.last)
+            .filter(|p| alloc_marked(e.pin.path(), *p))
+            .collect();
+        (leases.is_empty() && marked.is_empty()).then_some(())
+    });
+    assert!(
+        clean.is_some(),
+        "left: leases {:?}, marked {:?}",
+        e.leases(),
+        (e.first..=e.last)
+            .filter(|p| alloc_marked(e.pin.path(), *p))
+            .collect::<Vec<_>>()
+    );
+    assert!(
+        made > 0,
+        "no lease completed: the kill came too soon every time"
+    );
 }

@@ -327,6 +327,11 @@ struct Env {
 impl Env {
     /// `None` (the test is skipped, reason printed) where libvirt cannot run.
     fn new(test: &str, ports: (u16, u16)) -> Option<Env> {
+        Env::new_with(test, ports, None)
+    }
+
+    /// [`Env::new`], the domain with a disk of `disk_mib` MiB (for storage migrations).
+    fn new_with(test: &str, ports: (u16, u16), disk_mib: Option<u64>) -> Option<Env> {
         if let Err(why) = libvirt::ensure_installed() {
             skip(&format!("real libvirt is not available here: {why}"));
             return None;
@@ -341,7 +346,7 @@ impl Env {
         let outsider = cg.child("outsider");
         let spawn_parent = cg.child("spawn");
         let pin = PinDir::new(test);
-        let pair = Pair::start(test, a, b, ports);
+        let pair = Pair::start_with(test, a, b, ports, disk_mib);
         let config = pair.tmp.path().join("port-guard.toml");
         Some(Env {
             allocator: None,
@@ -761,6 +766,119 @@ fn a_port_leased_to_machine_carries_the_migration_and_nothing_else_binds_it() {
         .filter(|l| l.contains("comm=rpc-libvirtd"))
         .collect::<Vec<_>>();
     assert!(libvirtd.is_empty(), "libvirtd was refused: {libvirtd:#?}");
+    e.unload();
+}
+
+#[test]
+fn a_storage_migration_takes_two_leased_ports_and_nothing_else_binds_them() {
+    let Some(mut e) = Env::new_with("lv-storage", (62760, 62779), Some(32)) else {
+        return;
+    };
+    let allow = e.docs_allow();
+    let text = e.config_text(&allow, &[]);
+    e.start_guard(&text, "enforce", &allow);
+    e.allocator = Some(Allocator::start(ALLOCATOR, &e.outsider, e.ports, PACE));
+    // On the destination: both ports at once, to libvirt's VM partition, with a TTL as the
+    // safety net.
+    let (code, out, err) = run(&[
+        "--pin-dir",
+        e.pin.as_str(),
+        "lease",
+        "--cgroup",
+        "/machine",
+        "--count",
+        "2",
+        "--ttl",
+        "10m",
+        "--json",
+    ]);
+    assert_eq!(code, 0, "lease: {err}");
+    let v: Value = serde_json::from_str(out.trim()).unwrap();
+    let ports: Vec<u16> = v["ports"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p.as_u64().unwrap() as u16)
+        .collect();
+    let (p0, p1) = (ports[0], ports[1]);
+    let errno = libc::EADDRINUSE;
+    let denied_before = e.counters().1;
+    let stop = Arc::new(AtomicBool::new(false));
+    let tries = {
+        let (stop, outsider) = (Arc::clone(&stop), e.outsider.clone());
+        let dest_cg = e.pair.dest().cgroup.clone();
+        thread::spawn(move || {
+            let mut results = Vec::new();
+            while !stop.load(Ordering::Relaxed) {
+                for p in [p0, p1] {
+                    results.push(bind_in(&outsider, &BindSpec::tcp(ANY6, p).reuseaddr()));
+                    results.push(bind_in(&dest_cg, &BindSpec::tcp(ANY4, p)));
+                }
+                thread::sleep(Duration::from_millis(50));
+            }
+            results
+        })
+    };
+    let m = e.pair.migrate_with(
+        &format!("tcp://127.0.0.1:{p0}"),
+        &["--copy-storage-all", "--disks-port", &p1.to_string()],
+    );
+    stop.store(true, Ordering::Relaxed);
+    let results = tries.join().unwrap();
+    let denied = e.counters().1 - denied_before;
+    let alloc = e.allocator.take().unwrap().stop();
+    eprintln!(
+        "[measure] storage migration {} (32 MiB raw disk) to ports {p0} (migration) + {p1} (NBD): {:?} in {} ms; {} binds of them from outside /machine meanwhile, all refused; {denied} refusals counted in the range (the hostile allocator's included); allocator: {alloc}",
+        m.direction,
+        m.result,
+        m.took.as_millis(),
+        results.len()
+    );
+    if m.result.is_err() {
+        e.pair.source().dump_logs();
+        e.pair.dest().dump_logs();
+    }
+    assert_eq!(
+        m.result,
+        Ok(p0),
+        "the storage migration did not complete on the leased port"
+    );
+    assert!(
+        results.len() >= 4 && results.iter().all(|r| *r == Err(errno)),
+        "binds of the leased ports: {results:?}"
+    );
+    assert!(
+        denied >= results.len() as u64,
+        "{denied} < {}",
+        results.len()
+    );
+    assert_eq!(alloc["grabbed"], 0, "{alloc}");
+    // The disk came along: the destination's file starts with the source's pattern.
+    assert!(
+        e.pair.disk_head(1024 * 1024) == libvirt::disk_pattern(),
+        "the destination's disk does not hold the source's data"
+    );
+    // The NBD server listened on the second leased port (qemu, in /machine).
+    let nbd = e
+        .guard()
+        .lines()
+        .into_iter()
+        .filter(|l| l.contains("denied bind") && l.contains(&format!("port={p1}/")))
+        .count();
+    eprintln!("[measure] {nbd} denial lines name the NBD port {p1}");
+    let (code, _, err) = run(&[
+        "--pin-dir",
+        e.pin.as_str(),
+        "release",
+        "--cgroup",
+        "/machine",
+    ]);
+    assert_eq!(code, 0, "release: {err}");
+    assert_eq!(
+        status_json(e.pin.path())["leases_ended"]["released"],
+        2,
+        "both leases released"
+    );
     e.unload();
 }
 

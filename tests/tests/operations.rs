@@ -86,7 +86,7 @@ impl Reloadable {
             "--spawn-parent".into(),
             format!("{}/spawn", cg.path()),
         ];
-        if !kernel_features().set_retval {
+        if !kernel_features().set_retval && !kernel_features().sentinel {
             args.push("--allow-fallback".into());
         }
         args.extend(extra_args.iter().map(|s| s.to_string()));
@@ -287,6 +287,21 @@ fn metrics_count_what_a_scripted_set_of_binds_and_leases_produces() {
     })
     .expect("leases reaped");
     assert_eq!(metric(&text, "port_guard_leases_reaped_total"), 4.0);
+    for (cause, n) in [
+        ("cgroup_removed", 4.0),
+        ("released", 0.0),
+        ("emptied", 0.0),
+        ("expired", 0.0),
+    ] {
+        assert_eq!(
+            metric(
+                &text,
+                &format!("port_guard_leases_ended_total{{cause=\"{cause}\"}}")
+            ),
+            n,
+            "{text}"
+        );
+    }
 }
 
 #[test]
