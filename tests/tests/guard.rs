@@ -73,11 +73,19 @@ impl Fixture {
             "--spawn-parent".to_string(),
             format!("{}/spawn", attach.path()),
         ];
-        if !extra.contains(&"--errno") {
+        let errno = extra
+            .iter()
+            .position(|a| *a == "--errno")
+            .and_then(|i| extra.get(i + 1))
+            .copied();
+        if errno.is_none() {
             daemon_args.extend(["--errno".to_string(), "eaddrinuse".to_string()]);
         }
-        if !kernel_features().set_retval && !kernel_features().sentinel {
-            // The errno choice cannot be enforced here (EPERM only): start anyway.
+        // Before 6.1 only EADDRINUSE has a way (the sentinel); another errno is EPERM there, and
+        // the daemon starts only with the fallback allowed.
+        let sentinel_gives_it =
+            kernel_features().sentinel && errno.is_none_or(|e| e == "eaddrinuse");
+        if !kernel_features().set_retval && !sentinel_gives_it {
             daemon_args.push("--allow-fallback".to_string());
         }
         daemon_args.extend(extra.iter().map(|s| s.to_string()));

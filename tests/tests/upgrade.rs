@@ -130,7 +130,10 @@ fn a_daemon_migrates_the_leases_of_layout_2_in_place_with_no_unguarded_instant()
             .collect();
         left.is_empty().then_some(())
     });
-    assert!(ended.is_some(), "the migrated leases of an emptied cgroup stay");
+    assert!(
+        ended.is_some(),
+        "the migrated leases of an emptied cgroup stay"
+    );
     // New leases and releases work on the migrated map; the old binary now refuses the pins.
     let (code, _, err) = pg(
         bin().as_os_str(),
