@@ -260,6 +260,16 @@ fn unload_all(dir: &Path) {
         }
     }
     let _ = fs::remove_dir(dir);
+    // The daemons' records of the pin dirs below `dir` (/run/port-guard/<dir, mangled>_*).
+    let own = port_guard::state::path(dir, "");
+    if let (Some(parent), Some(name)) = (own.parent(), own.file_name()) {
+        let below = name.to_string_lossy().trim_end_matches('.').to_owned() + "_";
+        for e in fs::read_dir(parent).into_iter().flatten().flatten() {
+            if e.file_name().to_string_lossy().starts_with(&below) {
+                let _ = fs::remove_file(e.path());
+            }
+        }
+    }
 }
 
 /// Removes what a bench killed before its cleanup left: `pg-bench-PID` cgroups, pin dirs and

@@ -33,7 +33,19 @@ pub struct Daemon {
 impl Daemon {
     /// Starts `port-guard --pin-dir PIN --config CONFIG daemon` and waits until it enforces.
     pub fn start(bin: &Path, pin: &Path, config: &Path, cg: &Cg) -> Result<Daemon> {
+        Daemon::start_env(bin, pin, config, cg, &[])
+    }
+
+    /// [`Daemon::start`] with more environment variables (e.g. `PORT_GUARD_SENTINEL=force`).
+    pub fn start_env(
+        bin: &Path,
+        pin: &Path,
+        config: &Path,
+        cg: &Cg,
+        env: &[(&str, &str)],
+    ) -> Result<Daemon> {
         let mut cmd = Command::new(bin);
+        cmd.envs(env.iter().copied());
         cmd.arg("--pin-dir")
             .arg(pin)
             .arg("--config")

@@ -33,6 +33,8 @@ pub(super) struct Figures {
 pub(super) struct Daemons {
     pub small: Daemon,
     pub large: Daemon,
+    /// The small configuration refusing through the sentinel port, for phase 3's sentinel row.
+    pub sentinel: Daemon,
 }
 
 pub(super) fn measure(
@@ -119,6 +121,13 @@ pub(super) fn measure(
         Daemons {
             small: small_d,
             large: large_d,
+            sentinel: Daemon::start_env(
+                pg,
+                &pins.dir("sentinel"),
+                &cg.sentinel.config,
+                &cg.daemons,
+                &[("PORT_GUARD_SENTINEL", "force")],
+            )?,
         },
     ))
 }

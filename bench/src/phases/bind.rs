@@ -20,6 +20,9 @@ pub(super) const FLOOR: &str = "a bind4 program that only returns 1 (floor)";
 /// A second depth-8 worker under the small guard: the noise between two workers that differ in
 /// nothing, against which the scale ratios can be read.
 pub(super) const SCALE_AA: &str = "reserved, allowed, depth 8, 2nd worker (A/A)";
+/// A refusal of the small configuration made through the sentinel port (guard 3): the bind is
+/// rewritten to the port the daemon's sentinel holds and the kernel answers EADDRINUSE.
+pub(super) const SENTINEL: &str = "refused (EADDRINUSE through the sentinel port)";
 pub(super) const GUARDED: [&str; 5] = [
     "port outside every range",
     "reserved, allowed, depth 1",
@@ -93,6 +96,7 @@ pub(super) fn measure(
     let Daemons {
         small: small_d,
         large: large_d,
+        sentinel: sentinel_d,
     } = daemons;
     let bind_cpu0 = [small_d.cpu_time(), large_d.cpu_time()];
     let t_bind = Instant::now();
@@ -107,6 +111,7 @@ pub(super) fn measure(
         Prog::from_link_pin(&pins.dir("small").join("link_bind4"))?,
         Prog::from_link_pin(&pins.dir("large").join("link_bind4"))?,
         floor_prog,
+        Prog::from_link_pin(&pins.dir("sentinel").join("link_bind4"))?,
     ];
     let (prog_ns, sysctl_before) = bind::program_time(
         &mut workers,
@@ -124,6 +129,7 @@ pub(super) fn measure(
     drop(progs);
     drop(small_d);
     drop(large_d);
+    drop(sentinel_d);
     drop(floor_link);
     // Detached programs are freed after an RCU grace period: let them go before counting.
     env::sleep(Duration::from_millis(300))?;
@@ -181,6 +187,18 @@ fn scenarios(cg: &Cgroups, base_w: Worker) -> Result<(Vec<Worker>, Vec<Scenario>
             cycle_errno: 0,
         },
     ];
+    // The refusal through the sentinel: on a bound socket ("hook only") the rewritten bind goes
+    // on to the kernel's "already bound" check (EINVAL); a fresh socket meets the sentinel
+    // (EADDRINUSE).
+    workers.push(Worker::spawn("sentinel/out", &cg.sentinel.out)?);
+    scenarios.push(Scenario {
+        label: SENTINEL,
+        guard: Some(3),
+        worker: workers.len() - 1,
+        port: REFUSED,
+        hook_errno: libc::EINVAL,
+        cycle_errno: libc::EADDRINUSE,
+    });
     for (g, l) in [&cg.small, &cg.large].into_iter().enumerate() {
         let base = workers.len();
         for (label, cg) in [
@@ -307,6 +325,20 @@ pub(super) fn rows(report: &mut Report, p: &Params, m: &Measured, base: &Baselin
             );
             report.record(&format!("bind.{}.{}.ratio_to_floor", kind.op(), key(sc)), r);
         }
+        // What refusing through the sentinel costs over refusing with bpf_set_retval.
+        let (si, ri) = (
+            index(scenarios, SENTINEL, Some(3)),
+            index(scenarios, GUARDED[4], Some(0)),
+        );
+        let r = summarize(&paired_ratios(&s[si], &s[ri]));
+        report.line(
+            format!("{what}: refused through the sentinel port vs by bpf_set_retval"),
+            "",
+            format!("{} set_retval", ratio(&r)),
+            "",
+            None,
+        );
+        report.record(&format!("bind.{}.sentinel_vs_set_retval", kind.op()), r);
         let pre = match kind {
             Kind::Hook => &base.hook,
             Kind::Cycle => &base.cycle,
@@ -356,6 +388,22 @@ pub(super) fn program_rows(report: &mut Report, p: &Params, m: &Measured, foreig
             json!({ "small": prog_ns[si], "large": prog_ns[li] }),
         );
     }
+    let (ti, ri) = (
+        index(scenarios, SENTINEL, Some(3)),
+        index(scenarios, GUARDED[4], Some(0)),
+    );
+    report.line(
+        format!("{SENTINEL}: small"),
+        format!("{:.0} ns", prog_ns[ti].median),
+        format!(
+            "{:.2}× a refusal by bpf_set_retval ({:.0} ns): the socket lookup",
+            prog_ns[ti].median / prog_ns[ri].median,
+            prog_ns[ri].median
+        ),
+        "",
+        None,
+    );
+    report.record("program_ns.refused_through_the_sentinel", prog_ns[ti]);
     let fi = index(scenarios, FLOOR, Some(2));
     report.line(
         FLOOR,
@@ -379,7 +427,7 @@ pub(super) fn program_rows(report: &mut Report, p: &Params, m: &Measured, foreig
 }
 
 /// The scenario with `label` under `guard` (None: no guard, Some(0) small, Some(1) large,
-/// Some(2) the floor program).
+/// Some(2) the floor program, Some(3) the small configuration through the sentinel).
 pub(super) fn index(scenarios: &[Scenario], label: &str, guard: Option<usize>) -> usize {
     scenarios
         .iter()

@@ -40,6 +40,8 @@ const RESERVED: u16 = 62500;
 const LEASED: u16 = 62501;
 const REFUSED: u16 = 62502;
 const SMALL_RANGE: &str = "62500-62509";
+/// The sentinel port of the guard that refuses through it (phase 3's sentinel row).
+const SENTINEL_PORT: u16 = 62510;
 /// The large configuration's 10,000 leases.
 const LEASES_FIRST: u16 = 40000;
 const LEASES: u32 = 10_000;
@@ -159,6 +161,9 @@ struct Cgroups {
     daemons: Cg,
     small: Layout,
     large: Layout,
+    /// The small configuration, refusing through the sentinel port (forced where the kernel
+    /// has bpf_set_retval).
+    sentinel: Layout,
     /// The large configuration's other 999 allowed cgroups.
     many: Vec<Cg>,
     alloc_lessee: Cg,
@@ -173,6 +178,7 @@ impl Cgroups {
         let daemons = tree.mkdir("daemons")?;
         let small = Layout::new(tree, tmp, "small")?;
         let large = Layout::new(tree, tmp, "large")?;
+        let sentinel = Layout::new(tree, tmp, "sentinel")?;
         eprintln!("bench: creating {} allowed cgroups", ALLOWED_CGROUPS - 1);
         let many: Vec<Cg> = (0..ALLOWED_CGROUPS - 1)
             .map(|i| tree.mkdir(&format!("large/a{i:04}")))
@@ -183,6 +189,12 @@ impl Cgroups {
             small.header() + &reserve(SMALL_RANGE, &[&small.allow.rel]),
         )?;
         scale::write_large_config(&large, &many)?;
+        fs::write(
+            &sentinel.config,
+            sentinel.header()
+                + &format!("sentinel_port = {SENTINEL_PORT}\n")
+                + &reserve(SMALL_RANGE, &[&sentinel.allow.rel]),
+        )?;
         let alloc = tree.mkdir("alloc")?;
         let alloc_lessee = tree.mkdir("alloc/lessee")?;
         tree.mkdir("alloc/spawn")?;
@@ -196,6 +208,7 @@ impl Cgroups {
             ),
         )?;
         Ok(Cgroups {
+            sentinel,
             free,
             free2,
             floor,
