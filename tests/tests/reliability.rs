@@ -182,7 +182,7 @@ fn spawn_churn_leaves_no_lease_cgroup_pin_or_fd_behind_and_daemon_memory_flat() 
     let pins = || std::fs::read_dir(pin.path()).unwrap().count();
     let (rss0, fds0, pins0) = (rss(d.pid()), fds(d.pid()), pins());
     let t = Instant::now();
-    let (mut rss_mid, mut fds_mid) = (0, 0);
+    let (mut rss_mid, mut fds_mid, mut rss_half) = (0, 0, 0);
     for i in 0..cycles {
         let out = Command::new(bin())
             .args(["--pin-dir", pin.as_str(), "spawn", "--", "/bin/true"])
@@ -196,6 +196,9 @@ fn spawn_churn_leaves_no_lease_cgroup_pin_or_fd_behind_and_daemon_memory_flat() 
         if i == cycles / 10 {
             rss_mid = rss(d.pid());
             fds_mid = fds(d.pid());
+        }
+        if i == cycles * 11 / 20 {
+            rss_half = rss(d.pid());
         }
     }
     let elapsed = t.elapsed();
@@ -219,7 +222,7 @@ fn spawn_churn_leaves_no_lease_cgroup_pin_or_fd_behind_and_daemon_memory_flat() 
     );
     let (rss1, fds1, pins1) = (rss(d.pid()), fds(d.pid()), pins());
     eprintln!(
-        "[measure] churn: {cycles} spawn/exit cycles in {:.1} s ({:.2} ms each); daemon RSS {rss0} kB at start, {rss_mid} kB after 10%, {rss1} kB after all; fds {fds0} -> {fds_mid} -> {fds1}; pins {pins0} -> {pins1}",
+        "[measure] churn: {cycles} spawn/exit cycles in {:.1} s ({:.2} ms each); daemon RSS {rss0} kB at start, {rss_mid} kB after 10%, {rss_half} kB after 55%, {rss1} kB after all; fds {fds0} -> {fds_mid} -> {fds1}; pins {pins0} -> {pins1}",
         elapsed.as_secs_f64(),
         elapsed.as_secs_f64() * 1000.0 / cycles as f64
     );
@@ -230,10 +233,17 @@ fn spawn_churn_leaves_no_lease_cgroup_pin_or_fd_behind_and_daemon_memory_flat() 
         "daemon fds leaked: {fds0} at start, {fds_mid} after 10%, {fds1} after all"
     );
     assert_eq!(pins1, pins0, "pins left behind");
-    // Flat: growth after the first 10% of cycles stays under 1 MiB (allocator noise).
+    // Flat after the first 10% of cycles. A leak grows with the cycles, so in both halves of
+    // the rest; an allocator's one-time step (seen once in a while in the VMs: +1,040 kB, in one
+    // half only) does not. Either half over 256 kB and the other too is a leak, and so is more
+    // than 2 MiB in all.
+    let (g1, g2) = (
+        rss_half.saturating_sub(rss_mid.max(rss0)),
+        rss1.saturating_sub(rss_half),
+    );
     assert!(
-        rss1 <= rss_mid.max(rss0) + 1024,
-        "daemon memory grew: {rss0} -> {rss_mid} -> {rss1} kB"
+        !(g1 > 256 && g2 > 256) && g1 + g2 <= 2048,
+        "daemon memory grew: {rss0} -> {rss_mid} -> {rss_half} -> {rss1} kB"
     );
 }
 

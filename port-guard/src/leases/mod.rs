@@ -205,7 +205,10 @@ impl LeaseTable {
     pub fn all(&self) -> Result<BTreeMap<u16, Lease>, LeaseError> {
         use aya::maps::IterableMap as _;
         let fd = self.map.map().fd().as_fd();
-        let entries = sys::read_all::<u32, Lease>(fd, 4096).map_err(|io_error| {
+        // 2,048 a call: the value buffer (80 KiB) stays below glibc's 128 KiB mmap threshold, so
+        // the reaper's reads (one per lease change) reuse heap memory instead of mapping and
+        // unmapping, and moving the threshold, every time.
+        let entries = sys::read_all::<u32, Lease>(fd, 2048).map_err(|io_error| {
             map_err(MapError::SyscallError(aya::sys::SyscallError {
                 call: "bpf_map_lookup_batch",
                 io_error,
