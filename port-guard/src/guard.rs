@@ -263,72 +263,51 @@ impl Guard {
         // complete or leaves nothing attached. Loading (the verifier) is the slow part. The
         // post_bind programs go first: from the instant a new bind program may rewrite a refusal
         // to the sentinel port, the rewritten bind must be unable to succeed there.
+        // The same steps for both program types (aya gives them no common trait).
+        macro_rules! load_attach {
+            ($ty:ty, $name:expr) => {{
+                let name = $name;
+                let prog_err = |what| {
+                    move |e| GuardError::Program {
+                        what,
+                        program: name,
+                        source: Box::new(e),
+                    }
+                };
+                let prog: &mut $ty = g
+                    .ebpf
+                    .program_mut(name)
+                    .ok_or(ProgramError::InvalidName {
+                        name: name.to_owned(),
+                    })
+                    .map_err(prog_err("find"))?
+                    .try_into()
+                    .map_err(prog_err("find"))?;
+                prog.load().map_err(prog_err("load"))?;
+                let id = prog
+                    // bpf_link_create takes no flags for cgroups (kernel/bpf/cgroup.c,
+                    // cgroup_bpf_link_attach): a cgroup link always joins the multi-program
+                    // list.
+                    .attach(&cgroup, CgroupAttachMode::Single)
+                    .map_err(prog_err("attach"))?;
+                let link: FdLink = prog
+                    .take_link(id)
+                    .map_err(prog_err("attach"))?
+                    .try_into()
+                    .map_err(|e| GuardError::Link {
+                        what: "take",
+                        program: name,
+                        source: Box::new(e),
+                    })?;
+                link
+            }};
+        }
         let mut links = Vec::new();
         for (name, link_name) in POST_LINKS.iter().copied().filter(|_| sentinel) {
-            let prog_err = |what| {
-                move |e| GuardError::Program {
-                    what,
-                    program: name,
-                    source: Box::new(e),
-                }
-            };
-            let prog: &mut CgroupSock = g
-                .ebpf
-                .program_mut(name)
-                .ok_or(ProgramError::InvalidName {
-                    name: name.to_owned(),
-                })
-                .map_err(prog_err("find"))?
-                .try_into()
-                .map_err(prog_err("find"))?;
-            prog.load().map_err(prog_err("load"))?;
-            let id = prog
-                .attach(&cgroup, CgroupAttachMode::Single)
-                .map_err(prog_err("attach"))?;
-            let link: FdLink = prog
-                .take_link(id)
-                .map_err(prog_err("attach"))?
-                .try_into()
-                .map_err(|e| GuardError::Link {
-                    what: "take",
-                    program: name,
-                    source: Box::new(e),
-                })?;
-            links.push((name, link_name, link));
+            links.push((name, link_name, load_attach!(CgroupSock, name)));
         }
         for (name, link_name) in LINKS {
-            let prog_err = |what| {
-                move |e| GuardError::Program {
-                    what,
-                    program: name,
-                    source: Box::new(e),
-                }
-            };
-            let prog: &mut CgroupSockAddr = g
-                .ebpf
-                .program_mut(name)
-                .ok_or(ProgramError::InvalidName {
-                    name: name.to_owned(),
-                })
-                .map_err(prog_err("find"))?
-                .try_into()
-                .map_err(prog_err("find"))?;
-            prog.load().map_err(prog_err("load"))?;
-            let id = prog
-                // bpf_link_create takes no flags for cgroups (kernel/bpf/cgroup.c,
-                // cgroup_bpf_link_attach): a cgroup link always joins the multi-program list.
-                .attach(&cgroup, CgroupAttachMode::Single)
-                .map_err(prog_err("attach"))?;
-            let link: FdLink = prog
-                .take_link(id)
-                .map_err(prog_err("attach"))?
-                .try_into()
-                .map_err(|e| GuardError::Link {
-                    what: "take",
-                    program: name,
-                    source: Box::new(e),
-                })?;
-            links.push((name, link_name, link));
+            links.push((name, link_name, load_attach!(CgroupSockAddr, name)));
         }
         // Then pin both, back to back: the only window in which a crash leaves one hook pinned
         // without the other is between these two syscalls; `PinDir::recover` completes it at the

@@ -7,7 +7,7 @@ use crate::{
     cgroup::{self, Cgroup2, CgroupNames, CgroupPath},
     commands::spawn::{enter, spawn_parent},
     error::UsageError,
-    leases::{now_boot_secs, Ended, Holder, LeaseError},
+    leases::{now_boot_secs, Ended, Holder},
     maps::Maps,
     netns::ProbeIn,
     pin::PinDir,
@@ -30,10 +30,15 @@ impl Terms {
             Holder::plain(cgroup_id, level)
         };
         Holder {
-            expires: self.ttl_secs.map_or(0, |t| now_boot_secs() + t),
+            expires: self.expires(),
             cpu_usec: cpu_usec.unwrap_or(u64::MAX),
             ..base
         }
+    }
+
+    /// When a lease made now runs out (CLOCK_BOOTTIME seconds), 0: no TTL.
+    fn expires(self) -> u64 {
+        self.ttl_secs.map_or(0, |t| now_boot_secs() + t)
     }
 }
 
@@ -125,7 +130,7 @@ pub fn renew(
     let cg = Cgroup2::find()?;
     let target_id = cg.id(&target)?;
     let mut maps = Maps::open(pin)?;
-    let expires = terms.holder(target_id, target.level(), None).expires;
+    let expires = terms.expires();
     let ports: Vec<u16> = match port {
         Some(p) => vec![p],
         None => maps
@@ -139,22 +144,10 @@ pub fn renew(
     if ports.is_empty() {
         bail!("cgroup {target} holds no lease to renew");
     }
+    let mut names = CgroupNames::new(&cg);
     for p in &ports {
-        match maps.leases_mut().renew(*p, target_id, expires) {
-            Ok(_) => {}
-            Err(LeaseError::NotTheirs { port, holder, .. }) => {
-                let holder = holder
-                    .strip_prefix("cgroup id ")
-                    .and_then(|id| id.parse().ok())
-                    .map_or(holder, |id| CgroupNames::new(&cg).name(id));
-                bail!(LeaseError::NotTheirs {
-                    port,
-                    holder,
-                    cgroup: target.to_string(),
-                });
-            }
-            Err(e) => return Err(e.into()),
-        }
+        maps.leases_mut()
+            .renew(*p, target_id, expires, |id| names.name(id))?;
     }
     info!(
         "renewed {} lease(s) of {target} for {} s: {ports:?}",

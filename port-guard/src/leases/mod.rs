@@ -258,8 +258,14 @@ impl LeaseTable {
 
     /// Gives an existing lease to another holder in one map update: the port is never unleased.
     pub fn hand_over(&mut self, port: u16, holder: Holder) -> Result<(), LeaseError> {
+        self.replace(port, holder.lease())
+    }
+
+    /// Overwrites `port`'s existing lease in one map update (BPF_EXIST: never creates one), and
+    /// tells the reaper.
+    fn replace(&mut self, port: u16, lease: Lease) -> Result<(), LeaseError> {
         self.map
-            .insert(u32::from(port), holder.lease(), BPF_EXIST)
+            .insert(u32::from(port), lease, BPF_EXIST)
             .map_err(|e| {
                 if is_errno(&e, libc::ENOENT) {
                     LeaseError::NotLeased(port)
@@ -289,29 +295,27 @@ impl LeaseTable {
     }
 
     /// Sets the expiry of `port`'s lease, which must be `cgroup_id`'s (`expires`: CLOCK_BOOTTIME
-    /// seconds, 0: none), in one map update that keeps the rest of it.
-    pub fn renew(&mut self, port: u16, cgroup_id: u64, expires: u64) -> Result<Lease, LeaseError> {
+    /// seconds, 0: none), in one map update that keeps the rest of it. `name` names cgroups by
+    /// id for the error.
+    pub fn renew(
+        &mut self,
+        port: u16,
+        cgroup_id: u64,
+        expires: u64,
+        mut name: impl FnMut(u64) -> String,
+    ) -> Result<Lease, LeaseError> {
         let Some(mut lease) = self.get(port)? else {
             return Err(LeaseError::NotLeased(port));
         };
         if lease.cgroup_id != cgroup_id {
             return Err(LeaseError::NotTheirs {
                 port,
-                holder: format!("cgroup id {}", lease.cgroup_id),
-                cgroup: format!("cgroup id {cgroup_id}"),
+                holder: name(lease.cgroup_id),
+                cgroup: name(cgroup_id),
             });
         }
         lease.expires = expires;
-        self.map
-            .insert(u32::from(port), lease, BPF_EXIST)
-            .map_err(|e| {
-                if is_errno(&e, libc::ENOENT) {
-                    LeaseError::NotLeased(port)
-                } else {
-                    map_err(e)
-                }
-            })?;
-        self.bitmap.bump();
+        self.replace(port, lease)?;
         Ok(lease)
     }
 
