@@ -35,7 +35,7 @@ pub use cgroup::{
 };
 
 mod pin;
-pub use pin::{state_file, PinDir, TempDir};
+pub use pin::{remove_state_files, state_file, PinDir, TempDir};
 
 mod cmd;
 pub use cmd::{bin, run, run_cmd, run_cmd_timeout, status_json, status_json_code, wait_attached};

@@ -70,19 +70,7 @@ impl PinDir {
         }
         // The daemon's record of itself stays after unload (it describes the last daemon);
         // remove the state of this pin dir and of the pin dirs below it (the bench nests them).
-        let own = state_file(&self.path, "");
-        let own = own.file_name().unwrap().to_string_lossy().into_owned();
-        let below = own.trim_end_matches('.').to_owned() + "_";
-        for e in fs::read_dir("/run/port-guard")
-            .into_iter()
-            .flatten()
-            .flatten()
-        {
-            let name = e.file_name().to_string_lossy().into_owned();
-            if name.starts_with(&own) || name.starts_with(&below) {
-                let _ = fs::remove_file(e.path());
-            }
-        }
+        remove_state_files(&self.path);
         if self.path.exists() {
             // Pins are files (unlink) and maybe sub dirs; bpffs allows both.
             if let Err(e) = fs::remove_dir_all(&self.path) {
@@ -106,6 +94,23 @@ pub fn state_file(pin: &Path, what: &str) -> PathBuf {
         })
         .collect();
     Path::new("/run/port-guard").join(format!("{name}.{what}"))
+}
+
+/// Removes the agent's state files of pin dir `pin` and of every pin dir below it.
+pub fn remove_state_files(pin: &Path) {
+    let own = state_file(pin, "");
+    let own = own.file_name().unwrap().to_string_lossy().into_owned();
+    let below = own.trim_end_matches('.').to_owned() + "_";
+    for e in fs::read_dir("/run/port-guard")
+        .into_iter()
+        .flatten()
+        .flatten()
+    {
+        let name = e.file_name().to_string_lossy().into_owned();
+        if name.starts_with(&own) || name.starts_with(&below) {
+            let _ = fs::remove_file(e.path());
+        }
+    }
 }
 
 impl AsRef<Path> for PinDir {

@@ -89,22 +89,7 @@ impl Drop for TestBpffs {
         unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) };
         let _ = fs::remove_dir(&self.dir);
         // The records daemons kept about pin dirs below it.
-        let prefix = state_file(&self.dir, "")
-            .file_name()
-            .unwrap()
-            .to_string_lossy()
-            .trim_end_matches('.')
-            .to_owned()
-            + "_";
-        for e in fs::read_dir("/run/port-guard")
-            .into_iter()
-            .flatten()
-            .flatten()
-        {
-            if e.file_name().to_string_lossy().starts_with(&prefix) {
-                let _ = fs::remove_file(e.path());
-            }
-        }
+        remove_state_files(&self.dir);
     }
 }
 
