@@ -207,6 +207,41 @@ fn every_bind_trick_gets_eaddrinuse_through_the_sentinel_and_nothing_else_binds_
 }
 
 #[test]
+fn nobody_cannot_pass_for_the_sentinel() {
+    let e = Env::new("sent-mark", "64180-64185", 64196);
+    let _d = e.start();
+    // `pg-attack [--uid U] mark-bind ADDR PORT MARK` from the refused cgroup, in the netns.
+    let try_as = |uid: Option<&str>, port: u16| -> Value {
+        let mut c = Command::new(env!("CARGO_BIN_EXE_pg-attack"));
+        if let Some(u) = uid {
+            c.args(["--uid", u]);
+        }
+        c.args([
+            "mark-bind",
+            "0.0.0.0",
+            &port.to_string(),
+            &integration_tests::common::SENTINEL_MARK.to_string(),
+        ]);
+        e.ns.enter(&mut c, Some(&e.outsider));
+        let out = c.output().unwrap();
+        serde_json::from_slice(&out.stdout)
+            .unwrap_or_else(|x| panic!("{x}: {}", String::from_utf8_lossy(&out.stderr)))
+    };
+    // nobody cannot set the mark (SO_MARK needs CAP_NET_ADMIN), so neither the sentinel port
+    // nor a reserved port opens for it.
+    for port in [64196, 64180] {
+        let v = try_as(Some("65534"), port);
+        assert_eq!(v["mark"], libc::EPERM, "{v}");
+        assert_eq!(v["bind"], libc::EADDRINUSE, "port {port}: {v}");
+    }
+    // Even root with the mark, in the refused cgroup, does not get the sentinel port: the
+    // sentinel holds it, and post_bind refuses any socket that is not a registered sentinel.
+    let v = try_as(None, 64196);
+    assert_eq!(v["mark"], 0, "{v}");
+    assert_ne!(v["bind"], 0, "{v}");
+}
+
+#[test]
 fn a_libvirt_style_allocator_skips_refused_ports_and_takes_the_first_allowed_one() {
     let e = Env::new("sent-alloc", "64110-64119", 64191);
     let _d = e.start();

@@ -161,6 +161,18 @@ fn hop_flood(dir: &str, n: usize, addr: SocketAddr) -> String {
 }
 
 /// `{"binds", "ok", "errnos": {errno: count}}`.
+/// Tries to pass for the daemon's sentinel: SO_MARK `mark` on a TCP socket, then bind it to
+/// `addr`. `{"mark":0|errno,"bind":0|errno}`.
+fn mark_bind(addr: SocketAddr, mark: u32) -> String {
+    let s = Socket::new(Domain::for_address(addr), Type::STREAM, None)
+        .unwrap_or_else(|_| fail("socket"));
+    let marked = s.set_mark(mark).map_or_else(|e| errno_of(&e), |()| 0);
+    let bound = s
+        .bind(&SockAddr::from(addr))
+        .map_or_else(|e| errno_of(&e), |()| 0);
+    format!(r#"{{"mark":{marked},"bind":{bound}}}"#)
+}
+
 fn tally(binds: u64, ok: u64, errnos: &BTreeMap<i32, u64>) -> String {
     let errnos: Vec<String> = errnos
         .iter()
@@ -291,6 +303,10 @@ fn main() {
             SocketAddr::new(addr.parse().expect("ADDR"), port.parse().expect("PORT")),
             secs.parse().expect("SECONDS"),
         ),
+        ["mark-bind", addr, port, mark] => mark_bind(
+            SocketAddr::new(addr.parse().expect("ADDR"), port.parse().expect("PORT")),
+            mark.parse().expect("MARK"),
+        ),
         ["hop-flood", dir, n, addr, port] => hop_flood(
             dir,
             n.parse().expect("N"),
@@ -298,7 +314,7 @@ fn main() {
         ),
         ["autopick", trick, port] => autopick(trick, port.parse().expect("LISTEN_PORT")),
         _ => {
-            eprintln!("usage: pg-attack [--cgroup DIR] [--uid UID] [--comm NAME] hold-connections ADDR N SECONDS | bind-flood ADDR PORT SECONDS | bind-flood-fresh ADDR PORT SECONDS | hop-flood DIR N ADDR PORT | autopick TRICK LISTEN_PORT");
+            eprintln!("usage: pg-attack [--cgroup DIR] [--uid UID] [--comm NAME] hold-connections ADDR N SECONDS | bind-flood ADDR PORT SECONDS | bind-flood-fresh ADDR PORT SECONDS | mark-bind ADDR PORT MARK | hop-flood DIR N ADDR PORT | autopick TRICK LISTEN_PORT");
             std::process::exit(2)
         }
     };
