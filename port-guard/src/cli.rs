@@ -12,10 +12,10 @@ use crate::pin::DEFAULT_PIN_DIR;
 #[command(name = "port-guard", version)]
 pub struct Cli {
     /// Where the guard's maps and links are pinned (on bpffs).
-    #[arg(long, global = true, default_value = DEFAULT_PIN_DIR, value_name = "DIR")]
+    #[arg(long, global = true, env = "PORT_GUARD_PIN_DIR", default_value = DEFAULT_PIN_DIR, value_name = "DIR")]
     pub pin_dir: PathBuf,
     /// Config file (TOML). The default path may be absent (defaults apply); a named one must exist.
-    #[arg(long, global = true, value_name = "FILE")]
+    #[arg(long, global = true, env = "PORT_GUARD_CONFIG", value_name = "FILE")]
     pub config: Option<PathBuf>,
     /// More log output: -v for debug, -vv for trace (and the eBPF loader's own).
     #[arg(short, long, global = true, action = clap::ArgAction::Count)]
@@ -120,7 +120,7 @@ pub enum Command {
         #[arg(long)]
         forget_unreachable: bool,
     },
-    /// Print the man page (roff) on stdout: `port-guard man > port-guard.1`.
+    /// Print the man page (roff) on stdout: `port-guard man > port-guard.8`.
     Man,
     /// Print a shell completion script: `port-guard completions bash > /etc/bash_completion.d/port-guard`.
     Completions {

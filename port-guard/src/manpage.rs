@@ -11,7 +11,8 @@ use crate::cli::Cli;
 /// The page, in roff.
 pub fn render() -> std::io::Result<Vec<u8>> {
     let cmd = Cli::command();
-    let man = clap_mangen::Man::new(cmd.clone());
+    // Section 8: a system administration command (it lives in /usr/sbin).
+    let man = clap_mangen::Man::new(cmd.clone()).section("8");
     let mut out = Vec::new();
     man.render_title(&mut out)?;
     man.render_name_section(&mut out)?;
