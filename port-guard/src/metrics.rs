@@ -37,6 +37,10 @@ pub struct DaemonStats {
     pub denial_lines_summarised: u64,
     /// Times the sysctl lost reserved ports and the daemon put them back.
     pub ephemeral_repairs: u64,
+    /// The last look at the sysctl found an error (it could not be read or put back).
+    pub ephemeral_check_failed: bool,
+    /// `protect_ephemeral` is on.
+    pub ephemeral_on: bool,
     /// Pins put back after they vanished.
     pub pins_restored: u64,
     /// The daemon's links are attached.
@@ -195,6 +199,13 @@ pub fn render(maps: &Maps, stats: &DaemonStats) -> Result<String, MapsError> {
         "ephemeral_repairs",
         "Times net.ipv4.ip_local_reserved_ports lost reserved ports (rewritten by something else) and the daemon put them back",
         counter(stats.ephemeral_repairs),
+    );
+    let protected = Gauge::<i64>::default();
+    protected.set((stats.ephemeral_on && !stats.ephemeral_check_failed).into());
+    reg.register(
+        "ephemeral_protected",
+        "1 while protect_ephemeral is on and net.ipv4.ip_local_reserved_ports holds the reserved ports (as of the last look, every 3 s); 0 when it is off or the sysctl could not be read or put back",
+        protected,
     );
     reg.register(
         "pins_restored",

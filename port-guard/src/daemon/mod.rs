@@ -214,12 +214,16 @@ impl Daemon<'_> {
     fn repair_ephemeral(&mut self) {
         let ranges = policy::protected_ranges(&self.resolved.policy, self.features);
         match crate::ephemeral::repair(&ranges) {
-            Ok(None) => {}
+            Ok(None) => self.stats.ephemeral_check_failed = false,
             Ok(Some(lost)) => {
+                self.stats.ephemeral_check_failed = false;
                 self.stats.ephemeral_repairs += 1;
                 warn!("net.ipv4.ip_local_reserved_ports lost {lost} (something rewrote it, e.g. `sysctl --system`); put back: the kernel again keeps auto-picked ports out of the reserved ranges");
             }
-            Err(e) => warn!("checking net.ipv4.ip_local_reserved_ports: {e}"),
+            Err(e) => {
+                self.stats.ephemeral_check_failed = true;
+                warn!("checking net.ipv4.ip_local_reserved_ports: {e}");
+            }
         }
     }
 
@@ -240,6 +244,7 @@ impl Daemon<'_> {
         self.stats.leases_reaped = self.reaper.reaped;
         self.stats.denial_lines_summarised = self.denials.lines_summarised;
         self.stats.sentinel = self.sentinels.as_ref().map(sentinel::Sentinels::counts);
+        self.stats.ephemeral_on = self.resolved.policy.protect_ephemeral;
         match metrics::render(&self.guard.maps, &self.stats) {
             Ok(text) => Some(text),
             Err(e) => {
