@@ -187,6 +187,24 @@ pub fn wait_attached(pin_dir: impl AsRef<Path>, timeout: Duration) -> serde_json
     })
 }
 
+/// A file of the repository, by its path from the workspace root.
+pub fn workspace_file(rel: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("..").join(rel)
+}
+
+/// GET /metrics from a daemon's `--metrics-listen` address: the whole response, which must be
+/// a 200.
+pub fn scrape_metrics(addr: &str) -> String {
+    use std::io::{Read as _, Write as _};
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    write!(s, "GET /metrics HTTP/1.1\r\nHost: {addr}\r\n\r\n").unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    assert!(out.starts_with("HTTP/1.1 200"), "{out}");
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -38,7 +38,10 @@ mod pin;
 pub use pin::{remove_state_files, state_file, PinDir, TempDir};
 
 mod cmd;
-pub use cmd::{bin, run, run_cmd, run_cmd_timeout, status_json, status_json_code, wait_attached};
+pub use cmd::{
+    bin, run, run_cmd, run_cmd_timeout, scrape_metrics, status_json, status_json_code,
+    wait_attached, workspace_file,
+};
 
 mod daemon;
 pub use daemon::Daemon;

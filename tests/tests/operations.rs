@@ -3,19 +3,9 @@
 //!
 //! Ports: 62400-62499.
 
-use std::{
-    io::{Read, Write},
-    net::TcpStream,
-    path::Path,
-    process::Command,
-    time::Duration,
-};
+use std::{process::Command, time::Duration};
 
 use integration_tests::*;
-
-fn workspace_file(rel: &str) -> std::path::PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("..").join(rel)
-}
 
 #[test]
 fn the_systemd_unit_passes_systemd_analyze_verify() {
@@ -25,11 +15,11 @@ fn the_systemd_unit_passes_systemd_analyze_verify() {
     }
     // verify checks that ExecStart exists: point it at the binary under test.
     let unit = std::fs::read_to_string(workspace_file("contrib/port-guard.service")).unwrap();
-    assert!(unit.contains("ExecStart=/usr/local/sbin/port-guard daemon"));
+    assert!(unit.contains("ExecStart=/usr/sbin/port-guard daemon"));
     let tmp = TempDir::new("unit");
     let path = tmp.write(
         "port-guard.service",
-        &unit.replace("/usr/local/sbin/port-guard", &bin().display().to_string()),
+        &unit.replace("/usr/sbin/port-guard", &bin().display().to_string()),
     );
     let out = Command::new("systemd-analyze")
         .arg("verify")
@@ -191,16 +181,6 @@ fn an_allowed_cgroup_created_after_start_is_allowed_at_once_and_followed_when_re
     );
 }
 
-fn scrape(addr: &str) -> String {
-    let mut s = TcpStream::connect(addr).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    write!(s, "GET /metrics HTTP/1.1\r\nHost: {addr}\r\n\r\n").unwrap();
-    let mut out = String::new();
-    s.read_to_string(&mut out).unwrap();
-    assert!(out.starts_with("HTTP/1.1 200"), "{out}");
-    out
-}
-
 fn metric(text: &str, name_and_labels: &str) -> f64 {
     text.lines()
         .find_map(|l| {
@@ -228,7 +208,7 @@ fn metrics_count_what_a_scripted_set_of_binds_and_leases_produces() {
         assert_eq!(bind_in(&a, &BindSpec::tcp(ANY6, p)), Ok(()));
     }
     let labels = "{range=\"62460-62463\",protocol=\"tcp\"}";
-    let text = scrape(&addr);
+    let text = scrape_metrics(&addr);
     assert_eq!(
         metric(&text, &format!("port_guard_denied_binds_total{labels}")),
         3.0,
@@ -252,7 +232,7 @@ fn metrics_count_what_a_scripted_set_of_binds_and_leases_produces() {
         assert_eq!(code, if i < 4 { 0 } else { 1 }, "{err}");
     }
     let text = wait_until(Duration::from_secs(10), || {
-        let t = scrape(&addr);
+        let t = scrape_metrics(&addr);
         (metric(&t, "port_guard_lease_exhaustions_total") >= 1.0).then_some(t)
     })
     .expect("exhaustion counted");
@@ -282,7 +262,7 @@ fn metrics_count_what_a_scripted_set_of_binds_and_leases_produces() {
     drop(vm);
     std::fs::remove_dir(r.cg.abs().join("vm")).unwrap();
     let text = wait_until(Duration::from_secs(10), || {
-        let t = scrape(&addr);
+        let t = scrape_metrics(&addr);
         (metric(&t, "port_guard_leases") == 0.0).then_some(t)
     })
     .expect("leases reaped");
@@ -323,7 +303,7 @@ fn denial_events_the_ring_buffer_had_no_room_for_are_counted_and_reported() {
     for i in 0..OFFENDERS {
         out.child(&i.to_string());
     }
-    let text = scrape(&addr);
+    let text = scrape_metrics(&addr);
     assert_eq!(
         metric(&text, "port_guard_denial_events_lost_total"),
         0.0,
@@ -349,7 +329,7 @@ fn denial_events_the_ring_buffer_had_no_room_for_are_counted_and_reported() {
     let line = r
         .daemon
         .wait_for("denial events were lost", Duration::from_secs(10));
-    let text = scrape(&addr);
+    let text = scrape_metrics(&addr);
     let lost = metric(&text, "port_guard_denial_events_lost_total");
     let labels = "{range=\"62470-62479\",protocol=\"tcp\"}";
     let denied = metric(&text, &format!("port_guard_denied_binds_total{labels}"));
