@@ -6,7 +6,8 @@
 //! install what is missing ([`setup`]).
 //!
 //! This file only parses the command line and dispatches: each verb lives in its own module
-//! ([`run`], [`mod@test`], [`vm`], [`mod@bench`], [`setup`]; [`fuzz`] is part of `test`), and
+//! ([`run`], [`mod@test`], [`vm`], [`mod@bench`], [`package`], [`setup`]; [`fuzz`] is part of
+//! `test`), and
 //! what they share (running commands and cargo, the root check) is in the library, `lib.rs`.
 
 use std::time::Duration;
@@ -16,6 +17,7 @@ use clap::{Parser, Subcommand};
 
 mod bench;
 mod fuzz;
+mod package;
 mod run;
 mod setup;
 mod test;
@@ -83,6 +85,10 @@ enum Cmd {
         #[arg(last = true)]
         args: Vec<String>,
     },
+    /// Build the .deb and the .rpm (release binary, systemd unit, config in audit mode, man page,
+    /// completions, docs) into target/package, installing cargo-deb and cargo-generate-rpm (pinned
+    /// versions) when missing.
+    Package,
     /// Only install the prerequisites.
     Setup,
 }
@@ -93,6 +99,7 @@ fn main() -> Result<()> {
     setup::setup()?;
     match cli.cmd {
         Cmd::Setup => Ok(()),
+        Cmd::Package => package::package(&root).map(|_| ()),
         Cmd::Bench { quick, args } => bench::bench(&root, quick, &args),
         Cmd::Run { args } => run::run(&root, &args),
         Cmd::Test { filter } => test::test(&root, filter.as_deref()),
