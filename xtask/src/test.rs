@@ -9,7 +9,7 @@ use std::{
 use anyhow::{Context as _, Result};
 use xtask::{cargo, output, require_root, run};
 
-use crate::fuzz;
+use crate::{fuzz, package};
 
 pub fn test(root: &Path, filter: Option<&str>) -> Result<()> {
     // Unit tests: no root needed.
@@ -47,6 +47,14 @@ pub fn test(root: &Path, filter: Option<&str>) -> Result<()> {
             }
             None => eprintln!("xtask: WARNING: commit {ABI2_COMMIT} (map layout 2) is not in this clone's history: the upgrade test across layouts is skipped"),
         }
+    }
+    if filter.is_none_or(|f| f.contains("package")) {
+        // The packages' tests install the .deb on this machine and read both packages.
+        let built = package::package(root)?;
+        cmd.env(
+            "PG_PACKAGE_DIR",
+            built.deb.parent().context("the .deb is in a directory")?,
+        );
     }
     run(&mut cmd)?;
     if filter.is_none() {

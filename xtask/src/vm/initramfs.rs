@@ -30,9 +30,36 @@ const NOT_IN_VM: &[(&str, &str)] = &[
         "not run in VMs: it needs the map-layout-2 binary, which `cargo xtask test` builds from git on the host (kernel-independent: the migration is map copies and link replacement)",
     ),
     (
-    "operations::the_systemd_unit_passes_systemd_analyze_verify",
-    "not run in VMs: it checks contrib/port-guard.service with systemd-analyze, which the guest does not have (kernel-independent; the host suite runs it)",
-)];
+        "operations::the_systemd_unit_passes_systemd_analyze_verify",
+        "not run in VMs: it checks contrib/port-guard.service with systemd-analyze, which the guest does not have (kernel-independent; the host suite runs it)",
+    ),
+    (
+        "package::the_deb_holds_what_the_docs_say_and_lintian_reports_no_error",
+        PACKAGES_ON_THE_HOST,
+    ),
+    (
+        "package::the_rpm_holds_the_same_files_with_the_config_noreplace",
+        PACKAGES_ON_THE_HOST,
+    ),
+    (
+        "package::the_deb_installs_upgrades_with_no_unguarded_instant_and_purge_leaves_nothing",
+        PACKAGES_ON_THE_HOST,
+    ),
+    (
+        "package::promtool_checks_the_rules_and_their_unit_tests_pass",
+        PACKAGES_ON_THE_HOST,
+    ),
+    (
+        "package::the_ansible_playbook_passes_its_syntax_check",
+        PACKAGES_ON_THE_HOST,
+    ),
+    (
+        "package::the_alerts_and_the_dashboard_name_only_metrics_a_running_daemon_serves",
+        PACKAGES_ON_THE_HOST,
+    ),
+];
+
+const PACKAGES_ON_THE_HOST: &str = "not run in VMs: the guest has no dpkg, lintian, rpm, promtool or ansible, nor the repository's contrib files (the host suite runs it)";
 
 /// Settings of the suite for a slow machine, exported to every test in the guest. A
 /// `port-guard spawn` cycle takes about 140 ms under TCG: the churn test's 10,000 cycles would
