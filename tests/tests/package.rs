@@ -216,7 +216,7 @@ fn the_deb_holds_what_the_docs_say_and_lintian_reports_no_error() {
 }
 
 #[test]
-fn the_rpm_holds_the_same_files_with_the_config_noreplace() {
+fn the_rpm_holds_the_same_files_and_installs_and_erases_in_a_scratch_root() {
     let Some((_, rpm)) = packages() else { return };
     let q = |args: &[&str]| stdout_of(Command::new("rpm").arg("-qp").args(args).arg(&rpm));
     let files: BTreeSet<String> = q(&["--list"]).lines().map(str::to_owned).collect();
@@ -258,6 +258,51 @@ fn the_rpm_holds_the_same_files_with_the_config_noreplace() {
         let text = std::fs::read_to_string(&path).unwrap();
         assert!(scripts.contains(text.trim()), "{file} is not the {tag}");
         stdout_of(Command::new("sh").arg("-n").arg(&path));
+    }
+
+    // Installed into a scratch root (rpm --root: the scriptlets run chrooted there, with
+    // busybox's sh; no systemd, no pins): every file lands, the scriptlets say what they skipped,
+    // and erasing removes every file again.
+    let busybox = Path::new("/bin/busybox");
+    assert!(
+        busybox.exists(),
+        "/bin/busybox is missing: install busybox-static (.ci/run does)"
+    );
+    let tmp = TempDir::new("rpm-root");
+    let root = tmp.path().join("root");
+    std::fs::create_dir_all(root.join("bin")).unwrap();
+    std::fs::copy(busybox, root.join("bin/busybox")).unwrap();
+    std::os::unix::fs::symlink("busybox", root.join("bin/sh")).unwrap();
+    let rpm_in = |args: &[&str]| {
+        let out = Command::new("rpm")
+            .arg("--root")
+            .arg(&root)
+            .args(args)
+            .output()
+            .unwrap();
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        println!("rpm {args:?}:\n{text}");
+        assert!(out.status.success(), "rpm {args:?}: {text}");
+        text
+    };
+    rpm_in(&["--initdb"]);
+    let text = rpm_in(&["-i", "--nodeps", rpm.to_str().unwrap()]);
+    assert!(text.contains("systemd is not running"), "{text}");
+    for f in &files {
+        let p = root.join(f.trim_start_matches('/'));
+        assert!(p.is_file(), "{f} not installed by rpm -i");
+    }
+    let text = rpm_in(&["-e", "port-guard"]);
+    assert!(text.contains("systemd is not running"), "{text}");
+    for f in &files {
+        assert!(
+            !root.join(f.trim_start_matches('/')).exists(),
+            "{f} left after rpm -e"
+        );
     }
 }
 

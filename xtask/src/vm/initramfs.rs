@@ -38,7 +38,7 @@ const NOT_IN_VM: &[(&str, &str)] = &[
         PACKAGES_ON_THE_HOST,
     ),
     (
-        "package::the_rpm_holds_the_same_files_with_the_config_noreplace",
+        "package::the_rpm_holds_the_same_files_and_installs_and_erases_in_a_scratch_root",
         PACKAGES_ON_THE_HOST,
     ),
     (
