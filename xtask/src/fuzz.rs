@@ -4,7 +4,7 @@
 use std::{path::Path, process::Command};
 
 use anyhow::{bail, Context as _, Result};
-use xtask::{output, run};
+use xtask::cargo_install;
 
 use crate::setup::NIGHTLY;
 
@@ -13,14 +13,11 @@ pub const TARGETS: [&str; 4] = ["reserve_spec", "config_file", "cgroup_path", "l
 
 /// Installs cargo-fuzz when missing, then runs every target for `seconds`.
 pub fn fuzz(root: &Path, seconds: u64) -> Result<()> {
-    let have = output(Command::new(env!("CARGO")).args(["fuzz", "--version"])).unwrap_or_default();
-    if !have.contains(CARGO_FUZZ_VERSION) {
-        run(Command::new(env!("CARGO")).args([
-            "install",
-            &format!("cargo-fuzz@{CARGO_FUZZ_VERSION}"),
-            "--locked",
-        ]))?;
-    }
+    cargo_install(
+        "cargo-fuzz",
+        CARGO_FUZZ_VERSION,
+        Command::new(env!("CARGO")).args(["fuzz", "--version"]),
+    )?;
     let dir = root.join("fuzz");
     for target in TARGETS {
         let corpus = dir.join("corpus").join(target);

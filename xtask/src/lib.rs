@@ -47,3 +47,12 @@ pub fn output(cmd: &mut Command) -> Option<String> {
 pub fn cargo(root: &Path, args: &[&str]) -> Result<()> {
     run(Command::new(env!("CARGO")).current_dir(root).args(args))
 }
+
+/// `cargo install <krate>@<version> --locked` unless `probe` (the tool's own version command)
+/// already prints that version.
+pub fn cargo_install(krate: &str, version: &str, probe: &mut Command) -> Result<()> {
+    if output(probe).is_some_and(|v| v.contains(version)) {
+        return Ok(());
+    }
+    run(Command::new(env!("CARGO")).args(["install", &format!("{krate}@{version}"), "--locked"]))
+}

@@ -11,7 +11,7 @@ use std::{
 };
 
 use anyhow::{bail, ensure, Context as _, Result};
-use xtask::{cargo, output, run};
+use xtask::{cargo, cargo_install, output, run};
 
 const CARGO_DEB_VERSION: &str = "3.8.0";
 const CARGO_GENERATE_RPM_VERSION: &str = "0.21.1";
@@ -32,14 +32,11 @@ fn tools() -> Result<()> {
             CARGO_GENERATE_RPM_VERSION,
         ),
     ] {
-        let have = output(Command::new(env!("CARGO")).args([sub, "--version"])).unwrap_or_default();
-        if !have.contains(version) {
-            run(Command::new(env!("CARGO")).args([
-                "install",
-                &format!("{tool}@{version}"),
-                "--locked",
-            ]))?;
-        }
+        cargo_install(
+            tool,
+            version,
+            Command::new(env!("CARGO")).args([sub, "--version"]),
+        )?;
     }
     Ok(())
 }

@@ -5,7 +5,7 @@
 use std::process::Command;
 
 use anyhow::{Context as _, Result};
-use xtask::{output, run};
+use xtask::{cargo_install, output, run};
 
 const BPF_LINKER_VERSION: &str = "0.10.1";
 
@@ -36,13 +36,9 @@ pub fn setup() -> Result<()> {
     if !components.lines().any(|l| l.starts_with("rust-src")) {
         run(Command::new("rustup").args(["component", "add", "rust-src", "--toolchain", NIGHTLY]))?;
     }
-    let linker = output(Command::new("bpf-linker").arg("--version")).unwrap_or_default();
-    if !linker.contains(BPF_LINKER_VERSION) {
-        run(Command::new(env!("CARGO")).args([
-            "install",
-            &format!("bpf-linker@{BPF_LINKER_VERSION}"),
-            "--locked",
-        ]))?;
-    }
-    Ok(())
+    cargo_install(
+        "bpf-linker",
+        BPF_LINKER_VERSION,
+        Command::new("bpf-linker").arg("--version"),
+    )
 }
