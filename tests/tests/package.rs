@@ -104,7 +104,7 @@ fn assert_documented(files: &BTreeSet<String>) {
 }
 
 #[test]
-fn the_deb_holds_what_the_docs_say_and_lintian_reports_no_error() {
+fn the_deb_package_holds_what_the_docs_say_and_lintian_reports_no_error() {
     let Some((deb, _)) = packages() else { return };
     let listing = stdout_of(Command::new("dpkg-deb").arg("--contents").arg(&deb));
     let files: BTreeSet<String> = listing
@@ -216,7 +216,7 @@ fn the_deb_holds_what_the_docs_say_and_lintian_reports_no_error() {
 }
 
 #[test]
-fn the_rpm_holds_the_same_files_and_installs_and_erases_in_a_scratch_root() {
+fn the_rpm_package_holds_the_same_files_and_installs_and_erases_in_a_scratch_root() {
     let Some((_, rpm)) = packages() else { return };
     let q = |args: &[&str]| stdout_of(Command::new("rpm").arg("-qp").args(args).arg(&rpm));
     let files: BTreeSet<String> = q(&["--list"]).lines().map(str::to_owned).collect();
@@ -449,7 +449,7 @@ fn exe_of(pid: i32) -> String {
 const RANGE: (u16, u16) = (64300, 64309);
 
 #[test]
-fn the_deb_installs_upgrades_with_no_unguarded_instant_and_purge_leaves_nothing() {
+fn the_deb_package_installs_upgrades_with_no_unguarded_instant_and_purge_leaves_nothing() {
     let Some((deb, _)) = packages() else { return };
     if let Some(state) = dpkg_state() {
         skip(&format!(

@@ -48,7 +48,8 @@ pub fn test(root: &Path, filter: Option<&str>) -> Result<()> {
             None => eprintln!("xtask: WARNING: commit {ABI2_COMMIT} (map layout 2) is not in this clone's history: the upgrade test across layouts is skipped"),
         }
     }
-    if filter.is_none_or(|f| f.contains("package")) {
+    // The package tests' names say "package" (the_deb_package_…); "deb" and "rpm" pick them too.
+    if filter.is_none_or(|f| ["package", "deb", "rpm"].iter().any(|k| f.contains(k))) {
         // The packages' tests install the .deb on this machine and read both packages.
         let built = package::package(root)?;
         cmd.env(

@@ -34,15 +34,15 @@ const NOT_IN_VM: &[(&str, &str)] = &[
         "not run in VMs: it checks contrib/port-guard.service with systemd-analyze, which the guest does not have (kernel-independent; the host suite runs it)",
     ),
     (
-        "package::the_deb_holds_what_the_docs_say_and_lintian_reports_no_error",
+        "package::the_deb_package_holds_what_the_docs_say_and_lintian_reports_no_error",
         PACKAGES_ON_THE_HOST,
     ),
     (
-        "package::the_rpm_holds_the_same_files_and_installs_and_erases_in_a_scratch_root",
+        "package::the_rpm_package_holds_the_same_files_and_installs_and_erases_in_a_scratch_root",
         PACKAGES_ON_THE_HOST,
     ),
     (
-        "package::the_deb_installs_upgrades_with_no_unguarded_instant_and_purge_leaves_nothing",
+        "package::the_deb_package_installs_upgrades_with_no_unguarded_instant_and_purge_leaves_nothing",
         PACKAGES_ON_THE_HOST,
     ),
     (
