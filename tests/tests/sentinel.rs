@@ -358,7 +358,9 @@ fn a_kill9_loop_never_lets_a_refused_bind_succeed() {
 }
 
 /// A service manager's fd store, as far as the daemon can tell: a NOTIFY_SOCKET that keeps the
-/// fds sent with FDSTORE=1.
+/// fds sent with FDSTORE=1, and, as systemd does, closes every stored fd that reports POLLHUP or
+/// POLLERR (systemd watches them with no events asked for: a TCP socket that is bound but not
+/// listening is in TCP_CLOSE, which polls as POLLHUP, and is dropped at once).
 struct FdStore {
     sock: std::os::unix::net::UnixDatagram,
     path: std::path::PathBuf,
@@ -421,7 +423,25 @@ impl FdStore {
             "the daemon handed over {} fds, not {n}",
             got.len()
         );
-        got
+        got.into_iter()
+            .filter(|(name, fd)| {
+                let mut p = libc::pollfd {
+                    fd: fd.as_raw_fd(),
+                    events: 0,
+                    revents: 0,
+                };
+                // SAFETY: poll(2) on one valid fd, no wait.
+                let r = unsafe { libc::poll(&mut p, 1, 0) };
+                let hup = r > 0 && p.revents & (libc::POLLHUP | libc::POLLERR) != 0;
+                if hup {
+                    println!(
+                        "fd store: {name} polls {:#x}: closed, as systemd does",
+                        p.revents
+                    );
+                }
+                !hup
+            })
+            .collect()
     }
 }
 
@@ -433,7 +453,27 @@ fn the_sentinel_survives_a_restart_through_the_fd_store() {
     c.env("NOTIFY_SOCKET", &store.path).env("FDSTORE", "16");
     let mut d = Daemon::spawn(c);
     d.wait_for("guard enforcing", START_TIMEOUT);
+    // The TCP sentinel listens (a bound, idle TCP socket would be closed by the fd store) but
+    // answers nothing: its socket filter drops every packet, so a connect() times out.
+    let connected = e.ns.run(|| {
+        std::net::TcpStream::connect_timeout(
+            &std::net::SocketAddr::from(([127, 0, 0, 1], 64194)),
+            Duration::from_millis(500),
+        )
+        .map(|_| ())
+        .map_err(|err| err.kind())
+    });
+    assert_eq!(
+        connected,
+        Err(std::io::ErrorKind::TimedOut),
+        "connect() to the sentinel"
+    );
     let fds = store.take(2);
+    assert_eq!(
+        fds.len(),
+        2,
+        "systemd would keep both sockets of the sentinel"
+    );
     assert!(
         fds.iter().all(|(n, _)| n.starts_with("pg-sentinel-")),
         "{:?}",
