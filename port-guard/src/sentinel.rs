@@ -12,6 +12,10 @@
 //!
 //! Under systemd the sockets go to the service manager's fd store (`FDSTORE=1`) and come back
 //! through `LISTEN_FDS` when the daemon restarts, so a restart keeps EADDRINUSE throughout.
+//! systemd closes a stored fd as soon as it polls POLLHUP or POLLERR, and a TCP socket that is
+//! bound but not listening (TCP_CLOSE) polls POLLHUP: so the TCP sentinel listens (backlog 0).
+//! Both sockets carry a socket filter that drops every packet, so a connection attempt to S
+//! times out (no SYN is answered, nothing waits in an accept queue) and no datagram queues.
 
 use std::{
     io,
@@ -57,6 +61,7 @@ pub fn create() -> io::Result<Vec<SentinelSocket>> {
         };
         // What the programs recognise a sentinel by; only root (CAP_NET_ADMIN) can set it.
         socket.set_mark(SENTINEL_MARK)?;
+        drop_all_packets(&socket)?;
         let cookie = sys::socket_cookie(socket.as_fd())?;
         let netns_inode = sys::socket_netns_inode(socket.as_fd())?;
         out.push(SentinelSocket {
@@ -80,8 +85,18 @@ pub fn bind(socks: &[SentinelSocket], port: u16) -> io::Result<()> {
             SocketAddr::from((Ipv4Addr::UNSPECIFIED, port))
         };
         s.socket.bind(&addr.into())?;
+        if s.socket.r#type()? == Type::STREAM {
+            s.socket.listen(0)?;
+        }
     }
     Ok(())
+}
+
+/// A classic socket filter that accepts nothing (`ret #0`): the sentinel answers no SYN and
+/// queues no datagram. The bind conflict, all the sentinel is for, does not look at packets.
+fn drop_all_packets(socket: &Socket) -> io::Result<()> {
+    const BPF_RET_K: u16 = (libc::BPF_RET | libc::BPF_K) as u16;
+    socket.attach_filter(&[socket2::SockFilter::new(BPF_RET_K, 0, 0, 0)])
 }
 
 /// A sentinel socket handed back by the service manager: bound to `port`, TCP or UDP on a
@@ -100,6 +115,12 @@ pub fn adopt(fd: OwnedFd, port: u16) -> Option<SentinelSocket> {
         return None;
     }
     socket.set_cloexec(true).ok()?;
+    // A TCP sentinel that does not listen would be closed by the fd store at the next hand-over
+    // (one of an older daemon); listen() again on a listening one only sets its backlog.
+    drop_all_packets(&socket).ok()?;
+    if ty == Type::STREAM {
+        socket.listen(0).ok()?;
+    }
     Some(SentinelSocket {
         cookie: sys::socket_cookie(socket.as_fd()).ok()?,
         netns_inode: sys::socket_netns_inode(socket.as_fd()).ok()?,
