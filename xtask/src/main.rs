@@ -74,6 +74,18 @@ enum Cmd {
         #[arg(long, value_name = "SHELL")]
         exec: Option<String>,
     },
+    /// The .deb under a real systemd: a Debian 12 guest (debootstrap, cached) booted with systemd
+    /// as init on Debian's kernel installs the package (enabled, started), enforces, leases,
+    /// upgrades to a version-bumped build under a hostile binder (restarted by the scripts, the
+    /// sentinel sockets kept by the fd store), removes and purges it.
+    VmSystemd {
+        /// 5.10, 6.1, 6.12 or all; repeat, or separate with commas.
+        #[arg(long, value_enum, value_delimiter = ',', default_value = "5.10")]
+        kernel: Vec<vm::KernelArg>,
+        /// Kill a kernel's VM after this many minutes.
+        #[arg(long, default_value_t = 10, value_name = "MINUTES")]
+        timeout: u64,
+    },
     /// Build (release) and run the benchmarks as root: what the guard costs every bind(), lease
     /// allocation, spawn and the agent, as one table of medians and ratios. Arguments after `--`
     /// go to port-guard-bench (e.g. `-- --markdown --json bench.json`).
@@ -100,6 +112,9 @@ fn main() -> Result<()> {
     match cli.cmd {
         Cmd::Setup => Ok(()),
         Cmd::Package => package::package(&root).map(|_| ()),
+        Cmd::VmSystemd { kernel, timeout } => {
+            vm::vm_systemd(&root, &kernel, Duration::from_secs(timeout * 60))
+        }
         Cmd::Bench { quick, args } => bench::bench(&root, quick, &args),
         Cmd::Run { args } => run::run(&root, &args),
         Cmd::Test { filter } => test::test(&root, filter.as_deref()),

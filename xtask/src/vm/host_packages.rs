@@ -7,14 +7,17 @@ use anyhow::Result;
 use xtask::{output, require_root, run};
 
 /// Host packages: qemu; a static busybox for the guest; iproute2, whose `ip` goes into the guest
-/// for `ip netns`; xz-utils for trixie's compressed modules; the key that signs Debian's archive.
-/// (dpkg-deb and ldd come with every Debian system.)
+/// for `ip netns`; xz-utils for trixie's compressed modules; the key that signs Debian's archive;
+/// debootstrap and cpio for vm-systemd's Debian guest. (dpkg-deb and ldd come with every Debian
+/// system.)
 const HOST_PACKAGES: &[&str] = &[
     "qemu-system-x86",
     "busybox-static",
     "iproute2",
     "xz-utils",
     "debian-archive-keyring",
+    "debootstrap",
+    "cpio",
 ];
 
 fn installed(package: &str) -> bool {

@@ -37,7 +37,8 @@
 //! - [`initramfs`]: the guest's /init and the initramfs around it, written with [`cpio`];
 //! - [`qemu`]: booting one kernel and turning its console into test results;
 //! - [`report`]: the kernel × test table and the summary after it;
-//! - [`elf`]: the little ELF reading the build checks and the module unpacking need.
+//! - [`elf`]: the little ELF reading the build checks and the module unpacking need;
+//! - [`systemd`]: `cargo xtask vm-systemd`, the .deb under a real systemd in a Debian 12 guest.
 
 use std::{
     fs,
@@ -56,6 +57,9 @@ mod kernel;
 mod qemu;
 mod report;
 mod static_build;
+mod systemd;
+
+pub use systemd::vm_systemd;
 
 use self::{
     apt::Apt,

@@ -1,0 +1,234 @@
+//! `cargo xtask vm-systemd`: the .deb under a real systemd, PID 1 of a VM booted on Debian's
+//! kernel: what no test on a host without systemd can show (the unit's sandbox and
+//! capabilities, the maintainer scripts' deb-systemd-helper and deb-systemd-invoke, the fd
+//! store keeping the sentinel sockets across the upgrade's restart).
+//!
+//! The guest is Debian 12 (`debootstrap --variant=minbase`, with systemd; cached as a cpio under
+//! `target/vm-cache/systemd`), booted with systemd as its init straight from the initramfs. A
+//! second cpio appended to it carries the package and a version-bumped build of it, pg-hostile
+//! (static), busybox (for insmod), the kernel's modules and [`GUEST`], run once by a unit at
+//! boot: install, enforce, lease, upgrade under a hostile binder, remove, purge.
+
+use std::{
+    fs,
+    io::{BufRead as _, BufReader},
+    path::{Path, PathBuf},
+    process::{Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use anyhow::{bail, ensure, Context as _, Result};
+use xtask::run;
+
+use super::{apt::Apt, cpio::write_cpio, host_packages, kernel, static_build, KernelArg};
+
+/// The guest's script (bash).
+const GUEST: &str = include_str!("systemd_guest.sh");
+
+const UNIT: &str = "[Unit]\nDescription=port-guard package test\n\n[Service]\nType=oneshot\n\
+ExecStart=/pg/run.sh\nStandardOutput=tty\nStandardError=tty\nTTYPath=/dev/ttyS0\n\n\
+[Install]\nWantedBy=multi-user.target\n";
+
+/// The rootfs: Debian 12, its smallest variant plus systemd as init.
+const SUITE: &str = "bookworm";
+const INCLUDE: &str = "systemd,systemd-sysv,dbus";
+
+/// `target/vm-cache/systemd/rootfs-<suite>.cpio`, made once (about 40 s of debootstrap).
+fn rootfs_cpio(cache: &Path) -> Result<PathBuf> {
+    let dir = cache.join("systemd");
+    let cpio = dir.join(format!("rootfs-{SUITE}.cpio"));
+    let stamp = dir.join(format!("rootfs-{SUITE}.stamp"));
+    let want = format!("{SUITE} minbase {INCLUDE}\n");
+    if cpio.exists() && fs::read_to_string(&stamp).is_ok_and(|s| s == want) {
+        return Ok(cpio);
+    }
+    let root = dir.join(format!("rootfs-{SUITE}"));
+    let _ = fs::remove_dir_all(&root);
+    fs::create_dir_all(&dir)?;
+    run(Command::new("debootstrap")
+        .args(["--variant=minbase", &format!("--include={INCLUDE}"), SUITE])
+        .arg(&root)
+        .arg("http://deb.debian.org/debian"))?;
+    // What the guest does not need: a smaller initramfs boots faster under TCG.
+    for sub in [
+        "usr/share/doc",
+        "usr/share/man",
+        "usr/share/locale",
+        "var/cache/apt",
+        "var/lib/apt/lists",
+    ] {
+        let _ = fs::remove_dir_all(root.join(sub));
+    }
+    // No login prompt on the console the test reads.
+    std::os::unix::fs::symlink(
+        "/dev/null",
+        root.join("etc/systemd/system/serial-getty@ttyS0.service"),
+    )?;
+    let out = fs::File::create(&cpio).with_context(|| format!("creating {}", cpio.display()))?;
+    let st = Command::new("sh")
+        .args(["-c", "find . | cpio -o -H newc --quiet"])
+        .current_dir(&root)
+        .stdout(out)
+        .status()
+        .context("running find | cpio")?;
+    ensure!(st.success(), "find | cpio in {} failed", root.display());
+    fs::remove_dir_all(&root)?;
+    fs::write(&stamp, want)?;
+    Ok(cpio)
+}
+
+/// `deb` with Version `<old>+upgrade1`: the build an upgrade installs.
+fn bumped(deb: &Path, work: &Path) -> Result<PathBuf> {
+    let tree = work.join("bump");
+    let _ = fs::remove_dir_all(&tree);
+    run(Command::new("dpkg-deb").arg("-R").arg(deb).arg(&tree))?;
+    let control = tree.join("DEBIAN/control");
+    let text = fs::read_to_string(&control)?;
+    let old = text
+        .lines()
+        .find_map(|l| l.strip_prefix("Version: "))
+        .context("the .deb has no Version")?
+        .to_owned();
+    fs::write(
+        &control,
+        text.replace(
+            &format!("Version: {old}\n"),
+            &format!("Version: {old}+upgrade1\n"),
+        ),
+    )?;
+    let out = work.join("new.deb");
+    run(Command::new("dpkg-deb")
+        .args(["--root-owner-group", "-Zxz", "--build"])
+        .arg(&tree)
+        .arg(&out))?;
+    Ok(out)
+}
+
+pub fn vm_systemd(root: &Path, kernels: &[KernelArg], timeout: Duration) -> Result<()> {
+    let t_all = Instant::now();
+    host_packages::install_host_packages()?;
+    let packages = crate::package::package(root)?;
+    let cache = root.join("target/vm-cache");
+    let work = root.join("target/vm/systemd");
+    fs::create_dir_all(&work)?;
+    let base = rootfs_cpio(&cache)?;
+    let new_deb = bumped(&packages.deb, &work)?;
+    let art = static_build::build(root, &root.join("target/vm"))?;
+    let hostile = art
+        .bins
+        .iter()
+        .find(|b| b.file_name().is_some_and(|n| n == "pg-hostile"))
+        .context("the static build has no pg-hostile")?;
+    let mut apt = Apt::new(&cache.join("apt"))?;
+    let mut failed = Vec::new();
+    let mut series = Vec::new();
+    for s in kernels.iter().flat_map(|k| k.series()) {
+        if !series.contains(&s) {
+            series.push(s);
+        }
+    }
+    for s in series {
+        let k = kernel::fetch_kernel(&cache, &mut apt, s, false)?;
+        let img = work.join(format!("initramfs-{}.cpio", s.name));
+        fs::copy(&base, &img).with_context(|| format!("creating {}", img.display()))?;
+        let file = fs::OpenOptions::new().append(true).open(&img)?;
+        write_cpio(file, |c| {
+            c.host_file("pg/old.deb", &packages.deb)?;
+            c.host_file("pg/new.deb", &new_deb)?;
+            c.host_file("pg/pg-hostile", hostile)?;
+            c.host_file("pg/busybox", Path::new("/bin/busybox"))?;
+            let mut order = String::new();
+            for m in &k.modules {
+                let name = m.file_name().unwrap_or_default().to_string_lossy();
+                c.file(&format!("pg/modules/{name}"), 0o644, &fs::read(m)?)?;
+                order += name.trim_end_matches(".ko");
+                order += "\n";
+            }
+            c.file("pg/modules/order", 0o644, order.as_bytes())?;
+            c.file("pg/run.sh", 0o755, GUEST.as_bytes())?;
+            c.file("etc/systemd/system/pg-test.service", 0o644, UNIT.as_bytes())?;
+            c.symlink(
+                "etc/systemd/system/multi-user.target.wants/pg-test.service",
+                "/etc/systemd/system/pg-test.service",
+            )?;
+            Ok(())
+        })?;
+        let log = work.join(format!("{}.log", s.name));
+        eprintln!(
+            "\nxtask: booting {} ({}) with systemd as init, console in {}",
+            s.name,
+            k.release,
+            log.display()
+        );
+        match boot(&k.vmlinuz, &img, &log, timeout)? {
+            Some(line) if line == "PASS" => eprintln!("xtask: vm-systemd {}: pass", s.name),
+            Some(why) => failed.push(format!("{}: {why}", s.name)),
+            None => failed.push(format!("{}: no result (see {})", s.name, log.display())),
+        }
+    }
+    eprintln!(
+        "xtask: vm-systemd took {:.1} s",
+        t_all.elapsed().as_secs_f64()
+    );
+    if !failed.is_empty() {
+        bail!("vm-systemd failed: {}", failed.join("; "));
+    }
+    Ok(())
+}
+
+/// Boots the image; echoes the guest's `PG-SYSTEMD:` lines; returns the last one's text
+/// (`PASS`, `FAIL: …`), or None when the guest ended or timed out without one.
+fn boot(vmlinuz: &Path, initrd: &Path, log: &Path, timeout: Duration) -> Result<Option<String>> {
+    let mut child = Command::new("qemu-system-x86_64")
+        .args(["-accel", "tcg", "-m", "2048", "-smp", "2", "-nodefaults"])
+        .args(["-display", "none", "-serial", "stdio", "-no-reboot"])
+        .arg("-kernel")
+        .arg(vmlinuz)
+        .arg("-initrd")
+        .arg(initrd)
+        .args([
+            "-append",
+            "console=ttyS0 rdinit=/lib/systemd/systemd panic=-1 systemd.show_status=0 quiet",
+        ])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .context("starting qemu-system-x86_64")?;
+    let stdout = child.stdout.take().expect("piped");
+    let pid = child.id();
+    // The deadline: qemu is killed, which ends the read loop below.
+    let watchdog = std::thread::spawn(move || {
+        let start = Instant::now();
+        while start.elapsed() < timeout {
+            std::thread::sleep(Duration::from_millis(500));
+            if Command::new("kill")
+                .args(["-0", &pid.to_string()])
+                .stderr(Stdio::null())
+                .status()
+                .is_ok_and(|s| !s.success())
+            {
+                return false;
+            }
+        }
+        let _ = Command::new("kill").args(["-9", &pid.to_string()]).status();
+        true
+    });
+    let mut out = fs::File::create(log)?;
+    let mut last = None;
+    for line in BufReader::new(stdout).lines() {
+        let line = line.unwrap_or_default();
+        use std::io::Write as _;
+        let _ = writeln!(out, "{line}");
+        if let Some(rest) = line.find("PG-SYSTEMD: ").map(|i| &line[i + 12..]) {
+            eprintln!("  {rest}");
+            last = Some(rest.to_owned());
+        }
+    }
+    let _ = child.wait();
+    if watchdog.join().unwrap_or(false) {
+        eprintln!("xtask: the guest did not finish within {timeout:?}: killed");
+        return Ok(None);
+    }
+    Ok(last.filter(|l| l == "PASS" || l.starts_with("FAIL")))
+}
