@@ -30,7 +30,9 @@ systemctl is-enabled --quiet port-guard || fail "not enabled after install"
 systemctl is-active --quiet port-guard || fail "not active after install"
 port-guard status >/dev/null || fail "port-guard status exits $? after install"
 grep -q '^mode = "audit"' /etc/port-guard/config.toml || fail "the config is not in audit mode"
-say "installed: $(systemctl show -p ActiveState,SubState --value port-guard | tr '\n' ' ')"
+reserved=$(cat /proc/sys/net/ipv4/ip_local_reserved_ports)
+case "$reserved" in *49152-49215* | *49151-49215*) ;; *) fail "ephemeral protection: ip_local_reserved_ports is '$reserved'" ;; esac
+say "installed: $(systemctl show -p ActiveState,SubState --value port-guard | tr '\n' ' '), reserved ports '$reserved'"
 
 # Enforce, through the unit's reload (ExecReload=port-guard reload waits for the answer).
 sed -i 's/^mode = "audit"/mode = "enforce"/' /etc/port-guard/config.toml
