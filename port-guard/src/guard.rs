@@ -46,6 +46,29 @@ use crate::{
     sys,
 };
 
+/// What `what` (find, load, attach) failing on the program `name` is.
+fn program_error(what: &'static str, name: &'static str) -> impl Fn(ProgramError) -> GuardError {
+    move |e| GuardError::Program {
+        what,
+        program: name,
+        source: Box::new(e),
+    }
+}
+
+/// The program `name` of the object as a `T` (CgroupSockAddr, CgroupSock): one that is missing
+/// or of another type is a "find" error.
+fn program<'a, T>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut T, GuardError>
+where
+    &'a mut T: TryFrom<&'a mut aya::programs::Program, Error = ProgramError>,
+{
+    ebpf.program_mut(name)
+        .ok_or_else(|| ProgramError::InvalidName {
+            name: name.to_owned(),
+        })
+        .and_then(TryInto::try_into)
+        .map_err(program_error("find", name))
+}
+
 /// The eBPF object, built from port-guard-ebpf by build.rs.
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/port-guard"));
 
@@ -267,32 +290,17 @@ impl Guard {
         macro_rules! load_attach {
             ($ty:ty, $name:expr) => {{
                 let name = $name;
-                let prog_err = |what| {
-                    move |e| GuardError::Program {
-                        what,
-                        program: name,
-                        source: Box::new(e),
-                    }
-                };
-                let prog: &mut $ty = g
-                    .ebpf
-                    .program_mut(name)
-                    .ok_or(ProgramError::InvalidName {
-                        name: name.to_owned(),
-                    })
-                    .map_err(prog_err("find"))?
-                    .try_into()
-                    .map_err(prog_err("find"))?;
-                prog.load().map_err(prog_err("load"))?;
+                let prog: &mut $ty = program(&mut g.ebpf, name)?;
+                prog.load().map_err(program_error("load", name))?;
                 let id = prog
                     // bpf_link_create takes no flags for cgroups (kernel/bpf/cgroup.c,
                     // cgroup_bpf_link_attach): a cgroup link always joins the multi-program
                     // list.
                     .attach(&cgroup, CgroupAttachMode::Single)
-                    .map_err(prog_err("attach"))?;
+                    .map_err(program_error("attach", name))?;
                 let link: FdLink = prog
                     .take_link(id)
-                    .map_err(prog_err("attach"))?
+                    .map_err(program_error("attach", name))?
                     .try_into()
                     .map_err(|e| GuardError::Link {
                         what: "take",
@@ -394,24 +402,10 @@ impl Guard {
 
     /// The helper program, loaded.
     fn learner(&mut self) -> Result<&mut CgroupSockAddr, GuardError> {
-        let prog_err = |what| {
-            move |e| GuardError::Program {
-                what,
-                program: PROG_NETNS_LEARN,
-                source: Box::new(e),
-            }
-        };
-        let prog: &mut CgroupSockAddr = self
-            .ebpf
-            .program_mut(PROG_NETNS_LEARN)
-            .ok_or(ProgramError::InvalidName {
-                name: PROG_NETNS_LEARN.to_owned(),
-            })
-            .map_err(prog_err("find"))?
-            .try_into()
-            .map_err(prog_err("find"))?;
+        let prog: &mut CgroupSockAddr = program(&mut self.ebpf, PROG_NETNS_LEARN)?;
         if prog.fd().is_err() {
-            prog.load().map_err(prog_err("load"))?;
+            prog.load()
+                .map_err(program_error("load", PROG_NETNS_LEARN))?;
         }
         Ok(prog)
     }
@@ -424,11 +418,7 @@ impl Guard {
         let cgroup = File::open(dir).at("open cgroup", dir)?;
         self.learner()?
             .attach(&cgroup, CgroupAttachMode::Single)
-            .map_err(|e| GuardError::Program {
-                what: "attach",
-                program: PROG_NETNS_LEARN,
-                source: Box::new(e),
-            })
+            .map_err(program_error("attach", PROG_NETNS_LEARN))
     }
 
     /// A child in the scratch cgroup `dir` enters `ns` and binds; the cookie the helper wrote.
