@@ -279,18 +279,18 @@ pub(super) fn boot(k: &Kernel, initrd: &Path, log_path: &Path, opts: &Options) -
 }
 
 /// The text after `marker` in `line` (kernel messages can land in the middle of a console line).
-fn after<'a>(line: &'a str, marker: &str) -> Option<&'a str> {
+pub(super) fn after<'a>(line: &'a str, marker: &str) -> Option<&'a str> {
     line.find(marker).map(|i| &line[i + marker.len()..])
 }
 
-fn stop(child: &mut Child) {
+pub(super) fn stop(child: &mut Child) {
     if matches!(child.try_wait(), Ok(None)) {
         let _ = child.kill();
     }
     let _ = child.wait();
 }
 
-fn spawn_lines(
+pub(super) fn spawn_lines(
     src: impl Read + Send + 'static,
     prefix: &'static str,
     tx: mpsc::Sender<String>,

@@ -11,16 +11,23 @@
 
 use std::{
     fs,
-    io::{BufRead as _, BufReader},
+    io::{self, Write as _},
     path::{Path, PathBuf},
     process::{Command, Stdio},
+    sync::mpsc,
     time::{Duration, Instant},
 };
 
 use anyhow::{bail, ensure, Context as _, Result};
 use xtask::run;
 
-use super::{apt::Apt, cpio::write_cpio, host_packages, kernel, static_build, KernelArg};
+use super::{
+    apt::Apt,
+    cpio::write_cpio,
+    host_packages, kernel,
+    qemu::{after, spawn_lines, stop},
+    static_build, KernelArg,
+};
 
 /// The guest's script (bash).
 const GUEST: &str = include_str!("systemd_guest.sh");
@@ -192,41 +199,36 @@ fn boot(vmlinuz: &Path, initrd: &Path, log: &Path, timeout: Duration) -> Result<
         ])
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
+        .stderr(Stdio::piped())
         .spawn()
         .context("starting qemu-system-x86_64")?;
-    let stdout = child.stdout.take().expect("piped");
-    let pid = child.id();
-    // The deadline: qemu is killed, which ends the read loop below.
-    let watchdog = std::thread::spawn(move || {
-        let start = Instant::now();
-        while start.elapsed() < timeout {
-            std::thread::sleep(Duration::from_millis(500));
-            if Command::new("kill")
-                .args(["-0", &pid.to_string()])
-                .stderr(Stdio::null())
-                .status()
-                .is_ok_and(|s| !s.success())
-            {
-                return false;
-            }
-        }
-        let _ = Command::new("kill").args(["-9", &pid.to_string()]).status();
-        true
-    });
-    let mut out = fs::File::create(log)?;
+    let (tx, rx) = mpsc::channel();
+    let readers = [
+        spawn_lines(child.stdout.take().expect("piped"), "", tx.clone()),
+        spawn_lines(child.stderr.take().expect("piped"), "[qemu] ", tx),
+    ];
+    let mut out = io::LineWriter::new(fs::File::create(log)?);
     let mut last = None;
-    for line in BufReader::new(stdout).lines() {
-        let line = line.unwrap_or_default();
-        use std::io::Write as _;
-        let _ = writeln!(out, "{line}");
-        if let Some(rest) = line.find("PG-SYSTEMD: ").map(|i| &line[i + 12..]) {
-            eprintln!("  {rest}");
-            last = Some(rest.to_owned());
+    let deadline = Instant::now() + timeout;
+    let finished = loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match rx.recv_timeout(left) {
+            Ok(line) => {
+                writeln!(out, "{line}")?;
+                if let Some(rest) = after(&line, "PG-SYSTEMD: ") {
+                    eprintln!("  {rest}");
+                    last = Some(rest.to_owned());
+                }
+            }
+            Err(mpsc::RecvTimeoutError::Disconnected) => break true,
+            Err(mpsc::RecvTimeoutError::Timeout) => break false,
         }
+    };
+    stop(&mut child);
+    for r in readers {
+        let _ = r.join();
     }
-    let _ = child.wait();
-    if watchdog.join().unwrap_or(false) {
+    if !finished {
         eprintln!("xtask: the guest did not finish within {timeout:?}: killed");
         return Ok(None);
     }
