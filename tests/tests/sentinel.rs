@@ -227,6 +227,23 @@ fn nobody_cannot_pass_for_the_sentinel() {
         serde_json::from_slice(&out.stdout)
             .unwrap_or_else(|x| panic!("{x}: {}", String::from_utf8_lossy(&out.stderr)))
     };
+    // nobody cannot open a connection to the listening TCP sentinel either: its socket filter
+    // drops every SYN, so nothing fills an accept queue or reaches the daemon.
+    let mut c = Command::new(env!("CARGO_BIN_EXE_pg-attack"));
+    c.args([
+        "--uid",
+        "65534",
+        "hold-connections",
+        "127.0.0.1:64196",
+        "16",
+        "1",
+    ]);
+    e.ns.enter(&mut c, Some(&e.outsider));
+    let out = c.output().unwrap();
+    let v: Value = serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|x| panic!("{x}: {}", String::from_utf8_lossy(&out.stderr)));
+    assert_eq!(v["connects"], 0, "nobody connected to the sentinel: {v}");
+    assert!(v["errors"].as_u64().unwrap() > 0, "{v}");
     // nobody cannot set the mark (SO_MARK needs CAP_NET_ADMIN), so neither the sentinel port
     // nor a reserved port opens for it.
     for port in [64196, 64180] {
