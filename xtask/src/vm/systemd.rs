@@ -10,6 +10,7 @@
 //! boot: install, enforce, lease, upgrade under a hostile binder, remove, purge.
 
 use std::{
+    collections::VecDeque,
     fs,
     io::{self, Write as _},
     path::{Path, PathBuf},
@@ -167,10 +168,37 @@ pub fn vm_systemd(root: &Path, kernels: &[KernelArg], timeout: Duration) -> Resu
             k.release,
             log.display()
         );
-        match boot(&k.vmlinuz, &img, &log, timeout)? {
-            Some(line) if line == "PASS" => eprintln!("xtask: vm-systemd {}: pass", s.name),
-            Some(why) => failed.push(format!("{}: {why}", s.name)),
-            None => failed.push(format!("{}: no result (see {})", s.name, log.display())),
+        // A boot that never reached the test (no `PG-SYSTEMD:` line: the guest died or hung in
+        // the kernel or in systemd's early boot) is the harness's failure, not the package's:
+        // it is shown and tried once more. A guest that reached the test is never retried.
+        let mut attempt = 1;
+        loop {
+            let b = boot(&k.vmlinuz, &img, &log, timeout)?;
+            match b.result.as_deref() {
+                Some("PASS") => eprintln!("xtask: vm-systemd {}: pass", s.name),
+                Some(why) => failed.push(format!("{}: {why}", s.name)),
+                None => {
+                    eprintln!(
+                        "xtask: {} gave no result after {:.1} s ({}); the console's last lines:",
+                        s.name,
+                        b.elapsed.as_secs_f64(),
+                        b.end
+                    );
+                    for l in &b.tail {
+                        eprintln!("  | {l}");
+                    }
+                    if !b.reached && attempt == 1 {
+                        eprintln!(
+                            "xtask: {}: the guest never reached the test: booting once more",
+                            s.name
+                        );
+                        attempt += 1;
+                        continue;
+                    }
+                    failed.push(format!("{}: no result (see {})", s.name, log.display()));
+                }
+            }
+            break;
         }
     }
     eprintln!(
@@ -183,9 +211,22 @@ pub fn vm_systemd(root: &Path, kernels: &[KernelArg], timeout: Duration) -> Resu
     Ok(())
 }
 
-/// Boots the image; echoes the guest's `PG-SYSTEMD:` lines; returns the last one's text
-/// (`PASS`, `FAIL: …`), or None when the guest ended or timed out without one.
-fn boot(vmlinuz: &Path, initrd: &Path, log: &Path, timeout: Duration) -> Result<Option<String>> {
+/// What one boot showed.
+struct Booted {
+    /// The last `PG-SYSTEMD:` line if it is `PASS` or `FAIL: …`.
+    result: Option<String>,
+    /// Whether the guest printed any `PG-SYSTEMD:` line (the test ran).
+    reached: bool,
+    /// How the guest ended: qemu's exit status, or the timeout.
+    end: String,
+    elapsed: Duration,
+    /// The console's last lines.
+    tail: VecDeque<String>,
+}
+
+/// Boots the image; echoes the guest's `PG-SYSTEMD:` lines.
+fn boot(vmlinuz: &Path, initrd: &Path, log: &Path, timeout: Duration) -> Result<Booted> {
+    let start = Instant::now();
     let mut child = Command::new("qemu-system-x86_64")
         .args(["-accel", "tcg", "-m", "2048", "-smp", "2", "-nodefaults"])
         .args(["-display", "none", "-serial", "stdio", "-no-reboot"])
@@ -209,6 +250,7 @@ fn boot(vmlinuz: &Path, initrd: &Path, log: &Path, timeout: Duration) -> Result<
     ];
     let mut out = io::LineWriter::new(fs::File::create(log)?);
     let mut last = None;
+    let mut tail = VecDeque::new();
     let deadline = Instant::now() + timeout;
     let finished = loop {
         let left = deadline.saturating_duration_since(Instant::now());
@@ -219,18 +261,44 @@ fn boot(vmlinuz: &Path, initrd: &Path, log: &Path, timeout: Duration) -> Result<
                     eprintln!("  {rest}");
                     last = Some(rest.to_owned());
                 }
+                if tail.len() == TAIL {
+                    tail.pop_front();
+                }
+                tail.push_back(line);
             }
             Err(mpsc::RecvTimeoutError::Disconnected) => break true,
             Err(mpsc::RecvTimeoutError::Timeout) => break false,
         }
     };
+    // qemu closes its output as it exits: give it a moment to be reaped for its status.
+    let mut status = None;
+    for _ in 0..50 {
+        if !finished {
+            break;
+        }
+        if let Ok(Some(st)) = child.try_wait() {
+            status = Some(st);
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
     stop(&mut child);
     for r in readers {
         let _ = r.join();
     }
-    if !finished {
-        eprintln!("xtask: the guest did not finish within {timeout:?}: killed");
-        return Ok(None);
-    }
-    Ok(last.filter(|l| l == "PASS" || l.starts_with("FAIL")))
+    let end = match (finished, status) {
+        (false, _) => format!("did not finish within {timeout:?}: killed"),
+        (true, Some(st)) => format!("qemu {st}"),
+        (true, None) => "qemu closed its output".to_owned(),
+    };
+    Ok(Booted {
+        reached: last.is_some(),
+        result: last.filter(|l| l == "PASS" || l.starts_with("FAIL")),
+        end,
+        elapsed: start.elapsed(),
+        tail,
+    })
 }
+
+/// How many console lines a boot with no result shows.
+const TAIL: usize = 30;
