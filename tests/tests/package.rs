@@ -216,7 +216,7 @@ fn the_deb_package_holds_what_the_docs_say_and_lintian_reports_no_error() {
 }
 
 #[test]
-fn the_rpm_package_holds_the_same_files_and_installs_and_erases_in_a_scratch_root() {
+fn the_rpm_package_holds_the_same_files_and_installs_upgrades_and_erases_in_a_scratch_root() {
     let Some((_, rpm)) = packages() else { return };
     let q = |args: &[&str]| stdout_of(Command::new("rpm").arg("-qp").args(args).arg(&rpm));
     let files: BTreeSet<String> = q(&["--list"]).lines().map(str::to_owned).collect();
@@ -296,6 +296,57 @@ fn the_rpm_package_holds_the_same_files_and_installs_and_erases_in_a_scratch_roo
         let p = root.join(f.trim_start_matches('/'));
         assert!(p.is_file(), "{f} not installed by rpm -i");
     }
+
+    // An upgrade to a newer build (release 2, made here by cargo-generate-rpm from the same
+    // assets): the old package's %preun and %postun run with $1 = 1, so nothing is stopped or
+    // unloaded and the restart is the only step (skipped here, and said); the operator's edit
+    // of the %config(noreplace) file stays, with no .rpmnew beside it.
+    let config = root.join("etc/port-guard/config.toml");
+    let edited = format!(
+        "{}# the operator's edit\n",
+        std::fs::read_to_string(&config).unwrap()
+    );
+    std::fs::write(&config, &edited).unwrap();
+    let newer = tmp.path().join("newer");
+    std::fs::create_dir_all(&newer).unwrap();
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    stdout_of(
+        Command::new(cargo)
+            .current_dir(workspace_file(""))
+            .args(["generate-rpm", "--package", "port-guard"])
+            .args(["--set-metadata", "release = \"2\"", "--output"])
+            .arg(&newer),
+    );
+    let newer = newer.join(format!(
+        "port-guard-{}-2.x86_64.rpm",
+        env!("CARGO_PKG_VERSION")
+    ));
+    let text = rpm_in(&["-U", "--nodeps", newer.to_str().unwrap()]);
+    assert!(
+        text.contains("nothing was restarted"),
+        "the old %postun did not take the upgrade branch: {text}"
+    );
+    for wrong in ["nothing to stop", "unload"] {
+        assert!(
+            !text.contains(wrong),
+            "the upgrade ran an erase or install branch ({wrong}): {text}"
+        );
+    }
+    assert_eq!(
+        rpm_in(&["-q", "--queryformat", "%{VERSION}-%{RELEASE}", "port-guard"]),
+        format!("{}-2", env!("CARGO_PKG_VERSION"))
+    );
+    assert_eq!(std::fs::read_to_string(&config).unwrap(), edited);
+    assert!(
+        !root.join("etc/port-guard/config.toml.rpmnew").exists(),
+        "the unchanged packaged config was written as .rpmnew"
+    );
+    for f in &files {
+        let p = root.join(f.trim_start_matches('/'));
+        assert!(p.is_file(), "{f} missing after rpm -U");
+    }
+
+    // Erase: every file goes; the edited config is kept as .rpmsave, as rpm does for %config.
     let text = rpm_in(&["-e", "port-guard"]);
     assert!(text.contains("systemd is not running"), "{text}");
     for f in &files {
@@ -304,6 +355,11 @@ fn the_rpm_package_holds_the_same_files_and_installs_and_erases_in_a_scratch_roo
             "{f} left after rpm -e"
         );
     }
+    assert_eq!(
+        std::fs::read_to_string(root.join("etc/port-guard/config.toml.rpmsave")).unwrap(),
+        edited,
+        "the operator's edited config was not saved as .rpmsave"
+    );
 }
 
 /// Puts a policy-rc.d that forbids service starts in place when none is there, and removes it

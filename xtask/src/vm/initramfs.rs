@@ -38,7 +38,7 @@ const NOT_IN_VM: &[(&str, &str)] = &[
         PACKAGES_ON_THE_HOST,
     ),
     (
-        "package::the_rpm_package_holds_the_same_files_and_installs_and_erases_in_a_scratch_root",
+        "package::the_rpm_package_holds_the_same_files_and_installs_upgrades_and_erases_in_a_scratch_root",
         PACKAGES_ON_THE_HOST,
     ),
     (
