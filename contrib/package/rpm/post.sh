@@ -9,6 +9,6 @@ if [ -d /run/systemd/system ]; then
             systemctl start port-guard.service || echo "port-guard: the unit did not start: journalctl -u port-guard" >&2
         fi
     fi
-else
+elif [ "$1" -eq 1 ]; then
     echo "port-guard: systemd is not running (no /run/systemd/system): nothing was enabled or started; start the daemon with: port-guard daemon" >&2
 fi
