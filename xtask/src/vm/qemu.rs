@@ -87,33 +87,45 @@ fn panic_summary(out: &[String]) -> Option<String> {
     Some(format!("{msg} ({place})"))
 }
 
-pub(super) fn boot(k: &Kernel, initrd: &Path, log_path: &Path, opts: &Options) -> Result<Outcome> {
+/// qemu booting `vmlinuz` with `initrd` and the kernel command line `append`: 2 CPUs,
+/// `memory_mb`, the serial port as the console on its stdout, which is piped (as is stderr).
+/// `-nodefaults`: no NIC (the guest has loopback only), no VGA. `-no-reboot`: a reboot (and a
+/// panic, with `panic=-1`) ends qemu.
+pub(super) fn command(
+    accel: Accel,
+    memory_mb: u32,
+    vmlinuz: &Path,
+    initrd: &Path,
+    append: &str,
+) -> Command {
     let mut cmd = Command::new("qemu-system-x86_64");
-    match opts.accel {
+    match accel {
         Accel::Tcg => cmd.args(["-accel", "tcg"]),
         Accel::Kvm => cmd.args(["-accel", "kvm", "-cpu", "host"]),
     };
-    // -nodefaults: no NIC (the guest has loopback only), no VGA; the serial port is the console.
-    cmd.args([
-        "-m",
-        "1024",
-        "-smp",
-        "2",
-        "-nodefaults",
-        "-display",
-        "none",
-        "-serial",
-        "stdio",
-        "-no-reboot",
-    ])
-    .arg("-kernel")
-    .arg(&k.vmlinuz)
-    .arg("-initrd")
-    .arg(initrd)
-    .args(["-append", "console=ttyS0 panic=-1 quiet"])
-    .stdin(Stdio::null())
-    .stdout(Stdio::piped())
-    .stderr(Stdio::piped());
+    cmd.arg("-m")
+        .arg(memory_mb.to_string())
+        .args(["-smp", "2", "-nodefaults", "-display", "none"])
+        .args(["-serial", "stdio", "-no-reboot"])
+        .arg("-kernel")
+        .arg(vmlinuz)
+        .arg("-initrd")
+        .arg(initrd)
+        .args(["-append", append])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    cmd
+}
+
+pub(super) fn boot(k: &Kernel, initrd: &Path, log_path: &Path, opts: &Options) -> Result<Outcome> {
+    let mut cmd = command(
+        opts.accel,
+        1024,
+        &k.vmlinuz,
+        initrd,
+        "console=ttyS0 panic=-1 quiet",
+    );
     eprintln!("xtask: {cmd:?}");
     let start = Instant::now();
     let mut child = cmd.spawn().context("starting qemu-system-x86_64")?;

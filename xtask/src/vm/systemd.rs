@@ -14,7 +14,7 @@ use std::{
     fs,
     io::{self, Write as _},
     path::{Path, PathBuf},
-    process::{Command, Stdio},
+    process::Command,
     sync::mpsc,
     time::{Duration, Instant},
 };
@@ -26,8 +26,8 @@ use super::{
     apt::Apt,
     cpio::write_cpio,
     host_packages, kernel,
-    qemu::{after, spawn_lines, stop},
-    static_build, KernelArg,
+    qemu::{after, command, spawn_lines, stop, End},
+    static_build, Accel, KernelArg,
 };
 
 /// The guest's script (bash).
@@ -182,7 +182,7 @@ pub fn vm_systemd(root: &Path, kernels: &[KernelArg], timeout: Duration) -> Resu
                         "xtask: {} gave no result after {:.1} s ({}); the console's last lines:",
                         s.name,
                         b.elapsed.as_secs_f64(),
-                        b.end
+                        b.end.describe()
                     );
                     for l in &b.tail {
                         eprintln!("  | {l}");
@@ -217,8 +217,8 @@ struct Booted {
     result: Option<String>,
     /// Whether the guest printed any `PG-SYSTEMD:` line (the test ran).
     reached: bool,
-    /// How the guest ended: qemu's exit status, or the timeout.
-    end: String,
+    /// How the guest ended: qemu's exit, or the timeout.
+    end: End,
     elapsed: Duration,
     /// The console's last lines.
     tail: VecDeque<String>,
@@ -227,22 +227,15 @@ struct Booted {
 /// Boots the image; echoes the guest's `PG-SYSTEMD:` lines.
 fn boot(vmlinuz: &Path, initrd: &Path, log: &Path, timeout: Duration) -> Result<Booted> {
     let start = Instant::now();
-    let mut child = Command::new("qemu-system-x86_64")
-        .args(["-accel", "tcg", "-m", "2048", "-smp", "2", "-nodefaults"])
-        .args(["-display", "none", "-serial", "stdio", "-no-reboot"])
-        .arg("-kernel")
-        .arg(vmlinuz)
-        .arg("-initrd")
-        .arg(initrd)
-        .args([
-            "-append",
-            "console=ttyS0 rdinit=/lib/systemd/systemd panic=-1 systemd.show_status=0 quiet",
-        ])
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .context("starting qemu-system-x86_64")?;
+    let mut child = command(
+        Accel::Tcg,
+        2048,
+        vmlinuz,
+        initrd,
+        "console=ttyS0 rdinit=/lib/systemd/systemd panic=-1 systemd.show_status=0 quiet",
+    )
+    .spawn()
+    .context("starting qemu-system-x86_64")?;
     let (tx, rx) = mpsc::channel();
     let readers = [
         spawn_lines(child.stdout.take().expect("piped"), "", tx.clone()),
@@ -252,7 +245,7 @@ fn boot(vmlinuz: &Path, initrd: &Path, log: &Path, timeout: Duration) -> Result<
     let mut last = None;
     let mut tail = VecDeque::new();
     let deadline = Instant::now() + timeout;
-    let finished = loop {
+    let end = loop {
         let left = deadline.saturating_duration_since(Instant::now());
         match rx.recv_timeout(left) {
             Ok(line) => {
@@ -266,31 +259,18 @@ fn boot(vmlinuz: &Path, initrd: &Path, log: &Path, timeout: Duration) -> Result<
                 }
                 tail.push_back(line);
             }
-            Err(mpsc::RecvTimeoutError::Disconnected) => break true,
-            Err(mpsc::RecvTimeoutError::Timeout) => break false,
+            // qemu closed its output: it is exiting (as vm-test's boot reads it).
+            Err(mpsc::RecvTimeoutError::Disconnected) => {
+                let st = child.wait().map(|s| s.to_string()).unwrap_or_default();
+                break End::Exited(st);
+            }
+            Err(mpsc::RecvTimeoutError::Timeout) => break End::Timeout(timeout),
         }
     };
-    // qemu closes its output as it exits: give it a moment to be reaped for its status.
-    let mut status = None;
-    for _ in 0..50 {
-        if !finished {
-            break;
-        }
-        if let Ok(Some(st)) = child.try_wait() {
-            status = Some(st);
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
     stop(&mut child);
     for r in readers {
         let _ = r.join();
     }
-    let end = match (finished, status) {
-        (false, _) => format!("did not finish within {timeout:?}: killed"),
-        (true, Some(st)) => format!("qemu {st}"),
-        (true, None) => "qemu closed its output".to_owned(),
-    };
     Ok(Booted {
         reached: last.is_some(),
         result: last.filter(|l| l == "PASS" || l.starts_with("FAIL")),
