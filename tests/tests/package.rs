@@ -309,9 +309,8 @@ fn the_rpm_package_holds_the_same_files_and_installs_upgrades_and_erases_in_a_sc
     std::fs::write(&config, &edited).unwrap();
     let newer = tmp.path().join("newer");
     std::fs::create_dir_all(&newer).unwrap();
-    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
     stdout_of(
-        Command::new(cargo)
+        Command::new(env!("CARGO"))
             .current_dir(workspace_file(""))
             .args(["generate-rpm", "--package", "port-guard"])
             .args(["--set-metadata", "release = \"2\"", "--output"])
