@@ -11,7 +11,7 @@ use integration_tests::*;
 fn the_systemd_unit_passes_systemd_analyze_verify() {
     let analyze = Command::new("systemd-analyze").arg("--version").output();
     if analyze.is_err() {
-        panic!("systemd-analyze not found: install systemd (.ci/run does)");
+        panic!("systemd-analyze not found: cargo xtask test installs it (xtask/src/packages.rs)");
     }
     // verify checks that ExecStart exists: point it at the binary under test.
     let unit = std::fs::read_to_string(workspace_file("contrib/port-guard.service")).unwrap();

@@ -200,7 +200,7 @@ fn the_deb_package_holds_what_the_docs_say_and_lintian_reports_no_error() {
         .arg("0")
         .arg(&deb)
         .output()
-        .expect("lintian (.ci/run installs it)");
+        .expect("lintian (cargo xtask test installs it: xtask/src/packages.rs)");
     let report = String::from_utf8_lossy(&out.stdout);
     println!("lintian:\n{report}");
     let errors: Vec<&str> = report.lines().filter(|l| l.starts_with("E:")).collect();
@@ -266,7 +266,7 @@ fn the_rpm_package_holds_the_same_files_and_installs_upgrades_and_erases_in_a_sc
     let busybox = Path::new("/bin/busybox");
     assert!(
         busybox.exists(),
-        "/bin/busybox is missing: install busybox-static (.ci/run does)"
+        "/bin/busybox is missing: cargo xtask test installs busybox-static (xtask/src/packages.rs)"
     );
     let tmp = TempDir::new("rpm-root");
     let root = tmp.path().join("root");
@@ -733,7 +733,7 @@ fn promtool_checks_the_rules_and_their_unit_tests_pass() {
         .args(["check", "rules", "port-guard.rules.yml"])
         .current_dir(&dir)
         .output()
-        .expect("promtool (Debian's prometheus package; .ci/run installs it)");
+        .expect("promtool (Debian's prometheus package; cargo xtask test installs it: xtask/src/packages.rs)");
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(
         out.status.success(),
@@ -778,7 +778,7 @@ fn the_ansible_playbook_passes_its_syntax_check() {
         .env("ANSIBLE_LOCAL_TEMP", tmp.path())
         .env("ANSIBLE_HOME", tmp.path())
         .output()
-        .expect("ansible-playbook (Debian's ansible-core; .ci/run installs it)");
+        .expect("ansible-playbook (Debian's ansible-core; cargo xtask test installs it: xtask/src/packages.rs)");
     assert!(
         out.status.success(),
         "{}{}",

@@ -18,6 +18,7 @@ use clap::{Parser, Subcommand};
 mod bench;
 mod fuzz;
 mod package;
+mod packages;
 mod run;
 mod setup;
 mod test;
@@ -101,7 +102,8 @@ enum Cmd {
     /// completions, docs) into target/package, installing cargo-deb and cargo-generate-rpm (pinned
     /// versions) when missing.
     Package,
-    /// Only install the prerequisites.
+    /// Only install the prerequisites: the eBPF toolchain and every Debian package any verb or
+    /// test needs (xtask/src/packages.rs).
     Setup,
 }
 
@@ -109,6 +111,22 @@ fn main() -> Result<()> {
     let cli = Cli::parse();
     let root = xtask::workspace_root();
     setup::setup()?;
+    // The Debian packages the verb (and the tests it runs) needs: one list, in packages.rs.
+    match &cli.cmd {
+        Cmd::Test { .. } => packages::install(packages::Verb::Test)?,
+        Cmd::VmTest { .. } | Cmd::VmSystemd { .. } => packages::install(packages::Verb::Vm)?,
+        Cmd::Bench { .. } => packages::install(packages::Verb::Bench)?,
+        Cmd::Setup => {
+            for verb in [
+                packages::Verb::Test,
+                packages::Verb::Vm,
+                packages::Verb::Bench,
+            ] {
+                packages::install(verb)?;
+            }
+        }
+        Cmd::Run { .. } | Cmd::Package => {}
+    }
     match cli.cmd {
         Cmd::Setup => Ok(()),
         Cmd::Package => package::package(&root).map(|_| ()),

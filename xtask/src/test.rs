@@ -21,6 +21,8 @@ pub fn test(root: &Path, filter: Option<&str>) -> Result<()> {
             "port-guard",
             "--package",
             "port-guard-common",
+            "--package",
+            "xtask",
         ],
     )?;
     require_root("the integration tests load BPF programs and create cgroups")?;

@@ -30,7 +30,6 @@
 //!
 //! - this module: what `--kernel` and `--accel` accept, [`Options`], and [`vm_test`], the whole
 //!   run from start to exit status;
-//! - [`host_packages`]: qemu, busybox-static and the other host packages, installed when missing;
 //! - [`apt`]: the private apt config that finds and downloads Debian's kernel packages;
 //! - [`kernel`]: the kernel cache (vmlinuz and the suite's modules, unpacked from the .deb);
 //! - [`static_build`]: the static agent and test executables;
@@ -51,7 +50,6 @@ use anyhow::{bail, ensure, Result};
 mod apt;
 mod cpio;
 mod elf;
-mod host_packages;
 mod initramfs;
 mod kernel;
 mod qemu;
@@ -144,7 +142,6 @@ pub fn vm_test(root: &Path, opts: &Options) -> Result<()> {
         }
     }
     let t_all = Instant::now();
-    host_packages::install_host_packages()?;
     let cache = root.join("target/vm-cache");
     let work = root.join("target/vm");
 

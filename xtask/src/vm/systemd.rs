@@ -25,7 +25,7 @@ use xtask::run;
 use super::{
     apt::Apt,
     cpio::write_cpio,
-    host_packages, kernel,
+    kernel,
     qemu::{after, command, spawn_lines, stop, End},
     static_build, Accel, KernelArg,
 };
@@ -114,7 +114,6 @@ fn bumped(deb: &Path, work: &Path) -> Result<PathBuf> {
 
 pub fn vm_systemd(root: &Path, kernels: &[KernelArg], timeout: Duration) -> Result<()> {
     let t_all = Instant::now();
-    host_packages::install_host_packages()?;
     let packages = crate::package::package(root)?;
     let cache = root.join("target/vm-cache");
     let work = root.join("target/vm/systemd");
