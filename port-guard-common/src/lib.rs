@@ -21,8 +21,9 @@ pub const MAX_ALLOWED: u32 = 4096;
 pub const MAX_LEASES: u32 = 65536;
 /// Deepest cgroup level the allowed-cgroup walk looks at (the root is level 0).
 pub const MAX_CGROUP_LEVEL: u32 = 63;
-/// Size of the denial event ring buffer in bytes (a power of two, multiple of the page size).
-pub const EVENTS_BYTES: u32 = 256 * 1024;
+/// Size of the denial event ring buffer in bytes (a power of two, multiple of the page size):
+/// ~5,950 events of 88 bytes (the record and its header).
+pub const EVENTS_BYTES: u32 = 512 * 1024;
 
 /// `Array<PortEntry>` indexed by port (host order), 65536 entries: the O(1) "is it reserved" test.
 pub const MAP_PORTS: &str = "PG_PORTS";
@@ -40,15 +41,48 @@ pub const MAP_CONFIG: &str = "PG_CONFIG";
 pub const MAP_COUNTERS: &str = "PG_COUNTERS";
 /// `RingBuf` of [`DenialEvent`].
 pub const MAP_EVENTS: &str = "PG_EVENTS";
-/// `LruHashMap<u64 cgroup id, Offender>`, [`MAX_OFFENDERS`] entries: the per-offender budget of
-/// denial events. A refused bind produces an event only while its cgroup has credit
-/// (an offender's first denial always does), so a flood costs the agent a few events a second;
-/// the denials it did not report are counted here for the agent's "N more denials by X"
-/// summary, and in [`MAP_COUNTERS`] exactly. One entry for all CPUs (a per-CPU map would cost
-/// its size times the possible CPUs of the host), updated without atomics: the summaries of an
-/// offender refusing on several CPUs at once may miss a few. Added without a layout change: a
-/// daemon adopting older pins creates it.
-pub const MAP_OFFENDERS: &str = "PG_OFFENDERS";
+/// `LruHashMap<u64 budget key, Offender>`, [`MAX_OFFENDERS`] entries: the event budget of
+/// refused binds, per offender. The key ([`budget_key`]) is the uid of the refused process for
+/// every uid but root's, so that the cgroups a user makes (a delegated subtree) share one budget
+/// and making more buys no extra events; root's processes are budgeted per cgroup (root's cgroups
+/// are the host's services, made by root). A refused bind produces an event only while its key
+/// has credit (a key's first refusal always does), so a flood costs the agent a few events a
+/// second; the refusals it did not report are counted here for the agent's "N more denials by X"
+/// summary, and in [`MAP_COUNTERS`] exactly. One entry for all CPUs, updated without atomics
+/// for the credit: the summaries of an offender refusing on several CPUs at once may miss a few.
+/// Replaced `PG_OFFENDERS` (budgeted by cgroup alone, a layout without the uid): a daemon
+/// adopting older pins creates it and removes the old one.
+pub const MAP_BUDGET: &str = "PG_BUDGET";
+/// `LruHashMap<u64 cgroup id, CgroupDenials>`, [`MAX_CGROUP_DENIALS`] entries: refusals per
+/// cgroup of the non-root offenders of [`MAP_BUDGET`], so that a summary by uid names the
+/// cgroups with their counts.
+pub const MAP_CGROUP_DENIALS: &str = "PG_CG_DENIALS";
+pub const MAX_CGROUP_DENIALS: u32 = 16384;
+/// The pin of the map [`MAP_BUDGET`] replaced; a daemon that finds it removes it.
+pub const MAP_OFFENDERS_OLD: &str = "PG_OFFENDERS";
+/// Bit set in a [`MAP_BUDGET`] key that is a uid (cgroup ids, inode numbers, never have it).
+pub const BUDGET_UID: u64 = 1 << 63;
+
+/// The [`MAP_BUDGET`] key of a refusal by `uid` from cgroup `cgroup_id`.
+#[inline(always)]
+pub const fn budget_key(uid: u32, cgroup_id: u64) -> u64 {
+    if uid == 0 {
+        cgroup_id
+    } else {
+        BUDGET_UID | uid as u64
+    }
+}
+
+/// `PerCpuArray<u64>` of [`STATS_LEN`]: what the programs count besides binds ([`STAT_BUDGET_NEW`],
+/// [`STAT_CGROUP_NEW`]).
+pub const MAP_STATS: &str = "PG_STATS";
+/// Keys added to [`MAP_BUDGET`]: beyond its [`MAX_OFFENDERS`] entries each one evicted the least
+/// recently refused one (the agent reports inserts minus live entries as evictions).
+pub const STAT_BUDGET_NEW: u32 = 0;
+/// Cgroups added to [`MAP_CGROUP_DENIALS`], the same way.
+pub const STAT_CGROUP_NEW: u32 = 1;
+pub const STATS_LEN: u32 = 8;
+
 /// `HashMap<u64 netns cookie, u64 netns inode>`, [`MAX_NETNS`] entries: the network namespaces
 /// the guard enforces in, when [`FLAG_NETNS_SCOPED`] is set (the inode is for `status`). Binds in
 /// any other netns take nothing from the guarded ones' port spaces and pass, counted in
@@ -56,7 +90,7 @@ pub const MAP_OFFENDERS: &str = "PG_OFFENDERS";
 pub const MAP_NETNS: &str = "PG_NETNS";
 /// Network namespaces the guard can enforce in at once.
 pub const MAX_NETNS: u32 = 256;
-/// `PerCpuArray<u64>` indexed by `slot * 2 + proto` (as in [`counter_index`] without the kind):
+/// `PerCpuArray<u64>` indexed by [`Slot::proto_index`]:
 /// binds of reserved ports let through because their netns is not guarded.
 pub const MAP_UNGUARDED: &str = "PG_UNGUARDED";
 /// Entries in [`MAP_UNGUARDED`].
@@ -78,19 +112,58 @@ pub const MAX_SENTINELS: u32 = 1024;
 /// it gets EPERM.
 pub const MAP_SENTINEL_NETNS: &str = "PG_SENT_NETNS";
 
-/// Offenders tracked at once (least recently refused ones are forgotten first).
+/// Offenders (uids, root's cgroups) tracked at once (least recently refused ones are forgotten
+/// first).
 pub const MAX_OFFENDERS: u32 = 4096;
 /// Credit one denial event costs, in nanoseconds of elapsed time: 2 events a second.
 pub const EVENT_COST_NS: u64 = 500_000_000;
 /// Most credit an offender can save up: a burst of 4 events.
 pub const EVENT_CREDIT_MAX_NS: u64 = 4 * EVENT_COST_NS;
 
+/// `Array<u32>` indexed by range slot, [`MAX_RANGES`] entries: the per-child limit of the range,
+/// the most sockets bound to its ports that one *unit* may hold at once (0: no limit). A unit is
+/// the child of the allowed cgroup on the binding process's path (a VM's scope below
+/// `/machine.slice`), or the allowed cgroup itself for its own processes. Added without a
+/// layout change: a daemon adopting older pins creates it.
+pub const MAP_LIMITS: &str = "PG_LIMITS";
+/// `HashMap<ShareKey, u64>`, [`MAX_SHARES`] entries: sockets each unit holds now on ports of a
+/// limited range. Counted by the programs with atomic adds: the bind program adds one and reads
+/// the sum back, and refuses (taking its one back) when it went over the limit, so concurrent
+/// binds of one unit never get past it; the release program takes one back when a charged
+/// socket is released.
+pub const MAP_SHARES: &str = "PG_SHARES";
+pub const MAX_SHARES: u32 = 16384;
+/// `HashMap<u64 socket cookie, ShareKey>`, [`MAX_CHARGES`] entries: which unit and range each
+/// counted socket is charged to, so that it is uncharged exactly once, by whoever releases it.
+pub const MAP_CHARGES: &str = "PG_CHARGES";
+pub const MAX_CHARGES: u32 = 65536;
+/// `PerCpuArray<u64>` indexed by [`Slot::reason_index`]: refused binds (or in audit mode
+/// would-be refused ones) by why, [`REASON_NOT_ALLOWED`], [`REASON_LEASED`] or [`REASON_LIMIT`]
+/// (each is counted in the denied or audited counters too).
+pub const MAP_REASONS: &str = "PG_REASONS";
+/// The reasons a bind is refused.
+pub const REASONS: u32 = 3;
+/// Entries in [`MAP_REASONS`].
+pub const REASONS_LEN: u32 = MAX_RANGES as u32 * 2 * REASONS;
+
+/// Key of [`MAP_SHARES`], value of [`MAP_CHARGES`].
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[repr(C)]
+pub struct ShareKey {
+    /// The unit's cgroup id.
+    pub unit: u64,
+    /// The range slot.
+    pub slot: u32,
+    pub _pad: u32,
+}
+
 /// `Array<u64>` of [`ALLOC_ENTRIES`], created `BPF_F_MMAPABLE`: the allocators' shared memory.
 /// Every process that leases (`spawn`, `lease`, the daemon) maps it and updates it with atomic
 /// operations; the programs never read it. It holds:
 /// - [`ALLOC_GENERATION`]: bumped by every claim, hand-over and release, so the daemon's reaper
 ///   knows when the lease map changed without reading it;
-/// - [`ALLOC_ALLOCATIONS`], [`ALLOC_EXHAUSTIONS`], `ALLOC_ENDED_*`: totals for the metrics;
+/// - [`ALLOC_ALLOCATIONS`] (ports leased), [`ALLOC_REQUESTS`], [`ALLOC_EXHAUSTIONS`],
+///   `ALLOC_ENDED_*`: totals for the metrics;
 /// - from [`ALLOC_BITMAP`], one bit per port (word `port / 64`, bit `port % 64`): set while the
 ///   port is leased. The bitmap is a hint that lets an allocator find the lowest unleased port
 ///   without reading the lease map: the lease map stays the authority (a claim is an insert with
@@ -106,6 +179,9 @@ pub const ALLOC_ENDED_RELEASED: usize = 3;
 pub const ALLOC_ENDED_REMOVED: usize = 4;
 pub const ALLOC_ENDED_EMPTIED: usize = 5;
 pub const ALLOC_ENDED_EXPIRED: usize = 6;
+/// Requests that got their ports (added after layout 3 with no layout change: [`ALLOC_ALLOCATIONS`]
+/// counted requests before, and counts ports since).
+pub const ALLOC_REQUESTS: usize = 7;
 /// First word of the leased-port bitmap.
 pub const ALLOC_BITMAP: usize = 16;
 /// Words in the bitmap: 65,536 ports.
@@ -113,6 +189,30 @@ pub const ALLOC_BITMAP_WORDS: usize = 65536 / 64;
 pub const ALLOC_ENTRIES: u32 = (ALLOC_BITMAP + ALLOC_BITMAP_WORDS) as u32;
 /// `BPF_F_MMAPABLE` (kernel 5.5+).
 pub const BPF_F_MMAPABLE: u32 = 1 << 10;
+
+/// Every map the object pins, by name (which is its pin file's name under the pin dir). The
+/// programs declare each with this name; a test of the agent holds the object's maps against it.
+pub const PINNED_MAPS: [&str; 19] = [
+    MAP_PORTS,
+    MAP_RANGES,
+    MAP_ALLOWED,
+    MAP_LEASES,
+    MAP_CONFIG,
+    MAP_COUNTERS,
+    MAP_ALLOC,
+    MAP_EVENTS,
+    MAP_BUDGET,
+    MAP_CGROUP_DENIALS,
+    MAP_STATS,
+    MAP_NETNS,
+    MAP_UNGUARDED,
+    MAP_SENTINELS,
+    MAP_SENTINEL_NETNS,
+    MAP_LIMITS,
+    MAP_SHARES,
+    MAP_CHARGES,
+    MAP_REASONS,
+];
 
 /// Program names in the object (the function names).
 pub const PROG_BIND4: &str = "port_guard_bind4";
@@ -126,6 +226,9 @@ pub const PROG_NETNS_LEARN: &str = "port_guard_netns_learn";
 pub const PROG_POST_BIND4: &str = "port_guard_post_bind4";
 pub const PROG_POST_BIND6: &str = "port_guard_post_bind6";
 pub const PROG_POST_BIND_KERNEL_NAME: &str = "port_guard_post";
+/// The `cgroup/sock_release` program: uncharges a socket counted in [`MAP_SHARES`] when it is
+/// released (kernel 5.9+), whoever closes it.
+pub const PROG_RELEASE: &str = "port_guard_release";
 
 /// Load-time constant: 1 when the kernel has `bpf_set_retval` for cgroup sock_addr programs
 /// (6.1+). With 0 the call is dead code the verifier removes, so the object loads on 5.10.
@@ -173,7 +276,13 @@ pub const fn counter_index(slot: u32, proto: u32, kind: u32) -> u32 {
 pub const MODE_ENFORCE: u32 = 0;
 pub const MODE_AUDIT: u32 = 1;
 
-/// Value of [`MAP_PORTS`]. `slot` is the range slot plus one; 0 means "not reserved".
+/// [`PortEntry::slot`] of a sentinel port: the configured one, or one the daemon took in a netns
+/// where another socket held it first ([`MAP_SENTINEL_NETNS`] says which netns uses which). Binds
+/// of it are the sentinels' alone (in the netns that uses it).
+pub const SLOT_SENTINEL: u16 = u16::MAX;
+
+/// Value of [`MAP_PORTS`]. `slot` is the range slot plus one; 0 means "not reserved";
+/// [`SLOT_SENTINEL`] a sentinel port.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 #[repr(C)]
 pub struct PortEntry {
@@ -264,13 +373,24 @@ pub const FLAG_RETVAL: u32 = 2;
 pub const FLAG_NETNS_SCOPED: u32 = 4;
 /// The programs refuse through the sentinel port ([`GLOBAL_SENTINEL_PORT`]), for `status`.
 pub const FLAG_SENTINEL: u32 = 8;
+/// Some range has a per-child limit ([`MAP_LIMITS`]): the release program looks for charged
+/// sockets only while this is set.
+pub const FLAG_SHARES: u32 = 16;
 
 /// Event kinds in [`DenialEvent::action`].
 pub const ACTION_DENIED: u8 = 1;
 pub const ACTION_AUDITED: u8 = 2;
 
+/// Why a bind was refused, in [`DenialEvent::reason`]: the port is reserved and the caller's
+/// cgroup is not allowed for its range.
+pub const REASON_NOT_ALLOWED: u8 = 0;
+/// The port is leased to another cgroup (what layout-2 programs wrote as `leased = 1`).
+pub const REASON_LEASED: u8 = 1;
+/// The caller's unit holds as many ports of the range as its per-child limit allows.
+pub const REASON_LIMIT: u8 = 2;
+
 /// One refused (or, in audit mode, would-be-refused) bind, sent through [`MAP_EVENTS`].
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Copy, Debug, Default)]
 #[repr(C)]
 pub struct DenialEvent {
     pub cgroup_id: u64,
@@ -286,22 +406,35 @@ pub struct DenialEvent {
     pub family: u8,
     /// [`ACTION_DENIED`] or [`ACTION_AUDITED`].
     pub action: u8,
-    /// 1 when the port was leased to another cgroup.
-    pub leased: u8,
-    pub _pad: [u8; 2],
-    /// The errno the caller got (0 in audit mode).
+    /// [`REASON_NOT_ALLOWED`], [`REASON_LEASED`] or [`REASON_LIMIT`].
+    pub reason: u8,
+    /// With [`REASON_LIMIT`]: the sockets the unit held (at least its limit).
+    pub held: u16,
+    /// The errno the caller got, or in audit mode would have got.
     pub errno: u32,
     pub comm: [u8; 16],
     /// The netns the bind came from (its cookie); 0 when the kernel cannot tell. Added at the
     /// end: the agent reads records of [`DENIAL_EVENT_V1_LEN`] bytes (older programs, still
     /// attached while a new daemon takes over) without it.
     pub netns_cookie: u64,
+    /// With [`REASON_LIMIT`]: the unit's cgroup id. (This and the fields after it: records of
+    /// [`DENIAL_EVENT_V2_LEN`] bytes and more.)
+    pub unit_id: u64,
+    /// When the bind was refused: `bpf_ktime_get_boot_ns()` (CLOCK_BOOTTIME), so that a refusal
+    /// logged late (after a restart) keeps its time.
+    pub time_ns: u64,
+    /// The refused process's uid.
+    pub uid: u32,
+    /// With [`REASON_LIMIT`]: the range's limit.
+    pub limit: u32,
 }
 
 /// Size of a [`DenialEvent`] record before `netns_cookie` was added.
 pub const DENIAL_EVENT_V1_LEN: usize = 48;
+/// Size of a [`DenialEvent`] record before `unit_id`, `time_ns`, `uid` and `limit`.
+pub const DENIAL_EVENT_V2_LEN: usize = 56;
 
-/// Value of [`MAP_OFFENDERS`].
+/// Value of [`MAP_BUDGET`].
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 #[repr(C)]
 pub struct Offender {
@@ -309,21 +442,149 @@ pub struct Offender {
     pub credit_ns: u64,
     /// bpf_ktime_get_ns() of the last denial.
     pub last_ns: u64,
-    /// Denials (or audited would-be denials) of this cgroup.
+    /// Denials (or audited would-be denials) of this key.
     pub denials: u64,
     /// Of them, those sent through the ring buffer (an event the ring buffer had no room for is
     /// not: it stays in the summary).
     pub reported: u64,
-    /// The last denial: process, port (host order), protocol bit, family.
+    /// The last denial: its cgroup, uid, process, port (host order), protocol bit, family.
+    pub last_cgroup: u64,
+    pub uid: u32,
     pub last_tgid: u32,
     pub last_port: u16,
     pub last_protocol: u8,
     pub last_family: u8,
-    pub last_comm: [u8; 16],
-    /// The errno it got (0 in audit mode) and [`ACTION_DENIED`] or [`ACTION_AUDITED`].
+    /// The errno it got (or in audit mode would have got).
     pub last_errno: u32,
+    pub last_comm: [u8; 16],
+    /// [`ACTION_DENIED`] or [`ACTION_AUDITED`], and the `REASON_*`.
     pub last_action: u8,
-    pub _pad: [u8; 3],
+    pub last_reason: u8,
+    pub _pad: [u8; 6],
+}
+
+/// Value of [`MAP_CGROUP_DENIALS`].
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[repr(C)]
+pub struct CgroupDenials {
+    pub denials: u64,
+    pub uid: u32,
+    pub _pad: u32,
+}
+
+/// A protocol the guard checks: its bit in [`PortEntry::protocols`] and [`RangeDef::protocols`],
+/// and its index in the counter maps.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Proto {
+    Tcp,
+    Udp,
+}
+
+impl Proto {
+    pub const ALL: [Proto; 2] = [Proto::Tcp, Proto::Udp];
+
+    /// 0 for TCP, 1 for UDP.
+    #[inline(always)]
+    pub const fn index(self) -> u32 {
+        match self {
+            Proto::Tcp => 0,
+            Proto::Udp => 1,
+        }
+    }
+
+    /// [`PROTO_TCP`] or [`PROTO_UDP`].
+    #[inline(always)]
+    pub const fn bit(self) -> u16 {
+        match self {
+            Proto::Tcp => PROTO_TCP,
+            Proto::Udp => PROTO_UDP,
+        }
+    }
+
+    /// `tcp` or `udp`.
+    pub const fn name(self) -> &'static str {
+        match self {
+            Proto::Tcp => "tcp",
+            Proto::Udp => "udp",
+        }
+    }
+
+    /// The protocol of a bit ([`DenialEvent::protocol`] and the like).
+    pub const fn from_bit(bit: u16) -> Option<Proto> {
+        match bit {
+            PROTO_TCP => Some(Proto::Tcp),
+            PROTO_UDP => Some(Proto::Udp),
+            _ => None,
+        }
+    }
+
+    /// Whether `protocols` (a set of bits) holds this one.
+    #[inline(always)]
+    pub const fn in_set(self, protocols: u16) -> bool {
+        protocols & self.bit() != 0
+    }
+}
+
+/// A range slot, below [`MAX_RANGES`] by construction: its bit in an allowed cgroup's mask and its
+/// place in the per-slot maps.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Slot(u32);
+
+impl Slot {
+    /// Slot `i`, if it is one.
+    #[inline(always)]
+    pub const fn new(i: u32) -> Option<Slot> {
+        if i < MAX_RANGES as u32 {
+            Some(Slot(i))
+        } else {
+            None
+        }
+    }
+
+    /// The slot a [`PortEntry::slot`] names (it holds the slot plus one): None for a port that is
+    /// not reserved, and for [`SLOT_SENTINEL`].
+    #[inline(always)]
+    pub const fn of_entry(entry_slot: u16) -> Option<Slot> {
+        if entry_slot == 0 {
+            None
+        } else {
+            Slot::new(entry_slot as u32 - 1)
+        }
+    }
+
+    /// What [`PortEntry::slot`] holds for this slot.
+    pub const fn entry(self) -> u16 {
+        self.0 as u16 + 1
+    }
+
+    #[inline(always)]
+    pub const fn index(self) -> u32 {
+        self.0
+    }
+
+    /// The slot's bit in an allowed cgroup's range mask ([`MAP_ALLOWED`]).
+    #[inline(always)]
+    pub const fn bit(self) -> u64 {
+        1u64 << self.0
+    }
+
+    /// Index in the maps counted per slot and protocol ([`MAP_UNGUARDED`]).
+    #[inline(always)]
+    pub const fn proto_index(self, proto: Proto) -> u32 {
+        self.0 * 2 + proto.index()
+    }
+
+    /// Index in [`MAP_REASONS`] of `reason` (`REASON_*`, below [`REASONS`]).
+    #[inline(always)]
+    pub const fn reason_index(self, proto: Proto, reason: u8) -> u32 {
+        self.proto_index(proto) * REASONS + reason as u32
+    }
+
+    /// Index in [`MAP_COUNTERS`] of counter `kind` ([`COUNTER_ALLOWED`], ...).
+    #[inline(always)]
+    pub const fn counter(self, proto: Proto, kind: u32) -> u32 {
+        self.proto_index(proto) * COUNTER_KINDS + kind
+    }
 }
 
 #[cfg(feature = "user")]
@@ -337,6 +598,8 @@ mod pod {
     unsafe impl aya::Pod for super::GuardConfig {}
     unsafe impl aya::Pod for super::DenialEvent {}
     unsafe impl aya::Pod for super::Offender {}
+    unsafe impl aya::Pod for super::CgroupDenials {}
+    unsafe impl aya::Pod for super::ShareKey {}
 }
 
 #[cfg(test)]
@@ -358,12 +621,48 @@ mod tests {
         assert_eq!(core::mem::offset_of!(Lease, expires), 24);
         assert_eq!(core::mem::offset_of!(Lease, cpu_usec), 32);
         assert_eq!(size_of::<GuardConfig>(), 40);
-        assert_eq!(size_of::<DenialEvent>(), 56);
+        assert_eq!(size_of::<DenialEvent>(), 80);
         assert_eq!(
             core::mem::offset_of!(DenialEvent, netns_cookie),
             DENIAL_EVENT_V1_LEN
         );
-        assert_eq!(size_of::<Offender>(), 64);
+        assert_eq!(
+            core::mem::offset_of!(DenialEvent, unit_id),
+            DENIAL_EVENT_V2_LEN
+        );
+        // The old `leased` byte is `reason`: 1 still means leased.
+        assert_eq!(core::mem::offset_of!(DenialEvent, reason), 21);
+        assert_eq!(size_of::<Offender>(), 80);
+        assert_eq!(size_of::<CgroupDenials>(), 16);
+        assert_eq!(size_of::<ShareKey>(), 16);
+    }
+
+    #[test]
+    fn slots_and_protocols_index_the_maps() {
+        assert_eq!(Slot::new(MAX_RANGES as u32), None);
+        let last = Slot::new(MAX_RANGES as u32 - 1).unwrap();
+        assert_eq!(last.bit(), 1 << 63);
+        assert_eq!(last.proto_index(Proto::Udp) + 1, UNGUARDED_LEN);
+        assert_eq!(last.reason_index(Proto::Udp, REASON_LIMIT) + 1, REASONS_LEN);
+        assert_eq!(
+            last.counter(Proto::Udp, COUNTER_KINDS - 1) + 1,
+            EVENTS_LOST_INDEX
+        );
+        for i in 0..MAX_RANGES as u32 {
+            let s = Slot::new(i).unwrap();
+            assert_eq!(Slot::of_entry(s.entry()), Some(s));
+            for p in Proto::ALL {
+                assert_eq!(
+                    s.counter(p, COUNTER_DENIED),
+                    counter_index(i, p.index(), COUNTER_DENIED)
+                );
+                assert_eq!(Proto::from_bit(p.bit()), Some(p));
+            }
+        }
+        assert_eq!(Slot::of_entry(0), None);
+        assert_eq!(Slot::of_entry(SLOT_SENTINEL), None);
+        assert_eq!(budget_key(0, 42), 42);
+        assert_eq!(budget_key(65534, 42), BUDGET_UID | 65534);
     }
 
     #[test]

@@ -1,29 +1,35 @@
-//! The guard: `cgroup/bind4` and `cgroup/bind6` programs that refuse reserved ports.
+//! The guard: `cgroup/bind4` and `cgroup/bind6` programs that refuse reserved ports, and the
+//! `cgroup/sock_release` program that keeps the per-child shares exact.
 //!
-//! Both hooks call [`decide`]. The common bind (port not reserved) costs one array lookup. A
+//! Both bind hooks call [`decide`]. The common bind (port not reserved) costs one array lookup. A
 //! reserved port in a network namespace the guard does not enforce in passes at once (one
 //! helper call and one hash lookup, when the guard is scoped to some namespaces). A reserved
 //! port is then checked against its lease (one helper call: the caller's ancestor at the
 //! lessee's level) or, unleased, against the allowed cgroups of its range (one hash lookup per
-//! level that holds an allowed cgroup). Everything else is refused: counted, reported through the
-//! ring buffer while the offending cgroup has event credit ([`report`]), and, in enforce mode,
-//! answered with the configured errno.
+//! level that holds an allowed cgroup) and, where the range has a per-child limit, against the
+//! share of the caller's unit ([`share`]). Everything else is refused ([`refuse`]): answered
+//! with the errno [`answer`] chooses, counted, and reported through the ring buffer while the
+//! offender has event credit ([`report`]).
 //!
 //! # Minimum kernel version
-//! 5.8 (ring buffer; cgroup bpf_link needs 5.7). `bpf_set_retval` for sock_addr hooks needs 6.1:
-//! the agent probes for it and loads with `USE_RETVAL = 0` on older kernels, where a refused bind
-//! gets EPERM.
+//! 5.9 (ring buffer 5.8; cgroup bpf_link 5.7; `cgroup/sock_release` 5.9). `bpf_set_retval` for
+//! sock_addr hooks needs 6.1: the agent probes for it and loads with `USE_RETVAL = 0` on older
+//! kernels, where a refused bind gets EADDRINUSE through the sentinel port, or EPERM.
 #![no_std]
 #![no_main]
+#![feature(core_intrinsics)]
+#![allow(internal_features)]
+
+use core::intrinsics::AtomicOrdering;
 
 use aya_ebpf::{
-    bindings::{bpf_sock_addr, bpf_sock_tuple, BPF_F_CURRENT_NETNS},
+    bindings::{bpf_sock_addr, bpf_sock_tuple, BPF_F_CURRENT_NETNS, BPF_NOEXIST},
     helpers::{
-        bpf_get_current_comm, bpf_get_current_pid_tgid,
+        bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_get_current_uid_gid,
         generated::{
             bpf_get_current_ancestor_cgroup_id, bpf_get_current_cgroup_id, bpf_get_netns_cookie,
-            bpf_get_socket_cookie, bpf_ktime_get_ns, bpf_set_retval, bpf_sk_lookup_udp,
-            bpf_sk_release,
+            bpf_get_socket_cookie, bpf_ktime_get_boot_ns, bpf_ktime_get_ns, bpf_set_retval,
+            bpf_sk_lookup_udp, bpf_sk_release,
         },
     },
     macros::{cgroup_sock, cgroup_sock_addr, map},
@@ -32,12 +38,14 @@ use aya_ebpf::{
 };
 use aya_log_ebpf::debug;
 use port_guard_common::{
-    counter_index, DenialEvent, GuardConfig, Lease, Offender, PortEntry, RangeDef, ACTION_AUDITED,
-    ACTION_DENIED, ALLOC_ENTRIES, BPF_F_MMAPABLE, COUNTERS_LEN, COUNTER_ALLOWED, COUNTER_AUDITED,
-    COUNTER_DENIED, EVENTS_BYTES, EVENTS_LOST_INDEX, EVENT_COST_NS, EVENT_CREDIT_MAX_NS,
-    FLAG_NETNS_SCOPED, MAX_ALLOWED, MAX_CGROUP_LEVEL, MAX_LEASES, MAX_NETNS, MAX_OFFENDERS,
-    MAX_RANGES, MAX_SENTINELS, MODE_AUDIT, PROBE_MARK, PROTO_TCP, PROTO_UDP, SENTINEL_MARK,
-    UNGUARDED_LEN,
+    budget_key, CgroupDenials, DenialEvent, GuardConfig, Lease, Offender, PortEntry, Proto,
+    RangeDef, ShareKey, Slot, ACTION_AUDITED, ACTION_DENIED, ALLOC_ENTRIES, BPF_F_MMAPABLE,
+    COUNTERS_LEN, COUNTER_ALLOWED, COUNTER_AUDITED, COUNTER_DENIED, EVENTS_BYTES,
+    EVENTS_LOST_INDEX, EVENT_COST_NS, EVENT_CREDIT_MAX_NS, FLAG_NETNS_SCOPED, FLAG_SHARES,
+    MAX_ALLOWED, MAX_CGROUP_DENIALS, MAX_CGROUP_LEVEL, MAX_CHARGES, MAX_LEASES, MAX_NETNS,
+    MAX_OFFENDERS, MAX_RANGES, MAX_SENTINELS, MAX_SHARES, MODE_AUDIT, PROBE_MARK, REASONS,
+    REASONS_LEN, REASON_LEASED, REASON_LIMIT, REASON_NOT_ALLOWED, SENTINEL_MARK, SLOT_SENTINEL,
+    STATS_LEN, STAT_BUDGET_NEW, STAT_CGROUP_NEW, UNGUARDED_LEN,
 };
 
 /// Set by the agent at load time (`EbpfLoader::override_global`). Read with `read_volatile` so the
@@ -51,12 +59,14 @@ static USE_RETVAL: u32 = 1;
 #[no_mangle]
 static USE_NETNS: u32 = 1;
 
-/// Set by the agent at load time: the sentinel port (host order), or 0 when refusals do not go
-/// through it (port_guard_common::GLOBAL_SENTINEL_PORT).
+/// Set by the agent at load time: the configured sentinel port (host order), or 0 when refusals
+/// do not go through the sentinel (port_guard_common::GLOBAL_SENTINEL_PORT). A netns whose
+/// sentinel had to take another port says so in `PG_SENT_NETNS`.
 #[no_mangle]
 static SENTINEL_PORT: u32 = 0;
 
-// The map names below must match port_guard_common::MAP_*: they are the pin file names.
+// The map names below are port_guard_common::PINNED_MAPS (the pin file names); the agent's
+// tests hold the object against that list.
 #[map(name = "PG_PORTS")]
 static PG_PORTS: Array<PortEntry> = Array::pinned(65536, 0);
 
@@ -97,13 +107,30 @@ static PG_NETNS_LEARN: Array<u64> = Array::with_max_entries(1, 0);
 #[map(name = "PG_SENTINELS")]
 static PG_SENTINELS: HashMap<u64, u64> = HashMap::pinned(MAX_SENTINELS, 0);
 
-/// The agent's record of where its sentinels hold the port (for `status`); declared here so it
-/// is created and pinned with the others. The programs look the sentinel up themselves.
+/// Where the daemon's sentinels hold their port, and which port: netns cookie → port.
 #[map(name = "PG_SENT_NETNS")]
 static PG_SENT_NETNS: HashMap<u64, u32> = HashMap::pinned(MAX_NETNS, 0);
 
-#[map(name = "PG_OFFENDERS")]
-static PG_OFFENDERS: LruHashMap<u64, Offender> = LruHashMap::pinned(MAX_OFFENDERS, 0);
+#[map(name = "PG_BUDGET")]
+static PG_BUDGET: LruHashMap<u64, Offender> = LruHashMap::pinned(MAX_OFFENDERS, 0);
+
+#[map(name = "PG_CG_DENIALS")]
+static PG_CG_DENIALS: LruHashMap<u64, CgroupDenials> = LruHashMap::pinned(MAX_CGROUP_DENIALS, 0);
+
+#[map(name = "PG_STATS")]
+static PG_STATS: PerCpuArray<u64> = PerCpuArray::pinned(STATS_LEN, 0);
+
+#[map(name = "PG_LIMITS")]
+static PG_LIMITS: Array<u32> = Array::pinned(MAX_RANGES as u32, 0);
+
+#[map(name = "PG_SHARES")]
+static PG_SHARES: HashMap<ShareKey, u64> = HashMap::pinned(MAX_SHARES, 0);
+
+#[map(name = "PG_CHARGES")]
+static PG_CHARGES: HashMap<u64, ShareKey> = HashMap::pinned(MAX_CHARGES, 0);
+
+#[map(name = "PG_REASONS")]
+static PG_REASONS: PerCpuArray<u64> = PerCpuArray::pinned(REASONS_LEN, 0);
 
 const IPPROTO_TCP: u32 = 6;
 const IPPROTO_UDP: u32 = 17;
@@ -143,10 +170,11 @@ pub fn port_guard_netns_learn(ctx: SockAddrContext) -> i32 {
     DENY
 }
 
-/// Keeps the sentinel port for the sentinels: a bind that ends on it from any other socket
-/// fails with EPERM. Above all, a refused bind that [`refuse`] rewrote to the sentinel port
-/// fails here when no sentinel held the port (the daemon stopped without handing its sockets to
-/// the service manager, or the netns has none): it never succeeds on another port.
+/// Keeps the sentinel ports for the sentinels: a bind that ends on the sentinel port of its
+/// netns from any other socket fails with EPERM. Above all, a refused bind that [`refuse`]
+/// rewrote to the sentinel port fails here when no sentinel held the port (the daemon stopped
+/// without handing its sockets to the service manager, or the netns has none): it never succeeds
+/// on another port.
 #[cgroup_sock(post_bind4)]
 pub fn port_guard_post_bind4(ctx: SockContext) -> i32 {
     post_bind(&ctx)
@@ -159,10 +187,24 @@ pub fn port_guard_post_bind6(ctx: SockContext) -> i32 {
 
 #[inline(always)]
 fn post_bind(ctx: &SockContext) -> i32 {
-    let sentinel = unsafe { core::ptr::read_volatile(&SENTINEL_PORT) };
-    // src_port is in host byte order here.
-    if sentinel == 0 || unsafe { (*ctx.sock).src_port } != sentinel {
+    let configured = unsafe { core::ptr::read_volatile(&SENTINEL_PORT) };
+    if configured == 0 {
         return ALLOW;
+    }
+    // src_port is in host byte order here.
+    let port = unsafe { (*ctx.sock).src_port };
+    match PG_PORTS.get(port) {
+        Some(e) if e.slot == SLOT_SENTINEL => {}
+        _ => return ALLOW,
+    }
+    if port != configured {
+        // A port a sentinel took in place of the configured one: the sentinels' only in the
+        // netns that uses it.
+        let netns = unsafe { bpf_get_netns_cookie(ctx.sock.cast()) };
+        match unsafe { PG_SENT_NETNS.get(&netns) } {
+            Some(p) if *p == port => {}
+            _ => return ALLOW,
+        }
     }
     let cookie = unsafe { bpf_get_socket_cookie(ctx.sock.cast()) };
     if unsafe { PG_SENTINELS.get(&cookie) }.is_some() {
@@ -172,6 +214,31 @@ fn post_bind(ctx: &SockContext) -> i32 {
     }
 }
 
+/// Uncharges a socket counted in a unit's share when it is released: once, whoever closes it
+/// (a process killed with SIGKILL included). Costs one array lookup for every socket while no
+/// range has a per-child limit; with one, a TCP or UDP socket also costs its cookie and one hash
+/// lookup (a release program cannot read the socket's port, so it cannot tell a socket bound
+/// outside every range without looking it up).
+#[cgroup_sock(sock_release)]
+pub fn port_guard_release(ctx: SockContext) -> i32 {
+    if !PG_CONFIG.get(0).is_some_and(|c| c.flags & FLAG_SHARES != 0) {
+        return ALLOW;
+    }
+    match unsafe { (*ctx.sock).protocol } {
+        IPPROTO_TCP | IPPROTO_MPTCP | IPPROTO_UDP => {}
+        _ => return ALLOW,
+    }
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.sock.cast()) };
+    if let Some(key) = unsafe { PG_CHARGES.get(&cookie) } {
+        let key = *key;
+        // Only the one that deletes the charge takes the count back.
+        if PG_CHARGES.remove(&cookie).is_ok() {
+            uncharge(&key);
+        }
+    }
+    ALLOW
+}
+
 /// The cookie of the caller's netns, or 0 where the kernel cannot tell.
 #[inline(always)]
 fn netns_cookie(ctx: &SockAddrContext) -> u64 {
@@ -179,6 +246,16 @@ fn netns_cookie(ctx: &SockAddrContext) -> u64 {
         return 0;
     }
     unsafe { bpf_get_netns_cookie(ctx.sock_addr.cast()) }
+}
+
+/// The sentinel port of the netns with cookie `netns`: the one its sentinel took, else the
+/// configured one.
+#[inline(always)]
+fn sentinel_of(netns: u64, configured: u32) -> u32 {
+    match unsafe { PG_SENT_NETNS.get(&netns) } {
+        Some(p) => *p,
+        None => configured,
+    }
 }
 
 /// Whether a sentinel holds `port` in the caller's netns now: a UDP socket bound there that
@@ -219,13 +296,22 @@ fn sentinel_present(ctx: &SockAddrContext, family: u8, port: u32) -> bool {
     ours
 }
 
-/// A bind to the sentinel port itself: the sentinels' own pass; any other answers as the port
-/// is (taken by the sentinel: EADDRINUSE), or EPERM when no sentinel holds it, so that nobody
-/// can take it from the daemon between two of its runs.
+/// A bind to a sentinel port: the sentinels' own pass; any other answers as the port is (taken by
+/// the sentinel: EADDRINUSE), or EPERM when no sentinel holds it, so that nobody can take it from
+/// the daemon between two of its runs. A port a sentinel took in place of the configured one
+/// (another socket held that in its netns) is the sentinels' only in that netns.
 #[inline(always)]
-fn sentinel_port_bind(ctx: &SockAddrContext, family: u8, port: u32) -> i32 {
+fn sentinel_port_bind(ctx: &SockAddrContext, family: u8, port: u16) -> i32 {
+    let configured = unsafe { core::ptr::read_volatile(&SENTINEL_PORT) };
+    if configured == 0 {
+        return ALLOW;
+    }
     let sk = unsafe { (*ctx.sock_addr).__bindgen_anon_1.sk };
     if !sk.is_null() && unsafe { (*sk).mark } == SENTINEL_MARK {
+        return ALLOW;
+    }
+    let port = u32::from(port);
+    if port != configured && sentinel_of(netns_cookie(ctx), configured) != port {
         return ALLOW;
     }
     if sentinel_present(ctx, family, port) {
@@ -239,93 +325,112 @@ fn sentinel_port_bind(ctx: &SockAddrContext, family: u8, port: u32) -> i32 {
     DENY
 }
 
+/// A bind of a reserved port, as the programs see it.
+#[derive(Clone, Copy)]
+struct Bind {
+    slot: Slot,
+    proto: Proto,
+    port: u16,
+    family: u8,
+    /// The caller's netns cookie if [`decide`] looked it up already, else 0.
+    netns: u64,
+}
+
+/// Why a bind is refused, for the counters and the event.
+#[derive(Clone, Copy)]
+struct Refusal {
+    reason: u8,
+    /// With [`REASON_LIMIT`]: the unit, what it holds, and the limit.
+    unit: u64,
+    held: u64,
+    limit: u32,
+}
+
+impl Refusal {
+    const fn plain(reason: u8) -> Refusal {
+        Refusal {
+            reason,
+            unit: 0,
+            held: 0,
+            limit: 0,
+        }
+    }
+}
+
 #[inline(always)]
 fn decide(ctx: &SockAddrContext, family: u8) -> i32 {
     let sa: &bpf_sock_addr = unsafe { &*ctx.sock_addr };
     // user_port holds the port in network byte order in its low 16 bits.
     let port = u16::from_be(sa.user_port as u16);
-    let sentinel = unsafe { core::ptr::read_volatile(&SENTINEL_PORT) };
-    if sentinel != 0 && u32::from(port) == sentinel {
-        return sentinel_port_bind(ctx, family, sentinel);
-    }
     let Some(entry) = PG_PORTS.get(port as u32) else {
         return ALLOW;
     };
     if entry.slot == 0 {
         return ALLOW;
     }
-    let (proto_bit, proto_idx) = match sa.protocol {
-        IPPROTO_TCP | IPPROTO_MPTCP => (PROTO_TCP, 0),
-        IPPROTO_UDP => (PROTO_UDP, 1),
+    if entry.slot == SLOT_SENTINEL {
+        return sentinel_port_bind(ctx, family, port);
+    }
+    let Some(slot) = Slot::of_entry(entry.slot) else {
+        return ALLOW;
+    };
+    let proto = match sa.protocol {
+        IPPROTO_TCP | IPPROTO_MPTCP => Proto::Tcp,
+        IPPROTO_UDP => Proto::Udp,
         _ => return ALLOW,
     };
-    if entry.protocols & proto_bit == 0 {
+    if !proto.in_set(entry.protocols) {
         return ALLOW;
     }
-    let slot = (entry.slot - 1) as u32;
     // Read once for the whole decision.
     let config = PG_CONFIG.get(0);
     // Scoped to some namespaces: a bind in any other passes, counted apart.
-    let mut cookie = 0;
+    let mut netns = 0;
     if config.is_some_and(|c| c.flags & FLAG_NETNS_SCOPED != 0) {
-        cookie = netns_cookie(ctx);
-        if cookie != 0 && unsafe { PG_NETNS.get(cookie) }.is_none() {
-            if let Some(c) = PG_UNGUARDED.get_ptr_mut(slot * 2 + proto_idx) {
-                unsafe { *c += 1 };
-            }
+        netns = netns_cookie(ctx);
+        if netns != 0 && unsafe { PG_NETNS.get(netns) }.is_none() {
+            count_in(&PG_UNGUARDED, slot.proto_index(proto));
             return ALLOW;
         }
     }
-
-    let lease = unsafe { PG_LEASES.get(port as u32) };
-    let leased = lease.is_some();
-    let permitted = match lease {
+    let bind = Bind {
+        slot,
+        proto,
+        port,
+        family,
+        netns,
+    };
+    let audit = config.is_some_and(|c| c.mode == MODE_AUDIT);
+    let refusal = match unsafe { PG_LEASES.get(port as u32) } {
+        // A leased port is an explicit grant: not charged to any share.
         Some(lease) => {
             let ancestor = unsafe { bpf_get_current_ancestor_cgroup_id(lease.level as i32) };
-            ancestor == lease.cgroup_id
+            (ancestor != lease.cgroup_id).then_some(Refusal::plain(REASON_LEASED))
         }
-        None => allowed_by_range(slot, config),
+        None => match allowed_level(slot, config) {
+            None => Some(Refusal::plain(REASON_NOT_ALLOWED)),
+            Some(level) => share(ctx, slot, level, audit),
+        },
     };
-    if permitted {
-        // The allocator's probe binds test the port for its lessee: not a bind to count.
-        let sk = unsafe { sa.__bindgen_anon_1.sk };
-        if sk.is_null() || unsafe { (*sk).mark } != PROBE_MARK {
-            count(slot, proto_idx, COUNTER_ALLOWED);
+    match refusal {
+        None => {
+            // The allocator's probe binds test the port for its lessee: not a bind to count.
+            let sk = unsafe { sa.__bindgen_anon_1.sk };
+            if sk.is_null() || unsafe { (*sk).mark } != PROBE_MARK {
+                count(slot.counter(proto, COUNTER_ALLOWED));
+            }
+            ALLOW
         }
-        return ALLOW;
+        Some(why) => refuse(ctx, config, audit, &bind, &why),
     }
-    let refused = Refused {
-        slot,
-        proto_idx,
-        port,
-        protocol: proto_bit as u8,
-        family,
-        leased,
-        cookie,
-    };
-    refuse(ctx, config, &refused)
 }
 
-/// What [`refuse`] reports.
-struct Refused {
-    slot: u32,
-    proto_idx: u32,
-    port: u16,
-    protocol: u8,
-    family: u8,
-    leased: bool,
-    /// The caller's netns cookie if [`decide`] looked it up already, else 0.
-    cookie: u64,
-}
-
-/// Whether the caller's cgroup or one of its ancestors is allowed for range `slot`.
+/// The level of the shallowest allowed cgroup for range `slot` on the caller's path (the caller's
+/// own cgroup or an ancestor), if any.
 #[inline(always)]
-fn allowed_by_range(slot: u32, config: Option<&GuardConfig>) -> bool {
-    let levels = match config {
-        Some(c) => c.allowed_levels,
-        None => return false,
-    };
-    let bit = 1u64 << slot;
+fn allowed_level(slot: Slot, config: Option<&GuardConfig>) -> Option<u32> {
+    let levels = config?.allowed_levels;
+    let bit = slot.bit();
     let mut level = 0u32;
     while level <= MAX_CGROUP_LEVEL {
         if levels >> level == 0 {
@@ -339,128 +444,228 @@ fn allowed_by_range(slot: u32, config: Option<&GuardConfig>) -> bool {
             }
             if let Some(mask) = unsafe { PG_ALLOWED.get(id) } {
                 if mask & bit != 0 {
-                    return true;
+                    return Some(level);
                 }
             }
         }
         level += 1;
     }
-    false
+    None
 }
 
+/// `*counter += delta` as one atomic instruction (BPF_XADD: every kernel; its old value is never
+/// read, which would need 5.12's BPF_FETCH).
 #[inline(always)]
-fn refuse(ctx: &SockAddrContext, config: Option<&GuardConfig>, r: &Refused) -> i32 {
-    let Refused {
-        slot,
-        proto_idx,
-        port,
-        protocol,
-        family,
-        leased,
-        cookie,
-    } = *r;
-    let (audit, errno) = match config {
-        Some(c) => (c.mode == MODE_AUDIT, c.errno),
-        None => (false, EPERM),
+fn add(counter: *mut u64, delta: u64) {
+    // SAFETY: `counter` points into a map value the verifier checked.
+    unsafe {
+        core::intrinsics::atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(counter, delta)
     };
-    let use_retval = unsafe { core::ptr::read_volatile(&USE_RETVAL) } != 0;
-    // Without bpf_set_retval, EADDRINUSE comes from the kernel itself: the bind is rewritten to
-    // the sentinel port, which a sentinel of this netns holds (the post_bind programs make sure
-    // it fails even if that sentinel is gone by the time the kernel looks).
-    let sentinel = unsafe { core::ptr::read_volatile(&SENTINEL_PORT) };
-    let rewrite =
-        !audit && sentinel != 0 && errno == EADDRINUSE && sentinel_present(ctx, family, sentinel);
-    let errno = if audit {
-        0
-    } else if rewrite {
-        EADDRINUSE
-    } else if use_retval {
-        errno
+}
+
+/// The share of range `slot` that the caller's unit holds, charged with this bind's socket:
+/// None when the bind may go on (no limit, or within it: the socket is now charged), or the
+/// refusal when the unit holds the limit already. The unit is the child of the allowed cgroup
+/// (at `level`) on the caller's path, or that cgroup itself for its own processes.
+///
+/// The count is added first and read back, and the bind is refused (its one taken back) when the
+/// sum went over the limit: of concurrent binds of one unit, at most the limit ever pass, however
+/// many CPUs race. A race can refuse a bind that a closing socket would have made room for; it
+/// never lets one more through. The socket stays charged until it is released (or binds again
+/// after a failed bind, elsewhere): whether this bind then succeeds is the kernel's to say after
+/// the program, and a socket that failed to bind holds its share until it is closed.
+#[inline(always)]
+fn share(ctx: &SockAddrContext, slot: Slot, level: u32, audit: bool) -> Option<Refusal> {
+    let limit = match PG_LIMITS.get(slot.index()) {
+        Some(l) if *l != 0 => *l,
+        _ => return None,
+    };
+    let sk = unsafe { (*ctx.sock_addr).__bindgen_anon_1.sk };
+    if sk.is_null() || unsafe { (*sk).src_port } != 0 {
+        // Bound already: the kernel refuses this bind itself (EINVAL), and its socket holds
+        // what it was charged for.
+        return None;
+    }
+    let below = if level < MAX_CGROUP_LEVEL {
+        unsafe { bpf_get_current_ancestor_cgroup_id(level as i32 + 1) }
     } else {
-        EPERM
+        0
     };
-    count(
-        slot,
-        proto_idx,
+    let unit = if below != 0 {
+        below
+    } else {
+        unsafe { bpf_get_current_ancestor_cgroup_id(level as i32) }
+    };
+    let key = ShareKey {
+        unit,
+        slot: slot.index(),
+        _pad: 0,
+    };
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.sock_addr.cast()) };
+    if let Some(old) = unsafe { PG_CHARGES.get(&cookie) } {
+        let old = *old;
+        if old == key {
+            // Charged by an earlier bind of this socket that failed: still counted.
+            return None;
+        }
+        if PG_CHARGES.remove(&cookie).is_ok() {
+            uncharge(&old);
+        }
+    }
+    let over = |held: u64| {
+        Some(Refusal {
+            reason: REASON_LIMIT,
+            unit,
+            held,
+            limit,
+        })
+    };
+    if PG_SHARES.get_ptr_mut(&key).is_none() {
+        // First socket of this unit in this range (another CPU may win the insert: fine).
+        let _ = PG_SHARES.insert(&key, &0, BPF_NOEXIST as u64);
+    }
+    let Some(count) = PG_SHARES.get_ptr_mut(&key) else {
+        // No room to count it: refused rather than uncounted.
+        return over(0);
+    };
+    add(count, 1);
+    let held = unsafe { core::ptr::read_volatile(count) };
+    let within = held <= u64::from(limit);
+    if !within && !audit {
+        add(count, u64::MAX);
+        return over(held - 1);
+    }
+    if PG_CHARGES
+        .insert(&cookie, &key, BPF_NOEXIST as u64)
+        .is_err()
+    {
+        // No room to remember the socket, so it could never be uncharged: not counted, and
+        // refused.
+        add(count, u64::MAX);
+        return if audit && within {
+            None
+        } else {
+            over(held - 1)
+        };
+    }
+    // In audit mode a bind over the limit goes on, charged: the counts stay true.
+    if within {
+        None
+    } else {
+        over(held - 1)
+    }
+}
+
+/// Takes back one socket of `key`'s share.
+#[inline(always)]
+fn uncharge(key: &ShareKey) {
+    if let Some(count) = PG_SHARES.get_ptr_mut(key) {
+        add(count, u64::MAX);
+    }
+}
+
+/// What a refused bind gets.
+struct Answer {
+    /// The errno the caller gets (or in audit mode would get).
+    errno: u32,
+    /// Rewrite the bind to this sentinel port, where the kernel's conflict check answers
+    /// EADDRINUSE; 0: no rewrite.
+    rewrite_to: u32,
+    /// Set the errno with `bpf_set_retval` (6.1+).
+    set_retval: bool,
+}
+
+/// The errno for a refused bind: the configured one where the kernel can set it (6.1+);
+/// before that EADDRINUSE through the caller netns's sentinel, where one holds its port; else
+/// EPERM.
+#[inline(always)]
+fn answer(ctx: &SockAddrContext, config: Option<&GuardConfig>, b: &Bind) -> Answer {
+    let errno = config.map_or(EPERM, |c| c.errno);
+    let configured = unsafe { core::ptr::read_volatile(&SENTINEL_PORT) };
+    if configured != 0 && errno == EADDRINUSE {
+        let netns = if b.netns != 0 {
+            b.netns
+        } else {
+            netns_cookie(ctx)
+        };
+        let sentinel = sentinel_of(netns, configured);
+        // The post_bind programs make sure the rewritten bind fails even if that sentinel is
+        // gone by the time the kernel looks.
+        if sentinel_present(ctx, b.family, sentinel) {
+            return Answer {
+                errno: EADDRINUSE,
+                rewrite_to: sentinel,
+                set_retval: false,
+            };
+        }
+    }
+    if unsafe { core::ptr::read_volatile(&USE_RETVAL) } != 0 {
+        Answer {
+            errno,
+            rewrite_to: 0,
+            set_retval: errno != EPERM,
+        }
+    } else {
+        Answer {
+            errno: EPERM,
+            rewrite_to: 0,
+            set_retval: false,
+        }
+    }
+}
+
+/// A refused (in audit mode, would-be-refused) bind: counted, reported, answered.
+#[inline(always)]
+fn refuse(
+    ctx: &SockAddrContext,
+    config: Option<&GuardConfig>,
+    audit: bool,
+    b: &Bind,
+    why: &Refusal,
+) -> i32 {
+    let answer = answer(ctx, config, b);
+    count(b.slot.counter(
+        b.proto,
         if audit {
             COUNTER_AUDITED
         } else {
             COUNTER_DENIED
         },
-    );
-    let pid_tgid = bpf_get_current_pid_tgid();
-    let cgroup_id = unsafe { bpf_get_current_cgroup_id() };
-    let comm = bpf_get_current_comm().unwrap_or([0u8; 16]);
-    let action = if audit { ACTION_AUDITED } else { ACTION_DENIED };
-    let last = Last {
-        tgid: (pid_tgid >> 32) as u32,
-        port,
-        protocol,
-        family,
-        comm,
-        errno,
-        action,
-    };
-    if report(cgroup_id, &last) {
-        if let Some(mut entry) = PG_EVENTS.reserve::<DenialEvent>(0) {
-            entry.write(DenialEvent {
-                cgroup_id,
-                pid: pid_tgid as u32,
-                tgid: (pid_tgid >> 32) as u32,
-                port,
-                protocol,
-                family,
-                action,
-                leased: leased as u8,
-                _pad: [0; 2],
-                errno,
-                comm,
-                netns_cookie: if cookie != 0 {
-                    cookie
-                } else {
-                    netns_cookie(ctx)
-                },
-            });
-            entry.submit(0);
-            // Counted as reported only once it is on its way: a lost event stays in the
-            // offender's summary.
-            if let Some(o) = PG_OFFENDERS.get_ptr_mut(&cgroup_id) {
-                unsafe { (*o).reported += 1 };
-            }
-        } else {
-            // The agent is not reading fast enough: the denial is counted above, its event is
-            // lost, and the agent says how many.
-            count_at(EVENTS_LOST_INDEX);
-        }
+    ));
+    if u32::from(why.reason) < REASONS {
+        count_in(&PG_REASONS, b.slot.reason_index(b.proto, why.reason));
     }
+    report(ctx, b, why, answer.errno, audit);
     // Only with `daemon -v`: the agent loads with AYA_LOG_LEVEL below debug otherwise, and the
     // record is never written.
     debug!(
         ctx,
-        "refused bind: port {} proto {} family {} leased {} audit {}",
-        port,
-        protocol,
-        family,
-        leased as u8,
+        "refused bind: port {} proto {} family {} reason {} audit {}",
+        b.port,
+        b.proto.bit(),
+        b.family,
+        why.reason,
         audit as u8
     );
     if audit {
         return ALLOW;
     }
-    if rewrite {
+    if answer.rewrite_to != 0 {
         // user_port holds the port in network byte order.
-        unsafe { (*ctx.sock_addr).user_port = u32::from((sentinel as u16).to_be()) };
+        unsafe { (*ctx.sock_addr).user_port = u32::from((answer.rewrite_to as u16).to_be()) };
         return ALLOW;
     }
-    if use_retval && errno != EPERM {
+    if answer.set_retval {
         // Minimum kernel version 6.1 for sock_addr programs; pruned on older kernels.
-        unsafe { bpf_set_retval(-(errno as i32)) };
+        unsafe { bpf_set_retval(-(answer.errno as i32)) };
     }
     DENY
 }
 
 /// What an offender's entry remembers of its last denial, for the agent's summary.
 struct Last {
+    cgroup: u64,
+    uid: u32,
     tgid: u32,
     port: u16,
     protocol: u8,
@@ -468,18 +673,81 @@ struct Last {
     comm: [u8; 16],
     errno: u32,
     action: u8,
+    reason: u8,
 }
 
-/// Whether this denial gets an event: the offending cgroup's first denial (on this CPU) always
-/// does; after that one per [`EVENT_COST_NS`] of credit, saved up to [`EVENT_CREDIT_MAX_NS`]. The
-/// rest are counted in its entry for the agent's summary. One lookup (and on a first denial one
-/// insert) in an LRU map shared by all CPUs, updated with plain stores (this target has no atomic
-/// add): threads of one cgroup refusing on several CPUs at once may let an extra event through
-/// and lose a few counts of its summary. The counters in PG_COUNTERS stay exact.
+/// Reports a refusal: an event through the ring buffer while its offender has credit
+/// ([`has_credit`]), else only the counts the agent's summary reads.
 #[inline(always)]
-fn report(cgroup_id: u64, last: &Last) -> bool {
+fn report(ctx: &SockAddrContext, b: &Bind, why: &Refusal, errno: u32, audit: bool) {
+    let pid_tgid = bpf_get_current_pid_tgid();
+    let uid = bpf_get_current_uid_gid() as u32;
+    let cgroup = unsafe { bpf_get_current_cgroup_id() };
+    let last = Last {
+        cgroup,
+        uid,
+        tgid: (pid_tgid >> 32) as u32,
+        port: b.port,
+        protocol: b.proto.bit() as u8,
+        family: b.family,
+        comm: bpf_get_current_comm().unwrap_or([0u8; 16]),
+        errno,
+        action: if audit { ACTION_AUDITED } else { ACTION_DENIED },
+        reason: why.reason,
+    };
+    let key = budget_key(uid, cgroup);
+    if uid != 0 {
+        count_cgroup(cgroup, uid);
+    }
+    if !has_credit(key, &last) {
+        return;
+    }
+    let Some(mut entry) = PG_EVENTS.reserve::<DenialEvent>(0) else {
+        // The agent is not reading fast enough: the denial is counted, its event is lost, and
+        // the agent says how many.
+        count(EVENTS_LOST_INDEX);
+        return;
+    };
+    entry.write(DenialEvent {
+        cgroup_id: cgroup,
+        pid: pid_tgid as u32,
+        tgid: last.tgid,
+        port: b.port,
+        protocol: last.protocol,
+        family: b.family,
+        action: last.action,
+        reason: why.reason,
+        held: why.held.min(u64::from(u16::MAX)) as u16,
+        errno,
+        comm: last.comm,
+        netns_cookie: if b.netns != 0 {
+            b.netns
+        } else {
+            netns_cookie(ctx)
+        },
+        unit_id: why.unit,
+        time_ns: unsafe { bpf_ktime_get_boot_ns() },
+        uid,
+        limit: why.limit,
+    });
+    entry.submit(0);
+    // Counted as reported only once it is on its way: a lost event stays in the summary.
+    if let Some(o) = PG_BUDGET.get_ptr_mut(&key) {
+        unsafe { (*o).reported += 1 };
+    }
+}
+
+/// Whether this denial gets an event: an offender's first denial always does; after that one per
+/// [`EVENT_COST_NS`] of credit, saved up to [`EVENT_CREDIT_MAX_NS`]. The offender is the uid of
+/// the refused process, or for root's processes its cgroup (`budget_key`): a user's cgroups share
+/// one budget, so making cgroups buys no events. The rest are counted in its entry for the
+/// agent's summary. One lookup (and on a first denial one insert) in an LRU map shared by all
+/// CPUs, updated with plain stores: threads refusing on several CPUs at once may let an extra
+/// event through and lose a few counts of the summary. The counters in PG_COUNTERS stay exact.
+#[inline(always)]
+fn has_credit(key: u64, last: &Last) -> bool {
     let now = unsafe { bpf_ktime_get_ns() };
-    match PG_OFFENDERS.get_ptr_mut(&cgroup_id) {
+    match PG_BUDGET.get_ptr_mut(&key) {
         Some(o) => {
             let o = unsafe { &mut *o };
             let elapsed = now.wrapping_sub(o.last_ns);
@@ -497,45 +765,67 @@ fn report(cgroup_id: u64, last: &Last) -> bool {
             o.credit_ns = if emit { credit - EVENT_COST_NS } else { credit };
             o.last_ns = now;
             o.denials += 1;
-            o.last_tgid = last.tgid;
-            o.last_port = last.port;
-            o.last_protocol = last.protocol;
-            o.last_family = last.family;
-            o.last_comm = last.comm;
-            o.last_errno = last.errno;
-            o.last_action = last.action;
+            remember(o, last);
             emit
         }
         None => {
-            let first = Offender {
+            let mut first = Offender {
                 credit_ns: EVENT_CREDIT_MAX_NS - EVENT_COST_NS,
                 last_ns: now,
                 denials: 1,
-                reported: 0,
-                last_tgid: last.tgid,
-                last_port: last.port,
-                last_protocol: last.protocol,
-                last_family: last.family,
-                last_comm: last.comm,
-                last_errno: last.errno,
-                last_action: last.action,
-                _pad: [0; 3],
+                ..Offender::default()
             };
+            remember(&mut first, last);
+            count_in(&PG_STATS, STAT_BUDGET_NEW);
             // Not inserted (the map is being changed concurrently): report anyway.
-            let _ = PG_OFFENDERS.insert(&cgroup_id, &first, 0);
+            let _ = PG_BUDGET.insert(&key, &first, 0);
             true
         }
     }
 }
 
 #[inline(always)]
-fn count(slot: u32, proto_idx: u32, kind: u32) {
-    count_at(counter_index(slot, proto_idx, kind))
+fn remember(o: &mut Offender, last: &Last) {
+    o.last_cgroup = last.cgroup;
+    o.uid = last.uid;
+    o.last_tgid = last.tgid;
+    o.last_port = last.port;
+    o.last_protocol = last.protocol;
+    o.last_family = last.family;
+    o.last_comm = last.comm;
+    o.last_errno = last.errno;
+    o.last_action = last.action;
+    o.last_reason = last.reason;
+}
+
+/// One more refusal of a non-root user's cgroup, for the per-uid summary's breakdown.
+#[inline(always)]
+fn count_cgroup(cgroup: u64, uid: u32) {
+    match PG_CG_DENIALS.get_ptr_mut(&cgroup) {
+        Some(c) => unsafe { (*c).denials += 1 },
+        None => {
+            count_in(&PG_STATS, STAT_CGROUP_NEW);
+            let _ = PG_CG_DENIALS.insert(
+                &cgroup,
+                &CgroupDenials {
+                    denials: 1,
+                    uid,
+                    _pad: 0,
+                },
+                0,
+            );
+        }
+    }
 }
 
 #[inline(always)]
-fn count_at(index: u32) {
-    if let Some(c) = PG_COUNTERS.get_ptr_mut(index) {
+fn count(index: u32) {
+    count_in(&PG_COUNTERS, index)
+}
+
+#[inline(always)]
+fn count_in(map: &PerCpuArray<u64>, index: u32) {
+    if let Some(c) = map.get_ptr_mut(index) {
         // Per-CPU slot: no other writer while this program runs on this CPU.
         unsafe { *c += 1 };
     }

@@ -28,11 +28,22 @@ pub struct Cli {
 pub enum Command {
     /// Load the guard (or adopt it from the pins), apply the config, log denials.
     Daemon(DaemonArgs),
-    /// Show the guard's ranges, allowed cgroups, leases and counters (from the pins).
+    /// Show the guard's ranges, allowed cgroups, shares, leases and counters (from the pins),
+    /// the daemon, and whether the config file on disk is the one in force. Exit status: 0 all
+    /// well; 3 not attached; 4 no daemon runs; 5 its last reload was refused; 6 the config on
+    /// disk differs from the one in force; 1 nothing is loaded.
     Status {
         /// One JSON object instead of the table.
-        #[arg(long)]
+        #[arg(long, conflicts_with = "prometheus")]
         json: bool,
+        /// The guard's state as Prometheus metrics (text format), from the pins alone: what a
+        /// textfile collector reads while no daemon runs (the shipped timer writes it).
+        #[arg(long)]
+        prometheus: bool,
+        /// With --prometheus: write the metrics into FILE (replaced whole) instead of stdout,
+        /// e.g. /var/lib/prometheus/node-exporter/port-guard.prom.
+        #[arg(long, value_name = "FILE", requires = "prometheus")]
+        textfile: Option<std::path::PathBuf>,
     },
     /// Lease a free port (or --port N, or --count N ports at once) to a fresh cgroup below the
     /// spawn parent, move into it, replace {port} (the first port) and {port0}..{portN-1} in
@@ -169,12 +180,25 @@ pub struct DaemonArgs {
     /// 49151, or the nearest port outside the ranges; 0: none, they get EPERM).
     #[arg(long, value_name = "PORT")]
     pub sentinel_port: Option<u16>,
+    /// The most sockets bound to ports of a range that one child of an allowed cgroup (one VM's
+    /// scope, with everything below it) may hold at once: the next bind is refused with the
+    /// configured errno until one closes. Applies to the ranges of --reserve (or the default
+    /// range); the config file's ranges take `per_child_limit` in their [[reserve]] table.
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=65535))]
+    pub per_child_limit: Option<u32>,
     /// Parent of the cgroups `spawn` creates (default /port-guard).
     #[arg(long, value_name = "CGROUP")]
     pub spawn_parent: Option<String>,
-    /// Serve Prometheus metrics on this address (GET /metrics), e.g. 127.0.0.1:9469.
+    /// Serve Prometheus metrics (GET /metrics) on IP:PORT, e.g. 127.0.0.1:9469, or on a unix
+    /// socket only root may connect to, unix:/run/port-guard/metrics.sock (config key
+    /// metrics_listen).
     #[arg(long, value_name = "ADDR")]
-    pub metrics_listen: Option<std::net::SocketAddr>,
+    pub metrics_listen: Option<String>,
+    /// Write the metrics into this file every 5 seconds, replacing it whole, for
+    /// node_exporter's textfile collector, e.g.
+    /// /var/lib/prometheus/node-exporter/port-guard.prom (config key metrics_textfile).
+    #[arg(long, value_name = "FILE")]
+    pub metrics_textfile: Option<std::path::PathBuf>,
     /// Unload the guard when the daemon exits (default: it keeps enforcing).
     #[arg(long)]
     pub unload_on_exit: bool,

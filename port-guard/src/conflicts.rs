@@ -108,6 +108,31 @@ impl View {
             None => (true, "not allowed".into()),
         }
     }
+
+    /// The unit a bind of `port`/`protocol` from `cgroup` is counted for: the child of the
+    /// shallowest allowed cgroup on its path (or that cgroup itself), when it is allowed by the
+    /// range and not leased.
+    pub fn unit_of(
+        &self,
+        port: u16,
+        protocol: &str,
+        cgroup: Option<&CgroupPath>,
+    ) -> Option<CgroupPath> {
+        let (_, allow) = self.range_of(port, protocol)?;
+        let cg = cgroup?;
+        if self.leases.contains_key(&port) {
+            return None;
+        }
+        let a = allow
+            .iter()
+            .filter(|a| cg.is_within(a))
+            .min_by_key(|a| a.level())?;
+        let below: Vec<&str> = cg.components().skip(a.level() as usize).take(1).collect();
+        match below.first() {
+            Some(name) => a.join(name).ok(),
+            None => Some(a.clone()),
+        }
+    }
 }
 
 /// A socket on a reserved port with the verdict for each owner.
@@ -125,15 +150,29 @@ pub struct Holder {
     /// The guard would refuse this process the port: a conflict.
     pub would_refuse: bool,
     pub reason: String,
+    /// Where the bind was allowed by a range's allowed cgroup: the unit its per-child share is
+    /// counted for (the child of that allowed cgroup on the owner's path, or the allowed cgroup
+    /// itself).
+    pub unit: Option<String>,
 }
 
 /// Scans the sockets on reserved ports of every guarded netns of `scope` (this one for `all`)
 /// and judges each owner. Also returns a note for each listed netns that does not exist.
 pub fn find_in(view: &View, scope: &NetnsScope) -> (Scan, Vec<Holder>, Vec<String>) {
+    find_in_until(view, scope, None)
+}
+
+/// [`find_in`], naming owners until `deadline` at most (the scan says when it gave up).
+pub fn find_in_until(
+    view: &View,
+    scope: &NetnsScope,
+    deadline: impl Into<Option<std::time::Instant>>,
+) -> (Scan, Vec<Holder>, Vec<String>) {
+    let deadline = deadline.into();
     let mut notes = Vec::new();
     // Here first, whether guarded or not: its scan's facts (source, visibility) are the
     // report's.
-    let (scan, mut holders) = find(view, "host");
+    let (mut scan, mut holders) = find_until(view, "host", deadline);
     let here_guarded = matches!(scope, NetnsScope::All) || scope.specs().contains(&NetnsSpec::Host);
     if !here_guarded {
         holders.clear();
@@ -143,8 +182,11 @@ pub fn find_in(view: &View, scope: &NetnsScope) -> (Scan, Vec<Holder>, Vec<Strin
             continue;
         };
         match Netns::open(path) {
-            Ok(Some(ns)) => match ns.run(|| find(view, &spec.name()).1) {
-                Ok(h) => holders.extend(h),
+            Ok(Some(ns)) => match ns.run(|| find_until(view, &spec.name(), deadline)) {
+                Ok((s, h)) => {
+                    scan.partial |= s.partial;
+                    holders.extend(h);
+                }
                 Err(e) => notes.push(format!("netns {}: {e}", spec.name())),
             },
             Ok(None) => notes.push(format!(
@@ -160,7 +202,15 @@ pub fn find_in(view: &View, scope: &NetnsScope) -> (Scan, Vec<Holder>, Vec<Strin
 /// Scans the sockets on reserved ports of this thread's netns (named `netns`) and judges each
 /// owner.
 pub fn find(view: &View, netns: &str) -> (Scan, Vec<Holder>) {
-    let scan = sockets::scan(|port, proto| view.reserved(port, proto));
+    find_until(view, netns, None)
+}
+
+fn find_until(
+    view: &View,
+    netns: &str,
+    deadline: Option<std::time::Instant>,
+) -> (Scan, Vec<Holder>) {
+    let scan = sockets::scan_until(|port, proto| view.reserved(port, proto), deadline);
     let mut out = Vec::new();
     for s in &scan.sockets {
         let Socket {
@@ -193,6 +243,7 @@ pub fn find(view: &View, netns: &str) -> (Scan, Vec<Holder>) {
                 netns: netns.to_owned(),
                 would_refuse,
                 reason,
+                unit: None,
             });
         }
         for Owner {
@@ -213,6 +264,9 @@ pub fn find(view: &View, netns: &str) -> (Scan, Vec<Holder>) {
                 netns: netns.to_owned(),
                 would_refuse,
                 reason,
+                unit: view
+                    .unit_of(*port, protocol, cgroup.as_ref())
+                    .map(|u| u.to_string()),
             });
         }
     }
@@ -287,5 +341,32 @@ mod tests {
             view.judge(49152, "tcp", None).0,
             "unknown owner counts as a conflict"
         );
+    }
+
+    #[test]
+    fn a_socket_is_counted_for_the_child_of_the_allowed_cgroup() {
+        let view = View {
+            source: "config",
+            attach: CgroupPath::root(),
+            ranges: vec![(
+                "49152-49215".parse().unwrap(),
+                vec![p("/machine.slice"), p("/system.slice/libvirtd.service")],
+            )],
+            leases: [(49160, Some(p("/port-guard/vm1")))].into(),
+        };
+        let unit = |port, cg: &str| {
+            view.unit_of(port, "tcp", Some(&p(cg)))
+                .map(|u| u.to_string())
+        };
+        assert_eq!(
+            unit(49152, "/machine.slice/qemu-1.scope/libvirt/emulator").as_deref(),
+            Some("/machine.slice/qemu-1.scope")
+        );
+        assert_eq!(
+            unit(49152, "/system.slice/libvirtd.service").as_deref(),
+            Some("/system.slice/libvirtd.service")
+        );
+        assert_eq!(unit(49160, "/port-guard/vm1"), None, "leased: not counted");
+        assert_eq!(unit(49152, "/user.slice"), None, "not allowed");
     }
 }

@@ -28,10 +28,10 @@ use aya::{
     Ebpf, EbpfError, EbpfLoader,
 };
 use log::{info, warn};
+pub use port_guard_common::PINNED_MAPS;
 use port_guard_common::{
-    ABI_VERSION, GLOBAL_SENTINEL_PORT, GLOBAL_USE_NETNS, GLOBAL_USE_RETVAL, MAP_ALLOC, MAP_ALLOWED,
-    MAP_CONFIG, MAP_COUNTERS, MAP_EVENTS, MAP_LEASES, MAP_NETNS, MAP_NETNS_LEARN, MAP_OFFENDERS,
-    MAP_PORTS, MAP_RANGES, MAP_SENTINELS, MAP_SENTINEL_NETNS, MAP_UNGUARDED, PROG_NETNS_LEARN,
+    ABI_VERSION, GLOBAL_SENTINEL_PORT, GLOBAL_USE_NETNS, GLOBAL_USE_RETVAL, MAP_NETNS_LEARN,
+    MAP_OFFENDERS_OLD, PROG_NETNS_LEARN,
 };
 
 use crate::{
@@ -41,7 +41,7 @@ use crate::{
     leases::migrate::Migration,
     maps::{Maps, MapsError, Resolved},
     netns::Netns,
-    pin::{PinDir, PinError, LINKS, POST_LINKS},
+    pin::{PinDir, PinError, LINKS, POST_LINKS, RELEASE_LINKS},
     probe::Features,
     sys,
 };
@@ -71,23 +71,6 @@ where
 
 /// The eBPF object, built from port-guard-ebpf by build.rs.
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/port-guard"));
-
-/// Every map the object pins, by pin name.
-pub const PINNED_MAPS: [&str; 13] = [
-    MAP_PORTS,
-    MAP_RANGES,
-    MAP_ALLOWED,
-    MAP_LEASES,
-    MAP_CONFIG,
-    MAP_COUNTERS,
-    MAP_ALLOC,
-    MAP_EVENTS,
-    MAP_OFFENDERS,
-    MAP_NETNS,
-    MAP_UNGUARDED,
-    MAP_SENTINELS,
-    MAP_SENTINEL_NETNS,
-];
 
 /// A guard problem at run time (exit status 1 unless it wraps a usage error).
 #[derive(Debug, thiserror::Error)]
@@ -146,11 +129,16 @@ impl GuardError {
     }
 }
 
-/// A pin and an fd of the object it names.
+/// A pin and what it names: a link's fd, or a map's id (the daemon's own fds keep its maps
+/// alive; one fd per map is enough, and under a low fd limit every fd counts).
 struct Held {
     name: String,
-    fd: OwnedFd,
-    link: bool,
+    what: Pinned,
+}
+
+enum Pinned {
+    Link(OwnedFd),
+    Map(u32),
 }
 
 /// What [`Guard::check_pins`] found.
@@ -311,6 +299,11 @@ impl Guard {
             }};
         }
         let mut links = Vec::new();
+        // The release program before the bind programs: every socket a new bind program charges
+        // to a share is uncharged when it is released.
+        for (name, link_name) in RELEASE_LINKS {
+            links.push((name, link_name, load_attach!(CgroupSock, name)));
+        }
         for (name, link_name) in POST_LINKS.iter().copied().filter(|_| sentinel) {
             links.push((name, link_name, load_attach!(CgroupSock, name)));
         }
@@ -348,12 +341,18 @@ impl Guard {
         if !sentinel {
             remove_links(pin, &POST_LINKS)?;
         }
-        // An fd of everything pinned, kept for as long as the daemon runs.
+        // The event budget of older programs (by cgroup alone), whose programs are gone now.
+        let old = pin.file(MAP_OFFENDERS_OLD);
+        if fs::symlink_metadata(&old).is_ok() {
+            fs::remove_file(&old).at("remove pin", &old)?;
+        }
+        // What every pin names, kept for as long as the daemon runs.
         let mut held = Vec::new();
         for (name, link) in PINNED_MAPS
             .iter()
             .map(|m| (*m, false))
             .chain(LINKS.iter().map(|(_, l)| (*l, true)))
+            .chain(RELEASE_LINKS.iter().map(|(_, l)| (*l, true)))
             .chain(
                 POST_LINKS
                     .iter()
@@ -363,10 +362,14 @@ impl Guard {
         {
             let path = pin.file(name);
             let fd = sys::obj_get(&path).at("open pin", &path)?;
+            let what = if link {
+                Pinned::Link(fd)
+            } else {
+                Pinned::Map(sys::obj_id(fd.as_fd()).at("read the id of", &path)?)
+            };
             held.push(Held {
                 name: name.to_owned(),
-                fd,
-                link,
+                what,
             });
         }
         g.held = held;
@@ -457,9 +460,11 @@ impl Guard {
     /// an error reading one is an error).
     fn detached_links(&self) -> io::Result<Vec<String>> {
         let mut detached = Vec::new();
-        for h in self.held.iter().filter(|h| h.link) {
-            if sys::link_state(h.fd.as_fd())?.cgroup_id == 0 {
-                detached.push(h.name.clone());
+        for h in &self.held {
+            if let Pinned::Link(fd) = &h.what {
+                if sys::link_state(fd.as_fd())?.cgroup_id == 0 {
+                    detached.push(h.name.clone());
+                }
             }
         }
         Ok(detached)
@@ -478,7 +483,7 @@ impl Guard {
         }
         let detached = self.detached_links().at("read link info of", pin.path())?;
         if !detached.is_empty() {
-            let links_gone = missing.iter().any(|h| h.link);
+            let links_gone = missing.iter().any(|h| matches!(h.what, Pinned::Link(_)));
             return Ok(if links_gone {
                 PinCheck::Unloaded
             } else {
@@ -492,7 +497,11 @@ impl Guard {
         let mut done = Vec::new();
         for h in missing {
             let path = pin.file(&h.name);
-            sys::obj_pin(h.fd.as_fd(), &path).at("pin again", &path)?;
+            match &h.what {
+                Pinned::Link(fd) => sys::obj_pin(fd.as_fd(), &path),
+                Pinned::Map(id) => sys::map_fd(*id).and_then(|fd| sys::obj_pin(fd.as_fd(), &path)),
+            }
+            .at("pin again", &path)?;
             done.push(h.name.clone());
         }
         Ok(PinCheck::Repinned(done))
@@ -534,18 +543,21 @@ pub fn unload_with(pin: &PinDir, forget_unreachable: bool) -> Result<(), GuardEr
     for line in crate::ephemeral::restore(pin.path(), forget_unreachable)? {
         info!("{line}");
     }
-    // The bind programs first: the post_bind ones must outlive every rewrite.
+    // The bind programs first: the post_bind ones must outlive every rewrite, and the release
+    // one every charge.
     remove_links(pin, &LINKS)?;
     remove_links(pin, &POST_LINKS)?;
+    remove_links(pin, &RELEASE_LINKS)?;
     let entries = fs::read_dir(pin.path()).at("read pin dir", pin.path())?;
     for entry in entries {
         let path = entry.at("read pin dir", pin.path())?.path();
         fs::remove_file(&path).at("remove pin", &path)?;
     }
     fs::remove_dir(pin.path()).at("remove pin dir", pin.path())?;
-    // What the daemon recorded of the guarded namespaces for spawn and check.
-    // And when the counters started: they went with the maps.
-    for what in ["netns", "counters"] {
+    // What the daemon recorded of the guarded namespaces for spawn and check, when the
+    // counters started (they went with the maps), and the daemon's record and counts: nothing
+    // of a guard that is gone is left to describe it.
+    for what in ["netns", "counters", "daemon", "stats"] {
         let record = crate::state::path(pin.path(), what);
         if let Err(e) = crate::state::remove(&record) {
             warn!("{e}");

@@ -32,7 +32,15 @@ fn main() -> ExitCode {
     let pin = PinDir::new(&cli.pin_dir);
     let result = match cli.command {
         Command::Daemon(args) => commands::daemon::run(&pin, cli.config.as_deref(), args),
-        Command::Status { json } => match commands::status::run(&pin, json) {
+        Command::Status {
+            json,
+            prometheus,
+            textfile,
+        } => match commands::status::run(
+            &pin,
+            cli.config.as_deref(),
+            commands::status::Output::of(json, prometheus, textfile),
+        ) {
             Ok(code) => return code,
             Err(e) => Err(e),
         },

@@ -99,13 +99,15 @@ fn drop_all_packets(socket: &Socket) -> io::Result<()> {
     socket.attach_filter(&[socket2::SockFilter::new(BPF_RET_K, 0, 0, 0)])
 }
 
-/// A sentinel socket handed back by the service manager: bound to `port`, TCP or UDP on a
-/// wildcard, without SO_REUSEADDR/SO_REUSEPORT. Anything else is not one of ours (None).
-pub fn adopt(fd: OwnedFd, port: u16) -> Option<SentinelSocket> {
+/// A sentinel socket handed back by the service manager: bound to a port `port_ok` accepts (the
+/// configured sentinel port, or one a sentinel took in its place), TCP or UDP on a wildcard,
+/// marked, without SO_REUSEADDR/SO_REUSEPORT. Anything else is not one of ours (None). Returns
+/// the socket and its port.
+pub fn adopt(fd: OwnedFd, port_ok: impl Fn(u16) -> bool) -> Option<(SentinelSocket, u16)> {
     let socket = Socket::from(fd);
     let local = socket.local_addr().ok()?.as_socket()?;
     let ty = socket.r#type().ok()?;
-    if local.port() != port
+    if !port_ok(local.port())
         || !local.ip().is_unspecified()
         || !(ty == Type::STREAM || ty == Type::DGRAM)
         || socket.reuse_address().ok()?
@@ -121,11 +123,14 @@ pub fn adopt(fd: OwnedFd, port: u16) -> Option<SentinelSocket> {
     if ty == Type::STREAM {
         socket.listen(0).ok()?;
     }
-    Some(SentinelSocket {
-        cookie: sys::socket_cookie(socket.as_fd()).ok()?,
-        netns_inode: sys::socket_netns_inode(socket.as_fd()).ok()?,
-        socket,
-    })
+    Some((
+        SentinelSocket {
+            cookie: sys::socket_cookie(socket.as_fd()).ok()?,
+            netns_inode: sys::socket_netns_inode(socket.as_fd()).ok()?,
+            socket,
+        },
+        local.port(),
+    ))
 }
 
 /// The fds the service manager passed this process (`LISTEN_FDS`, for this pid), with their

@@ -28,6 +28,8 @@ pub struct Socket {
     /// listening, established, bound, ... (TCP states; "bound" for UDP without a peer).
     pub state: &'static str,
     pub inode: u64,
+    /// The socket's cookie (sock_diag only; 0 from /proc/net): what `PG_SENTINELS` holds.
+    pub cookie: u64,
     /// Owning processes (a socket can be shared across fork).
     pub owners: Vec<Owner>,
 }
@@ -46,6 +48,8 @@ pub struct Scan {
     pub bound_inactive_visible: bool,
     /// "sock_diag" or "/proc/net".
     pub source: &'static str,
+    /// The owners were not all named before the deadline.
+    pub partial: bool,
 }
 
 const NETLINK_SOCK_DIAG: i32 = 4;
@@ -97,8 +101,11 @@ struct InetDiagReqV2 {
     id: [u8; 48],
 }
 
-/// Dumps one family/protocol through sock_diag: (local port, state, inode).
-fn diag_dump(family: u8, protocol: u8, states: u32) -> io::Result<Vec<(u16, u8, u64)>> {
+/// A socket as a table lists it: (local port, state, inode, cookie).
+type Row = (u16, u8, u64, u64);
+
+/// Dumps one family/protocol through sock_diag.
+fn diag_dump(family: u8, protocol: u8, states: u32) -> io::Result<Vec<Row>> {
     // SAFETY: plain socket calls on an fd owned below.
     let fd = unsafe {
         libc::socket(
@@ -179,7 +186,11 @@ fn diag_dump(family: u8, protocol: u8, states: u32) -> io::Result<Vec<(u16, u8, 
                     let sport = u16::from_be_bytes([body[4], body[5]]);
                     let inode =
                         u32::from_ne_bytes(body[4 + 48 + 16..4 + 48 + 20].try_into().unwrap());
-                    out.push((sport, state, u64::from(inode)));
+                    // id: sport, dport, src[16], dst[16], if, cookie[2] (u32 each, native).
+                    let lo = u32::from_ne_bytes(body[4 + 40..4 + 44].try_into().unwrap());
+                    let hi = u32::from_ne_bytes(body[4 + 44..4 + 48].try_into().unwrap());
+                    let cookie = u64::from(lo) | (u64::from(hi) << 32);
+                    out.push((sport, state, u64::from(inode), cookie));
                 }
                 _ => {}
             }
@@ -188,8 +199,8 @@ fn diag_dump(family: u8, protocol: u8, states: u32) -> io::Result<Vec<(u16, u8, 
     }
 }
 
-/// Reads a /proc/net table: (local port, state, inode).
-fn proc_net(file: &str) -> io::Result<Vec<(u16, u8, u64)>> {
+/// Reads a /proc/net table (no cookies there).
+fn proc_net(file: &str) -> io::Result<Vec<Row>> {
     // The calling thread's netns (it may have entered another than the process's).
     let text = fs::read_to_string(file.replacen("/proc/net/", "/proc/thread-self/net/", 1))?;
     Ok(text
@@ -200,18 +211,25 @@ fn proc_net(file: &str) -> io::Result<Vec<(u16, u8, u64)>> {
             let port = u16::from_str_radix(c.get(1)?.rsplit(':').next()?, 16).ok()?;
             let state = u8::from_str_radix(c.get(3)?, 16).ok()?;
             let inode = c.get(9)?.parse().ok()?;
-            Some((port, state, inode))
+            Some((port, state, inode, 0))
         })
         .collect())
 }
 
-/// Socket inode → processes holding it.
-fn owners_by_inode() -> HashMap<u64, Vec<Owner>> {
+/// Socket inode → processes holding it, for the inodes in `wanted`; false when `deadline`
+/// passed before every process was looked at.
+fn owners_by_inode(
+    wanted: &std::collections::HashSet<u64>,
+    deadline: Option<std::time::Instant>,
+) -> (HashMap<u64, Vec<Owner>>, bool) {
     let mut map: HashMap<u64, Vec<Owner>> = HashMap::new();
     let Ok(procs) = fs::read_dir("/proc") else {
-        return map;
+        return (map, true);
     };
     for p in procs.flatten() {
+        if deadline.is_some_and(|d| std::time::Instant::now() >= d) {
+            return (map, false);
+        }
         let Some(pid) = p.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else {
             continue;
         };
@@ -228,6 +246,7 @@ fn owners_by_inode() -> HashMap<u64, Vec<Owner>> {
                 .strip_prefix("socket:[")
                 .and_then(|s| s.strip_suffix(']'))
                 .and_then(|s| s.parse::<u64>().ok())
+                .filter(|i| wanted.contains(i))
             {
                 mine.push(inode);
             }
@@ -250,13 +269,21 @@ fn owners_by_inode() -> HashMap<u64, Vec<Owner>> {
             }
         }
     }
-    map
+    (map, true)
 }
 
 /// Every TCP and UDP socket with a local port in `wanted` (host order ports).
 pub fn scan(wanted: impl Fn(u16, &'static str) -> bool) -> Scan {
+    scan_until(wanted, None)
+}
+
+/// [`scan`], naming the owners until `deadline` at most ([`Scan::partial`] when it passed).
+pub fn scan_until(
+    wanted: impl Fn(u16, &'static str) -> bool,
+    deadline: Option<std::time::Instant>,
+) -> Scan {
     let all_states = !0u32;
-    let mut raw: Vec<(u16, &'static str, &'static str, u8, u64)> = Vec::new();
+    let mut raw: Vec<(u16, &'static str, &'static str, u8, u64, u64)> = Vec::new();
     let mut source = "sock_diag";
     let mut bound_inactive_visible = true;
     let tables = [
@@ -300,9 +327,9 @@ pub fn scan(wanted: impl Fn(u16, &'static str) -> bool) -> Scan {
                 proc_net(proc_file).unwrap_or_default()
             }
         };
-        for (port, state, inode) in rows {
+        for (port, state, inode, cookie) in rows {
             if port != 0 && wanted(port, pname) {
-                raw.push((port, pname, fname, state, inode));
+                raw.push((port, pname, fname, state, inode, cookie));
             }
         }
     }
@@ -310,19 +337,21 @@ pub fn scan(wanted: impl Fn(u16, &'static str) -> bool) -> Scan {
     // state bit.
     bound_inactive_visible =
         bound_inactive_visible && source == "sock_diag" && kernel_at_least(6, 8);
-    let owners = if raw.is_empty() {
-        HashMap::new()
+    let inodes: std::collections::HashSet<u64> = raw.iter().map(|r| r.4).collect();
+    let (owners, complete) = if raw.is_empty() {
+        (HashMap::new(), true)
     } else {
-        owners_by_inode()
+        owners_by_inode(&inodes, deadline)
     };
     let mut sockets: Vec<Socket> = raw
         .into_iter()
-        .map(|(port, protocol, family, state, inode)| Socket {
+        .map(|(port, protocol, family, state, inode, cookie)| Socket {
             port,
             protocol,
             family,
             state: tcp_state(state),
             inode,
+            cookie,
             owners: owners.get(&inode).cloned().unwrap_or_default(),
         })
         .collect();
@@ -332,6 +361,7 @@ pub fn scan(wanted: impl Fn(u16, &'static str) -> bool) -> Scan {
         sockets,
         bound_inactive_visible,
         source,
+        partial: !complete,
     }
 }
 

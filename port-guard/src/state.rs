@@ -147,6 +147,10 @@ pub struct DaemonRecord {
     pub last_reload: Option<ReloadRecord>,
     /// Unix seconds at which the daemon exited cleanly.
     pub stopped: Option<u64>,
+    /// A digest of the policy and metrics settings in force (of the file and the flags): what
+    /// `status` compares with the file on disk to tell when they differ.
+    #[serde(default)]
+    pub config_digest: Option<String>,
 }
 
 #[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
@@ -229,4 +233,33 @@ pub fn record_counters(
         }
     }
     write(&path(pin_dir, "counters"), &text, 0o644)
+}
+
+/// What the daemon counts itself, as it last wrote it (`<pin dir>.stats`): what
+/// `status --prometheus` shows of the daemon while none runs.
+pub fn load_stats(pin_dir: &Path) -> Option<crate::metrics::DaemonStats> {
+    let text = read(&path(pin_dir, "stats")).ok()??;
+    serde_json::from_str(&text).ok()
+}
+
+pub fn save_stats(pin_dir: &Path, stats: &crate::metrics::DaemonStats) -> Result<(), IoError> {
+    let text = serde_json::to_string(stats).expect("stats serialise");
+    write(&path(pin_dir, "stats"), &(text + "\n"), 0o644)
+}
+
+/// The records of a daemon that go with the guard when it is unloaded: its record and counts.
+pub fn remove_daemon_files(pin_dir: &Path) {
+    for what in ["daemon", "stats"] {
+        let _ = remove(&path(pin_dir, what));
+    }
+}
+
+/// A short, stable digest of `text` (FNV-1a, 64 bits, in hex): enough to tell a changed config.
+pub fn digest(text: &str) -> String {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in text.bytes() {
+        h ^= u64::from(b);
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    format!("{h:016x}")
 }

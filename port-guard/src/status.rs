@@ -52,33 +52,90 @@ pub struct Status {
     pub daemon: DaemonStatus,
     /// Where refusals go through the sentinel port (None: the kernel sets the errno itself).
     pub sentinel: Option<SentinelStatus>,
+    /// Why the config on disk is not the one in force (None: it is, or no daemon runs).
+    pub config_drift: Option<String>,
+}
+
+/// Whether the config file the running daemon read (`--config` names another) is the policy in
+/// force: it is read again, merged with the daemon's flags, and compared with what the daemon
+/// recorded it loaded. None when it is, or when no daemon runs (nothing is "in force" but the
+/// pins, which `status` shows).
+pub fn config_drift(pin: &PinDir, config: Option<&std::path::Path>, s: &Status) -> Option<String> {
+    if !s.daemon.running {
+        return None;
+    }
+    let record = DaemonRecord::load(pin.path()).ok().flatten()?;
+    let in_force = record.config_digest.as_deref()?;
+    let path = config.map(ToOwned::to_owned).or(record.config.clone());
+    let shown = path
+        .as_deref()
+        .map_or("the defaults (no config file)".into(), |p| {
+            p.display().to_string()
+        });
+    let built = crate::config::ConfigFile::load(path.as_deref())
+        .map_err(|e| e.to_string())
+        .and_then(|(file, p)| {
+            let policy = crate::config::build_policy(&file, p.as_deref(), &record.flags)
+                .map_err(|e| e.to_string())?;
+            let metrics = crate::config::build_metrics(&file, p.as_deref(), &record.flags)
+                .map_err(|e| e.to_string())?;
+            Ok(crate::daemon::Loaded::digest_of(&policy, &metrics))
+        });
+    match built {
+        Ok(d) if d == in_force => None,
+        Ok(_) => Some(format!(
+            "{shown} differs from the config in force (edited since the daemon read it): `port-guard check --config {shown}` shows what a reload would change, `systemctl reload port-guard` applies it"
+        )),
+        Err(e) => Some(format!(
+            "{shown} cannot be used as it is ({e}): a reload would be refused and the config in force stays"
+        )),
+    }
 }
 
 #[derive(Debug, serde::Serialize)]
 pub struct SentinelStatus {
-    /// 0 when no netns has a sentinel now.
+    /// The port sentinels hold (the configured one where they could); 0 when no netns has a
+    /// sentinel now.
     pub port: u32,
-    /// The network namespaces where a sentinel holds the port: refused binds there get
+    /// The network namespaces where a sentinel holds its port: refused binds there get
     /// EADDRINUSE, elsewhere EPERM.
     pub held_in: Vec<String>,
+    /// Each of them with the port its sentinel holds (another than the configured one where a
+    /// socket held that first).
+    pub ports: Vec<SentinelPort>,
 }
 
-/// Where sentinels hold the port, from `PG_SENT_NETNS` (absent in pins of an older daemon).
-fn sentinel_status(pin: &PinDir, netns_name: impl Fn(u64) -> String) -> SentinelStatus {
-    let mut port = 0;
-    let mut held_in = Vec::new();
-    if let Ok(data) = aya::maps::MapData::from_pin(pin.file(port_guard_common::MAP_SENTINEL_NETNS))
-    {
-        if let Ok(map) = aya::maps::HashMap::<_, u64, u32>::try_from(aya::maps::Map::HashMap(data))
-        {
-            for (cookie, p) in map.iter().flatten() {
-                port = p;
-                held_in.push(netns_name(cookie));
-            }
-        }
+#[derive(Debug, serde::Serialize)]
+pub struct SentinelPort {
+    pub netns: String,
+    pub port: u16,
+}
+
+/// Where sentinels hold their port, from `PG_SENT_NETNS` (absent in pins of an older daemon).
+fn sentinel_status(maps: &Maps, netns_name: impl Fn(u64) -> String) -> SentinelStatus {
+    let mut ports: Vec<SentinelPort> = maps
+        .sentinel_netns_ports_by_cookie()
+        .into_iter()
+        .map(|(cookie, port)| SentinelPort {
+            netns: netns_name(cookie),
+            port,
+        })
+        .collect();
+    ports.sort_by(|a, b| a.netns.cmp(&b.netns));
+    // The port most of them hold, for the one-line summary.
+    let mut counts: std::collections::BTreeMap<u16, usize> = std::collections::BTreeMap::new();
+    for p in &ports {
+        *counts.entry(p.port).or_default() += 1;
     }
-    held_in.sort();
-    SentinelStatus { port, held_in }
+    let port = counts
+        .iter()
+        .max_by_key(|(_, n)| **n)
+        .map_or(0, |(p, _)| u32::from(*p));
+    SentinelStatus {
+        port,
+        held_in: ports.iter().map(|p| p.netns.clone()).collect(),
+        ports,
+    }
 }
 
 #[derive(Debug, serde::Serialize)]
@@ -105,9 +162,9 @@ pub struct DaemonStatus {
 }
 
 impl DaemonStatus {
-    fn from_record(pin: &PinDir) -> DaemonStatus {
-        let (record, error) = match DaemonRecord::load(pin.path()) {
-            Ok(r) => (r, None),
+    fn from_record(loaded: &Result<Option<DaemonRecord>, crate::error::IoError>) -> DaemonStatus {
+        let (record, error) = match loaded {
+            Ok(r) => (r.clone(), None),
             Err(e) => (None, Some(e.to_string())),
         };
         DaemonStatus {
@@ -196,6 +253,19 @@ pub struct RangeStatus {
     pub udp: Counters,
     /// Binds let through because their netns is not guarded.
     pub unguarded: u64,
+    /// The most sockets on the range one child of an allowed cgroup may hold (0: no limit).
+    pub per_child_limit: u32,
+    /// The units holding sockets on the range now (limited ranges only), most first.
+    pub shares: Vec<ShareStatus>,
+}
+
+/// One unit's share of a limited range.
+#[derive(Debug, serde::Serialize)]
+pub struct ShareStatus {
+    pub unit: String,
+    pub unit_id: u64,
+    pub held: u64,
+    pub limit: u32,
 }
 
 #[derive(Debug, serde::Serialize)]
@@ -332,78 +402,29 @@ fn links(
 /// Reads everything `status` shows from the pins.
 pub fn status(pin: &PinDir, cg: &Cgroup2) -> Result<Status, GuardError> {
     let maps = Maps::open(pin)?;
+    status_of(pin, cg, &maps, DaemonRecord::load(pin.path()))
+}
+
+/// [`status`] from maps and a daemon record already read.
+pub fn status_of(
+    pin: &PinDir,
+    cg: &Cgroup2,
+    maps: &Maps,
+    record: Result<Option<DaemonRecord>, crate::error::IoError>,
+) -> Result<Status, GuardError> {
     let settings = maps.settings()?;
     let mut names = CgroupNames::new(cg);
-    let allowed = maps.allowed()?;
+    let daemon = DaemonStatus::from_record(&record);
+    let record = record.ok().flatten();
+    let reserve = ranges(pin, cg, maps, record.as_ref(), &mut names)?;
     let mut total = Counters::default();
-    let mut unguarded_total = 0;
-    let mut reserve = Vec::new();
-    let daemon = DaemonStatus::from_record(pin);
-    let record = DaemonRecord::load(pin.path()).ok().flatten();
-    let since = crate::state::counters_since(pin.path());
-    for r in maps.ranges() {
-        let ids: Vec<u64> = allowed
-            .iter()
-            .filter(|(_, mask)| *mask & (1u64 << r.slot) != 0)
-            .map(|(id, _)| *id)
-            .collect();
-        let mut allow: Vec<String> = ids.iter().map(|id| names.name(*id)).collect();
-        allow.sort();
-        let configured = record
-            .as_ref()
-            .and_then(|rec| {
-                rec.ranges
-                    .iter()
-                    .find(|c| c.first == r.spec.range.first && c.last == r.spec.range.last)
-            })
-            .map(|c| c.allow.clone())
-            .unwrap_or_default();
-        let allow_configured = configured
-            .into_iter()
-            .map(|path| AllowedCgroup {
-                state: allowed_state(cg, &path, &ids),
-                path,
-            })
-            .collect();
-        let c = maps.counters(r.slot)?;
-        let counters = c.total();
-        total += counters;
-        let (ut, uu) = maps.unguarded(r.slot)?;
-        unguarded_total += ut + uu;
-        reserve.push(RangeStatus {
-            ports: r.spec.range.to_string(),
-            first: r.spec.range.first,
-            last: r.spec.range.last,
-            protocols: r.spec.protocols.names(),
-            allow,
-            allow_configured,
-            counters,
-            counters_since: since.get(&(r.spec.range.first, r.spec.range.last)).copied(),
-            tcp: c.tcp,
-            udp: c.udp,
-            unguarded: ut + uu,
-        });
+    for r in &reserve {
+        total += r.counters;
     }
-    let now = now_secs();
-    let boot = crate::leases::now_boot_secs();
-    let covered = |port: u16| reserve.iter().any(|r| r.first <= port && port <= r.last);
-    let leases: Vec<LeaseStatus> = maps
-        .leases()
-        .all()
-        .map_err(crate::maps::MapsError::from)?
-        .into_iter()
-        .map(|(port, l)| LeaseStatus {
-            port: port.into(),
-            cgroup: names.name(l.cgroup_id),
-            cgroup_id: l.cgroup_id,
-            since: l.since,
-            age_secs: now.saturating_sub(l.since),
-            in_range: covered(port),
-            until_empty: l.flags & port_guard_common::LEASE_UNTIL_EMPTY != 0,
-            expires_in_secs: (l.expires != 0).then(|| l.expires.saturating_sub(boot)),
-        })
-        .collect();
+    let unguarded_total = reserve.iter().map(|r| r.unguarded).sum();
+    let leases = lease_status(maps, &reserve, &mut names)?;
     let (links, disagreements) = links(pin, cg, &mut names, settings.attach_id);
+    let recorded = recorded_netns_names(pin);
     Ok(Status {
         pin_dir: pin.path().to_owned(),
         attached: links
@@ -432,43 +453,151 @@ pub fn status(pin: &PinDir, cg: &Cgroup2) -> Result<Status, GuardError> {
             .map(|e| e.label())
             .zip(maps.leases().ended())
             .collect(),
-        sentinel: settings.sentinel.then(|| {
-            let guarded = maps.guarded_netns().unwrap_or_default();
-            let recorded = recorded_netns_names(pin);
-            sentinel_status(pin, |cookie| {
-                guarded
-                    .get(&cookie)
-                    .map(|inode| {
-                        recorded
-                            .get(inode)
-                            .cloned()
-                            .unwrap_or_else(|| inode.to_string())
-                    })
-                    .unwrap_or_else(|| format!("netns cookie {cookie}"))
-            })
-        }),
-        netns: {
-            let recorded = recorded_netns_names(pin);
-            NetnsStatus {
-                scoped: settings.netns_scoped,
-                guarded: maps
-                    .guarded_netns()?
-                    .into_iter()
-                    .map(|(cookie, inode)| GuardedNetns {
-                        name: recorded
-                            .get(&inode)
-                            .cloned()
-                            .or_else(|| crate::netns::run_netns_name(inode))
-                            .unwrap_or_else(|| inode.to_string()),
-                        inode,
-                        cookie,
-                    })
-                    .collect(),
-                unguarded_binds: unguarded_total,
-            }
+        sentinel: settings.sentinel.then(|| sentinels(pin, maps, &recorded)),
+        config_drift: None,
+        netns: NetnsStatus {
+            scoped: settings.netns_scoped,
+            guarded: guarded_netns(maps, &recorded)?,
+            unguarded_binds: unguarded_total,
         },
         daemon,
     })
+}
+
+/// Each configured range: its allowed cgroups (in force and as configured), counters and shares.
+fn ranges(
+    pin: &PinDir,
+    cg: &Cgroup2,
+    maps: &Maps,
+    record: Option<&DaemonRecord>,
+    names: &mut CgroupNames<'_>,
+) -> Result<Vec<RangeStatus>, GuardError> {
+    let allowed = maps.allowed()?;
+    let since = crate::state::counters_since(pin.path());
+    let limits = maps.limits()?;
+    let shares = crate::maps::by_slot(&maps.shares()?);
+    let mut reserve = Vec::new();
+    for r in maps.ranges() {
+        let ids: Vec<u64> = allowed
+            .iter()
+            .filter(|(_, mask)| *mask & (1u64 << r.slot) != 0)
+            .map(|(id, _)| *id)
+            .collect();
+        let mut allow: Vec<String> = ids.iter().map(|id| names.name(*id)).collect();
+        allow.sort();
+        let configured = record
+            .and_then(|rec| {
+                rec.ranges
+                    .iter()
+                    .find(|c| c.first == r.spec.range.first && c.last == r.spec.range.last)
+            })
+            .map(|c| c.allow.clone())
+            .unwrap_or_default();
+        let allow_configured = configured
+            .into_iter()
+            .map(|path| AllowedCgroup {
+                state: allowed_state(cg, &path, &ids),
+                path,
+            })
+            .collect();
+        let c = maps.counters(r.slot)?;
+        let (ut, uu) = maps.unguarded(r.slot)?;
+        let limit = limits[r.slot as usize];
+        reserve.push(RangeStatus {
+            ports: r.spec.range.to_string(),
+            first: r.spec.range.first,
+            last: r.spec.range.last,
+            protocols: r.spec.protocols.names(),
+            allow,
+            allow_configured,
+            counters: c.total(),
+            counters_since: since.get(&(r.spec.range.first, r.spec.range.last)).copied(),
+            tcp: c.tcp,
+            udp: c.udp,
+            unguarded: ut + uu,
+            per_child_limit: limit,
+            shares: shares
+                .get(&r.slot)
+                .into_iter()
+                .flatten()
+                .map(|&(unit, held)| ShareStatus {
+                    unit: names.name(unit),
+                    unit_id: unit,
+                    held,
+                    limit,
+                })
+                .collect(),
+        });
+    }
+    Ok(reserve)
+}
+
+/// Every lease, named, and whether a range still covers its port.
+fn lease_status(
+    maps: &Maps,
+    reserve: &[RangeStatus],
+    names: &mut CgroupNames<'_>,
+) -> Result<Vec<LeaseStatus>, GuardError> {
+    let now = now_secs();
+    let boot = crate::leases::now_boot_secs();
+    let covered = |port: u16| reserve.iter().any(|r| r.first <= port && port <= r.last);
+    Ok(maps
+        .leases()
+        .all()
+        .map_err(crate::maps::MapsError::from)?
+        .into_iter()
+        .map(|(port, l)| LeaseStatus {
+            port: port.into(),
+            cgroup: names.name(l.cgroup_id),
+            cgroup_id: l.cgroup_id,
+            since: l.since,
+            age_secs: now.saturating_sub(l.since),
+            in_range: covered(port),
+            until_empty: l.flags & port_guard_common::LEASE_UNTIL_EMPTY != 0,
+            expires_in_secs: (l.expires != 0).then(|| l.expires.saturating_sub(boot)),
+        })
+        .collect())
+}
+
+/// Where sentinels hold their port, named.
+fn sentinels(
+    pin: &PinDir,
+    maps: &Maps,
+    recorded: &std::collections::HashMap<u64, String>,
+) -> SentinelStatus {
+    let guarded = maps.guarded_netns().unwrap_or_default();
+    let _ = pin;
+    sentinel_status(maps, |cookie| {
+        guarded
+            .get(&cookie)
+            .map(|inode| {
+                recorded
+                    .get(inode)
+                    .cloned()
+                    .unwrap_or_else(|| inode.to_string())
+            })
+            .unwrap_or_else(|| format!("netns cookie {cookie}"))
+    })
+}
+
+/// The guarded namespaces, named as the daemon recorded them (else by `ip netns`, else inode).
+fn guarded_netns(
+    maps: &Maps,
+    recorded: &std::collections::HashMap<u64, String>,
+) -> Result<Vec<GuardedNetns>, GuardError> {
+    Ok(maps
+        .guarded_netns()?
+        .into_iter()
+        .map(|(cookie, inode)| GuardedNetns {
+            name: recorded
+                .get(&inode)
+                .cloned()
+                .or_else(|| crate::netns::run_netns_name(inode))
+                .unwrap_or_else(|| inode.to_string()),
+            inode,
+            cookie,
+        })
+        .collect())
 }
 
 /// Where a configured allowed cgroup stands against the ids the guard allows.

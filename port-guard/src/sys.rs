@@ -433,6 +433,29 @@ pub fn prog_fd(id: u32) -> io::Result<OwnedFd> {
     }
 }
 
+const BPF_MAP_GET_FD_BY_ID: libc::c_long = 14;
+
+/// The id of the BPF object (map, program, link) behind `fd`: `id` is the second u32 of every
+/// `bpf_*_info`.
+pub fn obj_id(fd: std::os::fd::BorrowedFd<'_>) -> io::Result<u32> {
+    let mut info = [0u8; 8];
+    obj_info(fd, &mut info)?;
+    Ok(u32::from_ne_bytes(info[4..8].try_into().expect("4 bytes")))
+}
+
+/// An fd of map `id` (while something else keeps the map alive).
+pub fn map_fd(id: u32) -> io::Result<OwnedFd> {
+    let attr: [u32; 4] = [id, 0, 0, 0];
+    // SAFETY: a BPF_MAP_GET_FD_BY_ID attr.
+    unsafe {
+        bpf_fd(
+            BPF_MAP_GET_FD_BY_ID,
+            attr.as_ptr().cast(),
+            size_of_val(&attr),
+        )
+    }
+}
+
 /// The socket's cookie (SO_COOKIE): what `bpf_get_socket_cookie` returns for it.
 pub fn socket_cookie(sock: std::os::fd::BorrowedFd<'_>) -> io::Result<u64> {
     let mut cookie = 0u64;

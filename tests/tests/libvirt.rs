@@ -102,7 +102,15 @@ fn host_config(
         ("spawn_parent", format!("spawn_parent = \"{spawn_parent}\"")),
     ];
     for (k, v) in extra {
-        replace.push((k, format!("{k} = \"{v}\"")));
+        // A number is written as one; an empty value takes the key out (the file's default).
+        let line = if v.is_empty() {
+            format!("# {k}: left out by the test")
+        } else if v.parse::<u64>().is_ok() {
+            format!("{k} = {v}")
+        } else {
+            format!("{k} = \"{v}\"")
+        };
+        replace.push((k, line));
     }
     let mut seen = vec![0; replace.len()];
     let out: Vec<String> = text
@@ -197,7 +205,10 @@ impl Guard {
         eprintln!("[guard] {c:?} (stderr in {})", log.display());
         let child = c.spawn().expect("starting port-guard daemon");
         let mut g = Guard { child, log };
-        g.wait_for(0, "guard enforcing", START_TIMEOUT);
+        // "guard enforcing: …", or in audit mode "guard auditing (nothing is refused): …".
+        g.wait_line(0, "the start-up line", START_TIMEOUT, |l| {
+            l.contains("guard enforcing:") || l.contains("guard auditing")
+        });
         g
     }
 
@@ -882,6 +893,115 @@ fn a_storage_migration_takes_two_leased_ports_and_nothing_else_binds_them() {
     e.unload();
 }
 
+/// A qemu that a guest escaped into (an unprivileged process in another VM's cgroup on the
+/// destination) tries to hold the whole range. Without a per-child limit it does, and libvirt
+/// fails the migration ("Unable to find an unused port in range 'migration'"); with the docs'
+/// `per_child_limit = 2` it gets two ports, and plain and storage migrations go on, libvirt's own
+/// probes never refused.
+#[test]
+fn a_vm_that_holds_the_range_fails_migrations_without_a_limit_and_none_with_the_docs_limit() {
+    let Some(mut e) = Env::new_with("lv-share", (62780, 62799), Some(32)) else {
+        return;
+    };
+    let allow = e.docs_allow();
+    let unlimited = e.config_text(&allow, &[("per_child_limit", "")]);
+    e.start_guard(&unlimited, "enforce", &allow);
+    // Another VM on the destination, and the attacker in its qemu's cgroup.
+    let dest = e.pair.dest();
+    let evil_dom = format!("{}evil", e.pair.domain());
+    dest.create_domain(&evil_dom, 64, None)
+        .unwrap_or_else(|err| panic!("a second VM: {err}"));
+    let evil_cg = dest
+        .qemu_pid(&evil_dom)
+        .and_then(libvirt::cgroup_of)
+        .expect("the second VM's qemu cgroup");
+    assert!(evil_cg.starts_with("/machine/"), "{evil_cg}");
+    let evil_dir = cgroup2_mount().join(evil_cg.trim_start_matches('/'));
+    let grab = |e: &Env| {
+        let mut c = Command::new(env!("CARGO_BIN_EXE_pg-attack"));
+        c.arg("--cgroup")
+            .arg(&evil_dir)
+            .args(["--uid", "65534", "grab", "0.0.0.0", "tcp"])
+            .args([e.ports.0.to_string(), e.ports.1.to_string()])
+            .args(["8", "plain"])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .current_dir("/");
+        let mut child = c.spawn().unwrap();
+        let mut line = String::new();
+        std::io::BufRead::read_line(
+            &mut std::io::BufReader::new(child.stdout.as_mut().unwrap()),
+            &mut line,
+        )
+        .unwrap();
+        let v: Value = serde_json::from_str(&line).unwrap_or_else(|e| panic!("{line}: {e}"));
+        (child, v["ok"].as_array().unwrap().len())
+    };
+
+    // Before: no limit. The attacker holds every port and the migration fails.
+    let (mut attacker, held) = grab(&e);
+    assert_eq!(held, 20, "without a limit one VM holds the whole range");
+    let before = e.migrations("one VM holds the range, no limit", 1);
+    let _ = attacker.kill();
+    let _ = attacker.wait();
+    let err = before[0]
+        .result
+        .as_ref()
+        .expect_err("a migration with every port held");
+    assert!(
+        err.contains("Unable to find an unused port in range 'migration'"),
+        "{err}"
+    );
+
+    // After: the docs' config, per_child_limit = 2.
+    let docs = e.config_text(&allow, &[]);
+    assert!(docs.contains("\nper_child_limit = 2\n"), "{docs}");
+    let config = e.config.clone();
+    e.guard().reload(&config, &docs);
+    let (mut attacker, held) = grab(&e);
+    assert_eq!(held, 2, "with per_child_limit 2 the VM holds 2 ports");
+    let skip = e.guard().lines().len();
+    let plain = e.migrations("one VM holds its 2 ports, limit 2", 4);
+    let storage = e
+        .pair
+        .migrate_with("tcp://127.0.0.1", &["--copy-storage-all"]);
+    let _ = attacker.kill();
+    let _ = attacker.wait();
+    eprintln!(
+        "[measure] one VM's attacker: 20 of 20 ports held and the migration failed without a limit; 2 of 20 with per_child_limit 2: {}; storage migration {:?} in {} ms",
+        describe(&plain),
+        storage.result,
+        storage.took.as_millis()
+    );
+    assert!(
+        plain.iter().all(|m| m.result.is_ok()),
+        "migrations failed with the limit: {plain:#?}"
+    );
+    assert!(storage.result.is_ok(), "the storage migration: {storage:?}");
+    assert!(
+        e.pair.disk_head(1024 * 1024) == libvirt::disk_pattern(),
+        "the destination's disk does not hold the source's data"
+    );
+    let limited: Vec<String> = e
+        .guard()
+        .lines()
+        .into_iter()
+        .skip(skip)
+        .filter(|l| l.contains("reason=limit"))
+        .collect();
+    for l in &limited {
+        assert!(
+            l.contains(&format!("unit={}", evil_cg.trim_end_matches("/emulator"))),
+            "a refusal for the limit of another unit than the attacker's VM: {l}"
+        );
+    }
+    assert!(
+        limited.iter().all(|l| !l.contains("libvirtd")),
+        "libvirtd was refused for a limit: {limited:#?}"
+    );
+    e.unload();
+}
+
 #[test]
 fn audit_mode_refuses_nothing_and_logs_what_enforce_would_refuse() {
     let Some(mut e) = Env::new("lv-audit", (62740, 62759)) else {
@@ -940,7 +1060,7 @@ fn audit_mode_refuses_nothing_and_logs_what_enforce_would_refuse() {
         audit.iter().any(|l| l.contains(&format!("port={held}/tcp"))
             && l.contains("comm=pg-allocator")
             && l.contains(&who)
-            && l.contains("errno=EADDRINUSE")),
+            && l.contains(" would_errno=EADDRINUSE")),
         "{audit:#?}"
     );
     assert!(

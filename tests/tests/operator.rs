@@ -363,7 +363,7 @@ fn a_refused_reload_fails_port_guard_reload_and_shows_in_status_metrics_and_syst
     let mut cmd = daemon_cmd_from_file(&f, &["--mode", "audit", "--metrics-listen", &addr]);
     cmd.env("NOTIFY_SOCKET", &notify.path);
     let d = Daemon::spawn(cmd);
-    d.wait_for("guard enforcing", START_TIMEOUT);
+    d.wait_for("guard auditing", START_TIMEOUT);
     notify.wait_for("READY=1");
 
     // A good reload: `reload` says so, and the log names the flag that overrides the file.

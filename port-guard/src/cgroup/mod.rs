@@ -7,15 +7,15 @@
 
 mod names;
 mod path;
+mod walk;
 
 use std::{
-    collections::HashMap,
     fs, io,
     os::unix::fs::MetadataExt as _,
     path::{Path, PathBuf},
 };
 
-pub use names::CgroupNames;
+pub use names::{check_handles, CgroupNames, Reached};
 pub use path::CgroupPath;
 use port_guard_common::MAX_CGROUP_LEVEL;
 
@@ -152,11 +152,11 @@ impl Cgroup2 {
             })
     }
 
-    /// The path of the cgroup with id `id`, from its file handle (cgroupfs exports the id as a
-    /// kernfs handle): O(1) whatever the size of the tree. Ok(None) when no such cgroup exists;
-    /// an error when handles cannot be used here (no CAP_DAC_READ_SEARCH, an old kernel), where
-    /// [`Cgroup2::paths_by_id`] remains.
-    pub fn path_of(&self, id: u64) -> io::Result<Option<CgroupPath>> {
+    /// The directory of the cgroup with id `id`, from its file handle (cgroupfs exports the id
+    /// as a kernfs handle): O(1) whatever the size of the tree. Ok(None) when no such cgroup
+    /// exists; an error when handles cannot be used here (no CAP_DAC_READ_SEARCH, an old
+    /// kernel).
+    pub fn open_by_id(&self, id: u64) -> io::Result<Option<std::os::fd::OwnedFd>> {
         use std::os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd};
         #[repr(C)]
         struct KernfsHandle {
@@ -189,10 +189,30 @@ impl Cgroup2 {
             };
         }
         // SAFETY: a fresh fd nothing else owns.
-        let fd = unsafe { OwnedFd::from_raw_fd(fd as i32) };
-        let target = fs::read_link(format!("/proc/self/fd/{}", fd.as_raw_fd()))?;
+        Ok(Some(unsafe { OwnedFd::from_raw_fd(fd as i32) }))
+    }
+
+    /// The path of the cgroup with id `id`, from its file handle and the fd's link. Ok(None)
+    /// when no such cgroup exists; an error when handles cannot be used here, or when its path
+    /// is longer than PATH_MAX (it exists, but has no name this way).
+    pub fn path_of(&self, id: u64) -> io::Result<Option<CgroupPath>> {
+        let Some(fd) = self.open_by_id(id)? else {
+            return Ok(None);
+        };
+        self.path_of_fd(&fd)
+    }
+
+    /// The path of the cgroup directory `fd` (see [`Cgroup2::path_of`]).
+    pub fn path_of_fd(&self, fd: &std::os::fd::OwnedFd) -> io::Result<Option<CgroupPath>> {
+        use std::os::fd::AsRawFd as _;
+        let target = match fs::read_link(format!("/proc/self/fd/{}", fd.as_raw_fd())) {
+            Ok(t) => t,
+            Err(e) if e.raw_os_error() == Some(libc::ENAMETOOLONG) => {
+                return Err(io::Error::other("its path is longer than PATH_MAX"))
+            }
+            Err(e) => return Err(e),
+        };
         let Ok(rel) = target.strip_prefix(&self.mount) else {
-            // Reached through another mount of cgroup2: fall back to the walk.
             return Err(io::Error::other(format!(
                 "{} is not below {}",
                 target.display(),
@@ -200,54 +220,69 @@ impl Cgroup2 {
             )));
         };
         let Some(rel) = rel.to_str() else {
-            return Ok(None);
+            return Err(io::Error::other("its path is not UTF-8"));
         };
         if rel.ends_with(" (deleted)") {
             return Ok(None);
         }
         Ok(format!("/{rel}").parse().ok())
     }
+}
 
-    /// Every cgroup below the mount, by id. Walks the tree: call it when an id is not in a cache.
-    /// A directory that vanishes during the walk is skipped (it is gone); any other failure
-    /// fails the walk, which would otherwise miss cgroups that exist.
-    pub fn paths_by_id(&self) -> Result<HashMap<u64, CgroupPath>, IoError> {
-        let mut out = HashMap::new();
-        let mut stack = vec![(self.mount.clone(), CgroupPath::root())];
-        let gone = |e: &io::Error| e.kind() == io::ErrorKind::NotFound;
-        while let Some((dir, path)) = stack.pop() {
-            match fs::symlink_metadata(&dir) {
-                Ok(m) => {
-                    out.insert(m.ino(), path.clone());
-                }
-                Err(e) if gone(&e) => continue,
-                Err(e) => return Err(IoError::new("stat", dir, e)),
-            }
-            let entries = match fs::read_dir(&dir) {
-                Ok(entries) => entries,
-                Err(e) if gone(&e) => continue,
-                Err(e) => return Err(IoError::new("read cgroup", dir, e)),
-            };
-            for entry in entries {
-                let entry = entry.at("read cgroup", &dir)?;
-                let ft = match entry.file_type() {
-                    Ok(ft) => ft,
-                    Err(e) if gone(&e) => continue,
-                    Err(e) => return Err(IoError::new("stat", entry.path(), e)),
-                };
-                if !ft.is_dir() {
-                    continue;
-                }
-                let Some(name) = entry.file_name().to_str().map(str::to_owned) else {
-                    continue;
-                };
-                if let Ok(child) = path.join(&name) {
-                    stack.push((entry.path(), child));
-                }
-            }
+/// What a cgroup's `cgroup.events` says, read through its directory fd: Ok(None) only when the
+/// cgroup is gone (ENOENT or ENODEV: removed while held), else whether it has processes.
+pub fn populated_at(dir: &std::os::fd::OwnedFd) -> io::Result<Option<bool>> {
+    let text = match read_at(dir, "cgroup.events") {
+        Ok(t) => t,
+        Err(e) if e.kind() == io::ErrorKind::NotFound || e.raw_os_error() == Some(libc::ENODEV) => {
+            return Ok(None)
         }
-        Ok(out)
+        Err(e) => return Err(e),
+    };
+    match text.lines().find_map(|l| l.strip_prefix("populated ")) {
+        Some(v) => Ok(Some(v.trim() == "1")),
+        None => Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            "cgroup.events has no `populated` line",
+        )),
     }
+}
+
+/// The CPU time spent in the cgroup `dir` and below (`cpu.stat` usage_usec).
+pub fn cpu_usec_at(dir: &std::os::fd::OwnedFd) -> io::Result<u64> {
+    read_at(dir, "cpu.stat")?
+        .lines()
+        .find_map(|l| l.strip_prefix("usage_usec "))
+        .and_then(|v| v.trim().parse().ok())
+        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, "no `usage_usec` line"))
+}
+
+/// The id (inode) of the cgroup directory `dir`, and of its parent.
+pub fn ids_at(dir: &std::os::fd::OwnedFd) -> io::Result<(u64, u64)> {
+    use std::os::fd::AsRawFd as _;
+    let me = fs::metadata(format!("/proc/self/fd/{}", dir.as_raw_fd()))?.ino();
+    let parent = fs::metadata(format!("/proc/self/fd/{}/..", dir.as_raw_fd()))?.ino();
+    Ok((me, parent))
+}
+
+/// Reads the file `name` of the cgroup directory `dir` (openat, never through a link).
+fn read_at(dir: &std::os::fd::OwnedFd, name: &str) -> io::Result<String> {
+    use std::os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd};
+    let c = std::ffi::CString::new(name).map_err(io::Error::other)?;
+    // SAFETY: a valid dir fd and C string.
+    let fd = unsafe {
+        libc::openat(
+            dir.as_raw_fd(),
+            c.as_ptr(),
+            libc::O_RDONLY | libc::O_NOFOLLOW | libc::O_CLOEXEC,
+        )
+    };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: a fresh fd nothing else owns.
+    let f = fs::File::from(unsafe { OwnedFd::from_raw_fd(fd) });
+    io::read_to_string(f)
 }
 
 /// The mount point of the first cgroup2 filesystem in a mountinfo text.

@@ -10,6 +10,7 @@ use crate::{
     config::{build_policy, check_cgroups, ConfigFile},
     conflicts::{self, View},
     pin::PinDir,
+    policy::Policy,
     probe,
 };
 
@@ -52,181 +53,202 @@ struct Features {
     sentinel: bool,
 }
 
-/// Exit status: 0 when the preflight passes and nothing conflicts, 1 otherwise.
-pub fn run(pin: &PinDir, config: Option<&Path>, json: bool) -> Result<ExitCode> {
-    let mut preflight = Vec::new();
-    probe::raise_memlock();
-    let features = match probe::probe() {
-        Ok(f) => {
-            preflight.push(Item {
-                name: "bpf",
-                ok: true,
-                warning: false,
-                detail: "cgroup bind programs load".into(),
-            });
-            Some(f)
+/// What `check` reads of a loaded guard, once: its maps, the daemon's record, its status.
+struct Loaded {
+    maps: Option<crate::maps::Maps>,
+    record: Option<crate::state::DaemonRecord>,
+    status: Option<crate::status::Status>,
+}
+
+impl Loaded {
+    fn read(pin: &PinDir, cg: Option<&Cgroup2>) -> Loaded {
+        let maps = pin
+            .exists()
+            .then(|| crate::maps::Maps::open(pin).ok())
+            .flatten();
+        let record = crate::state::DaemonRecord::load(pin.path()).ok().flatten();
+        let status = match (&maps, cg) {
+            (Some(m), Some(c)) => crate::status::status_of(pin, c, m, Ok(record.clone())).ok(),
+            _ => None,
+        };
+        Loaded {
+            maps,
+            record,
+            status,
         }
-        Err(e) => {
-            preflight.push(Item {
-                name: "bpf",
-                ok: false,
-                warning: false,
-                detail: format!("{:#}", anyhow::Error::new(e)),
-            });
-            None
-        }
-    };
-    let cg = Cgroup2::find();
-    preflight.push(match &cg {
-        Ok(c) => Item {
-            name: "cgroup2",
-            ok: true,
-            warning: false,
-            detail: format!("mounted at {}", c.mount().display()),
-        },
-        Err(e) => Item {
-            name: "cgroup2",
-            ok: false,
-            warning: false,
-            detail: e.to_string(),
-        },
-    });
-    let bpffs = crate::pin::bpffs_state(pin);
-    preflight.push(Item {
-        name: "bpffs",
-        ok: bpffs.0,
-        warning: false,
-        detail: bpffs.1,
-    });
-    let btf = Path::new("/sys/kernel/btf/vmlinux").exists();
-    preflight.push(Item {
-        name: "btf",
-        ok: true,
-        warning: false,
-        detail: if btf {
-            "present (not required)".into()
-        } else {
-            "absent (not required: the programs use no CO-RE)".into()
-        },
-    });
-    let (file, path) = ConfigFile::load(config)?;
-    // Merged with the daemon's command-line flags (as it last started), as its reload would.
-    let record = crate::state::DaemonRecord::load(pin.path()).ok().flatten();
-    let flags = record.as_ref().map(|r| r.flags.clone()).unwrap_or_default();
-    let policy = build_policy(&file, path.as_deref(), &flags)?;
-    let overriding = flags.overriding(&file);
-    if !overriding.is_empty() {
-        preflight.push(Item {
-            name: "config",
-            ok: true,
-            warning: true,
-            detail: format!(
-                "the daemon's command-line flags override the file: {} (a reload keeps them)",
-                overriding.join(", ")
-            ),
+    }
+}
+
+/// The checks so far.
+#[derive(Default)]
+struct Preflight(Vec<Item>);
+
+impl Preflight {
+    fn push(&mut self, name: &'static str, ok: bool, warning: bool, detail: String) {
+        self.0.push(Item {
+            name,
+            ok,
+            warning,
+            detail,
         });
     }
+
+    fn warn(&mut self, name: &'static str, detail: String) {
+        self.push(name, true, true, detail);
+    }
+
+    /// The kernel loads the programs: its features, or a FAIL.
+    fn bpf(&mut self) -> Option<probe::Features> {
+        probe::raise_memlock();
+        match probe::probe() {
+            Ok(f) => {
+                self.push("bpf", true, false, "cgroup bind programs load".into());
+                Some(f)
+            }
+            Err(e) => {
+                self.push("bpf", false, false, format!("{:#}", anyhow::Error::new(e)));
+                None
+            }
+        }
+    }
+
+    fn cgroup2(&mut self) -> Option<Cgroup2> {
+        match Cgroup2::find() {
+            Ok(c) => {
+                self.push(
+                    "cgroup2",
+                    true,
+                    false,
+                    format!("mounted at {}", c.mount().display()),
+                );
+                Some(c)
+            }
+            Err(e) => {
+                self.push("cgroup2", false, false, e.to_string());
+                None
+            }
+        }
+    }
+
+    fn filesystems(&mut self, pin: &PinDir) {
+        let (ok, detail) = crate::pin::bpffs_state(pin);
+        self.push("bpffs", ok, false, detail);
+        let btf = Path::new("/sys/kernel/btf/vmlinux").exists();
+        self.push(
+            "btf",
+            true,
+            false,
+            if btf {
+                "present (not required)".into()
+            } else {
+                "absent (not required: the programs use no CO-RE)".into()
+            },
+        );
+    }
+
+    /// The config as the daemon would merge it (with its recorded flags): its warnings.
+    fn config(
+        &mut self,
+        policy: &Policy,
+        named: &str,
+        overriding: &[String],
+        cg: Option<&Cgroup2>,
+    ) {
+        if !overriding.is_empty() {
+            self.warn(
+                "config",
+                format!(
+                    "the daemon's command-line flags override the file: {} (a reload keeps them)",
+                    overriding.join(", ")
+                ),
+            );
+        }
+        if let Some(c) = cg {
+            match check_cgroups(policy, c) {
+                Ok(missing) => {
+                    for m in missing {
+                        self.warn("config", format!("{named}: allowed cgroup {m} does not exist yet (allowed as soon as it appears; check its spelling)"));
+                    }
+                }
+                Err(e) => self.push("config", false, false, format!("{named}: {e}")),
+            }
+        }
+        if policy.reserve.iter().all(|r| r.allow.is_empty()) {
+            self.warn("config", format!("{named}: no range allows any cgroup: only leases (spawn, lease) may bind the reserved ports; on a libvirt host its migrations would be refused"));
+        }
+        if !policy.protect_ephemeral {
+            self.warn("ephemeral", "protect_ephemeral = false: a process the guard refuses can still get a reserved port the kernel picks for it (connect(), sendto(), bind() to port 0)".into());
+        }
+    }
+
+    /// What a reload of `policy` would change against the loaded guard, and refuse.
+    fn plan(
+        &mut self,
+        policy: &Policy,
+        status: Option<&crate::status::Status>,
+    ) -> Option<Vec<String>> {
+        let p = crate::plan::plan(policy, status?);
+        for problem in p.problems {
+            self.push("reload", !problem.fatal, !problem.fatal, problem.detail);
+        }
+        Some(p.changes)
+    }
+
+    /// The errno the kernel can give, and what it falls back to.
+    fn errno(&mut self, features: Option<probe::Features>, policy: &Policy) -> Vec<String> {
+        let Some(f) = features else {
+            return Vec::new();
+        };
+        if let Err(e) = f.check(policy) {
+            self.push("errno", false, false, e.0);
+        }
+        f.fallbacks()
+    }
+}
+
+/// Exit status: 0 when the preflight passes and nothing conflicts, 1 otherwise.
+pub fn run(pin: &PinDir, config: Option<&Path>, json: bool) -> Result<ExitCode> {
+    let mut preflight = Preflight::default();
+    let features = preflight.bpf();
+    let cg = preflight.cgroup2();
+    preflight.filesystems(pin);
+    let loaded = Loaded::read(pin, cg.as_ref());
+    // Merged with the daemon's command-line flags (as it last started), as its reload would.
+    let (file, path) = ConfigFile::load(config)?;
+    let flags = loaded
+        .record
+        .as_ref()
+        .map(|r| r.flags.clone())
+        .unwrap_or_default();
+    let policy = build_policy(&file, path.as_deref(), &flags)?;
     let named = path
         .as_deref()
         .map_or("the defaults (no config file)".to_owned(), |p| {
             p.display().to_string()
         });
-    if let Ok(c) = &cg {
-        match check_cgroups(&policy, c) {
-            Ok(missing) => {
-                for m in missing {
-                    preflight.push(Item {
-                        name: "config",
-                        ok: true,
-                        warning: true,
-                        detail: format!("{named}: allowed cgroup {m} does not exist yet (allowed as soon as it appears; check its spelling)"),
-                    });
-                }
-            }
-            Err(e) => preflight.push(Item {
-                name: "config",
-                ok: false,
-                warning: false,
-                detail: format!("{named}: {e}"),
-            }),
-        }
-    }
-    if policy.reserve.iter().all(|r| r.allow.is_empty()) {
-        preflight.push(Item {
-            name: "config",
-            ok: true,
-            warning: true,
-            detail: format!("{named}: no range allows any cgroup: only leases (spawn, lease) may bind the reserved ports; on a libvirt host its migrations would be refused"),
-        });
-    }
-    // Against the loaded guard: what a reload would change, and what it would refuse.
-    let loaded = cg
-        .as_ref()
-        .ok()
-        .filter(|_| pin.exists())
-        .and_then(|c| crate::status::status(pin, c).ok());
-    let changes = loaded.as_ref().map(|s| {
-        let p = crate::plan::plan(&policy, s);
-        for problem in p.problems {
-            preflight.push(Item {
-                name: "reload",
-                ok: !problem.fatal,
-                warning: !problem.fatal,
-                detail: problem.detail,
-            });
-        }
-        p.changes
-    });
-    if !policy.protect_ephemeral {
-        preflight.push(Item {
-            name: "ephemeral",
-            ok: true,
-            warning: true,
-            detail: "protect_ephemeral = false: a process the guard refuses can still get a reserved port the kernel picks for it (connect(), sendto(), bind() to port 0)".into(),
-        });
-    }
+    preflight.config(&policy, &named, &flags.overriding(&file), cg.as_ref());
+    let changes = preflight.plan(&policy, loaded.status.as_ref());
     if let Some(f) = features.filter(|f| f.uses_sentinel(&policy)) {
-        preflight.push(sentinel_item(f, policy.sentinel_port));
+        preflight
+            .0
+            .push(sentinel_item(f, policy.sentinel_port, loaded.maps.as_ref()));
     }
-    let fallbacks = match features {
-        Some(f) => {
-            if let Err(e) = f.check(&policy) {
-                preflight.push(Item {
-                    name: "errno",
-                    ok: false,
-                    warning: false,
-                    detail: e.0,
-                });
-            }
-            f.fallbacks()
-        }
-        None => Vec::new(),
-    };
+    let fallbacks = preflight.errno(features, &policy);
     // The file's ranges when one is named; else the loaded guard's, if any.
-    let view = cg
-        .as_ref()
-        .ok()
-        .filter(|_| config.is_none())
-        .and_then(|c| View::from_pins(pin, c))
-        .unwrap_or_else(|| View::from_policy(&policy));
+    let view = match (&cg, &loaded.maps) {
+        (Some(c), Some(m)) if config.is_none() => View::from_maps(m, c).ok(),
+        _ => None,
+    }
+    .unwrap_or_else(|| View::from_policy(&policy));
     let (scan, holders, netns_notes) = conflicts::find_in(&view, &policy.netns);
     for note in netns_notes {
-        preflight.push(Item {
-            name: "netns",
-            ok: true,
-            warning: true,
-            detail: note,
-        });
+        preflight.warn("netns", note);
     }
     if !scan.bound_inactive_visible {
-        preflight.push(Item {
-            name: "sockets",
-            ok: true,
-            warning: false,
-            detail: format!("read from {}: TCP sockets bound but not listening are not visible on this kernel (needs sock_diag, 6.8+)", scan.source),
-        });
+        preflight.push("sockets", true, false, format!("read from {}: TCP sockets bound but not listening are not visible on this kernel (needs sock_diag, 6.8+)", scan.source));
     }
     let conflicts = holders.iter().filter(|h| h.would_refuse).count();
+    let preflight = preflight.0;
     let ok = preflight.iter().all(|i| i.ok) && conflicts == 0;
     let report = Report {
         kernel: std::fs::read_to_string("/proc/sys/kernel/osrelease")
@@ -316,13 +338,16 @@ fn render(r: &Report, view: &View) -> String {
                 h.family.trim_start_matches("ip"),
                 h.state,
                 h.pid.map(|p| p.to_string()).unwrap_or("?".into()),
-                h.command.as_deref().unwrap_or("?"),
-                h.cgroup.as_deref().unwrap_or("?"),
-                h.netns,
+                shown(h.command.as_deref()),
+                shown(h.cgroup.as_deref()),
+                shown(Some(&h.netns)),
                 if h.would_refuse {
-                    format!("CONFLICT: would refuse ({})", h.reason)
+                    format!("CONFLICT: would refuse ({})", escaped(&h.reason))
                 } else {
-                    format!("ok ({})", h.reason)
+                    match &h.unit {
+                        Some(u) => format!("ok ({}; unit {})", escaped(&h.reason), shown(Some(u))),
+                        None => format!("ok ({})", escaped(&h.reason)),
+                    }
                 },
             );
         }
@@ -342,26 +367,85 @@ fn render(r: &Report, view: &View) -> String {
     out
 }
 
-/// Who holds the sentinel port in this netns: the daemon (its sentinel), nobody (the daemon
-/// takes it when it starts), or someone else (refused binds here get EPERM while they do).
-fn sentinel_item(f: probe::Features, port: u16) -> Item {
+/// A value a process chose (its comm, its cgroup's name), for the table: quoted and escaped as
+/// the log lines do, so that no terminal escape or field can be forged.
+fn shown(v: Option<&str>) -> String {
+    v.map_or("?".into(), |v| crate::logfmt::value(v).into_owned())
+}
+
+/// A sentence that may hold such values: control characters escaped.
+fn escaped(s: &str) -> String {
+    s.chars()
+        .flat_map(|c| {
+            if c.is_control() {
+                c.escape_default().collect::<Vec<_>>()
+            } else {
+                vec![c]
+            }
+        })
+        .collect()
+}
+
+/// Who holds the sentinel port in this netns. Sentinels are told by their socket cookies
+/// (`PG_SENTINELS` of the loaded guard), never by a process name anyone can choose. Someone
+/// else on the port: the daemon takes the nearest free port below it instead (where a guard is
+/// loaded, its sentinel may already have).
+fn sentinel_item(f: probe::Features, port: u16, maps: Option<&crate::maps::Maps>) -> Item {
+    let ours = maps.map(|m| m.sentinel_cookies()).unwrap_or_default();
+    let taken_instead = maps
+        .and_then(|m| m.sentinel_netns_ports().ok())
+        .unwrap_or_default();
     let scan = crate::sockets::scan(|p, _| p == port);
     let others: Vec<String> = scan
         .sockets
         .iter()
-        .flat_map(|s| s.owners.iter().map(move |o| (s, o)))
-        // The daemon's sentinel, or its sockets kept in the service manager's fd store.
-        .filter(|(_, o)| o.command != "port-guard" && o.pid != 1)
-        .map(|(s, o)| format!("{}/{} by pid {} ({})", s.port, s.protocol, o.pid, o.command))
+        .filter(|s| !ours.contains(&s.cookie))
+        .flat_map(|s| {
+            let owners: Vec<String> = if s.owners.is_empty() {
+                vec![format!("{}/{} (owner unknown)", s.port, s.protocol)]
+            } else {
+                s.owners
+                    .iter()
+                    .map(|o| {
+                        format!(
+                            "{}/{} by pid {} ({})",
+                            s.port,
+                            s.protocol,
+                            o.pid,
+                            shown(Some(&o.command))
+                        )
+                    })
+                    .collect()
+            };
+            owners
+        })
         .collect();
+    let how = if f.set_retval {
+        "forced with PORT_GUARD_SENTINEL=force"
+    } else {
+        "this kernel cannot set their errno"
+    };
     if !others.is_empty() {
+        let instead: Vec<String> = taken_instead
+            .iter()
+            .filter(|p| **p != port)
+            .map(u16::to_string)
+            .collect();
         return Item {
             name: "sentinel",
             ok: true,
             warning: true,
             detail: format!(
-                "the sentinel port {port} is held by {}: the daemon cannot hold it, and refused binds here get EPERM instead of EADDRINUSE until it can (choose another sentinel_port, or stop that process)",
-                others.join(", ")
+                "the sentinel port {port} is held by {}: {} (refused binds still get EADDRINUSE)",
+                others.join(", "),
+                if instead.is_empty() {
+                    "the daemon's sentinel takes the nearest free port below it".to_owned()
+                } else {
+                    format!(
+                        "the daemon's sentinel holds port {} in its place",
+                        instead.join(", ")
+                    )
+                }
             ),
         };
     }
@@ -371,15 +455,10 @@ fn sentinel_item(f: probe::Features, port: u16) -> Item {
         warning: false,
         detail: if scan.sockets.is_empty() {
             format!(
-                "port {port} is free: the daemon holds it to give refused binds EADDRINUSE ({})",
-                if f.set_retval {
-                    "forced with PORT_GUARD_SENTINEL=force"
-                } else {
-                    "this kernel cannot set their errno"
-                }
+                "port {port} is free: the daemon holds it to give refused binds EADDRINUSE ({how})"
             )
         } else {
-            format!("port {port} is held by the daemon's sentinel (or the service manager keeps it between two daemons): refused binds get EADDRINUSE")
+            format!("port {port} is held by the daemon's sentinel (its socket cookies are the guard's): refused binds get EADDRINUSE")
         },
     }
 }

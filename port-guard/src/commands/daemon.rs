@@ -25,7 +25,10 @@ pub fn run(pin: &PinDir, config: Option<&Path>, args: DaemonArgs) -> Result<()> 
             spawn_parent: args.spawn_parent,
             netns: args.netns,
             sentinel_port: args.sentinel_port,
+            per_child_limit: args.per_child_limit,
+            metrics_listen: args.metrics_listen,
+            metrics_textfile: args.metrics_textfile,
         },
     };
-    daemon::run(pin, source, args.metrics_listen, args.unload_on_exit)
+    daemon::run(pin, source, args.unload_on_exit)
 }

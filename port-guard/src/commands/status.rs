@@ -1,10 +1,16 @@
-//! `port-guard status`: the guard as the kernel holds it, the daemon as it recorded itself.
+//! `port-guard status`: the guard as the kernel holds it, the daemon as it recorded itself, and
+//! whether the config file on disk is the one in force.
 //!
-//! Exit status (documented in the man page): 0 when the guard is attached, a daemon runs and its
-//! last reload (if any) succeeded; 3 when the guard is loaded but its links are not attached
-//! (binds are not checked); 4 when it is attached but no daemon runs (ended VMs' leases are not
-//! reaped and allowed cgroups that appear are not allowed); 5 when the daemon's last reload was
-//! refused (the previous config is in force); 1 when no guard is loaded or status cannot be read.
+//! Exit status (documented in the man page): 0 when the guard is attached, a daemon runs, its
+//! last reload (if any) succeeded and the config on disk is the one in force; 3 when the guard is
+//! loaded but its links are not attached (binds are not checked); 4 when it is attached but no
+//! daemon runs (ended VMs' leases are not reaped and allowed cgroups that appear are not
+//! allowed); 5 when the daemon's last reload was refused (the previous config is in force); 6
+//! when the config on disk is not the one in force (edited and not reloaded, or a reload would
+//! be refused); 1 when no guard is loaded or status cannot be read.
+//!
+//! `--prometheus` prints the guard's state as metrics instead, from the pins alone (and the
+//! daemon's last counts), for a textfile collector while no daemon runs.
 
 use std::process::ExitCode;
 
@@ -21,14 +27,53 @@ use crate::{
 pub const EXIT_NOT_ATTACHED: u8 = 3;
 pub const EXIT_NO_DAEMON: u8 = 4;
 pub const EXIT_RELOAD_FAILED: u8 = 5;
+pub const EXIT_CONFIG_DRIFT: u8 = 6;
 
-pub fn run(pin: &PinDir, json: bool) -> Result<ExitCode> {
+/// What `status` prints.
+pub enum Output {
+    Table,
+    Json,
+    /// Metrics, to stdout or into a file.
+    Prometheus(Option<std::path::PathBuf>),
+}
+
+impl Output {
+    pub fn of(json: bool, prometheus: bool, textfile: Option<std::path::PathBuf>) -> Output {
+        match (json, prometheus) {
+            (_, true) => Output::Prometheus(textfile),
+            (true, false) => Output::Json,
+            _ => Output::Table,
+        }
+    }
+}
+
+pub fn run(pin: &PinDir, config: Option<&std::path::Path>, out: Output) -> Result<ExitCode> {
     let cg = Cgroup2::find()?;
-    let s = status::status(pin, &cg)?;
-    if json {
-        println!("{}", serde_json::to_string_pretty(&s)?);
-    } else {
-        print!("{}", render(&s));
+    let mut s = status::status(pin, &cg)?;
+    s.config_drift = status::config_drift(pin, config, &s);
+    match out {
+        Output::Json => println!("{}", serde_json::to_string_pretty(&s)?),
+        Output::Table => print!("{}", render(&s)),
+        Output::Prometheus(file) => {
+            let maps = crate::maps::Maps::open(pin)?;
+            let last = crate::state::load_stats(pin.path());
+            let text = crate::metrics::render(&maps, s.attached, None, last.as_ref())?;
+            let text = text.replace(
+                "port_guard_daemon_up 0",
+                &format!("port_guard_daemon_up {}", u8::from(s.daemon.running)),
+            );
+            match file {
+                Some(path) => {
+                    crate::metrics::textfile::check_path(&path).map_err(anyhow::Error::msg)?;
+                    crate::metrics::textfile::write(&path, &text).map_err(|e| {
+                        anyhow::anyhow!("writing the metrics to {}: {e}", path.display())
+                    })?;
+                }
+                None => print!("{text}"),
+            }
+            // Metrics are for a collector: their exit status says only whether they were read.
+            return Ok(ExitCode::SUCCESS);
+        }
     }
     Ok(ExitCode::from(exit_code(&s)))
 }
@@ -41,6 +86,8 @@ pub fn exit_code(s: &Status) -> u8 {
         EXIT_NO_DAEMON
     } else if s.daemon.last_reload.as_ref().is_some_and(|r| !r.ok) {
         EXIT_RELOAD_FAILED
+    } else if s.config_drift.is_some() {
+        EXIT_CONFIG_DRIFT
     } else {
         0
     }
@@ -117,14 +164,26 @@ fn netns(s: &Status) -> String {
         .join(", ")
 }
 
-/// The human table.
+/// The human table: the guard's settings, its ranges, the shares of the limited ones, the
+/// leases.
 pub fn render(s: &Status) -> String {
-    let mut out = String::new();
-    let errno = match &s.sentinel {
+    let mut out = header(s);
+    out += &ranges(s);
+    out += &shares(s);
+    out += &leases(s);
+    out
+}
+
+/// What refused binds get, in words.
+fn errno_line(s: &Status) -> String {
+    match &s.sentinel {
         Some(st) if s.errno == "eaddrinuse" && !st.held_in.is_empty() => format!(
-            "eaddrinuse (through the sentinel port {}, held in {}; eperm in other namespaces)",
-            st.port,
-            st.held_in.join(", ")
+            "eaddrinuse (through the sentinel port {}; eperm in other namespaces)",
+            st.ports
+                .iter()
+                .map(|p| format!("{} in {}", p.port, p.netns))
+                .collect::<Vec<_>>()
+                .join(", ")
         ),
         Some(_) if s.errno == "eaddrinuse" && !s.kernel_sets_errno => {
             "eaddrinuse wanted, eperm given: no sentinel holds its port now (is the daemon running?)"
@@ -132,8 +191,11 @@ pub fn render(s: &Status) -> String {
         }
         _ if s.errno == s.effective_errno => s.errno.to_owned(),
         _ => format!("{} (this kernel gives {})", s.errno, s.effective_errno),
-    };
-    out += &format!(
+    }
+}
+
+fn header(s: &Status) -> String {
+    let mut out = format!(
         "guard:     {}\ndaemon:    {}\npin dir:   {}\nattach:    {}\nnetns:     {}\nmode:      {}\nerrno:     {}\nephemeral: {}\nspawn:     {}\n",
         if s.attached { "attached" } else { "NOT ATTACHED: binds are not checked" },
         daemon(s),
@@ -141,37 +203,48 @@ pub fn render(s: &Status) -> String {
         s.attach,
         netns(s),
         s.mode,
-        errno,
+        errno_line(s),
         if s.protect_ephemeral { "protected" } else { "not protected" },
         if s.spawn_parent.is_empty() { "-" } else { &s.spawn_parent },
     );
+    if let Some(d) = &s.config_drift {
+        out += &format!("config:    NOT IN FORCE: {d}\n");
+    }
     for d in &s.disagreements {
         out += &format!("  ! {d}\n");
     }
-    out += &format!(
+    out
+}
+
+/// A range's allowed cgroups as configured, with each one's state; else (no record) what the
+/// guard allows.
+fn allowed(r: &crate::status::RangeStatus) -> String {
+    if !r.allow_configured.is_empty() {
+        r.allow_configured
+            .iter()
+            .map(|a| {
+                if a.state == "allowed" {
+                    a.path.clone()
+                } else {
+                    format!("{} ({})", a.path, a.state.to_uppercase())
+                }
+            })
+            .collect::<Vec<_>>()
+            .join(", ")
+    } else if r.allow.is_empty() {
+        "- (none: only leases may bind)".to_owned()
+    } else {
+        r.allow.join(", ")
+    }
+}
+
+fn ranges(s: &Status) -> String {
+    let mut out = format!(
         "\n{:<13} {:<8} {:>8} {:>8} {:>8} {:>8}  {}\n",
         "RANGE", "PROTO", "ALLOWED", "DENIED", "AUDITED", "SINCE", "ALLOWED CGROUPS"
     );
     let now = now_secs();
     for r in &s.reserve {
-        // As configured, with each one's state; else (no record) what the guard allows.
-        let allow = if !r.allow_configured.is_empty() {
-            r.allow_configured
-                .iter()
-                .map(|a| {
-                    if a.state == "allowed" {
-                        a.path.clone()
-                    } else {
-                        format!("{} ({})", a.path, a.state.to_uppercase())
-                    }
-                })
-                .collect::<Vec<_>>()
-                .join(", ")
-        } else if r.allow.is_empty() {
-            "- (none: only leases may bind)".to_owned()
-        } else {
-            r.allow.join(", ")
-        };
         out += &format!(
             "{:<13} {:<8} {:>8} {:>8} {:>8} {:>8}  {}\n",
             r.ports,
@@ -181,7 +254,7 @@ pub fn render(s: &Status) -> String {
             r.counters.audited,
             r.counters_since
                 .map_or("?".to_owned(), |t| age(now.saturating_sub(t))),
-            allow,
+            allowed(r),
         );
     }
     if s.netns.unguarded_binds > 0 {
@@ -196,7 +269,56 @@ pub fn render(s: &Status) -> String {
             s.events_lost
         );
     }
-    out += &format!(
+    out
+}
+
+/// Per limited range: the units holding its ports, busiest first.
+fn shares(s: &Status) -> String {
+    let limited: Vec<_> = s
+        .reserve
+        .iter()
+        .filter(|r| r.per_child_limit != 0)
+        .collect();
+    if limited.is_empty() {
+        return String::new();
+    }
+    let mut out = format!(
+        "\n{:<13} {:>5} {:>7} {:>8}  {}\n",
+        "SHARES", "LIMIT", "HELD", "REFUSED", "UNIT"
+    );
+    for r in limited {
+        let refused = if s.mode == "audit" {
+            "-".to_owned()
+        } else {
+            r.counters.limited.to_string()
+        };
+        if r.shares.is_empty() {
+            out += &format!(
+                "{:<13} {:>5} {:>7} {:>8}  (no unit holds a port)\n",
+                r.ports, r.per_child_limit, 0, refused
+            );
+        }
+        for (i, sh) in r.shares.iter().enumerate() {
+            let at_limit = if sh.held >= u64::from(sh.limit) {
+                "  (AT ITS LIMIT)"
+            } else {
+                ""
+            };
+            out += &format!(
+                "{:<13} {:>5} {:>7} {:>8}  {}{at_limit}\n",
+                if i == 0 { r.ports.as_str() } else { "" },
+                r.per_child_limit,
+                sh.held,
+                if i == 0 { refused.as_str() } else { "" },
+                sh.unit,
+            );
+        }
+    }
+    out
+}
+
+fn leases(s: &Status) -> String {
+    let mut out = format!(
         "\n{:<24} {:>8} {:>8}  {:<22} {}\n",
         "LEASED PORTS", "AGE", "TTL LEFT", "ENDS ON", "CGROUP"
     );

@@ -47,6 +47,9 @@ pub enum ConfigError {
     /// A bad cgroup path.
     #[error(transparent)]
     Cgroup(#[from] CgroupError),
+    /// A bad metrics address or file.
+    #[error("{0}")]
+    Metrics(String),
     /// A cgroup the policy names twice for one range.
     #[error("{what} {path} is named twice")]
     Duplicate {
@@ -79,6 +82,11 @@ pub struct ConfigFile {
     pub netns: Option<Vec<String>>,
     /// The sentinel port (0: none); default [`crate::policy::default_sentinel_port`].
     pub sentinel_port: Option<u16>,
+    /// Serve metrics here: `IP:PORT` or `unix:/PATH` (as `--metrics-listen`).
+    pub metrics_listen: Option<String>,
+    /// Write the metrics into this file every few seconds, for node_exporter's textfile
+    /// collector (as `--metrics-textfile`).
+    pub metrics_textfile: Option<PathBuf>,
 }
 
 /// A `[[reserve]]` table.
@@ -92,6 +100,10 @@ pub struct ReserveEntry {
     pub protocols: Option<Vec<String>>,
     #[serde(default)]
     pub allow: Vec<String>,
+    /// The most sockets on ports of this range that one child of an allowed cgroup (one VM's
+    /// scope, with everything below it) may hold at once. Absent: no limit.
+    #[serde(default)]
+    pub per_child_limit: Option<u32>,
 }
 
 impl ConfigFile {
@@ -159,6 +171,13 @@ pub struct Overrides {
     pub netns: Vec<String>,
     /// `--sentinel-port N` (0: none).
     pub sentinel_port: Option<u16>,
+    /// `--per-child-limit N`: the limit of the ranges the flags give (`--reserve`, or the
+    /// default range when neither the flags nor the file name one).
+    pub per_child_limit: Option<u32>,
+    /// `--metrics-listen`.
+    pub metrics_listen: Option<String>,
+    /// `--metrics-textfile`.
+    pub metrics_textfile: Option<PathBuf>,
 }
 
 impl Overrides {
@@ -213,6 +232,26 @@ impl Overrides {
             file.sentinel_port.is_some(),
             "sentinel-port",
             "sentinel_port",
+        );
+        check(
+            self.per_child_limit.is_some() && !self.reserve.is_empty(),
+            file.reserve
+                .as_ref()
+                .is_some_and(|r| r.iter().any(|e| e.per_child_limit.is_some())),
+            "per-child-limit",
+            "per_child_limit",
+        );
+        check(
+            self.metrics_listen.is_some(),
+            file.metrics_listen.is_some(),
+            "metrics-listen",
+            "metrics_listen",
+        );
+        check(
+            self.metrics_textfile.is_some(),
+            file.metrics_textfile.is_some(),
+            "metrics-textfile",
+            "metrics_textfile",
         );
         out
     }
@@ -277,6 +316,14 @@ pub fn build_policy(
         .map(|a| a.parse::<CgroupPath>())
         .collect::<Result<Vec<_>, _>>()?;
 
+    let flag_limit = flags.per_child_limit.map(check_limit).transpose()?;
+    if let Some(entries) = &file.reserve {
+        for e in entries {
+            if let Some(l) = e.per_child_limit {
+                check_limit(l).map_err(in_file)?;
+            }
+        }
+    }
     let mut reserve = if !flags.reserve.is_empty() {
         flags
             .reserve
@@ -285,6 +332,7 @@ pub fn build_policy(
                 Ok(Reservation {
                     spec: s.parse::<ReserveSpec>()?,
                     allow: Vec::new(),
+                    per_child_limit: flag_limit.unwrap_or(0),
                 })
             })
             .collect::<Result<Vec<_>, ConfigError>>()?
@@ -306,6 +354,7 @@ pub fn build_policy(
                 Ok(Reservation {
                     spec: ReserveSpec { range, protocols },
                     allow,
+                    per_child_limit: e.per_child_limit.unwrap_or(0),
                 })
             })
             .collect::<Result<Vec<_>, ConfigError>>()?
@@ -313,8 +362,12 @@ pub fn build_policy(
         vec![Reservation {
             spec: DEFAULT_RESERVE,
             allow: Vec::new(),
+            per_child_limit: flag_limit.unwrap_or(0),
         }]
     };
+    if flag_limit.is_some() && flags.reserve.is_empty() && file.reserve.is_some() {
+        return Err(PolicyError::LimitFlagWithFileRanges.into());
+    }
     for r in &mut reserve {
         for a in &flag_allow {
             if !r.allow.contains(a) {
@@ -370,6 +423,57 @@ pub fn build_policy(
         spawn_parent,
         reserve,
     })
+}
+
+/// Where the daemon's metrics go, from the file and the flags (flags win).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct MetricsSettings {
+    pub listen: Option<crate::metrics::Endpoint>,
+    pub textfile: Option<PathBuf>,
+}
+
+/// The metrics settings of `file` and `flags`, checked (the file's even where a flag wins).
+pub fn build_metrics(
+    file: &ConfigFile,
+    file_path: Option<&Path>,
+    flags: &Overrides,
+) -> Result<MetricsSettings, ConfigError> {
+    let in_file = |message: String| match file_path {
+        Some(path) => ConfigError::Parse {
+            path: path.to_owned(),
+            message,
+        },
+        None => ConfigError::Metrics(message),
+    };
+    let file_listen = file
+        .metrics_listen
+        .as_deref()
+        .map(str::parse::<crate::metrics::Endpoint>)
+        .transpose()
+        .map_err(in_file)?;
+    if let Some(p) = &file.metrics_textfile {
+        crate::metrics::textfile::check_path(p).map_err(in_file)?;
+    }
+    let listen = match &flags.metrics_listen {
+        Some(s) => Some(s.parse().map_err(ConfigError::Metrics)?),
+        None => file_listen,
+    };
+    let textfile = match &flags.metrics_textfile {
+        Some(p) => {
+            crate::metrics::textfile::check_path(p).map_err(ConfigError::Metrics)?;
+            Some(p.clone())
+        }
+        None => file.metrics_textfile.clone(),
+    };
+    Ok(MetricsSettings { listen, textfile })
+}
+
+/// A per-child limit: at least 1 (leave it out for no limit).
+fn check_limit(limit: u32) -> Result<u32, PolicyError> {
+    if limit == 0 || limit > u32::from(u16::MAX) {
+        return Err(PolicyError::Limit(limit));
+    }
+    Ok(limit)
 }
 
 /// Checks that the attach cgroup exists (the spawn parent is created later). Returns the allowed

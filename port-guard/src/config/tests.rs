@@ -99,6 +99,7 @@ fn defaults_without_file_or_flags() {
     assert_eq!(
         p.reserve,
         vec![Reservation {
+            per_child_limit: 0,
             spec: DEFAULT_RESERVE,
             allow: vec![]
         }]

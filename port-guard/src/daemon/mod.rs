@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context as _, Result};
 use aya::maps::{HashMap, MapData, RingBuf};
 use log::{error, info, warn};
-use port_guard_common::{Offender, MAP_EVENTS, MAP_OFFENDERS};
+use port_guard_common::{MAP_BUDGET, MAP_CGROUP_DENIALS, MAP_EVENTS};
 use tokio::{io::unix::AsyncFd, signal::unix::Signal};
 
 pub use self::{
@@ -26,14 +26,14 @@ pub use self::{
 };
 use crate::{
     cgroup::{Cgroup2, CgroupNames, CgroupPath},
-    events::DenialLog,
+    events::{DenialLog, OffenderMaps},
     guard::{Guard, PinCheck},
     inotify::Inotify,
     maps::Resolved,
     metrics::{self, DaemonStats},
     pin::PinDir,
     probe::Features,
-    reaper::{Reaper, Wake},
+    reaper::{self, Reaper, Wake},
     state::DaemonRecord,
 };
 
@@ -42,6 +42,8 @@ const SYSCTL_EVERY: Duration = Duration::from_secs(3);
 /// How long links may look detached while their pins remain before the daemon gives up: an
 /// `unload` detaches first and removes the pins a moment later.
 const DETACHED_GRACE: Duration = Duration::from_secs(2);
+/// How often the daemon's counts and the metrics textfile are written.
+const OUTPUTS_EVERY: Duration = Duration::from_secs(5);
 
 struct Signals {
     term: Signal,
@@ -66,8 +68,13 @@ struct Daemon<'a> {
     resolved: Resolved,
     features: Features,
     names: CgroupNames<'a>,
+    /// Where the metrics go (the listener is served on its own task).
+    metrics: crate::config::MetricsSettings,
+    /// Idle metrics connections closed for new ones (shared with the listener's task).
+    metrics_evicted: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    last_outputs: Instant,
     denials: DenialLog,
-    offenders: Option<HashMap<MapData, u64, Offender>>,
+    offenders: Option<OffenderMaps>,
     reaper: Reaper,
     allow_watch: Inotify,
     stats: DaemonStats,
@@ -85,9 +92,8 @@ struct Daemon<'a> {
 impl Daemon<'_> {
     /// Denial events: logs what is there. Returns whether the ring buffer is empty.
     fn on_denials(&mut self, ring: &mut RingBuf<MapData>) -> bool {
-        let errno = self.resolved.policy.errno;
-        let retval = self.features.set_retval;
-        self.denials.drain(ring, &mut self.names, errno, retval)
+        let errno = (self.resolved.policy.errno, self.features.set_retval);
+        self.denials.drain(ring, &mut self.names, errno)
     }
 
     /// An allowed cgroup (or an ancestor of one) was created or removed.
@@ -100,12 +106,19 @@ impl Daemon<'_> {
 
     /// A lessee cgroup emptied or went away.
     fn on_cgroup_events(&mut self) {
+        self.reap(Wake::Inotify);
+    }
+
+    fn reap(&mut self, wake: Wake) {
+        let spawn_parent = self.resolved.policy.spawn_parent.clone();
         self.reaper.run(
-            Wake::Inotify,
-            &mut self.guard.maps,
-            self.cg,
-            &mut self.names,
-            Some(&self.resolved.policy.spawn_parent),
+            wake,
+            &mut reaper::Ctx {
+                maps: &mut self.guard.maps,
+                cg: self.cg,
+                names: &mut self.names,
+                spawn_parent: &spawn_parent,
+            },
         );
     }
 
@@ -116,18 +129,13 @@ impl Daemon<'_> {
         }
         self.refresh_allowed();
         self.refresh_netns();
-        self.reaper.run(
-            Wake::Tick,
-            &mut self.guard.maps,
-            self.cg,
-            &mut self.names,
-            Some(&self.resolved.policy.spawn_parent),
-        );
+        self.names.poll();
+        self.reap(Wake::Tick);
         self.denials.check_lost(&self.guard.maps);
         if let Some(offenders) = &self.offenders {
             let errno = (self.resolved.policy.errno, self.features.set_retval);
             self.denials
-                .summarise(offenders, &mut self.names, errno, false);
+                .summarise(offenders, &self.guard.maps, &mut self.names, errno, false);
         }
         if self.resolved.policy.protect_ephemeral
             && self.last_sysctl_check.elapsed() >= SYSCTL_EVERY
@@ -135,7 +143,27 @@ impl Daemon<'_> {
             self.last_sysctl_check = Instant::now();
             self.repair_ephemeral();
         }
+        if self.last_outputs.elapsed() >= OUTPUTS_EVERY {
+            self.last_outputs = Instant::now();
+            self.write_outputs();
+        }
         Ok(None)
+    }
+
+    /// Every [`OUTPUTS_EVERY`]: the daemon's counts to the state dir (for `status --prometheus`
+    /// while no daemon runs) and, with `metrics_textfile`, the metrics to that file.
+    fn write_outputs(&mut self) {
+        self.update_stats();
+        if let Err(e) = crate::state::save_stats(self.pin.path(), &self.stats) {
+            warn!("recording the daemon's counts: {e}");
+        }
+        if let Some(path) = self.metrics.textfile.clone() {
+            if let Some(text) = self.on_scrape() {
+                if let Err(e) = metrics::textfile::write(&path, &text) {
+                    warn!("writing the metrics to {}: {e}", path.display());
+                }
+            }
+        }
     }
 
     /// Pins that vanished are put back; links detached by `unload` end the daemon; links
@@ -172,14 +200,11 @@ impl Daemon<'_> {
         Ok(None)
     }
 
-    /// Follows the listed netns paths; writes the set when it changed, and protects the
-    /// ephemeral ports of a netns that appeared.
+    /// Follows the listed netns paths; writes the set when it changed, protects the ephemeral
+    /// ports of a netns that appeared, holds the sentinels; then says which namespaces are
+    /// guarded now (true by then).
     fn refresh_netns(&mut self) {
-        let changed = self.netns.refresh(&mut self.guard, self.cg, &self.scratch);
-        // Every tick: a netns whose sentinel port was taken is tried again.
-        if let Some(s) = &mut self.sentinels {
-            s.sync(&self.netns.sentinel_targets());
-        }
+        let (changed, news) = self.netns.refresh(&mut self.guard, self.cg, &self.scratch);
         if changed {
             self.write_netns();
             if self.resolved.policy.protect_ephemeral {
@@ -193,6 +218,13 @@ impl Daemon<'_> {
                     warn!("protecting ephemeral ports in the guarded namespaces: {e:#}");
                 }
             }
+        }
+        // Every tick: a netns where no sentinel port could be held is tried again.
+        if let Some(s) = &mut self.sentinels {
+            s.sync(&self.netns.sentinel_targets(), &mut self.guard.maps);
+        }
+        for line in news {
+            info!("{line}");
         }
     }
 
@@ -239,13 +271,24 @@ impl Daemon<'_> {
         record_counters(self.pin, r, fresh);
     }
 
-    /// A metrics scrape: the text, or None when the maps cannot be read.
-    fn on_scrape(&mut self) -> Option<String> {
+    fn update_stats(&mut self) {
         self.stats.leases_reaped = self.reaper.reaped;
         self.stats.denial_lines_summarised = self.denials.lines_summarised;
-        self.stats.sentinel = self.sentinels.as_ref().map(sentinel::Sentinels::counts);
         self.stats.ephemeral_on = self.resolved.policy.protect_ephemeral;
-        match metrics::render(&self.guard.maps, &self.stats) {
+        self.stats.metrics_evicted = self
+            .metrics_evicted
+            .load(std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// A metrics scrape: the text, or None when the maps cannot be read.
+    fn on_scrape(&mut self) -> Option<String> {
+        self.update_stats();
+        match metrics::render(
+            &self.guard.maps,
+            self.stats.attached,
+            Some(&self.stats),
+            None,
+        ) {
             Ok(text) => Some(text),
             Err(e) => {
                 warn!("rendering metrics: {e:#}");
@@ -271,11 +314,18 @@ impl<'a> Daemon<'a> {
         scratch: CgroupPath,
         record: DaemonRecord,
         sentinels: Option<sentinel::Sentinels>,
+        metrics: crate::config::MetricsSettings,
     ) -> Result<Daemon<'a>> {
-        let offenders = match guard.ebpf.take_map(MAP_OFFENDERS).map(HashMap::try_from) {
-            Some(Ok(m)) => Some(m),
+        let offenders = match guard.ebpf.take_map(MAP_BUDGET).map(HashMap::try_from) {
+            Some(Ok(budget)) => Some(OffenderMaps {
+                budget,
+                cgroups: guard
+                    .ebpf
+                    .take_map(MAP_CGROUP_DENIALS)
+                    .and_then(|m| HashMap::try_from(m).ok()),
+            }),
             _ => {
-                warn!("no {MAP_OFFENDERS} map: flooding offenders are not summarised");
+                warn!("no {MAP_BUDGET} map: flooding offenders are not summarised");
                 None
             }
         };
@@ -287,7 +337,10 @@ impl<'a> Daemon<'a> {
             guard,
             resolved,
             features,
-            names: CgroupNames::new(cg),
+            names: CgroupNames::for_daemon(cg),
+            metrics,
+            metrics_evicted: Default::default(),
+            last_outputs: Instant::now(),
             offenders,
             reaper: Reaper::new().context("starting the lease reaper (inotify)")?,
             allow_watch: Inotify::new().context("watching allowed cgroups (inotify)")?,
@@ -305,13 +358,7 @@ impl<'a> Daemon<'a> {
         d.save_record();
         d.denials.netns.set(d.netns.names());
         // Leases whose VM ended while no daemon ran.
-        d.reaper.run(
-            Wake::Full,
-            &mut d.guard.maps,
-            cg,
-            &mut d.names,
-            Some(&d.resolved.policy.spawn_parent),
-        );
+        d.reap(Wake::Full);
         // Allowed cgroups are followed by path: a service's cgroup appears (or is re-created)
         // when the service starts, and is allowed from that instant.
         d.watch_allowed();
@@ -339,20 +386,25 @@ fn record_counters(pin: &PinDir, r: &Resolved, fresh: &[(u16, u16)]) {
 async fn serve(
     mut d: Daemon<'_>,
     mut signals: Signals,
-    metrics_listener: Option<tokio::net::TcpListener>,
+    metrics_listener: Option<metrics::Listener>,
 ) -> Result<Exit> {
     let (scrape_tx, mut scrapes) = tokio::sync::mpsc::channel::<metrics::Scrape>(16);
     if let Some(listener) = metrics_listener {
-        info!(
-            "metrics on http://{}/metrics",
-            listener
-                .local_addr()
-                .map(|a| a.to_string())
-                .unwrap_or_default()
-        );
-        tokio::spawn(metrics::serve(listener, scrape_tx));
+        info!("metrics on {}", listener.describe());
+        tokio::spawn(metrics::serve(
+            listener,
+            scrape_tx,
+            std::sync::Arc::clone(&d.metrics_evicted),
+        ));
     } else {
         drop(scrape_tx);
+    }
+    if let Some(p) = &d.metrics.textfile {
+        info!(
+            "metrics written to {} every {} s",
+            p.display(),
+            OUTPUTS_EVERY.as_secs()
+        );
     }
     let ring = d
         .guard
@@ -432,12 +484,19 @@ async fn serve(
     while !d.on_denials(ring.get_mut()) {}
     if let Some(offenders) = &d.offenders {
         let errno = (d.resolved.policy.errno, d.features.set_retval);
-        d.denials.summarise(offenders, &mut d.names, errno, true);
+        d.denials
+            .summarise(offenders, &d.guard.maps, &mut d.names, errno, true);
     }
     if let Some(s) = &mut d.sentinels {
         s.stop();
     }
-    d.record.stopped = Some(crate::leases::now_secs());
-    d.save_record();
+    if matches!(exit, Exit::Unloaded) {
+        // The guard is gone, and its records with it: nothing is left to describe.
+        crate::state::remove_daemon_files(d.pin.path());
+    } else {
+        d.write_outputs();
+        d.record.stopped = Some(crate::leases::now_secs());
+        d.save_record();
+    }
     Ok(exit)
 }

@@ -103,14 +103,19 @@ impl GuardedNetns {
     }
 
     /// Looks at every listed path again. Returns whether the set changed.
+    ///
+    /// Returns whether the set changed, and the lines that announce a netns now guarded: the
+    /// caller logs them once what they say is true (the cookie in `PG_NETNS`, and before 6.1
+    /// the sentinel holding its port there).
     pub(super) fn refresh(
         &mut self,
         guard: &mut Guard,
         cg: &Cgroup2,
         scratch: &CgroupPath,
-    ) -> bool {
+    ) -> (bool, Vec<String>) {
+        let mut news = Vec::new();
         if !self.supported {
-            return false;
+            return (false, news);
         }
         let mut changed = false;
         for e in &mut self.entries {
@@ -133,7 +138,7 @@ impl GuardedNetns {
                 Ok(Some(ns)) if e.found.is_some_and(|f| f.inode == ns.inode) => {}
                 Ok(Some(ns)) => match guard.cookie_of(cg, scratch, &ns) {
                     Ok(cookie) => {
-                        info!(
+                        news.push(format!(
                             "guarded netns {} {} (inode {}); binds there are checked",
                             e.spec.name(),
                             if e.found.is_some() {
@@ -142,7 +147,7 @@ impl GuardedNetns {
                                 "appeared"
                             },
                             ns.inode
-                        );
+                        ));
                         e.found = Some(Found {
                             inode: ns.inode,
                             cookie,
@@ -170,7 +175,7 @@ impl GuardedNetns {
                 }
             }
         }
-        changed
+        (changed, news)
     }
 
     /// Whether the guard is scoped to the set (else it enforces in every netns).

@@ -33,6 +33,8 @@ struct Reloaded {
     resolved: Resolved,
     netns: GuardedNetns,
     fresh: Vec<(u16, u16)>,
+    /// Namespaces guarded now, to be said once the reload is in force.
+    news: Vec<String>,
 }
 
 /// A policy as loaded, with where it came from.
@@ -44,26 +46,39 @@ pub struct Loaded {
     pub overrides: Vec<String>,
     /// Allowed cgroups that do not exist yet.
     pub missing: Vec<String>,
+    /// Where the metrics go.
+    pub metrics: crate::config::MetricsSettings,
+    /// [`Loaded::digest_of`] the policy and the metrics settings.
+    pub digest: Option<String>,
 }
 
 impl Source<'_> {
     pub fn load(&self, cg: &Cgroup2) -> Result<Loaded> {
         let (file, path) = ConfigFile::load(self.config)?;
         let policy = build_policy(&file, path.as_deref(), &self.flags)?;
+        let metrics = crate::config::build_metrics(&file, path.as_deref(), &self.flags)?;
         let missing = check_cgroups(&policy, cg)?
             .into_iter()
             .map(|m| m.to_string())
             .collect();
         Ok(Loaded {
             overrides: self.flags.overriding(&file),
+            digest: Some(Loaded::digest_of(&policy, &metrics)),
             policy,
             path,
             missing,
+            metrics,
         })
     }
 }
 
 impl Loaded {
+    /// What `status` compares with the file on disk: a digest of everything the file and the
+    /// flags decide.
+    pub fn digest_of(policy: &Policy, metrics: &crate::config::MetricsSettings) -> String {
+        crate::state::digest(&format!("{policy:?}\n{metrics:?}"))
+    }
+
     /// Warnings worth a line at start and at each reload: allowed cgroups that do not exist
     /// yet, flags that override the file, and a policy that allows nothing.
     pub fn warnings(&self) -> Vec<String> {
@@ -191,6 +206,7 @@ impl Daemon<'_> {
                 resolved: r,
                 netns,
                 fresh,
+                news,
             }) => {
                 self.stats.reloads_ok += 1;
                 for w in loaded.warnings() {
@@ -222,6 +238,11 @@ impl Daemon<'_> {
                         )
                     }
                 );
+                if loaded.metrics.listen != self.metrics.listen {
+                    warn!("metrics_listen changed (to {}): it takes effect when the daemon starts again; metrics stay on {}", loaded.metrics.listen.as_ref().map_or("none".into(), ToString::to_string), self.metrics.listen.as_ref().map_or("none".into(), ToString::to_string));
+                }
+                self.metrics.textfile = loaded.metrics.textfile.clone();
+                self.record.config_digest = Some(Loaded::digest_of(&r.policy, &self.metrics));
                 self.record.config = loaded.path.clone();
                 self.record.overrides = loaded.overrides.clone();
                 self.record.ranges = loaded.configured();
@@ -236,8 +257,19 @@ impl Daemon<'_> {
                 self.resolved = r;
                 self.watch_allowed();
                 self.write_netns();
+                if let Some(s) = &mut self.sentinels {
+                    s.sync(&self.netns.sentinel_targets(), &mut self.guard.maps);
+                }
+                for line in news {
+                    info!("{line}");
+                }
                 crate::notify::notify(&format!(
-                    "READY=1\nSTATUS=guard enforcing on {} (config reloaded)",
+                    "READY=1\nSTATUS=guard {} on {} (config reloaded)",
+                    if self.resolved.policy.mode == crate::policy::Mode::Audit {
+                        "auditing"
+                    } else {
+                        "enforcing"
+                    },
                     self.resolved.policy.attach
                 ));
             }
@@ -298,7 +330,7 @@ impl Daemon<'_> {
         let r = Resolved::new(policy, cg, spawn_parent_id)?;
         let mut netns = self.netns.clone();
         netns.set_scope(&r.policy.netns);
-        netns.refresh(&mut self.guard, cg, &self.scratch);
+        let (_, news) = netns.refresh(&mut self.guard, cg, &self.scratch);
         let fresh = self.guard.maps.write_policy(&r, self.features)?;
         let rest = self
             .guard
@@ -330,6 +362,7 @@ impl Daemon<'_> {
             resolved: r,
             netns,
             fresh,
+            news,
         })
     }
 

@@ -94,8 +94,8 @@ pub fn allocate(
 ) -> Result<u16, LeaseError> {
     let result = allocate_inner(ranges, table, holder, requested, probe_in);
     match &result {
-        Ok(_) => table.record(true),
-        Err(LeaseError::Exhausted { .. }) => table.record(false),
+        Ok(_) => table.record(1),
+        Err(LeaseError::Exhausted { .. }) => table.record(0),
         Err(_) => {}
     }
     result
@@ -103,7 +103,8 @@ pub fn allocate(
 
 /// Leases `count` ports of `ranges` to `holder` (the caller's own cgroup), all or nothing: the
 /// lowest free ones, in port order. When fewer are free, or anything fails, the ports claimed so
-/// far are released before the error returns. Counted as one allocation or one exhaustion.
+/// far are released before the error returns. Counted as one request of `count` ports, or one
+/// exhaustion.
 pub fn allocate_many(
     ranges: &[ReserveSpec],
     table: &mut LeaseTable,
@@ -121,11 +122,11 @@ pub fn allocate_many(
                 }
                 return Err(match e {
                     LeaseError::Exhausted { ranges } if got.is_empty() => {
-                        table.record(false);
+                        table.record(0);
                         LeaseError::Exhausted { ranges }
                     }
                     LeaseError::Exhausted { ranges } => {
-                        table.record(false);
+                        table.record(0);
                         LeaseError::TooFew {
                             wanted: count,
                             found: got.len(),
@@ -137,7 +138,7 @@ pub fn allocate_many(
             }
         }
     }
-    table.record(true);
+    table.record(got.len() as u64);
     got.sort_unstable();
     Ok(got)
 }

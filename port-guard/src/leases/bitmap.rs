@@ -14,7 +14,7 @@ use std::{
 use aya::maps::MapData;
 use port_guard_common::{
     ALLOC_ALLOCATIONS, ALLOC_BITMAP, ALLOC_BITMAP_WORDS, ALLOC_ENTRIES, ALLOC_EXHAUSTIONS,
-    ALLOC_GENERATION,
+    ALLOC_GENERATION, ALLOC_REQUESTS,
 };
 
 use crate::shared::SharedWords;
@@ -133,19 +133,20 @@ impl AllocMap {
         (cleared, set)
     }
 
-    /// Counts one allocation (`ok`) or one "no free port".
-    pub fn record(&self, ok: bool) {
-        let i = if ok {
-            ALLOC_ALLOCATIONS
+    /// Counts one request that leased `ports` ports, or (0) one refused for want of free ports.
+    pub fn record(&self, ports: u64) {
+        if ports == 0 {
+            self.word(ALLOC_EXHAUSTIONS).fetch_add(1, Ordering::Relaxed);
         } else {
-            ALLOC_EXHAUSTIONS
-        };
-        self.word(i).fetch_add(1, Ordering::Relaxed);
+            self.word(ALLOC_ALLOCATIONS)
+                .fetch_add(ports, Ordering::Relaxed);
+            self.word(ALLOC_REQUESTS).fetch_add(1, Ordering::Relaxed);
+        }
     }
 
     /// Adds `n` to counter word `i` (one of the `ALLOC_ENDED_*` totals).
     pub fn add(&self, i: usize, n: u64) {
-        debug_assert!(i > ALLOC_EXHAUSTIONS && i < ALLOC_BITMAP);
+        debug_assert!(i > ALLOC_EXHAUSTIONS && i < ALLOC_BITMAP && i != ALLOC_REQUESTS);
         self.word(i).fetch_add(n, Ordering::Relaxed);
     }
 
@@ -154,12 +155,13 @@ impl AllocMap {
         self.word(i).load(Ordering::Relaxed)
     }
 
-    /// (allocations, exhaustions) since the guard was first loaded.
-    pub fn totals(&self) -> (u64, u64) {
-        (
-            self.word(ALLOC_ALLOCATIONS).load(Ordering::Relaxed),
-            self.word(ALLOC_EXHAUSTIONS).load(Ordering::Relaxed),
-        )
+    /// What the allocators counted since the guard was first loaded.
+    pub fn totals(&self) -> Totals {
+        Totals {
+            ports: self.word(ALLOC_ALLOCATIONS).load(Ordering::Relaxed),
+            requests: self.word(ALLOC_REQUESTS).load(Ordering::Relaxed),
+            exhaustions: self.word(ALLOC_EXHAUSTIONS).load(Ordering::Relaxed),
+        }
     }
 }
 
@@ -224,11 +226,29 @@ mod tests {
         let g = a.generation();
         a.bump();
         assert_eq!(a.generation(), g + 1);
-        a.record(true);
-        a.record(true);
-        a.record(false);
-        assert_eq!(a.totals(), (2, 1));
+        a.record(1);
+        a.record(3);
+        a.record(0);
+        assert_eq!(
+            a.totals(),
+            Totals {
+                ports: 4,
+                requests: 2,
+                exhaustions: 1
+            }
+        );
         // The counters do not live in the bitmap.
         assert_eq!(a.first_unmarked(0, 63), Some(0));
     }
+}
+
+/// The allocators' totals.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Totals {
+    /// Ports leased (a request for N counts N).
+    pub ports: u64,
+    /// Requests that got their ports.
+    pub requests: u64,
+    /// Requests refused for want of free ports.
+    pub exhaustions: u64,
 }

@@ -372,13 +372,14 @@ impl LeaseTable {
         })
     }
 
-    /// Counts one allocation (`ok`) or one "no free port", for the metrics.
-    pub fn record(&self, ok: bool) {
-        self.bitmap.record(ok);
+    /// Counts one request that leased `ports` ports, or (0) one refused for want of free
+    /// ports, for the metrics.
+    pub fn record(&self, ports: u64) {
+        self.bitmap.record(ports);
     }
 
-    /// (allocations, exhaustions) since the guard was first loaded.
-    pub fn totals(&self) -> (u64, u64) {
+    /// What the allocators counted since the guard was first loaded.
+    pub fn totals(&self) -> bitmap::Totals {
         self.bitmap.totals()
     }
 }

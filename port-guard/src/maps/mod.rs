@@ -3,6 +3,7 @@
 //! [`Counters`] per protocol, the config as [`Settings`]. The lease map is inside
 //! [`LeaseTable`]; the policy is written by [`write`].
 
+mod shares;
 mod write;
 
 use std::{
@@ -17,13 +18,18 @@ use aya::{
     Ebpf,
 };
 use port_guard_common::{
-    counter_index, GuardConfig, PortEntry, RangeDef, ABI_VERSION, COUNTER_ALLOWED, COUNTER_AUDITED,
-    COUNTER_DENIED, EVENTS_LOST_INDEX, FLAG_NETNS_SCOPED, FLAG_PROTECT_EPHEMERAL, FLAG_RETVAL,
-    FLAG_SENTINEL, MAP_ALLOC, MAP_ALLOWED, MAP_CONFIG, MAP_COUNTERS, MAP_LEASES, MAP_NETNS,
-    MAP_PORTS, MAP_RANGES, MAP_UNGUARDED, MAX_RANGES, MODE_AUDIT,
+    counter_index, CgroupDenials, GuardConfig, Offender, PortEntry, Proto, RangeDef, ABI_VERSION,
+    COUNTER_ALLOWED, COUNTER_AUDITED, COUNTER_DENIED, EVENTS_LOST_INDEX, FLAG_NETNS_SCOPED,
+    FLAG_PROTECT_EPHEMERAL, FLAG_RETVAL, FLAG_SENTINEL, MAP_ALLOC, MAP_ALLOWED, MAP_BUDGET,
+    MAP_CGROUP_DENIALS, MAP_CONFIG, MAP_COUNTERS, MAP_LEASES, MAP_NETNS, MAP_PORTS, MAP_RANGES,
+    MAP_SENTINELS, MAP_SENTINEL_NETNS, MAP_STATS, MAP_UNGUARDED, MAX_RANGES, MODE_AUDIT, PROTO_TCP,
+    PROTO_UDP, REASON_LIMIT, SLOT_SENTINEL, STAT_BUDGET_NEW, STAT_CGROUP_NEW,
 };
 
-pub use self::write::Resolved;
+pub use self::{
+    shares::{by_slot, Share},
+    write::Resolved,
+};
 use crate::{
     error::IoError,
     leases::{LeaseError, LeaseTable},
@@ -96,6 +102,9 @@ pub struct Counters {
     pub allowed: u64,
     pub denied: u64,
     pub audited: u64,
+    /// Of the denied (or audited) ones, those refused because the binding unit held its
+    /// per-child limit.
+    pub limited: u64,
 }
 
 impl std::ops::AddAssign for Counters {
@@ -103,6 +112,7 @@ impl std::ops::AddAssign for Counters {
         self.allowed += o.allowed;
         self.denied += o.denied;
         self.audited += o.audited;
+        self.limited += o.limited;
     }
 }
 
@@ -178,6 +188,29 @@ pub struct Maps {
     /// PG_NETNS and PG_UNGUARDED: None in pins of a daemon from before they existed.
     netns: Option<HashMap<MapData, u64, u64>>,
     unguarded: Option<PerCpuArray<MapData, u64>>,
+    /// The per-child shares (PG_LIMITS, PG_SHARES, PG_CHARGES, PG_REASONS): None in pins of a
+    /// daemon from before they existed.
+    shares: Option<shares::ShareMaps>,
+    /// PG_STATS: None in pins of a daemon from before it existed.
+    stats: Option<PerCpuArray<MapData, u64>>,
+    /// PG_BUDGET and PG_CG_DENIALS (the event budget), PG_SENT_NETNS (where sentinels hold
+    /// their port): read here for the metrics; None in pins of an older daemon.
+    budget: Option<HashMap<MapData, u64, Offender>>,
+    cgroup_denials: Option<HashMap<MapData, u64, CgroupDenials>>,
+    sentinel_netns: Option<HashMap<MapData, u64, u32>>,
+    sentinels: Option<HashMap<MapData, u64, u64>>,
+}
+
+/// The map data of the kinds the guard uses.
+fn map_data(m: &Map) -> Option<&MapData> {
+    match m {
+        Map::Array(d)
+        | Map::HashMap(d)
+        | Map::LruHashMap(d)
+        | Map::PerCpuArray(d)
+        | Map::RingBuf(d) => Some(d),
+        _ => None,
+    }
 }
 
 fn open_pinned(pin: &PinDir, name: &'static str) -> Result<Map, MapsError> {
@@ -226,41 +259,47 @@ impl Maps {
             unguarded: optional(MAP_UNGUARDED)
                 .map(|m| m.try_into().map_err(map_err(MAP_UNGUARDED)))
                 .transpose()?,
+            shares: shares::ShareMaps::build(&mut optional)?,
+            stats: optional(MAP_STATS)
+                .map(|m| m.try_into().map_err(map_err(MAP_STATS)))
+                .transpose()?,
+            budget: optional(MAP_BUDGET).and_then(|m| m.try_into().ok()),
+            cgroup_denials: optional(MAP_CGROUP_DENIALS).and_then(|m| m.try_into().ok()),
+            sentinel_netns: optional(MAP_SENTINEL_NETNS).and_then(|m| m.try_into().ok()),
+            sentinels: optional(MAP_SENTINELS).and_then(|m| m.try_into().ok()),
         })
     }
 
-    /// Takes the maps out of a freshly loaded object.
+    /// The maps of a freshly loaded object, taken out of it; those other parts of the daemon
+    /// take too (the event budget, the sentinels') are opened again by a duplicate of their fd.
     pub(crate) fn from_ebpf(ebpf: &mut Ebpf) -> Result<Maps, MapsError> {
-        let mut take = |name: &'static str| ebpf.take_map(name);
-        let mut required = Vec::new();
-        for name in [
-            MAP_RANGES,
-            MAP_ALLOC,
-            MAP_LEASES,
-            MAP_PORTS,
-            MAP_ALLOWED,
-            MAP_CONFIG,
-            MAP_COUNTERS,
-        ] {
-            required.push((name, take(name)));
-        }
-        let netns = take(MAP_NETNS);
-        let unguarded = take(MAP_UNGUARDED);
-        let mut optional = [(MAP_NETNS, netns), (MAP_UNGUARDED, unguarded)];
+        const SHARED: [&str; 4] = [
+            MAP_BUDGET,
+            MAP_CGROUP_DENIALS,
+            MAP_SENTINELS,
+            MAP_SENTINEL_NETNS,
+        ];
+        let mut get = |name: &'static str| -> Option<Result<Map, MapsError>> {
+            if !SHARED.contains(&name) {
+                return ebpf.take_map(name).map(Ok);
+            }
+            let fd = map_data(ebpf.map(name)?)?.fd().as_fd();
+            Some(
+                fd.try_clone_to_owned()
+                    .map_err(syscall_err(name, "dup"))
+                    .and_then(|fd| MapData::from_fd(fd).map_err(map_err(name)))
+                    .and_then(|data| Map::from_map_data(data).map_err(map_err(name))),
+            )
+        };
+        // Both closures of `build` take from one object.
+        let get = std::cell::RefCell::new(&mut get);
         Maps::build(
             |name| {
-                required
-                    .iter_mut()
-                    .find(|(n, _)| *n == name)
-                    .and_then(|(_, m)| m.take())
-                    .ok_or_else(|| map_err(name)(MapError::InvalidName { name: name.into() }))
+                (get.borrow_mut())(name).unwrap_or_else(|| {
+                    Err(map_err(name)(MapError::InvalidName { name: name.into() }))
+                })
             },
-            |name| {
-                optional
-                    .iter_mut()
-                    .find(|(n, _)| *n == name)
-                    .and_then(|(_, m)| m.take())
-            },
+            |name| (get.borrow_mut())(name).and_then(Result::ok),
         )
     }
 
@@ -396,12 +435,16 @@ impl Maps {
                 allowed: cells[0],
                 denied: cells[1],
                 audited: cells[2],
+                limited: 0,
             })
         };
-        Ok(RangeCounters {
+        let mut c = RangeCounters {
             tcp: read(0)?,
             udp: read(1)?,
-        })
+        };
+        c.tcp.limited = self.reasons(slot, Proto::Tcp)?[REASON_LIMIT as usize];
+        c.udp.limited = self.reasons(slot, Proto::Udp)?[REASON_LIMIT as usize];
+        Ok(c)
     }
 
     /// A per-CPU counter summed, by index.
@@ -412,6 +455,127 @@ impl Maps {
             .map_err(map_err(MAP_COUNTERS))?
             .iter()
             .sum())
+    }
+
+    /// One of the programs' other counts (`STAT_*` of port_guard_common), summed over CPUs; 0
+    /// in pins from before they were counted.
+    pub fn stat(&self, index: u32) -> Result<u64, MapsError> {
+        let Some(m) = &self.stats else { return Ok(0) };
+        Ok(m.get(&index, 0).map_err(map_err(MAP_STATS))?.iter().sum())
+    }
+
+    /// What the event budget's LRU maps forgot to make room: (offenders, cgroups), each the keys
+    /// the programs added minus those the map holds now.
+    pub fn evicted(&self) -> Result<(u64, u64), MapsError> {
+        let live = |fd: Option<std::os::fd::BorrowedFd<'_>>, value: usize| -> u64 {
+            fd.and_then(|fd| crate::sys::lookup_batch(fd, 8, value, 4096).ok())
+                .map_or(0, |(keys, _)| (keys.len() / 8) as u64)
+        };
+        let budget = live(
+            self.budget
+                .as_ref()
+                .map(|m| IterableMap::map(m).fd().as_fd()),
+            size_of::<Offender>(),
+        );
+        let cgroups = live(
+            self.cgroup_denials
+                .as_ref()
+                .map(|m| IterableMap::map(m).fd().as_fd()),
+            size_of::<CgroupDenials>(),
+        );
+        Ok((
+            self.stat(STAT_BUDGET_NEW)?.saturating_sub(budget),
+            self.stat(STAT_CGROUP_NEW)?.saturating_sub(cgroups),
+        ))
+    }
+
+    /// The ports marked as sentinel ports in `PG_PORTS` (one batched read of the whole map).
+    pub fn sentinel_ports(&self) -> Result<std::collections::BTreeSet<u16>, MapsError> {
+        let fd = IterableMap::map(&self.ports).fd().as_fd();
+        let all = crate::sys::read_all::<u32, PortEntry>(fd, 65536)
+            .map_err(syscall_err(MAP_PORTS, "bpf_map_lookup_batch"))?;
+        Ok(all
+            .into_iter()
+            .filter(|(_, e)| e.slot == SLOT_SENTINEL)
+            .map(|(p, _)| p as u16)
+            .collect())
+    }
+
+    /// Marks `wanted` as sentinel ports, and unmarks the rest of `marked`: new marks first.
+    /// A port a range covers is never touched here.
+    pub fn mark_sentinel_ports(
+        &mut self,
+        marked: &std::collections::BTreeSet<u16>,
+        wanted: &std::collections::BTreeSet<u16>,
+    ) -> Result<(), MapsError> {
+        let ranges = self.ranges();
+        let covered = |p: u16| ranges.iter().any(|r| r.spec.range.contains(p));
+        let entry = PortEntry {
+            slot: SLOT_SENTINEL,
+            protocols: PROTO_TCP | PROTO_UDP,
+        };
+        for &p in wanted.iter().filter(|p| !marked.contains(p)) {
+            if !covered(p) {
+                self.ports
+                    .set(u32::from(p), entry, 0)
+                    .map_err(map_err(MAP_PORTS))?;
+            }
+        }
+        for &p in marked.iter().filter(|p| !wanted.contains(p)) {
+            if !covered(p) {
+                self.ports
+                    .set(u32::from(p), PortEntry::default(), 0)
+                    .map_err(map_err(MAP_PORTS))?;
+            }
+        }
+        Ok(())
+    }
+
+    /// The cookies of the daemon's sentinel sockets (`PG_SENTINELS`).
+    pub fn sentinel_cookies(&self) -> std::collections::HashSet<u64> {
+        self.sentinels
+            .as_ref()
+            .map(|m| m.keys().filter_map(Result::ok).collect())
+            .unwrap_or_default()
+    }
+
+    /// The ports sentinels hold, netns by netns (`PG_SENT_NETNS`): cookie → port.
+    pub fn sentinel_netns_ports_by_cookie(&self) -> BTreeMap<u64, u16> {
+        self.sentinel_netns
+            .as_ref()
+            .map(|m| {
+                m.iter()
+                    .filter_map(Result::ok)
+                    .map(|(c, p)| (c, p as u16))
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    /// The ports sentinels hold, in any netns.
+    pub fn sentinel_netns_ports(&self) -> Result<Vec<u16>, MapsError> {
+        let mut v: Vec<u16> = self
+            .sentinel_netns_ports_by_cookie()
+            .into_values()
+            .collect();
+        v.sort_unstable();
+        v.dedup();
+        Ok(v)
+    }
+
+    /// Guarded network namespaces with a sentinel holding its port, and without: (held,
+    /// missing). With the guard in every netns, the host's alone is expected.
+    pub fn sentinel_netns(&self) -> Result<(u64, u64), MapsError> {
+        let held = self
+            .sentinel_netns
+            .as_ref()
+            .map_or(0, |m| m.keys().filter_map(Result::ok).count() as u64);
+        let wanted = if self.settings()?.netns_scoped {
+            self.guarded_netns()?.len() as u64
+        } else {
+            1
+        };
+        Ok((held, wanted.saturating_sub(held)))
     }
 
     /// Denial events the ring buffer had no room for, since the guard was first loaded.

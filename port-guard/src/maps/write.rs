@@ -14,8 +14,8 @@ use log::error;
 use port_guard_common::{
     counter_index, GuardConfig, PortEntry, RangeDef, ABI_VERSION, COUNTER_ALLOWED, COUNTER_AUDITED,
     COUNTER_DENIED, FLAG_NETNS_SCOPED, FLAG_PROTECT_EPHEMERAL, FLAG_RETVAL, FLAG_SENTINEL,
-    MAP_ALLOWED, MAP_CONFIG, MAP_COUNTERS, MAP_PORTS, MAP_RANGES, MAX_ALLOWED, MAX_CGROUP_LEVEL,
-    MAX_RANGES, MODE_AUDIT, MODE_ENFORCE,
+    FLAG_SHARES, MAP_ALLOWED, MAP_CONFIG, MAP_COUNTERS, MAP_PORTS, MAP_RANGES, MAX_ALLOWED,
+    MAX_CGROUP_LEVEL, MAX_RANGES, MODE_AUDIT, MODE_ENFORCE,
 };
 
 use super::{map_err, Maps, MapsError};
@@ -75,6 +75,7 @@ struct Snapshot {
     config: GuardConfig,
     allowed: StdHashMap<u64, u64>,
     ranges: BTreeMap<u32, RangeDef>,
+    limits: [u32; MAX_RANGES],
 }
 
 impl Maps {
@@ -101,6 +102,7 @@ impl Maps {
             config: self.raw_config()?,
             allowed: self.allowed()?,
             ranges: self.range_defs(),
+            limits: self.limits()?,
         })
     }
 
@@ -184,6 +186,7 @@ impl Maps {
             .into());
         }
 
+        let shares = r.policy.reserve.iter().any(|res| res.per_child_limit != 0);
         let mut config = GuardConfig {
             abi: ABI_VERSION,
             mode: match r.policy.mode {
@@ -197,7 +200,8 @@ impl Maps {
                     FLAG_SENTINEL
                 } else {
                     0
-                },
+                }
+                | if shares { FLAG_SHARES } else { 0 },
             allowed_levels: levels | old_config.allowed_levels,
             attach_cgroup_id: r.attach_id,
             spawn_parent_id: r.spawn_parent_id,
@@ -215,6 +219,10 @@ impl Maps {
         let mut reserved = vec![false; 65536];
         for (i, res) in r.policy.reserve.iter().enumerate() {
             let slot = slots[i];
+            // A slot that held another range starts its shares afresh; one that keeps its range
+            // keeps them (a changed limit applies to the next bind).
+            let forget = !kept.contains(&slot) && before.limits[slot as usize] != 0;
+            self.set_limit(slot, res.per_child_limit, forget)?;
             let def = RangeDef {
                 first: res.spec.range.first,
                 last: res.spec.range.last,
@@ -246,6 +254,7 @@ impl Maps {
                     self.ranges
                         .set(slot, RangeDef::default(), 0)
                         .map_err(map_err(MAP_RANGES))?;
+                    self.set_limit(slot, 0, true)?;
                 }
                 // The slot's counters were the old range's.
                 self.reset_counters(slot)?;
@@ -318,6 +327,9 @@ impl Maps {
                     .set(slot, RangeDef::default(), 0)
                     .map_err(map_err(MAP_RANGES))?;
             }
+        }
+        for (slot, &limit) in s.limits.iter().enumerate() {
+            self.set_limit(slot as u32, limit, false)?;
         }
         for (&id, _) in now_allowed
             .iter()

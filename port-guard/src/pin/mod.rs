@@ -29,7 +29,9 @@ use std::{
     path::{Component, Path, PathBuf},
 };
 
-use port_guard_common::{MAP_CONFIG, PROG_BIND4, PROG_BIND6, PROG_POST_BIND4, PROG_POST_BIND6};
+use port_guard_common::{
+    MAP_CONFIG, PROG_BIND4, PROG_BIND6, PROG_POST_BIND4, PROG_POST_BIND6, PROG_RELEASE,
+};
 
 use self::host::{host_mount_namespace, mount_bpffs, visible_to_host};
 use crate::error::{IoContext as _, IoError};
@@ -45,6 +47,9 @@ pub const POST_LINKS: [(&str, &str); 2] = [
     (PROG_POST_BIND4, "link_post_bind4"),
     (PROG_POST_BIND6, "link_post_bind6"),
 ];
+/// Pin name of the sock_release link, which uncharges the sockets counted in the per-child
+/// shares (always attached: it costs one lookup per socket while no range has a limit).
+pub const RELEASE_LINKS: [(&str, &str); 1] = [(PROG_RELEASE, "link_release")];
 const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
 
 /// A pin dir problem (runtime: exit status 1).
@@ -138,7 +143,7 @@ impl PinDir {
     /// replaces the final one, or takes its place when it is missing. Returns what it did.
     pub fn recover(&self) -> Vec<String> {
         let mut done = Vec::new();
-        for (_, link_name) in LINKS.iter().chain(&POST_LINKS) {
+        for (_, link_name) in LINKS.iter().chain(&POST_LINKS).chain(&RELEASE_LINKS) {
             let staged = self.file(&format!("{link_name}_new"));
             if fs::symlink_metadata(&staged).is_ok()
                 && fs::rename(&staged, self.file(link_name)).is_ok()

@@ -56,6 +56,12 @@ pub enum PolicyError {
     /// A sentinel port unprivileged processes could not be sent to.
     #[error("sentinel_port {0} is below 1024: a refused bind rewritten to it would fail with EACCES, not EADDRINUSE; choose one from 1024 to 65535 (0 turns the sentinel off)")]
     SentinelPrivileged(u16),
+    /// A per-child limit out of bounds.
+    #[error("per_child_limit {0} is out of range: expected 1 to 65535 sockets per child of an allowed cgroup (leave it out for no limit)")]
+    Limit(u32),
+    /// `--per-child-limit` while the ranges come from the file.
+    #[error("--per-child-limit applies to the ranges given by --reserve (or the default range); the config file's ranges take per_child_limit in their [[reserve]] table")]
+    LimitFlagWithFileRanges,
 }
 
 /// An inclusive port range, 1..=65535.
@@ -306,6 +312,9 @@ impl FromStr for Mode {
 pub struct Reservation {
     pub spec: ReserveSpec,
     pub allow: Vec<CgroupPath>,
+    /// The most sockets bound to ports of the range that one child of an allowed cgroup (a VM's
+    /// scope) may hold at once; 0: no limit. Leased ports are not counted.
+    pub per_child_limit: u32,
 }
 
 /// Everything the guard enforces.
@@ -489,6 +498,7 @@ mod tests {
     #[test]
     fn rejects_overlaps_and_too_many_ranges() {
         let res = |s: &str| Reservation {
+            per_child_limit: 0,
             spec: spec(s).unwrap(),
             allow: vec![],
         };

@@ -6,35 +6,44 @@
 //! the orchestrator starts qemu after leasing) ends when its cgroup is removed, or when the
 //! daemon has seen it populated and then empty.
 //!
+//! Liveness never depends on a cgroup's path: each lessee cgroup is reached once by its id (a
+//! file handle, [`CgroupNames::reach`]) and kept open, and its `cgroup.events` is read through
+//! that directory fd (ENOENT or ENODEV: removed). A cgroup with a path longer than PATH_MAX, or
+//! one that cannot be named at all, costs nothing more than the others, and one lessee that
+//! cannot be looked at never changes how the others are handled.
+//!
 //! The work is proportional to what changed, not to the number of leases:
-//! - inotify on each leased cgroup's `cgroup.events` (and on every cgroup made below the spawn
-//!   parent, from its creation) says which cgroup to look at when a VM exits;
+//! - inotify on each lessee's `cgroup.events` and on its parent (IN_DELETE), and on the spawn
+//!   parent from its children's creation, says which cgroup to look at when a VM exits;
 //! - the lease map is read (in batches) only when the allocators' generation counter moved, once
 //!   a second at most, and only cgroups that gained a lease are looked at then;
 //! - every [`FULL_PASS`] (and when inotify overflows) every lessee cgroup is looked at and the
 //!   leased-port bitmap is reconciled with the lease map, as a safety net.
 //!
-//! A lease ends only on evidence: the cgroup is gone (ENOENT, a stale handle) or it is empty.
-//! Any other failure to look (out of file descriptors, a permission error) keeps the lease and
-//! the cgroup is looked at again on the next tick.
+//! A lease ends only on evidence: the cgroup is gone (a stale handle, ENOENT/ENODEV through its
+//! fd, or not found by a walk that read every directory) or it is empty. Any other failure to
+//! look keeps the lease, and the cgroup is looked at again on the next tick.
+
+mod lessee;
+mod watcher;
 
 use std::{
     collections::{BTreeMap, HashMap, HashSet},
-    fs, io,
+    io,
     time::{Duration, Instant},
 };
 
 use log::{info, warn};
-use port_guard_common::{Lease, LEASE_UNTIL_EMPTY};
+use port_guard_common::Lease;
 
-mod watcher;
-
-use self::watcher::Watcher;
+use self::{
+    lessee::{Lessee, Looked},
+    watcher::{About, Watcher},
+};
 use crate::{
-    cgroup::{Cgroup2, CgroupError, CgroupNames, CgroupPath},
+    cgroup::{Cgroup2, CgroupNames, CgroupPath},
     error::IoError,
     leases::{self, Ended, LeaseError},
-    logfmt,
     maps::Maps,
 };
 
@@ -55,9 +64,19 @@ pub enum Wake {
     Full,
 }
 
+/// What the reaper works with: the maps, the cgroup tree and its names, the spawn parent.
+pub struct Ctx<'c, 'n> {
+    pub maps: &'c mut Maps,
+    pub cg: &'c Cgroup2,
+    pub names: &'c mut CgroupNames<'n>,
+    pub spawn_parent: &'c CgroupPath,
+}
+
 /// Lease bookkeeping across passes.
 pub struct Reaper {
     watcher: Watcher,
+    /// Lessee cgroups (and the spawn parent's children), open.
+    lessees: HashMap<u64, Lessee>,
     /// Lessee cgroups seen with processes in them.
     seen_populated: HashSet<u64>,
     pub reaped: u64,
@@ -70,9 +89,10 @@ pub struct Reaper {
     /// The allocators' generation when the lease map was last read.
     generation: Option<u64>,
     last_full: Option<Instant>,
-    /// Lessee cgroups inotify could not watch (watch limit): looked at on every tick.
-    unwatched: HashSet<u64>,
-    /// Lessee cgroups that could not be looked at (an error, not evidence): every tick too.
+    /// Cgroups looked at every tick: inotify could not watch them, they could not be looked at
+    /// (an error, not evidence), or the background walk has not reached them yet.
+    every_tick: HashSet<u64>,
+    /// Of them, those that failed (said once each).
     failing: HashSet<u64>,
 }
 
@@ -84,43 +104,6 @@ fn group(leases: &BTreeMap<u16, Lease>) -> HashMap<u64, Vec<u16>> {
     by
 }
 
-/// What looking at a lessee cgroup found.
-enum Seen {
-    /// It exists at this path.
-    At(CgroupPath),
-    /// It is gone: no cgroup has its id any more.
-    Gone,
-}
-
-/// Finds the cgroup `id`, or says why that cannot be told now.
-fn find(cg: &Cgroup2, names: &mut CgroupNames<'_>, id: u64) -> Result<Seen, IoError> {
-    // Twice at most: a cached path that no longer holds `id` (the cgroup was renamed, or removed
-    // and another made with its name) is forgotten and `id` looked up afresh.
-    for _ in 0..2 {
-        let Some(path) = names.lookup(id)? else {
-            return Ok(Seen::Gone);
-        };
-        match cg.id(&path) {
-            Ok(now) if now == id => return Ok(Seen::At(path)),
-            Ok(_) | Err(CgroupError::Missing { .. }) => names.forget(id),
-            Err(CgroupError::Io(e)) => return Err(e),
-            Err(e) => {
-                return Err(IoError::new(
-                    "stat",
-                    cg.dir(&path),
-                    std::io::Error::other(e.to_string()),
-                ))
-            }
-        }
-    }
-    // Found by handle at a path that then held another cgroup: it moved as we looked.
-    Err(IoError::new(
-        "find cgroup",
-        cg.mount(),
-        std::io::Error::other(format!("cgroup id {id} moved while it was looked up")),
-    ))
-}
-
 impl Reaper {
     /// The inotify instance the daemon waits on.
     pub fn inotify_fd(&self) -> &std::os::fd::OwnedFd {
@@ -130,6 +113,7 @@ impl Reaper {
     pub fn new() -> io::Result<Reaper> {
         Ok(Reaper {
             watcher: Watcher::new()?,
+            lessees: HashMap::new(),
             seen_populated: HashSet::new(),
             reaped: 0,
             by_cgroup: HashMap::new(),
@@ -137,189 +121,239 @@ impl Reaper {
             next_expiry: None,
             generation: None,
             last_full: None,
-            unwatched: HashSet::new(),
+            every_tick: HashSet::new(),
             failing: HashSet::new(),
         })
     }
 
     /// One pass: reads what woke it, looks at the cgroups that may have changed, ends the
     /// leases of those that are gone or emptied.
-    pub fn run(
-        &mut self,
-        wake: Wake,
-        maps: &mut Maps,
-        cg: &Cgroup2,
-        names: &mut CgroupNames<'_>,
-        spawn_parent: Option<&CgroupPath>,
-    ) {
+    pub fn run(&mut self, wake: Wake, ctx: &mut Ctx<'_, '_>) {
         let mut full =
             matches!(wake, Wake::Full) || self.last_full.is_none_or(|t| t.elapsed() >= FULL_PASS);
-        // Cgroups to look at, and spawn-parent children to start watching.
         let mut check: HashSet<u64> = HashSet::new();
         if matches!(wake, Wake::Inotify) {
-            for ev in self.watcher.inotify.read_events() {
-                if ev.mask & libc::IN_Q_OVERFLOW != 0 {
-                    full = true;
-                } else if let Some(id) = self.watcher.cgroup_of(&ev) {
-                    check.insert(id);
-                } else if Some(ev.wd) == self.watcher.dir_watch && ev.mask & libc::IN_CREATE != 0 {
-                    // A cgroup made below the spawn parent: watch it from now on, so a VM
-                    // that lives for less than a tick is still seen to exit.
-                    if let (Some(sp), Some(name)) = (spawn_parent, ev.name.as_ref()) {
-                        self.watch_child(cg, sp, name);
-                    }
-                }
-            }
+            full |= self.heard(ctx, &mut check);
         }
-        // The lease map, when an allocator changed it (or on a full pass).
-        let generation = maps.leases().generation();
-        if full || self.generation != Some(generation) {
-            let leases = match maps.leases().all() {
-                Ok(l) => l,
-                Err(e) => {
-                    warn!("reading leases: {e}");
-                    return;
-                }
-            };
-            self.generation = Some(generation);
-            self.next_expiry = leases
-                .values()
-                .filter(|l| l.expires != 0)
-                .map(|l| l.expires)
-                .min();
-            let by = group(&leases);
-            // Cgroups that gained a lease since the last read.
-            check.extend(by.keys().filter(|id| !self.by_cgroup.contains_key(id)));
-            // Cgroups that lost every lease: no longer ours to watch (spawned ones stay watched
-            // until they are removed).
-            for id in self.by_cgroup.keys().filter(|id| !by.contains_key(id)) {
-                check.insert(*id);
-            }
-            self.by_cgroup = by;
-            if full {
-                let (cleared, set) = maps.leases().reconcile(&leases);
-                if cleared + set > 0 {
-                    info!("leased-port bitmap reconciled with the lease map: {cleared} stale marks cleared, {set} marks added");
-                }
-            }
-            self.snapshot = leases;
+        if !self.read_leases(ctx.maps, full, &mut check) {
+            return;
         }
-        self.expire(maps, cg, names);
+        self.expire(ctx);
         if matches!(wake, Wake::Tick) {
-            check.extend(self.unwatched.iter().copied());
-            check.extend(self.failing.iter().copied());
+            check.extend(self.every_tick.iter().copied());
         }
         if full {
             check.extend(self.by_cgroup.keys().copied());
-            check.extend(self.watcher.by_id.keys().copied());
-            if let Some(sp) = spawn_parent {
-                self.watcher.watch_dir(cg, sp);
-                if let Ok(entries) = fs::read_dir(cg.dir(sp)) {
-                    for entry in entries.flatten() {
-                        let name = entry.file_name();
-                        if !self.remove_if_abandoned(cg, sp, &name) {
-                            self.watch_child(cg, sp, &name);
-                        }
-                    }
-                }
-            }
+            check.extend(self.lessees.keys().copied());
+            self.spawn_parent_pass(ctx);
             self.watcher.prune_parents();
+            self.prune_shares(ctx);
             self.last_full = Some(Instant::now());
         }
         for id in check {
-            self.check(id, maps, cg, names, spawn_parent);
+            self.check(id, ctx);
         }
+    }
+
+    /// The cgroups inotify says changed; true when the queue overflowed (look at everything).
+    fn heard(&mut self, ctx: &mut Ctx<'_, '_>, check: &mut HashSet<u64>) -> bool {
+        let mut overflow = false;
+        for ev in self.watcher.inotify.read_events() {
+            if ev.mask & libc::IN_Q_OVERFLOW != 0 {
+                overflow = true;
+            } else if let Some(about) = self.watcher.about(&ev) {
+                match about {
+                    About::Cgroup(id) => {
+                        check.insert(id);
+                    }
+                    About::Parent(p) => check.extend(self.watcher.children_of(p)),
+                }
+            } else if Some(ev.wd) == self.watcher.dir_watch && ev.mask & libc::IN_CREATE != 0 {
+                // A cgroup made below the spawn parent: watch it from now on, so a VM that
+                // lives for less than a tick is still seen to exit.
+                if let Some(name) = ev.name.as_ref().and_then(|n| n.to_str()) {
+                    self.open_spawned(ctx, name);
+                }
+            }
+        }
+        overflow
+    }
+
+    /// Reads the lease map when an allocator changed it (or on a full pass); false when it
+    /// cannot be read (nothing is done this pass).
+    fn read_leases(&mut self, maps: &mut Maps, full: bool, check: &mut HashSet<u64>) -> bool {
+        let generation = maps.leases().generation();
+        if !full && self.generation == Some(generation) {
+            return true;
+        }
+        let leases = match maps.leases().all() {
+            Ok(l) => l,
+            Err(e) => {
+                warn!("reading leases: {e}");
+                return false;
+            }
+        };
+        self.generation = Some(generation);
+        self.next_expiry = leases
+            .values()
+            .filter(|l| l.expires != 0)
+            .map(|l| l.expires)
+            .min();
+        let by = group(&leases);
+        // Cgroups that gained a lease since the last read, and those that lost every lease
+        // (no longer ours to watch; spawned ones stay watched until they are removed).
+        check.extend(by.keys().filter(|id| !self.by_cgroup.contains_key(id)));
+        check.extend(self.by_cgroup.keys().filter(|id| !by.contains_key(id)));
+        self.by_cgroup = by;
+        if full {
+            let (cleared, set) = maps.leases().reconcile(&leases);
+            if cleared + set > 0 {
+                info!("leased-port bitmap reconciled with the lease map: {cleared} stale marks cleared, {set} marks added");
+            }
+        }
+        self.snapshot = leases;
+        true
+    }
+
+    /// Every child of the spawn parent: abandoned ones removed, the others watched.
+    fn spawn_parent_pass(&mut self, ctx: &mut Ctx<'_, '_>) {
+        let dir = ctx.cg.dir(ctx.spawn_parent);
+        self.watcher.watch_dir(&dir);
+        let Ok(entries) = std::fs::read_dir(&dir) else {
+            return;
+        };
+        for entry in entries.flatten() {
+            let Some(name) = entry.file_name().to_str().map(str::to_owned) else {
+                continue;
+            };
+            if entry.file_type().is_ok_and(|t| t.is_dir()) && !self.remove_if_abandoned(ctx, &name)
+            {
+                self.open_spawned(ctx, &name);
+            }
+        }
+    }
+
+    /// Opens (and watches) the spawn parent's child `name`.
+    fn open_spawned(&mut self, ctx: &mut Ctx<'_, '_>, name: &str) {
+        let Ok(path) = ctx.spawn_parent.join(name) else {
+            return;
+        };
+        if let Ok(Some(l)) = Lessee::open_spawned(ctx.cg, &path) {
+            let id = l.id;
+            self.lessees.entry(id).or_insert(l);
+            self.watch(id);
+        }
+    }
+
+    /// The lessee `id`, opened if it is not yet: by its file handle, or by the walk.
+    fn reach(&mut self, id: u64, ctx: &mut Ctx<'_, '_>) -> Result<Option<&Lessee>, Looked> {
+        if !self.lessees.contains_key(&id) {
+            let sp_id = ctx.cg.id(ctx.spawn_parent).ok();
+            match Lessee::reach(id, ctx.names, sp_id) {
+                Ok(Some(l)) => {
+                    self.lessees.insert(id, l);
+                }
+                Ok(None) => return Ok(None),
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(self.lessees.get(&id))
     }
 
     /// Looks at one cgroup: ends its leases when it is gone or emptied, keeps it watched while
     /// it lives. When it cannot be looked at, nothing ends: it is looked at again next tick.
-    fn check(
-        &mut self,
-        id: u64,
-        maps: &mut Maps,
-        cg: &Cgroup2,
-        names: &mut CgroupNames<'_>,
-        spawn_parent: Option<&CgroupPath>,
-    ) {
-        let seen = match find(cg, names, id) {
-            Ok(seen) => seen,
-            Err(e) => {
+    fn check(&mut self, id: u64, ctx: &mut Ctx<'_, '_>) {
+        let ports = self.by_cgroup.get(&id).cloned().unwrap_or_default();
+        let looked = match self.reach(id, ctx) {
+            Ok(Some(l)) => l.look(),
+            Ok(None) => Ok(Looked::Gone),
+            Err(e) => Err(e),
+        };
+        let looked = match looked {
+            Ok(l) => l,
+            Err(Looked::Pending) => {
+                self.every_tick.insert(id);
+                return;
+            }
+            Err(Looked::Failed(e)) => {
                 self.retry(id, &e);
                 return;
             }
+            Err(other) => other,
         };
-        let path = match &seen {
-            Seen::At(p) => Some(p.clone()),
-            Seen::Gone => None,
-        };
-        let spawned = match (&path, spawn_parent) {
-            (Some(p), Some(sp)) => leases::is_spawned(p, sp),
-            _ => false,
-        };
-        let ports = self.by_cgroup.get(&id).cloned().unwrap_or_default();
+        self.unretried(id);
+        let spawned = self.lessees.get(&id).is_some_and(|l| l.spawned);
         if ports.is_empty() {
             // No lease (yet: spawn makes its cgroup before it claims): nothing to end. A cgroup
             // made by spawn stays watched for its claim and its exit.
-            match &path {
-                Some(p) if spawned => self.watch(cg, p, id),
-                _ => self.forget(id),
+            if spawned && !matches!(looked, Looked::Gone) {
+                self.watch(id);
+            } else {
+                self.forget(id);
             }
             return;
         }
-        let removed = (Ended::Removed, "its cgroup was removed".to_owned());
-        let reason = match &path {
-            None => Some(removed),
-            Some(p) => match cg.populated(p) {
-                Ok(None) => Some(removed),
-                Ok(Some(true)) => {
-                    self.seen_populated.insert(id);
-                    None
-                }
-                // Empty now: which leases that ends is decided per lease below.
-                Ok(Some(false)) => Some((Ended::Emptied, format!("{p} has no process left"))),
-                Err(e) => {
-                    self.retry(id, &e);
-                    return;
-                }
-            },
-        };
-        self.unretried(id);
-        let Some((how, why)) = reason else {
-            // Alive: watched while it holds a lease.
-            if let Some(p) = &path {
-                self.watch(cg, p, id);
+        let how = match looked {
+            Looked::Gone => Ended::Removed,
+            Looked::Populated => {
+                self.seen_populated.insert(id);
+                self.watch(id);
+                return;
             }
+            Looked::Empty => Ended::Emptied,
+            Looked::Pending | Looked::Failed(_) => unreachable!("handled above"),
+        };
+        let (ending, staying) = self.partition(id, how, ports, spawned);
+        if ending.is_empty() {
+            self.watch(id);
             return;
+        }
+        let (who, name) = self.who(id, ctx);
+        let why = match how {
+            Ended::Emptied => format!("{name} has no process left"),
+            _ => "its cgroup was removed".to_owned(),
         };
-        // An empty cgroup ends only the leases that end that way, once a process was there: a
-        // spawn lease (spawn moves itself in before it claims), and an until-empty one whose
-        // cgroup was seen populated or has used CPU time since the lease was made (a process
-        // that came and went between two looks). The others stay, and the cgroup stays watched.
-        let usage = match (&path, how) {
-            (Some(p), Ended::Emptied) if !spawned => cg.cpu_usec(p).ok(),
-            _ => None,
-        };
+        self.end(id, &ending, how, &who, &why, ctx.maps);
+        if how == Ended::Emptied && spawned {
+            if let Some(l) = self.lessees.get(&id) {
+                l.remove_spawned(ctx.cg, ctx.spawn_parent);
+            }
+        }
+        if how == Ended::Removed || spawned || !self.by_cgroup.contains_key(&id) {
+            self.forget(id);
+        } else if !staying.is_empty() {
+            self.watch(id);
+        }
+    }
+
+    /// Which of `ports` an emptied or removed cgroup ends: all of a removed one; of an empty
+    /// one, those that end that way once a process was there: a spawn lease (spawn moves itself
+    /// in before it claims), and an until-empty one whose cgroup was seen populated or has used
+    /// CPU time since the lease was made (a process that came and went between two looks).
+    fn partition(
+        &self,
+        id: u64,
+        how: Ended,
+        ports: Vec<u16>,
+        spawned: bool,
+    ) -> (Vec<u16>, Vec<u16>) {
+        if how != Ended::Emptied || spawned {
+            return (ports, Vec::new());
+        }
+        let usage = self.lessees.get(&id).and_then(Lessee::cpu_usec);
         let seen = self.seen_populated.contains(&id);
-        let (ports, staying): (Vec<u16>, Vec<u16>) = ports.into_iter().partition(|port| {
-            how != Ended::Emptied
-                || spawned
-                || self.snapshot.get(port).is_some_and(|l| {
-                    l.flags & LEASE_UNTIL_EMPTY != 0
-                        && (seen || usage.is_some_and(|u| l.cpu_usec != u64::MAX && u > l.cpu_usec))
-                })
-        });
-        if ports.is_empty() {
-            if let Some(p) = &path {
-                self.watch(cg, p, id);
-            }
-            return;
-        }
+        ports.into_iter().partition(|port| {
+            self.snapshot.get(port).is_some_and(|l| {
+                l.flags & port_guard_common::LEASE_UNTIL_EMPTY != 0
+                    && (seen || usage.is_some_and(|u| l.cpu_usec != u64::MAX && u > l.cpu_usec))
+            })
+        })
+    }
+
+    /// Ends the leases of `ports` that `id` still holds.
+    fn end(&mut self, id: u64, ports: &[u16], how: Ended, who: &str, why: &str, maps: &mut Maps) {
         let mut ended = Vec::new();
-        let who = path
-            .as_ref()
-            .map(|p| logfmt::value(p.as_str()).into_owned())
-            .unwrap_or(format!("(id {id})"));
-        for port in ports {
+        for &port in ports {
             // The lease may have changed hands since it was read (`lease` hands a port from
             // its scratch cgroup to the target, then removes the scratch cgroup): end it only
             // if it is still this cgroup's.
@@ -328,10 +362,9 @@ impl Reaper {
                     self.reaped += 1;
                     maps.leases().count_end(how);
                     ended.push(port);
-                    info!("lease ended: port={port} cgroup={who} ({why})");
+                    info!("lease ended: port={port} {who} ({why})");
                 }
-                Ok(false) => ended.push(port),
-                Err(LeaseError::NotLeased(_)) => ended.push(port),
+                Ok(false) | Err(LeaseError::NotLeased(_)) => ended.push(port),
                 Err(e) => warn!("ending lease of port {port}: {e}"),
             }
         }
@@ -341,25 +374,30 @@ impl Reaper {
                 self.by_cgroup.remove(&id);
             }
         }
-        if let (Some(p), true) = (&path, spawned) {
-            match fs::remove_dir(cg.dir(p)) {
-                Ok(()) => info!("removed cgroup {}", logfmt::value(p.as_str())),
-                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-                Err(e) => warn!("removing cgroup {}: {e}", logfmt::value(p.as_str())),
+    }
+
+    /// A lessee for a log line: `cgroup=/path`, or `cgroup_id=N` when it has no name at once;
+    /// and its name alone (the path, or `cgroup id N`).
+    fn who(&self, id: u64, ctx: &mut Ctx<'_, '_>) -> (String, String) {
+        let by_fd = self
+            .lessees
+            .get(&id)
+            .and_then(|l| ctx.cg.path_of_fd(&l.dir).ok().flatten());
+        let name = by_fd
+            .map(|p| p.to_string())
+            .or_else(|| crate::events::CgroupNamer::name_now(ctx.names, id));
+        match name {
+            Some(n) => {
+                let v = crate::logfmt::value(&n).into_owned();
+                (format!("cgroup={v}"), v)
             }
-        }
-        if path.is_none() || spawned || !self.by_cgroup.contains_key(&id) {
-            self.forget(id);
-        } else if !staying.is_empty() {
-            if let Some(p) = &path {
-                self.watch(cg, p, id);
-            }
+            None => (format!("cgroup_id={id}"), format!("cgroup id {id}")),
         }
     }
 
     /// Ends the leases whose TTL ran out (read again from the map first: a renewal since the
     /// snapshot keeps the lease).
-    fn expire(&mut self, maps: &mut Maps, cg: &Cgroup2, names: &mut CgroupNames<'_>) {
+    fn expire(&mut self, ctx: &mut Ctx<'_, '_>) {
         let now = leases::now_boot_secs();
         if self.next_expiry.is_none_or(|t| t > now) {
             return;
@@ -371,7 +409,7 @@ impl Reaper {
             .map(|(p, l)| (*p, l.cgroup_id))
             .collect();
         for (port, id) in due {
-            match maps.leases().get(port) {
+            match ctx.maps.leases().get(port) {
                 Ok(Some(l)) if l.cgroup_id == id && leases::expired(&l, now) => {}
                 Ok(_) => continue,
                 Err(e) => {
@@ -379,15 +417,12 @@ impl Reaper {
                     continue;
                 }
             }
-            match maps.leases_mut().release_if_held_by(port, id) {
+            match ctx.maps.leases_mut().release_if_held_by(port, id) {
                 Ok(true) => {
                     self.reaped += 1;
-                    maps.leases().count_end(Ended::Expired);
-                    let who = match find(cg, names, id) {
-                        Ok(Seen::At(p)) => logfmt::value(p.as_str()).into_owned(),
-                        _ => format!("(id {id})"),
-                    };
-                    info!("lease ended: port={port} cgroup={who} (its TTL ran out)");
+                    ctx.maps.leases().count_end(Ended::Expired);
+                    let (who, _) = self.who(id, ctx);
+                    info!("lease ended: port={port} {who} (its TTL ran out)");
                 }
                 Ok(false) | Err(LeaseError::NotLeased(_)) => {}
                 Err(e) => warn!("ending the expired lease of port {port}: {e}"),
@@ -399,15 +434,33 @@ impl Reaper {
         self.generation = None;
     }
 
+    /// The share counts of units whose cgroup is gone and that hold nothing go (their entries
+    /// would otherwise stay for ever).
+    fn prune_shares(&mut self, ctx: &mut Ctx<'_, '_>) {
+        if !ctx.names.handles() {
+            // Without handles every unit would cost a walk; the entries are small and bounded.
+            return;
+        }
+        let cg = ctx.cg;
+        if let Err(e) = ctx
+            .maps
+            .prune_shares(|unit| matches!(cg.open_by_id(unit), Ok(None)))
+        {
+            warn!("pruning the per-child shares of removed cgroups: {e}");
+        }
+    }
+
     /// A cgroup that could not be looked at: its leases stay, and it is looked at every tick
     /// until it can be (said once per cgroup).
     fn retry(&mut self, id: u64, e: &IoError) {
+        self.every_tick.insert(id);
         if self.failing.insert(id) {
             warn!("cannot look at lessee cgroup id {id} ({e}); its leases stay, looking again every second");
         }
     }
 
     fn unretried(&mut self, id: u64) {
+        self.every_tick.remove(&id);
         if self.failing.remove(&id) {
             info!("lessee cgroup id {id} can be looked at again");
         }
@@ -417,68 +470,62 @@ impl Reaper {
     /// was killed between making it and claiming a port: no lease, no process, and made more
     /// than [`ABANDONED_AFTER`] ago (a leaf cgroup's mtime is its creation time; spawn moves
     /// itself in within milliseconds of the mkdir). True when it was removed.
-    fn remove_if_abandoned(
-        &mut self,
-        cg: &Cgroup2,
-        sp: &CgroupPath,
-        name: &std::ffi::OsStr,
-    ) -> bool {
-        let Some(child) = name.to_str().and_then(|n| sp.join(n).ok()) else {
+    fn remove_if_abandoned(&mut self, ctx: &mut Ctx<'_, '_>, name: &str) -> bool {
+        let Ok(child) = ctx.spawn_parent.join(name) else {
             return false;
         };
-        let Ok(id) = cg.id(&child) else { return false };
+        let Ok(id) = ctx.cg.id(&child) else {
+            return false;
+        };
         // Only when it is positively empty.
-        if self.by_cgroup.contains_key(&id) || !matches!(cg.populated(&child), Ok(Some(false))) {
+        if self.by_cgroup.contains_key(&id) || !matches!(ctx.cg.populated(&child), Ok(Some(false)))
+        {
             return false;
         }
-        let dir = cg.dir(&child);
-        let age = fs::metadata(&dir)
+        let dir = ctx.cg.dir(&child);
+        let age = std::fs::metadata(&dir)
             .and_then(|m| m.modified())
             .ok()
             .and_then(|t| t.elapsed().ok());
         if age.is_none_or(|a| a < ABANDONED_AFTER) {
             return false;
         }
-        match fs::remove_dir(&dir) {
+        let shown = crate::logfmt::value(child.as_str()).into_owned();
+        match std::fs::remove_dir(&dir) {
             Ok(()) => {
-                info!("removed cgroup {}: made by a spawn or lease that never claimed a port, empty for more than {} s", logfmt::value(child.as_str()), ABANDONED_AFTER.as_secs());
+                info!("removed cgroup {shown}: made by a spawn or lease that never claimed a port, empty for more than {} s", ABANDONED_AFTER.as_secs());
                 self.forget(id);
                 true
             }
             Err(e) if e.kind() == io::ErrorKind::NotFound => true,
             Err(e) => {
-                warn!(
-                    "removing abandoned cgroup {}: {e}",
-                    logfmt::value(child.as_str())
-                );
+                warn!("removing abandoned cgroup {shown}: {e}");
                 false
             }
         }
     }
 
-    /// Watches the spawn parent's child `name`, if it is a cgroup.
-    fn watch_child(&mut self, cg: &Cgroup2, sp: &CgroupPath, name: &std::ffi::OsStr) {
-        if let Some(child) = name.to_str().and_then(|n| sp.join(n).ok()) {
-            if let Ok(id) = cg.id(&child) {
-                self.watch(cg, &child, id);
-            }
-        }
-    }
-
     /// Watches `id`, or looks at it every tick when inotify cannot.
-    fn watch(&mut self, cg: &Cgroup2, path: &CgroupPath, id: u64) {
-        if self.watcher.watch(cg, path, id) {
-            self.unwatched.remove(&id);
-        } else if self.unwatched.insert(id) && self.unwatched.len() == 1 {
+    fn watch(&mut self, id: u64) {
+        let Some(l) = self.lessees.get(&id) else {
+            return;
+        };
+        if self.watcher.watch(id, &l.dir, l.parent) {
+            if !self.failing.contains(&id) {
+                self.every_tick.remove(&id);
+            }
+        } else if self.every_tick.insert(id) && self.every_tick.len() == 1 {
             warn!(
-                "inotify cannot watch {path} (fs.inotify.max_user_watches?): cgroups without a watch are looked at every second"
+                "inotify cannot watch cgroup id {id} (fs.inotify.max_user_watches?): cgroups without a watch are looked at every second"
             );
         }
     }
 
     fn forget(&mut self, id: u64) {
         self.watcher.unwatch(id);
-        self.unwatched.remove(&id);
+        self.every_tick.remove(&id);
+        self.failing.remove(&id);
         self.seen_populated.remove(&id);
+        self.lessees.remove(&id);
     }
 }

@@ -1,28 +1,28 @@
-//! The reaper's inotify watches on lessee cgroups, and which cgroup an event is about.
+//! The reaper's inotify watches on lessee cgroups, reached through their directory fds (never
+//! by path: a cgroup's path may be longer than PATH_MAX), and which cgroup an event is about.
 
 use std::{
     collections::{HashMap, HashSet},
     io,
+    os::fd::{AsRawFd as _, OwnedFd},
+    path::PathBuf,
 };
 
-use crate::{
-    cgroup::{Cgroup2, CgroupPath},
-    inotify::Inotify,
-};
+use crate::inotify::Inotify;
 
 /// inotify on lessee cgroups: each one's `cgroup.events` (IN_MODIFY: populated changed) and its
-/// parent directory (IN_DELETE: the cgroup was removed; removing a cgroup sends nothing through
-/// the files inside it, and no IN_DELETE_SELF either while a watch holds its inode).
+/// parent directory (IN_DELETE: a child was removed; removing a cgroup sends nothing through the
+/// files inside it, and no IN_DELETE_SELF either while a watch holds its inode).
 pub(super) struct Watcher {
     pub(super) inotify: Inotify,
-    /// cgroup id → (its cgroup.events watch, its path).
-    pub(super) by_id: HashMap<u64, (i32, CgroupPath)>,
+    /// cgroup id → its cgroup.events watch and its parent's id.
+    pub(super) by_id: HashMap<u64, (i32, u64)>,
     /// cgroup.events watch → cgroup id.
     by_wd: HashMap<i32, u64>,
-    /// Watched cgroups by path, for IN_DELETE events (which name the child).
-    by_path: HashMap<CgroupPath, u64>,
-    /// Parent directory watches: wd → parent path.
-    parents: HashMap<i32, CgroupPath>,
+    /// Parent directories watched: parent id → (its fd, its watch).
+    parents: HashMap<u64, (OwnedFd, i32)>,
+    /// Parent watch → parent id.
+    parent_of_wd: HashMap<i32, u64>,
     /// The spawn parent's watch (IN_CREATE too); never removed.
     pub(super) dir_watch: Option<i32>,
 }
@@ -31,87 +31,132 @@ pub(super) struct Watcher {
 /// can be both the spawn parent (IN_CREATE) and a lessee's parent (IN_DELETE).
 const DIR_MASK: u32 = libc::IN_ONLYDIR | libc::IN_MASK_ADD;
 
+/// The path inotify reaches an open directory (or a file in it) by.
+fn via(fd: &OwnedFd, file: Option<&str>) -> PathBuf {
+    let mut p = PathBuf::from(format!("/proc/self/fd/{}", fd.as_raw_fd()));
+    if let Some(f) = file {
+        p.push(f);
+    }
+    p
+}
+
+/// What an inotify event is about.
+pub(super) enum About {
+    /// A watched cgroup's cgroup.events changed.
+    Cgroup(u64),
+    /// A child of a watched parent was removed: one of the cgroups below it may be gone.
+    Parent(u64),
+}
+
 impl Watcher {
     pub fn new() -> io::Result<Watcher> {
         Ok(Watcher {
             inotify: Inotify::new()?,
             by_id: HashMap::new(),
             by_wd: HashMap::new(),
-            by_path: HashMap::new(),
             parents: HashMap::new(),
+            parent_of_wd: HashMap::new(),
             dir_watch: None,
         })
     }
 
-    /// Watches a cgroup. False when inotify refuses (fs.inotify.max_user_watches): the caller
-    /// must look at the cgroup some other way.
-    pub(super) fn watch(&mut self, cg: &Cgroup2, path: &CgroupPath, id: u64) -> bool {
+    /// Watches the cgroup `id` (directory `dir`, parent `parent` reached through `parent_dir`).
+    /// False when inotify refuses (fs.inotify.max_user_watches): the caller must look at the
+    /// cgroup some other way.
+    pub(super) fn watch(&mut self, id: u64, dir: &OwnedFd, parent: u64) -> bool {
         if self.by_id.contains_key(&id) {
             return true;
         }
-        let Some(parent) = path.parent() else {
-            return false;
-        };
-        let Some(pwd) = self
-            .inotify
-            .add(&cg.dir(&parent), libc::IN_DELETE | DIR_MASK)
-        else {
-            return false;
-        };
-        self.parents.insert(pwd, parent);
+        if !self.parents.contains_key(&parent) {
+            let Ok(pfd) = open_parent(dir) else {
+                return false;
+            };
+            let Some(pwd) = self
+                .inotify
+                .add(&via(&pfd, None), libc::IN_DELETE | DIR_MASK)
+            else {
+                return false;
+            };
+            self.parent_of_wd.insert(pwd, parent);
+            self.parents.insert(parent, (pfd, pwd));
+        }
         let Some(wd) = self
             .inotify
-            .add(&cg.dir(path).join("cgroup.events"), libc::IN_MODIFY)
+            .add(&via(dir, Some("cgroup.events")), libc::IN_MODIFY)
         else {
             return false;
         };
-        self.by_id.insert(id, (wd, path.clone()));
+        self.by_id.insert(id, (wd, parent));
         self.by_wd.insert(wd, id);
-        self.by_path.insert(path.clone(), id);
         true
     }
 
     /// Watches the spawn parent for new cgroups (IN_CREATE), so a VM that lives for less than
     /// a tick is still seen to exit.
-    pub(super) fn watch_dir(&mut self, cg: &Cgroup2, path: &CgroupPath) {
+    pub(super) fn watch_dir(&mut self, dir: &std::path::Path) {
         if self.dir_watch.is_none() {
-            self.dir_watch = self.inotify.add(&cg.dir(path), libc::IN_CREATE | DIR_MASK);
+            self.dir_watch = self.inotify.add(dir, libc::IN_CREATE | DIR_MASK);
         }
     }
 
     pub(super) fn unwatch(&mut self, id: u64) {
-        if let Some((wd, path)) = self.by_id.remove(&id) {
+        if let Some((wd, _)) = self.by_id.remove(&id) {
             self.by_wd.remove(&wd);
-            self.by_path.remove(&path);
             self.inotify.remove(wd);
         }
     }
 
     /// Removes parent watches no watched cgroup needs (the spawn parent's stays).
     pub(super) fn prune_parents(&mut self) {
-        let needed: HashSet<CgroupPath> =
-            self.by_path.keys().filter_map(CgroupPath::parent).collect();
+        let needed: HashSet<u64> = self.by_id.values().map(|(_, p)| *p).collect();
         let dir_watch = self.dir_watch;
         let inotify = &self.inotify;
-        self.parents.retain(|wd, path| {
-            let keep = Some(*wd) == dir_watch || needed.contains(path);
+        let parent_of_wd = &mut self.parent_of_wd;
+        self.parents.retain(|id, (_, wd)| {
+            let keep = Some(*wd) == dir_watch || needed.contains(id);
             if !keep {
                 inotify.remove(*wd);
+                parent_of_wd.remove(wd);
             }
             keep
         });
     }
 
-    /// The cgroup an event is about, if it is one of ours.
-    pub(super) fn cgroup_of(&self, ev: &crate::inotify::Event) -> Option<u64> {
+    /// The cgroups below parent `parent` that are watched.
+    pub(super) fn children_of(&self, parent: u64) -> Vec<u64> {
+        self.by_id
+            .iter()
+            .filter(|(_, (_, p))| *p == parent)
+            .map(|(id, _)| *id)
+            .collect()
+    }
+
+    /// What an event is about, if it is one of ours.
+    pub(super) fn about(&self, ev: &crate::inotify::Event) -> Option<About> {
         if let Some(&id) = self.by_wd.get(&ev.wd) {
-            return Some(id);
+            return Some(About::Cgroup(id));
         }
         if ev.mask & libc::IN_DELETE != 0 {
-            let parent = self.parents.get(&ev.wd)?;
-            let child = parent.join(ev.name.as_ref()?.to_str()?).ok()?;
-            return self.by_path.get(&child).copied();
+            return self.parent_of_wd.get(&ev.wd).map(|p| About::Parent(*p));
         }
         None
     }
+}
+
+/// The parent directory of the open directory `dir`.
+fn open_parent(dir: &OwnedFd) -> io::Result<OwnedFd> {
+    use std::os::fd::FromRawFd as _;
+    // SAFETY: a valid dir fd and a static C string.
+    let fd = unsafe {
+        libc::openat(
+            dir.as_raw_fd(),
+            c"..".as_ptr(),
+            libc::O_RDONLY | libc::O_DIRECTORY | libc::O_CLOEXEC,
+        )
+    };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: a fresh fd nothing else owns.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
 }

@@ -15,6 +15,26 @@
 //!   hop-flood DIR N ADDR PORT
 //!       moves itself into DIR/0 .. DIR/N-1 in turn (cgroups the caller made) and binds
 //!       ADDR:PORT once from each: N offenders, one refused bind each: {"binds", "ok", "errnos"}
+//!   grab ADDR tcp|udp FIRST LAST THREADS plain|reuseaddr|reuseport
+//!       binds every port FIRST..=LAST (a fresh socket each, with the option), spread over
+//!       THREADS threads that start at one instant, and holds what it got (TCP: listening):
+//!       {"ok": [ports], "errnos": {errno: count}}. Then reads stdin: `close P` closes the socket
+//!       on P and answers {"closed": P}; `grab P` binds P again and answers {"port": P, "errno": 0|E};
+//!       end of input exits.
+//!   chain DIR LEVELS NAMELEN [PORT]
+//!       makes a chain of LEVELS nested cgroups with names of NAMELEN bytes below DIR (relative
+//!       to directory fds: the whole path may be longer than PATH_MAX), then, with PORT, moves
+//!       into the deepest and binds 0.0.0.0:PORT once: {"levels", "bytes", "bind": 0|errno}
+//!   unchain DIR LEVELS NAMELEN
+//!       removes such a chain, deepest first: {"removed"}
+//!   many-flood DIR N ADDR PORT SECONDS
+//!       moves into DIR/0 .. DIR/N-1 round and round (cgroups the caller made) and binds
+//!       ADDR:PORT once from each, for SECONDS: {"binds", "ok", "errnos"}
+//!   thread-netns-bind ADDR PORT
+//!       a thread enters a network namespace of its own (unshare, as root) and binds ADDR:PORT
+//!       there: {"bind": 0|errno}
+//!   hold-port ADDR PORT SECONDS
+//!       holds a TCP listener and a UDP socket on ADDR:PORT, prints {"ready": true}, sleeps
 //!   autopick TRICK LISTEN_PORT
 //!       lets the kernel choose a local port, one way: `port-range` (IP_LOCAL_PORT_RANGE narrowed
 //!       to LISTEN_PORT, then listen() unbound), `bind-no-port` (IP_BIND_ADDRESS_NO_PORT, bind to
@@ -158,6 +178,246 @@ fn hop_flood(dir: &str, n: usize, addr: SocketAddr) -> String {
         }
     }
     tally(binds, ok, &errnos)
+}
+
+/// Opens `name` below the directory `dir` (a cgroup), never by a whole path.
+fn open_below(dir: &std::os::fd::OwnedFd, name: &str) -> std::os::fd::OwnedFd {
+    use std::os::fd::FromRawFd as _;
+    let c = CString::new(name).expect("name");
+    // SAFETY: a valid dir fd and C string.
+    let fd = unsafe {
+        libc::openat(
+            dir.as_raw_fd(),
+            c.as_ptr(),
+            libc::O_RDONLY | libc::O_DIRECTORY | libc::O_CLOEXEC,
+        )
+    };
+    if fd < 0 {
+        fail("openat");
+    }
+    // SAFETY: a fresh fd nothing else owns.
+    unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) }
+}
+
+fn open_dir(path: &str) -> std::os::fd::OwnedFd {
+    std::fs::File::open(path)
+        .unwrap_or_else(|_| fail(path))
+        .into()
+}
+
+fn chain(dir: &str, levels: usize, namelen: usize, port: Option<u16>) -> String {
+    let name = "c".repeat(namelen);
+    let c = CString::new(name.as_str()).expect("name");
+    let mut fd = open_dir(dir);
+    for _ in 0..levels {
+        // SAFETY: a valid dir fd and C string.
+        if unsafe { libc::mkdirat(fd.as_raw_fd(), c.as_ptr(), 0o755) } != 0
+            && std::io::Error::last_os_error().raw_os_error() != Some(libc::EEXIST)
+        {
+            fail("mkdirat");
+        }
+        fd = open_below(&fd, &name);
+    }
+    let bytes = dir.len() + levels * (namelen + 1);
+    let bind = match port {
+        None => -1,
+        Some(p) => {
+            let procs = CString::new("cgroup.procs").unwrap();
+            // SAFETY: valid dir fd and C string.
+            let f = unsafe { libc::openat(fd.as_raw_fd(), procs.as_ptr(), libc::O_WRONLY) };
+            if f < 0 || unsafe { libc::write(f, b"0".as_ptr().cast(), 1) } != 1 {
+                fail("entering the deepest cgroup");
+            }
+            // SAFETY: a valid fd.
+            unsafe { libc::close(f) };
+            let s =
+                Socket::new(Domain::IPV4, Type::STREAM, None).unwrap_or_else(|_| fail("socket"));
+            s.bind(&SocketAddr::from((Ipv4Addr::UNSPECIFIED, p)).into())
+                .map_or_else(|e| errno_of(&e), |()| 0)
+        }
+    };
+    format!(r#"{{"levels":{levels},"bytes":{bytes},"bind":{bind}}}"#)
+}
+
+fn unchain(dir: &str, levels: usize, namelen: usize) -> String {
+    let name = "c".repeat(namelen);
+    let c = CString::new(name.as_str()).expect("name");
+    let mut fds = vec![open_dir(dir)];
+    for _ in 0..levels {
+        let Some(last) = fds.last() else { break };
+        let c2 = CString::new(name.as_str()).unwrap();
+        // SAFETY: a valid dir fd and C string.
+        let fd = unsafe {
+            libc::openat(
+                last.as_raw_fd(),
+                c2.as_ptr(),
+                libc::O_RDONLY | libc::O_DIRECTORY | libc::O_CLOEXEC,
+            )
+        };
+        if fd < 0 {
+            break;
+        }
+        // SAFETY: a fresh fd.
+        fds.push(unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) });
+    }
+    let mut removed = 0;
+    // Deepest first: each level is removed from its parent's fd.
+    while fds.len() > 1 {
+        fds.pop();
+        let parent = fds.last().expect("the top stays");
+        // SAFETY: a valid dir fd and C string.
+        if unsafe { libc::unlinkat(parent.as_raw_fd(), c.as_ptr(), libc::AT_REMOVEDIR) } == 0 {
+            removed += 1;
+        }
+    }
+    format!(r#"{{"removed":{removed}}}"#)
+}
+
+fn many_flood(dir: &str, n: usize, addr: SocketAddr, secs: f64) -> String {
+    let end = Instant::now() + Duration::from_secs_f64(secs);
+    let sa = SockAddr::from(addr);
+    let (mut binds, mut ok) = (0u64, 0u64);
+    let mut errnos: BTreeMap<i32, u64> = BTreeMap::new();
+    let procs: Vec<std::fs::File> = (0..n)
+        .map(|i| {
+            std::fs::OpenOptions::new()
+                .write(true)
+                .open(format!("{dir}/{i}/cgroup.procs"))
+                .unwrap_or_else(|_| fail("opening a cgroup.procs"))
+        })
+        .collect();
+    while Instant::now() < end {
+        for mut p in &procs {
+            use std::io::Write as _;
+            p.write_all(b"0")
+                .unwrap_or_else(|_| fail("entering a cgroup"));
+            let s = Socket::new(Domain::for_address(addr), Type::STREAM, None)
+                .unwrap_or_else(|_| fail("socket"));
+            binds += 1;
+            match s.bind(&sa) {
+                Ok(()) => ok += 1,
+                Err(e) => *errnos.entry(errno_of(&e)).or_default() += 1,
+            }
+        }
+    }
+    tally(binds, ok, &errnos)
+}
+
+fn thread_netns_bind(addr: SocketAddr) -> String {
+    let r = std::thread::spawn(move || {
+        // SAFETY: unshare moves this thread alone into a new netns.
+        if unsafe { libc::unshare(libc::CLONE_NEWNET) } != 0 {
+            fail("unshare(CLONE_NEWNET)");
+        }
+        let s = Socket::new(Domain::for_address(addr), Type::STREAM, None)
+            .unwrap_or_else(|_| fail("socket"));
+        s.bind(&addr.into()).map_or_else(|e| errno_of(&e), |()| 0)
+    })
+    .join()
+    .unwrap_or_else(|_| fail("the thread panicked"));
+    format!(r#"{{"bind":{r}}}"#)
+}
+
+fn hold_port(addr: SocketAddr, secs: u64) {
+    let t = Socket::new(Domain::for_address(addr), Type::STREAM, None)
+        .unwrap_or_else(|_| fail("socket"));
+    t.bind(&addr.into()).unwrap_or_else(|_| fail("bind tcp"));
+    t.listen(8).unwrap_or_else(|_| fail("listen"));
+    let u = Socket::new(Domain::for_address(addr), Type::DGRAM, None)
+        .unwrap_or_else(|_| fail("socket"));
+    u.bind(&addr.into()).unwrap_or_else(|_| fail("bind udp"));
+    println!(r#"{{"ready":true}}"#);
+    use std::io::Write as _;
+    let _ = std::io::stdout().flush();
+    std::thread::sleep(Duration::from_secs(secs));
+    drop((t, u));
+}
+
+/// One socket bound to `addr` with `opt`, listening when TCP.
+fn bind_one(addr: SocketAddr, udp: bool, opt: &str) -> std::io::Result<Socket> {
+    let ty = if udp { Type::DGRAM } else { Type::STREAM };
+    let s = Socket::new(Domain::for_address(addr), ty, None)?;
+    match opt {
+        "reuseaddr" => s.set_reuse_address(true)?,
+        "reuseport" => s.set_reuse_port(true)?,
+        _ => {}
+    }
+    if addr.is_ipv6() {
+        s.set_only_v6(false)?;
+    }
+    s.bind(&addr.into())?;
+    if !udp {
+        s.listen(8)?;
+    }
+    Ok(s)
+}
+
+fn grab(ip: std::net::IpAddr, udp: bool, first: u16, last: u16, threads: usize, opt: &str) {
+    use std::io::BufRead as _;
+    let barrier = std::sync::Arc::new(std::sync::Barrier::new(threads));
+    let opt = opt.to_owned();
+    let handles: Vec<_> = (0..threads)
+        .map(|t| {
+            let barrier = std::sync::Arc::clone(&barrier);
+            let opt = opt.clone();
+            std::thread::spawn(move || {
+                barrier.wait();
+                let mut got = Vec::new();
+                let mut errs = Vec::new();
+                let mut port = u32::from(first) + t as u32;
+                while port <= u32::from(last) {
+                    match bind_one(SocketAddr::new(ip, port as u16), udp, &opt) {
+                        Ok(s) => got.push((port as u16, s)),
+                        Err(e) => errs.push(errno_of(&e)),
+                    }
+                    port += threads as u32;
+                }
+                (got, errs)
+            })
+        })
+        .collect();
+    let mut held: BTreeMap<u16, Socket> = BTreeMap::new();
+    let mut errnos: BTreeMap<i32, u64> = BTreeMap::new();
+    for h in handles {
+        let (got, errs) = h
+            .join()
+            .unwrap_or_else(|_| fail("a grabbing thread panicked"));
+        held.extend(got);
+        for e in errs {
+            *errnos.entry(e).or_default() += 1;
+        }
+    }
+    let ok: Vec<String> = held.keys().map(u16::to_string).collect();
+    let errnos: Vec<String> = errnos
+        .iter()
+        .map(|(e, n)| format!(r#""{e}":{n}"#))
+        .collect();
+    println!(
+        r#"{{"ok":[{}],"errnos":{{{}}}}}"#,
+        ok.join(","),
+        errnos.join(",")
+    );
+    for line in std::io::stdin().lock().lines() {
+        let Ok(line) = line else { break };
+        match line.split_whitespace().collect::<Vec<_>>()[..] {
+            ["close", p] => {
+                let p: u16 = p.parse().expect("PORT");
+                held.remove(&p);
+                println!(r#"{{"closed":{p}}}"#);
+            }
+            ["grab", p] => {
+                let p: u16 = p.parse().expect("PORT");
+                match bind_one(SocketAddr::new(ip, p), udp, &opt) {
+                    Ok(s) => {
+                        held.insert(p, s);
+                        println!(r#"{{"port":{p},"errno":0}}"#);
+                    }
+                    Err(e) => println!(r#"{{"port":{p},"errno":{}}}"#, errno_of(&e)),
+                }
+            }
+            _ => println!(r#"{{"error":"unknown command"}}"#),
+        }
+    }
 }
 
 /// `{"binds", "ok", "errnos": {errno: count}}`.
@@ -313,8 +573,53 @@ fn main() {
             SocketAddr::new(addr.parse().expect("ADDR"), port.parse().expect("PORT")),
         ),
         ["autopick", trick, port] => autopick(trick, port.parse().expect("LISTEN_PORT")),
+        ["chain", dir, levels, namelen] => chain(
+            dir,
+            levels.parse().expect("LEVELS"),
+            namelen.parse().expect("NAMELEN"),
+            None,
+        ),
+        ["chain", dir, levels, namelen, port] => chain(
+            dir,
+            levels.parse().expect("LEVELS"),
+            namelen.parse().expect("NAMELEN"),
+            Some(port.parse().expect("PORT")),
+        ),
+        ["unchain", dir, levels, namelen] => unchain(
+            dir,
+            levels.parse().expect("LEVELS"),
+            namelen.parse().expect("NAMELEN"),
+        ),
+        ["many-flood", dir, n, addr, port, secs] => many_flood(
+            dir,
+            n.parse().expect("N"),
+            SocketAddr::new(addr.parse().expect("ADDR"), port.parse().expect("PORT")),
+            secs.parse().expect("SECONDS"),
+        ),
+        ["thread-netns-bind", addr, port] => thread_netns_bind(SocketAddr::new(
+            addr.parse().expect("ADDR"),
+            port.parse().expect("PORT"),
+        )),
+        ["hold-port", addr, port, secs] => {
+            hold_port(
+                SocketAddr::new(addr.parse().expect("ADDR"), port.parse().expect("PORT")),
+                secs.parse().expect("SECONDS"),
+            );
+            return;
+        }
+        ["grab", addr, proto, first, last, threads, opt] => {
+            grab(
+                addr.parse().expect("ADDR"),
+                proto == "udp",
+                first.parse().expect("FIRST"),
+                last.parse().expect("LAST"),
+                threads.parse().expect("THREADS"),
+                opt,
+            );
+            return;
+        }
         _ => {
-            eprintln!("usage: pg-attack [--cgroup DIR] [--uid UID] [--comm NAME] hold-connections ADDR N SECONDS | bind-flood ADDR PORT SECONDS | bind-flood-fresh ADDR PORT SECONDS | mark-bind ADDR PORT MARK | hop-flood DIR N ADDR PORT | autopick TRICK LISTEN_PORT");
+            eprintln!("usage: pg-attack [--cgroup DIR] [--uid UID] [--comm NAME] hold-connections ADDR N SECONDS | bind-flood ADDR PORT SECONDS | bind-flood-fresh ADDR PORT SECONDS | mark-bind ADDR PORT MARK | hop-flood DIR N ADDR PORT | autopick TRICK LISTEN_PORT | grab ADDR tcp|udp FIRST LAST THREADS plain|reuseaddr|reuseport | chain DIR LEVELS NAMELEN [PORT] | unchain DIR LEVELS NAMELEN | many-flood DIR N ADDR PORT SECONDS | thread-netns-bind ADDR PORT | hold-port ADDR PORT SECONDS");
             std::process::exit(2)
         }
     };

@@ -1,0 +1,216 @@
+//! One walk of the cgroup tree that finds ids: their paths, or a directory fd of each.
+//!
+//! Everything is relative to directory fds (`openat`), so a path longer than PATH_MAX (which a
+//! user can build in a delegated subtree) costs nothing special: its cgroups are found like the
+//! others. A directory that cannot be read is skipped and the walk says it was incomplete (then
+//! not finding an id is no evidence that it is gone); the depth is bounded; at most one fd per
+//! level is open at a time.
+
+use std::{
+    collections::{HashMap, HashSet},
+    ffi::CString,
+    fs, io,
+    os::{
+        fd::{AsRawFd as _, FromRawFd as _, OwnedFd},
+        unix::{ffi::OsStrExt as _, fs::MetadataExt as _},
+    },
+    path::Path,
+    rc::Rc,
+};
+
+/// Deepest level walked (the root is 0). Deeper cgroups are not found, and the walk says so.
+pub const MAX_WALK_DEPTH: usize = 256;
+
+/// What a walk found.
+#[derive(Debug, Default)]
+pub struct Found {
+    /// id → path (relative to the mount, `/a/b`), for the ids asked by name.
+    pub paths: HashMap<u64, String>,
+    /// id → its directory, for the ids asked by fd.
+    pub fds: HashMap<u64, OwnedFd>,
+    /// Every directory was read: an id not found does not exist.
+    pub complete: bool,
+}
+
+/// A directory on the way, shared by the children still to be looked at.
+struct Dir {
+    fd: OwnedFd,
+    path: Rc<str>,
+    depth: usize,
+}
+
+/// Opens `name` below `parent` as a directory, never through a link.
+fn open_at(parent: &OwnedFd, name: &std::ffi::OsStr) -> io::Result<OwnedFd> {
+    let c = CString::new(name.as_bytes()).map_err(io::Error::other)?;
+    // SAFETY: a valid dir fd and C string.
+    let fd = unsafe {
+        libc::openat(
+            parent.as_raw_fd(),
+            c.as_ptr(),
+            libc::O_RDONLY | libc::O_DIRECTORY | libc::O_NOFOLLOW | libc::O_CLOEXEC,
+        )
+    };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: a fresh fd nothing else owns.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+fn ino(fd: &OwnedFd) -> io::Result<u64> {
+    fs::metadata(format!("/proc/self/fd/{}", fd.as_raw_fd())).map(|m| m.ino())
+}
+
+/// Walks the tree at `mount` for `names` (paths wanted) and `fds` (directories wanted). Stops
+/// early once every id was found.
+pub fn walk(mount: &Path, names: &HashSet<u64>, fds: &HashSet<u64>) -> io::Result<Found> {
+    let c = CString::new(mount.as_os_str().as_bytes()).map_err(io::Error::other)?;
+    // SAFETY: a valid C string.
+    let root = unsafe {
+        libc::open(
+            c.as_ptr(),
+            libc::O_RDONLY | libc::O_DIRECTORY | libc::O_CLOEXEC,
+        )
+    };
+    if root < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: a fresh fd nothing else owns.
+    let root = unsafe { OwnedFd::from_raw_fd(root) };
+    let mut found = Found {
+        complete: true,
+        ..Found::default()
+    };
+    let wanted = names.len() + fds.len();
+    // Pending children: (their parent, their name).
+    let mut stack: Vec<(Rc<Dir>, std::ffi::OsString)> = Vec::new();
+    let visit =
+        |dir: Rc<Dir>, found: &mut Found, stack: &mut Vec<(Rc<Dir>, std::ffi::OsString)>| {
+            match ino(&dir.fd) {
+                Ok(id) => {
+                    if names.contains(&id) {
+                        found.paths.insert(id, dir.path.to_string());
+                    }
+                    if fds.contains(&id) {
+                        match dir.fd.try_clone() {
+                            Ok(fd) => {
+                                found.fds.insert(id, fd);
+                            }
+                            Err(_) => found.complete = false,
+                        }
+                    }
+                }
+                Err(_) => {
+                    found.complete = false;
+                    return;
+                }
+            }
+            if dir.depth >= MAX_WALK_DEPTH {
+                found.complete = false;
+                return;
+            }
+            let entries = match fs::read_dir(format!("/proc/self/fd/{}", dir.fd.as_raw_fd())) {
+                Ok(e) => e,
+                Err(e) if e.kind() == io::ErrorKind::NotFound => return,
+                Err(_) => {
+                    found.complete = false;
+                    return;
+                }
+            };
+            for entry in entries {
+                let Ok(entry) = entry else {
+                    found.complete = false;
+                    break;
+                };
+                if entry.file_type().is_ok_and(|t| t.is_dir()) {
+                    stack.push((Rc::clone(&dir), entry.file_name()));
+                }
+            }
+        };
+    visit(
+        Rc::new(Dir {
+            fd: root,
+            path: Rc::from(""),
+            depth: 0,
+        }),
+        &mut found,
+        &mut stack,
+    );
+    while let Some((parent, name)) = stack.pop() {
+        if wanted > 0 && found.paths.len() + found.fds.len() == wanted {
+            break;
+        }
+        let fd = match open_at(&parent.fd, &name) {
+            Ok(fd) => fd,
+            // Removed since it was listed.
+            Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+            Err(_) => {
+                found.complete = false;
+                continue;
+            }
+        };
+        let path: Rc<str> = Rc::from(format!("{}/{}", parent.path, name.to_string_lossy()));
+        let dir = Rc::new(Dir {
+            fd,
+            path,
+            depth: parent.depth + 1,
+        });
+        drop(parent);
+        visit(dir, &mut found, &mut stack);
+    }
+    for p in found.paths.values_mut() {
+        if p.is_empty() {
+            p.push('/');
+        }
+    }
+    Ok(found)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A directory tree stands in for cgroupfs: a chain longer than PATH_MAX is walked like any.
+    #[test]
+    fn finds_paths_and_fds_below_a_chain_longer_than_path_max() {
+        let base = std::env::temp_dir().join(format!("pg-walk-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&base);
+        fs::create_dir(&base).unwrap();
+        let base_fd = {
+            let c = CString::new(base.as_os_str().as_bytes()).unwrap();
+            // SAFETY: valid C string.
+            unsafe {
+                OwnedFd::from_raw_fd(libc::open(c.as_ptr(), libc::O_RDONLY | libc::O_DIRECTORY))
+            }
+        };
+        // 20 levels of 240-byte names: 4,820 bytes below the base.
+        let name = "x".repeat(240);
+        let mut fd = base_fd.try_clone().unwrap();
+        for _ in 0..20 {
+            let c = CString::new(name.as_str()).unwrap();
+            // SAFETY: valid dir fd and C string.
+            assert_eq!(
+                unsafe { libc::mkdirat(fd.as_raw_fd(), c.as_ptr(), 0o755) },
+                0
+            );
+            fd = open_at(&fd, std::ffi::OsStr::new(&name)).unwrap();
+        }
+        let deep = ino(&fd).unwrap();
+        fs::create_dir(base.join("short")).unwrap();
+        let short = fs::metadata(base.join("short")).unwrap().ino();
+        let names: HashSet<u64> = [deep, short].into();
+        let fds: HashSet<u64> = [deep].into();
+        let found = walk(&base, &names, &fds).unwrap();
+        assert_eq!(found.paths[&short], "/short");
+        assert_eq!(found.paths[&deep].len(), 20 * 241);
+        assert_eq!(ino(&found.fds[&deep]).unwrap(), deep);
+        // Not there: a complete walk says so.
+        let none = walk(&base, &[1u64 << 40].into(), &HashSet::new()).unwrap();
+        assert!(none.complete && none.paths.is_empty());
+        std::process::Command::new("rm")
+            .arg("-rf")
+            .arg(&base)
+            .status()
+            .unwrap();
+    }
+}
