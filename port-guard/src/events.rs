@@ -446,7 +446,7 @@ impl DenialLog {
         } else {
             Vec::new()
         };
-        self.count_evictions(maps, totals.len(), offenders);
+        self.count_evictions(maps, totals.len(), &cgroups, offenders);
         let news = self.news(&totals);
         let breakdown = self.breakdown(&cgroups);
         let secs = window.as_secs_f64().round() as u64;
@@ -519,17 +519,28 @@ impl DenialLog {
     }
 
     /// Keys added to the LRU maps beyond what they hold were evicted.
-    fn count_evictions(&mut self, maps: &Maps, live: usize, offenders: &OffenderMaps) {
+    fn count_evictions(
+        &mut self,
+        maps: &Maps,
+        live: usize,
+        cgroups: &[(u64, CgroupDenials)],
+        offenders: &OffenderMaps,
+    ) {
         let Ok((budget_new, cgroup_new)) = maps
             .stat(STAT_BUDGET_NEW)
             .and_then(|b| Ok((b, maps.stat(STAT_CGROUP_NEW)?)))
         else {
             return;
         };
-        let live_cgroups = offenders
-            .cgroups
-            .as_ref()
-            .map_or(0, |m| read_all(m).len() as u64);
+        // Read for the summary when a user offended; else read here, when it changed.
+        let live_cgroups = if !cgroups.is_empty() || cgroup_new == 0 {
+            cgroups.len() as u64
+        } else {
+            offenders
+                .cgroups
+                .as_ref()
+                .map_or(0, |m| read_all(m).len() as u64)
+        };
         self.evicted = Evictions {
             offenders: budget_new.saturating_sub(live as u64),
             cgroups: cgroup_new.saturating_sub(live_cgroups),

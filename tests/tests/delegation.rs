@@ -203,13 +203,23 @@ fn a_chain_longer_than_path_max_keeps_no_dead_vm_port_and_blinds_no_name() {
         let f = Fixture::new("pathmax");
         let user = f.attach.child("user-65534");
         delegate(&user, NOBODY);
-        // 17 levels of 240-byte names: a path of more than 4,096 bytes below the mount.
-        let (chain, made) = Chain::new(&user, 17, 240, Some(64500));
-        assert!(made["bytes"].as_u64().unwrap() > 4096, "{made}");
+        // 17 levels of names as long as makes the chain's path 4,086 bytes below the mount (a
+        // valid cgroup path, at most 4,096 bytes) and longer than PATH_MAX with the mount
+        // before it: open() and stat() of it fail with ENAMETOOLONG.
+        let namelen = (4086 - user.path().len()) / 17 - 1;
+        let (chain, made) = Chain::new(&user, 17, namelen, Some(64500));
+        let rel = user.path().len() + 17 * (namelen + 1);
+        assert!(
+            rel <= 4096 && cgroup2_mount().as_os_str().len() + rel >= 4096,
+            "{rel} bytes below the mount: {made}"
+        );
         let d = start_with_caps(&f, "64500-64563", &bset, &[]);
-        // A refusal from the deepest cgroup of the chain, now that the daemon runs.
-        let (_, again) = Chain::new(&user, 17, 240, Some(64501));
+        // A refusal from the deepest cgroup of the chain, now that the daemon runs: naming it
+        // meets ENAMETOOLONG.
+        let (_same_chain, again) = Chain::new(&user, 17, namelen, Some(64501));
         assert_ne!(again["bind"], 0, "{again}");
+        // Its line is out (whatever it names) before the VMs come, and the daemon had a tick.
+        d.wait_for("port=64501/tcp", LOG_TIMEOUT);
         let t = Instant::now();
         spawn_vms_that_exit(&f, 64);
         let reaped = wait_until(Duration::from_secs(20), || (leases(&f) == 0).then_some(()));
@@ -251,6 +261,7 @@ fn a_chain_longer_than_path_max_keeps_no_dead_vm_port_and_blinds_no_name() {
                 "{what}: {later}"
             );
         }
+        drop(_same_chain);
         drop(chain);
     }
 }

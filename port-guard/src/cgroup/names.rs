@@ -100,7 +100,7 @@ impl<'a> CgroupNames<'a> {
     /// file handle, or from a walk (in place; in the daemon, a pending walk is an error).
     pub fn lookup(&mut self, id: u64) -> Result<Option<CgroupPath>, IoError> {
         if let Some(p) = self.cached(id) {
-            return Ok(p.parse().ok());
+            return parsed(self.cg, id, &p).map(Some);
         }
         if self.is_gone(id) {
             return Ok(None);
@@ -130,7 +130,7 @@ impl<'a> CgroupNames<'a> {
             .map_err(|e| IoError::new("walk cgroups", self.cg.mount(), e))?;
         self.take(&found, &[id].into(), &HashSet::new());
         match found.paths.get(&id) {
-            Some(p) => Ok(p.parse().ok()),
+            Some(p) => parsed(self.cg, id, p).map(Some),
             None if found.complete => Ok(None),
             None => Err(IoError::new(
                 "walk cgroups",
@@ -371,6 +371,18 @@ impl Walker {
             fds: HashMap::new(),
         }
     }
+}
+
+/// A path a walk found, as a cgroup path: one longer than a cgroup path may be (4,096 bytes) has
+/// none, and says so (the cgroup exists).
+fn parsed(cg: &Cgroup2, id: u64, path: &str) -> Result<CgroupPath, IoError> {
+    path.parse().map_err(|e: super::CgroupError| {
+        IoError::new(
+            "name cgroup",
+            cg.mount(),
+            io::Error::other(format!("cgroup id {id} exists but has no cgroup path: {e}")),
+        )
+    })
 }
 
 /// Whether `open_by_handle_at` reaches cgroups here: the root cgroup (id 1) is tried.

@@ -1,10 +1,9 @@
 //! One walk of the cgroup tree that finds ids: their paths, or a directory fd of each.
 //!
-//! Everything is relative to directory fds (`openat`), so a path longer than PATH_MAX (which a
-//! user can build in a delegated subtree) costs nothing special: its cgroups are found like the
-//! others. A directory that cannot be read is skipped and the walk says it was incomplete (then
-//! not finding an id is no evidence that it is gone); the depth is bounded; at most one fd per
-//! level is open at a time.
+//! Everything is relative to directory fds (`openat`, `fstatat`), so a path longer than
+//! PATH_MAX (which a user can build in a delegated subtree) costs nothing special: its cgroups
+//! are found like the others. A directory that cannot be read is skipped and the walk says it
+//! was incomplete (then not finding an id is no evidence that it is gone); the depth is bounded.
 
 use std::{
     collections::{HashMap, HashSet},
@@ -32,7 +31,7 @@ pub struct Found {
     pub complete: bool,
 }
 
-/// A directory on the way, shared by the children still to be looked at.
+/// A directory still to be listed.
 struct Dir {
     fd: OwnedFd,
     path: Rc<str>,
@@ -57,12 +56,31 @@ fn open_at(parent: &OwnedFd, name: &std::ffi::OsStr) -> io::Result<OwnedFd> {
     Ok(unsafe { OwnedFd::from_raw_fd(fd) })
 }
 
-fn ino(fd: &OwnedFd) -> io::Result<u64> {
-    fs::metadata(format!("/proc/self/fd/{}", fd.as_raw_fd())).map(|m| m.ino())
+/// How many subdirectories `name` below `parent` has: cgroupfs (kernfs) keeps a directory's
+/// link count at 2 + its subdirectories, so a leaf cgroup is known without opening it.
+fn subdirs_at(parent: &OwnedFd, name: &std::ffi::OsStr) -> io::Result<u64> {
+    let c = CString::new(name.as_bytes()).map_err(io::Error::other)?;
+    // SAFETY: a zeroed stat is a valid buffer for fstatat to fill.
+    let mut st: libc::stat = unsafe { std::mem::zeroed() };
+    // SAFETY: a valid dir fd, C string and stat buffer.
+    if unsafe {
+        libc::fstatat(
+            parent.as_raw_fd(),
+            c.as_ptr(),
+            &mut st,
+            libc::AT_SYMLINK_NOFOLLOW,
+        )
+    } != 0
+    {
+        return Err(io::Error::last_os_error());
+    }
+    Ok((st.st_nlink as u64).saturating_sub(2))
 }
 
 /// Walks the tree at `mount` for `names` (paths wanted) and `fds` (directories wanted). Stops
-/// early once every id was found.
+/// early once every id was found. The id of each cgroup comes from its parent's listing (the
+/// entry's inode number), and only directories that have subdirectories are opened and read:
+/// a walk costs one listing per parent and one `fstatat` per leaf.
 pub fn walk(mount: &Path, names: &HashSet<u64>, fds: &HashSet<u64>) -> io::Result<Found> {
     let c = CString::new(mount.as_os_str().as_bytes()).map_err(io::Error::other)?;
     // SAFETY: a valid C string.
@@ -82,66 +100,25 @@ pub fn walk(mount: &Path, names: &HashSet<u64>, fds: &HashSet<u64>) -> io::Resul
         ..Found::default()
     };
     let wanted = names.len() + fds.len();
-    // Pending children: (their parent, their name).
-    let mut stack: Vec<(Rc<Dir>, std::ffi::OsString)> = Vec::new();
-    let visit =
-        |dir: Rc<Dir>, found: &mut Found, stack: &mut Vec<(Rc<Dir>, std::ffi::OsString)>| {
-            match ino(&dir.fd) {
-                Ok(id) => {
-                    if names.contains(&id) {
-                        found.paths.insert(id, dir.path.to_string());
-                    }
-                    if fds.contains(&id) {
-                        match dir.fd.try_clone() {
-                            Ok(fd) => {
-                                found.fds.insert(id, fd);
-                            }
-                            Err(_) => found.complete = false,
-                        }
-                    }
-                }
-                Err(_) => {
-                    found.complete = false;
-                    return;
-                }
-            }
-            if dir.depth >= MAX_WALK_DEPTH {
-                found.complete = false;
-                return;
-            }
-            let entries = match fs::read_dir(format!("/proc/self/fd/{}", dir.fd.as_raw_fd())) {
-                Ok(e) => e,
-                Err(e) if e.kind() == io::ErrorKind::NotFound => return,
-                Err(_) => {
-                    found.complete = false;
-                    return;
-                }
-            };
-            for entry in entries {
-                let Ok(entry) = entry else {
-                    found.complete = false;
-                    break;
-                };
-                if entry.file_type().is_ok_and(|t| t.is_dir()) {
-                    stack.push((Rc::clone(&dir), entry.file_name()));
-                }
-            }
-        };
-    visit(
-        Rc::new(Dir {
-            fd: root,
-            path: Rc::from(""),
-            depth: 0,
-        }),
-        &mut found,
-        &mut stack,
-    );
-    while let Some((parent, name)) = stack.pop() {
+    let root_id = fs::metadata(mount)?.ino();
+    if names.contains(&root_id) {
+        found.paths.insert(root_id, "/".into());
+    }
+    if fds.contains(&root_id) {
+        found.fds.insert(root_id, root.try_clone()?);
+    }
+    // Directories to list: (their fd, their path, their depth).
+    let mut stack: Vec<Rc<Dir>> = vec![Rc::new(Dir {
+        fd: root,
+        path: Rc::from(""),
+        depth: 0,
+    })];
+    while let Some(dir) = stack.pop() {
         if wanted > 0 && found.paths.len() + found.fds.len() == wanted {
             break;
         }
-        let fd = match open_at(&parent.fd, &name) {
-            Ok(fd) => fd,
+        let entries = match fs::read_dir(format!("/proc/self/fd/{}", dir.fd.as_raw_fd())) {
+            Ok(e) => e,
             // Removed since it was listed.
             Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
             Err(_) => {
@@ -149,18 +126,58 @@ pub fn walk(mount: &Path, names: &HashSet<u64>, fds: &HashSet<u64>) -> io::Resul
                 continue;
             }
         };
-        let path: Rc<str> = Rc::from(format!("{}/{}", parent.path, name.to_string_lossy()));
-        let dir = Rc::new(Dir {
-            fd,
-            path,
-            depth: parent.depth + 1,
-        });
-        drop(parent);
-        visit(dir, &mut found, &mut stack);
-    }
-    for p in found.paths.values_mut() {
-        if p.is_empty() {
-            p.push('/');
+        for entry in entries {
+            let Ok(entry) = entry else {
+                found.complete = false;
+                break;
+            };
+            if !entry.file_type().is_ok_and(|t| t.is_dir()) {
+                continue;
+            }
+            let id = std::os::unix::fs::DirEntryExt::ino(&entry);
+            let name = entry.file_name();
+            let path = || format!("{}/{}", dir.path, name.to_string_lossy());
+            if names.contains(&id) {
+                found.paths.insert(id, path());
+            }
+            let want_fd = fds.contains(&id);
+            let subdirs = match subdirs_at(&dir.fd, &name) {
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+                Err(_) => {
+                    found.complete = false;
+                    continue;
+                }
+            };
+            if !want_fd && subdirs == 0 {
+                continue;
+            }
+            if subdirs > 0 && dir.depth + 1 >= MAX_WALK_DEPTH {
+                found.complete = false;
+            }
+            let fd = match open_at(&dir.fd, &name) {
+                Ok(fd) => fd,
+                Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+                Err(_) => {
+                    found.complete = false;
+                    continue;
+                }
+            };
+            if want_fd {
+                match fd.try_clone() {
+                    Ok(f) => {
+                        found.fds.insert(id, f);
+                    }
+                    Err(_) => found.complete = false,
+                }
+            }
+            if subdirs > 0 && dir.depth + 1 < MAX_WALK_DEPTH {
+                stack.push(Rc::new(Dir {
+                    fd,
+                    path: Rc::from(path()),
+                    depth: dir.depth + 1,
+                }));
+            }
         }
     }
     Ok(found)
@@ -169,6 +186,10 @@ pub fn walk(mount: &Path, names: &HashSet<u64>, fds: &HashSet<u64>) -> io::Resul
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn ino(fd: &OwnedFd) -> io::Result<u64> {
+        fs::metadata(format!("/proc/self/fd/{}", fd.as_raw_fd())).map(|m| m.ino())
+    }
 
     /// A directory tree stands in for cgroupfs: a chain longer than PATH_MAX is walked like any.
     #[test]

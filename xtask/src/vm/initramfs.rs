@@ -34,6 +34,18 @@ const NOT_IN_VM: &[(&str, &str)] = &[
         "not run in VMs: it checks contrib/port-guard.service with systemd-analyze, which the guest does not have (kernel-independent; the host suite runs it)",
     ),
     (
+        "delegation::a_chain_longer_than_path_max_keeps_no_dead_vm_port_and_blinds_no_name",
+        "not run in VMs: it runs the daemon under the unit's capability set with setpriv and reads contrib/port-guard.service, neither of which the guest has (the reaper's fds and the walk are the same on every kernel; the host suite runs it)",
+    ),
+    (
+        "delegation::thousands_of_a_users_cgroups_cost_the_daemon_little_cpu",
+        "not run in VMs: a CPU figure under TCG measures the emulator, and it needs setpriv and the unit file (the host suite and the bench run it)",
+    ),
+    (
+        "delegation::short_lived_cgroups_with_long_names_do_not_grow_the_daemon",
+        "not run in VMs: 10,000 cgroup cycles take about 40 s on the host and ten times that under TCG, for a figure (the daemon's memory) that does not depend on the kernel",
+    ),
+    (
         "package::the_deb_package_holds_what_the_docs_say_and_lintian_reports_no_error",
         PACKAGES_ON_THE_HOST,
     ),
