@@ -190,6 +190,68 @@ pub fn program_time(
     Ok((per.iter().map(|v| summarize(v)).collect(), before))
 }
 
+/// Which programs to read around a scenario's socket()+bind()+close() batches: its bind4 program
+/// and its sock_release program.
+pub struct CycleProbe<'a> {
+    pub scenario: usize,
+    pub bind: &'a Prog,
+    pub release: &'a Prog,
+}
+
+/// The programs' own run time per socket()+bind()+close() (bpf_stats), per probe: (ns per run of
+/// the bind4 program, ns per run of the sock_release program). A bind on a fresh socket is the
+/// one a per-child share charges, and its close the one that uncharges it. Statistics are on only
+/// inside this function.
+pub fn cycle_program_time(
+    workers: &mut [Worker],
+    scenarios: &[Scenario],
+    probes: &[CycleProbe<'_>],
+    n: u64,
+    rounds: usize,
+    rng: &mut Rng,
+) -> Result<Vec<(Summary, Summary)>> {
+    let _on = crate::bpfstats::StatsOn::enable()?;
+    let mut bind_ns: Vec<Vec<f64>> = vec![Vec::new(); probes.len()];
+    let mut release_ns: Vec<Vec<f64>> = vec![Vec::new(); probes.len()];
+    let mut order: Vec<usize> = (0..probes.len()).collect();
+    for _ in 0..rounds {
+        check_interrupted()?;
+        rng.shuffle(&mut order);
+        for &i in &order {
+            let pr = &probes[i];
+            let sc = &scenarios[pr.scenario];
+            let (b0, r0) = (pr.bind.stats()?, pr.release.stats()?);
+            batch(
+                &mut workers[sc.worker],
+                Kind::Cycle,
+                sc.port,
+                n,
+                sc.cycle_errno,
+            )?;
+            let (b1, r1) = (pr.bind.stats()?, pr.release.stats()?);
+            for (what, prog, (t0, c0), (t1, c1), out) in [
+                ("bind4", pr.bind, b0, b1, &mut bind_ns[i]),
+                ("sock_release", pr.release, r0, r1, &mut release_ns[i]),
+            ] {
+                if c1 - c0 < n {
+                    bail!(
+                        "{what} program {} ran {} times for {n} socket()+bind()+close() of {}: are statistics on?",
+                        prog.id,
+                        c1 - c0,
+                        sc.label
+                    );
+                }
+                out.push((t1 - t0) as f64 / (c1 - c0) as f64);
+            }
+        }
+    }
+    Ok(bind_ns
+        .iter()
+        .zip(&release_ns)
+        .map(|(b, r)| (summarize(b), summarize(r)))
+        .collect())
+}
+
 /// Baseline batches only (for the phases before and after any guard is loaded).
 pub fn baseline_only(
     w: &mut Worker,

@@ -6,8 +6,10 @@
 //! 1. baseline with no bind program loaded by the bench;
 //! 2. agent: load + attach time, daemon memory after start and after 10,000 denials, idle CPU;
 //! 3. bind(): a small (1 range, 1 allowed cgroup) and a large (64 ranges, 1,000 allowed cgroups,
-//!    10,000 leases) guard side by side, each scenario a worker process parked in its cgroup,
-//!    rounds interleaved; then the programs' own run time from bpf_stats;
+//!    10,000 leases) guard side by side, and the small one with a per-child limit (every bind of
+//!    its range charged, every close uncharged), each scenario a worker process parked in its
+//!    cgroup, rounds interleaved; then the programs' own run time from bpf_stats (bind4, and
+//!    sock_release per close);
 //! 4. the baseline again, with the guards gone;
 //! 5. lease allocation through the library against a bare probe-bind allocator (libvirt's way);
 //! 6. `port-guard spawn` against a bare fork/exec, and up to qemu listening;

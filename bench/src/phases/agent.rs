@@ -35,6 +35,8 @@ pub(super) struct Daemons {
     pub large: Daemon,
     /// The small configuration refusing through the sentinel port, for phase 3's sentinel row.
     pub sentinel: Daemon,
+    /// The small configuration with a per-child limit, for phase 3's limit rows.
+    pub limited: Daemon,
 }
 
 pub(super) fn measure(
@@ -128,6 +130,7 @@ pub(super) fn measure(
                 &cg.daemons,
                 &[("PORT_GUARD_SENTINEL", "force")],
             )?,
+            limited: Daemon::start(pg, &pins.dir("limited"), &cg.limited.config, &cg.daemons)?,
         },
     ))
 }

@@ -1,6 +1,8 @@
 //! Phases 1, 3 and 4, bind(): the baseline with no bind program of the bench loaded (before any
 //! guard exists, and again after they are gone), every scenario's bind() in interleaved rounds
-//! with the daemons of phase 2 running, and the programs' own run time from bpf_stats.
+//! with the daemons of phase 2 running, and the programs' own run time from bpf_stats: the bind4
+//! programs' on a bound socket, and for the small and the limited guard the bind4 and the
+//! sock_release programs' around socket()+bind()+close().
 
 use std::time::{Duration, Instant};
 
@@ -9,7 +11,7 @@ use serde_json::json;
 
 use super::{agent::Daemons, Cgroups, Params, LEASED, OUTSIDE, REFUSED, RESERVED};
 use crate::{
-    bind::{self, Kind, Samples, Scenario},
+    bind::{self, CycleProbe, Kind, Samples, Scenario},
     bpfstats::{self, Prog},
     env::{self, Cg, Pins, Worker},
     report::{ratio, time_ns, Report},
@@ -23,6 +25,9 @@ pub(super) const SCALE_AA: &str = "reserved, allowed, depth 8, 2nd worker (A/A)"
 /// A refusal of the small configuration made through the sentinel port (guard 3): the bind is
 /// rewritten to the port the daemon's sentinel holds and the kernel answers EADDRINUSE.
 pub(super) const SENTINEL: &str = "refused (EADDRINUSE through the sentinel port)";
+/// The guard index of the limited configuration (the small one with a per-child limit); 0 is
+/// the small, 1 the large, 2 the floor program, 3 the small through the sentinel.
+pub(super) const LIMITED: Option<usize> = Some(4);
 pub(super) const GUARDED: [&str; 5] = [
     "port outside every range",
     "reserved, allowed, depth 1",
@@ -66,6 +71,9 @@ pub(super) struct Measured {
     pub samples: Samples,
     /// ns inside the bind4 program, per scenario (NaN for unguarded ones).
     pub prog_ns: Vec<Summary>,
+    /// Per socket()+bind()+close() of a scenario of the small and the limited guard: (scenario,
+    /// ns per run of its bind4 program, ns per run of its sock_release program).
+    pub cycle_prog_ns: Vec<(usize, Summary, Summary)>,
     sysctl_before: String,
     sysctl_after: String,
     /// The small and the large daemon's CPU during the rounds, % of one CPU.
@@ -97,6 +105,7 @@ pub(super) fn measure(
         small: small_d,
         large: large_d,
         sentinel: sentinel_d,
+        limited: limited_d,
     } = daemons;
     let bind_cpu0 = [small_d.cpu_time(), large_d.cpu_time()];
     let t_bind = Instant::now();
@@ -112,6 +121,7 @@ pub(super) fn measure(
         Prog::from_link_pin(&pins.dir("large").join("link_bind4"))?,
         floor_prog,
         Prog::from_link_pin(&pins.dir("sentinel").join("link_bind4"))?,
+        Prog::from_link_pin(&pins.dir("limited").join("link_bind4"))?,
     ];
     let (prog_ns, sysctl_before) = bind::program_time(
         &mut workers,
@@ -121,12 +131,48 @@ pub(super) fn measure(
         p.stats_rounds,
         rng,
     )?;
+    // The sock_release programs run at close: read them around socket()+bind()+close() batches
+    // (the per-child share is charged by a bind of a fresh socket only).
+    let release = [
+        Prog::from_link_pin(&pins.dir("small").join("link_release"))?,
+        Prog::from_link_pin(&pins.dir("limited").join("link_release"))?,
+    ];
+    let probes: Vec<CycleProbe<'_>> = [
+        (Some(0), &progs[0], &release[0]),
+        (LIMITED, &progs[4], &release[1]),
+    ]
+    .into_iter()
+    .flat_map(|(g, bind, release)| {
+        let scenarios = &scenarios;
+        GUARDED[..3].iter().map(move |label| CycleProbe {
+            scenario: index(scenarios, label, g),
+            bind,
+            release,
+        })
+    })
+    .collect();
+    let cycle_ns = bind::cycle_program_time(
+        &mut workers,
+        &scenarios,
+        &probes,
+        sizes.1,
+        p.stats_rounds,
+        rng,
+    )?;
+    let cycle_prog_ns = probes
+        .iter()
+        .zip(cycle_ns)
+        .map(|(pr, (b, r))| (pr.scenario, b, r))
+        .collect();
+    drop(probes);
     let sysctl_after = bpfstats::read_sysctl();
 
     // 4. Baseline again, guards gone.
     let mut base_w = workers.swap_remove(0);
     drop(workers);
     drop(progs);
+    drop(release);
+    drop(limited_d);
     drop(small_d);
     drop(large_d);
     drop(sentinel_d);
@@ -147,6 +193,7 @@ pub(super) fn measure(
         scenarios,
         samples,
         prog_ns,
+        cycle_prog_ns,
         sysctl_before,
         sysctl_after,
         daemon_cpu_pct,
@@ -154,7 +201,8 @@ pub(super) fn measure(
 }
 
 /// The workers (the baseline's first) and the scenarios they run: no guard (twice), the floor
-/// program, and each guarded scenario under the small and the large guard.
+/// program, each guarded scenario under the small and the large guard, and the first three under
+/// the limited one.
 fn scenarios(cg: &Cgroups, base_w: Worker) -> Result<(Vec<Worker>, Vec<Scenario>)> {
     let mut workers = vec![
         base_w,
@@ -265,6 +313,33 @@ fn scenarios(cg: &Cgroups, base_w: Worker) -> Result<(Vec<Worker>, Vec<Scenario>
             },
         ]);
     }
+    // The limited configuration: outside the range, and allowed at depths 1 and 8 (every bind
+    // on a fresh socket charged to its unit, d1 or c1; never refused: one socket at a time).
+    let base = workers.len();
+    for (label, c) in [
+        ("out", &cg.limited.out),
+        ("d1", &cg.limited.d1),
+        ("d8", &cg.limited.d8),
+    ] {
+        workers.push(Worker::spawn(&format!("limited/{label}"), c)?);
+    }
+    for (i, (label, port)) in [
+        (GUARDED[0], OUTSIDE),
+        (GUARDED[1], RESERVED),
+        (GUARDED[2], RESERVED),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        scenarios.push(Scenario {
+            label,
+            guard: LIMITED,
+            worker: base + i,
+            port,
+            hook_errno: libc::EINVAL,
+            cycle_errno: 0,
+        });
+    }
     Ok((workers, scenarios))
 }
 
@@ -288,7 +363,7 @@ pub(super) fn rows(report: &mut Report, p: &Params, m: &Measured, base: &Baselin
         for (i, sc) in scenarios
             .iter()
             .enumerate()
-            .filter(|(_, sc)| sc.guard != Some(1) && sc.label != SCALE_AA)
+            .filter(|(_, sc)| sc.guard != Some(1) && sc.guard != LIMITED && sc.label != SCALE_AA)
         {
             let r = summarize(&paired_ratios(&s[i], no_guard));
             let t = target(sc.label);
@@ -427,7 +502,8 @@ pub(super) fn program_rows(report: &mut Report, p: &Params, m: &Measured, foreig
 }
 
 /// The scenario with `label` under `guard` (None: no guard, Some(0) small, Some(1) large,
-/// Some(2) the floor program, Some(3) the small configuration through the sentinel).
+/// Some(2) the floor program, Some(3) the small configuration through the sentinel, [`LIMITED`]
+/// the small configuration with a per-child limit).
 pub(super) fn index(scenarios: &[Scenario], label: &str, guard: Option<usize>) -> usize {
     scenarios
         .iter()

@@ -8,12 +8,14 @@
 //! - [`scale`]: the large configuration, and its rows against the small one;
 //! - [`alloc`]: lease allocation (phase 5);
 //! - [`spawn`]: `port-guard spawn` and qemu (phase 6);
-//! - [`flood`]: the daemon under a flood of refused binds (phase 7).
+//! - [`flood`]: the daemon under a flood of refused binds (phase 7);
+//! - [`limit`]: the per-child limit's rows (its bind() scenarios run in phase 3).
 
 mod agent;
 mod alloc;
 mod bind;
 mod flood;
+mod limit;
 mod scale;
 mod spawn;
 
@@ -50,6 +52,10 @@ const ALLOC_FIRST: u16 = 40000;
 const ALLOC_LAST: u16 = 59999;
 const QEMU_BARE_PORT: u16 = 61000;
 const ALLOWED_CGROUPS: usize = 1000;
+/// The limited configuration's per_child_limit: far above the one socket a scenario holds at a
+/// time, so that every bind of the range is charged (and every close uncharged) and none is
+/// refused.
+const LIMIT: u32 = 1000;
 const DENIALS: u64 = 10_000;
 
 struct Params {
@@ -164,6 +170,8 @@ struct Cgroups {
     /// The small configuration, refusing through the sentinel port (forced where the kernel
     /// has bpf_set_retval).
     sentinel: Layout,
+    /// The small configuration with `per_child_limit = LIMIT` on its range.
+    limited: Layout,
     /// The large configuration's other 999 allowed cgroups.
     many: Vec<Cg>,
     alloc_lessee: Cg,
@@ -179,6 +187,7 @@ impl Cgroups {
         let small = Layout::new(tree, tmp, "small")?;
         let large = Layout::new(tree, tmp, "large")?;
         let sentinel = Layout::new(tree, tmp, "sentinel")?;
+        let limited = Layout::new(tree, tmp, "limited")?;
         eprintln!("bench: creating {} allowed cgroups", ALLOWED_CGROUPS - 1);
         let many: Vec<Cg> = (0..ALLOWED_CGROUPS - 1)
             .map(|i| tree.mkdir(&format!("large/a{i:04}")))
@@ -195,6 +204,12 @@ impl Cgroups {
                 + &format!("sentinel_port = {SENTINEL_PORT}\n")
                 + &reserve(SMALL_RANGE, &[&sentinel.allow.rel]),
         )?;
+        fs::write(
+            &limited.config,
+            limited.header()
+                + &reserve(SMALL_RANGE, &[&limited.allow.rel])
+                + &format!("per_child_limit = {LIMIT}\n"),
+        )?;
         let alloc = tree.mkdir("alloc")?;
         let alloc_lessee = tree.mkdir("alloc/lessee")?;
         tree.mkdir("alloc/spawn")?;
@@ -209,6 +224,7 @@ impl Cgroups {
         )?;
         Ok(Cgroups {
             sentinel,
+            limited,
             free,
             free2,
             floor,
@@ -293,7 +309,9 @@ pub fn run_all(opts: &Opts, pg: &Path) -> Result<Report> {
     // Rows for phases 1-4.
     bind::rows(&mut report, &p, &binds, &base);
     scale::rows(&mut report, &binds);
+    limit::rows(&mut report, &binds);
     bind::program_rows(&mut report, &p, &binds, base.foreign);
+    limit::program_rows(&mut report, &p, &binds);
 
     // 5. Lease allocation.
     let alloc_d = env::Daemon::start(pg, &pins.dir("alloc"), &cg.alloc_config, &cg.daemons)?;
