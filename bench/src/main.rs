@@ -14,7 +14,10 @@
 //! 5. lease allocation through the library against a bare probe-bind allocator (libvirt's way);
 //! 6. `port-guard spawn` against a bare fork/exec, and up to qemu listening;
 //! 7. a flood of refused binds from one process: the daemon's CPU meanwhile, and whether one
-//!    refused bind of a second process in another cgroup still reaches its log.
+//!    refused bind of a second process in another cgroup still reaches its log;
+//! 8. a user (nobody) with 3,000 idle cgroups in a delegated subtree who makes 150 new ones a
+//!    second, each with one refused bind: the daemon's CPU, under the shipped unit's capability
+//!    bounding set and without CAP_DAC_READ_SEARCH.
 //!
 //! Why not criterion or divan: the code under test runs in other processes (each in its own
 //! cgroup), and the targets are ratios of 2 to 5 %, which on a shared two-core machine drift more

@@ -169,6 +169,56 @@ fn handle(state: &mut State, req: &Value) -> Result<Value> {
             let ns = t.elapsed().as_nanos() as u64;
             Ok(errnos.reply(ns, n))
         }
+        "setuid" => {
+            // Becomes a user (uid and gid `uid`, no supplementary groups), as a login session's
+            // processes are: the worker was started as root, already in the user's subtree.
+            let uid = field(req, "uid")? as u32;
+            // SAFETY: plain syscalls, in the order that works (groups, gid, uid). The worker has
+            // one thread.
+            unsafe {
+                if libc::setgroups(0, std::ptr::null()) != 0
+                    || libc::setgid(uid) != 0
+                    || libc::setuid(uid) != 0
+                {
+                    bail!("dropping to uid {uid}: {}", io::Error::last_os_error());
+                }
+                // A change of credentials clears the parent-death signal: set it again.
+                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong);
+            }
+            // SAFETY: getuid has no preconditions.
+            Ok(json!({ "uid": unsafe { libc::getuid() } }))
+        }
+        "mkdirs" => {
+            // `n` cgroups DIR/PREFIX0 .. DIR/PREFIX(n-1), made by this process (as its user).
+            let dir = PathBuf::from(req["dir"].as_str().context("no dir")?);
+            let prefix = req["prefix"].as_str().unwrap_or_default();
+            let n = field(req, "n")?;
+            for i in 0..n {
+                let d = dir.join(format!("{prefix}{i}"));
+                std::fs::create_dir(&d).with_context(|| format!("mkdir {}", d.display()))?;
+            }
+            Ok(json!({ "made": n }))
+        }
+        "hop" => {
+            // What a user who makes cgroups as fast as it likes does: makes DIR and DIR/0 ..
+            // DIR/n-1, moves itself into each in turn and binds PORT once from it (a fresh socket
+            // each, closed at once). The reply counts the binds' errnos as a batch does.
+            let dir = PathBuf::from(req["dir"].as_str().context("no dir")?);
+            let port = field(req, "port")? as u16;
+            let n = field(req, "n")?;
+            let sa = sockaddr4(port);
+            std::fs::create_dir(&dir).with_context(|| format!("mkdir {}", dir.display()))?;
+            let mut errnos = Errnos::default();
+            let t = Instant::now();
+            for i in 0..n {
+                let d = dir.join(i.to_string());
+                std::fs::create_dir(&d).with_context(|| format!("mkdir {}", d.display()))?;
+                std::fs::write(d.join("cgroup.procs"), "0")
+                    .with_context(|| format!("moving into {}", d.display()))?;
+                errnos.see(bind_errno(&tcp4_socket()?, &sa));
+            }
+            Ok(errnos.reply(t.elapsed().as_nanos() as u64, n))
+        }
         "comm" => {
             // The command name the denial events carry (this process has one thread).
             let name = CString::new(req["name"].as_str().context("no name")?)?;

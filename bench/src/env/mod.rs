@@ -152,6 +152,39 @@ impl Tree {
     }
 }
 
+impl Tree {
+    /// Removes `cg` (below the subtree) with everything in and below it, as the drop does for the
+    /// whole subtree: for a phase that makes thousands of cgroups and wants them gone before the
+    /// next measurement.
+    pub fn remove(&self, cg: &Cg) -> Result<()> {
+        if !cg.abs.starts_with(&self.root.abs) || cg.abs == self.root.abs {
+            bail!("{} is not below the bench's subtree", cg.abs.display());
+        }
+        kill_and_remove(&cg.abs)
+    }
+}
+
+/// Gives `cg` to `uid` the way systemd delegates a subtree to a user (`Delegate=yes`): its
+/// directory and its `cgroup.procs`, `cgroup.subtree_control` and `cgroup.threads`. The user may
+/// then make cgroups below it and move its own processes between them.
+pub fn delegate(cg: &Cg, uid: u32) -> Result<()> {
+    for f in [
+        "",
+        "cgroup.procs",
+        "cgroup.subtree_control",
+        "cgroup.threads",
+    ] {
+        let p = if f.is_empty() {
+            cg.abs.clone()
+        } else {
+            cg.abs.join(f)
+        };
+        std::os::unix::fs::chown(&p, Some(uid), Some(uid))
+            .with_context(|| format!("chown {uid} {}", p.display()))?;
+    }
+    Ok(())
+}
+
 impl Drop for Tree {
     fn drop(&mut self) {
         if let Err(e) = kill_and_remove(&self.root.abs) {

@@ -44,7 +44,27 @@ impl Daemon {
         cg: &Cg,
         env: &[(&str, &str)],
     ) -> Result<Daemon> {
-        let mut cmd = Command::new(bin);
+        Daemon::start_wrapped(bin, pin, config, cg, env, &[])
+    }
+
+    /// [`Daemon::start_env`] through a wrapper that execs the daemon in the same process (e.g.
+    /// `setpriv --bounding-set=... --`): `wrap` is the wrapper and its arguments.
+    pub fn start_wrapped(
+        bin: &Path,
+        pin: &Path,
+        config: &Path,
+        cg: &Cg,
+        env: &[(&str, &str)],
+        wrap: &[String],
+    ) -> Result<Daemon> {
+        let mut cmd = match wrap.split_first() {
+            Some((w, args)) => {
+                let mut c = Command::new(w);
+                c.args(args).arg(bin);
+                c
+            }
+            None => Command::new(bin),
+        };
         cmd.envs(env.iter().copied());
         cmd.arg("--pin-dir")
             .arg(pin)
@@ -58,9 +78,7 @@ impl Daemon {
         // remove_stale().
         in_cgroup(&mut cmd, cg, libc::SIGTERM);
         let started = Instant::now();
-        let mut child = cmd
-            .spawn()
-            .with_context(|| format!("starting {}", bin.display()))?;
+        let mut child = cmd.spawn().with_context(|| format!("starting {cmd:?}"))?;
         let stderr = child.stderr.take().expect("piped");
         let lines = Arc::new(Mutex::new(Vec::new()));
         let (tx, rx) = std::sync::mpsc::channel();

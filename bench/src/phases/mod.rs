@@ -9,7 +9,8 @@
 //! - [`alloc`]: lease allocation (phase 5);
 //! - [`spawn`]: `port-guard spawn` and qemu (phase 6);
 //! - [`flood`]: the daemon under a flood of refused binds (phase 7);
-//! - [`limit`]: the per-child limit's rows (its bind() scenarios run in phase 3).
+//! - [`limit`]: the per-child limit's rows (its bind() scenarios run in phase 3);
+//! - [`users`]: the daemon while a user makes cgroups in a delegated subtree (phase 8).
 
 mod agent;
 mod alloc;
@@ -18,6 +19,7 @@ mod flood;
 mod limit;
 mod scale;
 mod spawn;
+mod users;
 
 use std::{
     fs,
@@ -73,6 +75,10 @@ struct Params {
     qemu_reps: usize,
     /// How long one process makes refused binds for the flood rows.
     flood: Duration,
+    /// How long a user makes new cgroups (150 a second) for each of the phase 8 rows, and how
+    /// long the daemon runs before that.
+    users: Duration,
+    users_settle: Duration,
 }
 
 impl Params {
@@ -92,6 +98,8 @@ impl Params {
                 spawn_reps: 3,
                 qemu_reps: 1,
                 flood: Duration::from_millis(500),
+                users: Duration::from_secs(3),
+                users_settle: Duration::from_millis(500),
             }
         } else {
             Params {
@@ -108,6 +116,8 @@ impl Params {
                 spawn_reps: 40,
                 qemu_reps: 7,
                 flood: Duration::from_secs(3),
+                users: Duration::from_secs(30),
+                users_settle: Duration::from_secs(2),
             }
         }
     }
@@ -338,10 +348,13 @@ pub fn run_all(opts: &Opts, pg: &Path) -> Result<Report> {
 
     // 7. A flood of refused binds, with the other daemons gone.
     let flooded = flood::measure(&p, pg, &pins, &tree, &tmp, &cg.daemons)?;
+    // 8. A user who makes cgroups, the daemon under the unit's capabilities and without one.
+    let users = users::measure(&p, pg, &pins, &tree, &tmp, &cg.daemons)?;
 
     // Agent rows.
     agent::rows(&mut report, &agent, &binds.daemon_cpu_pct);
     flood::rows(&mut report, &flooded);
+    users::rows(&mut report, &p, &users);
     let load = fs::read_to_string("/proc/loadavg").unwrap_or_default();
     report.note(format!(
         "load average at the end: {}",
