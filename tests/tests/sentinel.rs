@@ -201,7 +201,7 @@ fn every_bind_trick_gets_eaddrinuse_through_the_sentinel_and_nothing_else_binds_
     assert_eq!(st["effective_errno"], "eaddrinuse", "{st:#}");
     let (_, table, _) = e.pg(&["status"]);
     assert!(
-        table.contains("through the sentinel port 64190, held in host"),
+        table.contains("through the sentinel port 64190 in host;"),
         "{table}"
     );
 }
@@ -655,19 +655,19 @@ fn check_names_who_holds_the_sentinel_port_and_the_kernel_never_auto_picks_it() 
             && detail.contains(&format!("64197/udp by pid {pid} (pg-sockets)")),
         "{detail}"
     );
-    // The daemon starts anyway, says why refusals get what the kernel can give for now, and
-    // takes the port once it is free.
+    // The daemon starts anyway: its sentinel takes the nearest free port below, outside the
+    // ranges, so refused binds still get EADDRINUSE, and it says which port it took.
     let mut c = e.daemon_cmd_opts(true, true);
     c.args(["--metrics-listen", "127.0.0.1:64198"]);
     let d = Daemon::spawn(c);
     d.wait_for("guard enforcing", START_TIMEOUT);
     d.wait_for(
-        "cannot hold the sentinel port 64197 in netns host: another socket holds it",
+        "the sentinel port 64197 is held by another socket in netns host: its sentinel took port 64196 instead",
         LOG_TIMEOUT,
     );
     assert_eq!(
         e.bind(&e.outsider, "plain", "tcp", "0.0.0.0", 64170),
-        Err(expected_errno_without_sentinel())
+        Err(libc::EADDRINUSE)
     );
     let sentinel_metrics = || {
         let text = e.ns.run(|| {
@@ -687,30 +687,37 @@ fn check_names_who_holds_the_sentinel_port_and_the_kernel_never_auto_picks_it() 
                 .to_owned()
         })
     };
-    assert_eq!(sentinel_metrics(), ["0", "1"]);
-    drop(squatter);
-    d.wait_for(
-        "sentinel port 64197 in netns host is held again",
-        Duration::from_secs(15),
+    assert_eq!(sentinel_metrics(), ["1", "0"]);
+    // Ephemeral protection covers the port taken in its place as well as the configured one:
+    // no connect() or bind(0) is handed either.
+    assert_eq!(
+        e.ns.sysctl("net.ipv4.ip_local_reserved_ports"),
+        "64170-64179,64196-64197"
     );
+    let (_, item) = check(&e);
+    assert_eq!(item["warning"], true, "{item}");
+    assert!(
+        item["detail"]
+            .as_str()
+            .unwrap()
+            .contains("the daemon's sentinel holds port 64196 in its place"),
+        "{item}"
+    );
+    // The squatter leaves: the sentinel keeps the port it holds (moving would open a gap),
+    // and check says so without a warning.
+    drop(squatter);
     assert_eq!(
         e.bind(&e.outsider, "plain", "udp", "::", 64171),
         Err(libc::EADDRINUSE)
     );
-    assert_eq!(sentinel_metrics(), ["1", "0"]);
     let (_, item) = check(&e);
     assert_eq!(item["warning"], Value::Null, "{item}");
     assert!(
         item["detail"]
             .as_str()
             .unwrap()
-            .contains("port 64197 is held by the daemon's sentinel"),
+            .contains("port 64197 is free; the daemon's sentinel holds port 64196 in its place"),
         "{item}"
     );
-    // Ephemeral protection covers the sentinel port with the ranges: no connect() or bind(0)
-    // can be handed it while no sentinel holds it.
-    assert_eq!(
-        e.ns.sysctl("net.ipv4.ip_local_reserved_ports"),
-        "64170-64179,64197"
-    );
+    assert_eq!(sentinel_metrics(), ["1", "0"]);
 }

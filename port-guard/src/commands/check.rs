@@ -425,12 +425,12 @@ fn sentinel_item(f: probe::Features, port: u16, maps: Option<&crate::maps::Maps>
     } else {
         "this kernel cannot set their errno"
     };
+    let instead: Vec<String> = taken_instead
+        .iter()
+        .filter(|p| **p != port)
+        .map(u16::to_string)
+        .collect();
     if !others.is_empty() {
-        let instead: Vec<String> = taken_instead
-            .iter()
-            .filter(|p| **p != port)
-            .map(u16::to_string)
-            .collect();
         return Item {
             name: "sentinel",
             ok: true,
@@ -453,7 +453,12 @@ fn sentinel_item(f: probe::Features, port: u16, maps: Option<&crate::maps::Maps>
         name: "sentinel",
         ok: true,
         warning: false,
-        detail: if scan.sockets.is_empty() {
+        detail: if !instead.is_empty() && scan.sockets.is_empty() {
+            format!(
+                "port {port} is free; the daemon's sentinel holds port {} in its place (taken while {port} was held): refused binds get EADDRINUSE",
+                instead.join(", ")
+            )
+        } else if scan.sockets.is_empty() {
             format!(
                 "port {port} is free: the daemon holds it to give refused binds EADDRINUSE ({how})"
             )

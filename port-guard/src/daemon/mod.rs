@@ -207,24 +207,47 @@ impl Daemon<'_> {
         let (changed, news) = self.netns.refresh(&mut self.guard, self.cg, &self.scratch);
         if changed {
             self.write_netns();
-            if self.resolved.policy.protect_ephemeral {
-                if let Err(e) = policy::sync_ephemeral(
-                    self.pin,
-                    &mut self.guard,
-                    &self.resolved.policy,
-                    self.features,
-                    &self.netns,
-                ) {
-                    warn!("protecting ephemeral ports in the guarded namespaces: {e:#}");
-                }
-            }
+            self.protect_ephemeral();
         }
         // Every tick: a netns where no sentinel port could be held is tried again.
-        if let Some(s) = &mut self.sentinels {
-            s.sync(&self.netns.sentinel_targets(), &mut self.guard.maps);
-        }
+        self.sync_sentinels();
         for line in news {
             info!("{line}");
+        }
+    }
+
+    /// The sentinels in every guarded netns; where one took another port than the configured
+    /// one, ephemeral protection covers that port too.
+    fn sync_sentinels(&mut self) {
+        let Some(s) = &mut self.sentinels else { return };
+        if s.sync(&self.netns.sentinel_targets(), &mut self.guard.maps) {
+            self.protect_ephemeral();
+        }
+    }
+
+    /// The ports sentinels hold (or may hold), for ephemeral protection.
+    fn sentinel_ports(&self) -> std::collections::BTreeSet<u16> {
+        self.sentinels
+            .as_ref()
+            .map(sentinel::Sentinels::ports)
+            .unwrap_or_default()
+    }
+
+    /// Ephemeral protection in step with the policy, the namespaces and the sentinel ports.
+    fn protect_ephemeral(&mut self) {
+        if !self.resolved.policy.protect_ephemeral {
+            return;
+        }
+        let ports = self.sentinel_ports();
+        if let Err(e) = policy::sync_ephemeral(
+            self.pin,
+            &mut self.guard,
+            &self.resolved.policy,
+            self.features,
+            &self.netns,
+            &ports,
+        ) {
+            warn!("protecting ephemeral ports in the guarded namespaces: {e:#}");
         }
     }
 
@@ -244,7 +267,8 @@ impl Daemon<'_> {
     }
 
     fn repair_ephemeral(&mut self) {
-        let ranges = policy::protected_ranges(&self.resolved.policy, self.features);
+        let ranges =
+            policy::protected_ranges(&self.resolved.policy, self.features, &self.sentinel_ports());
         match crate::ephemeral::repair(&ranges) {
             Ok(None) => self.stats.ephemeral_check_failed = false,
             Ok(Some(lost)) => {

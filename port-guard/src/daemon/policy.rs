@@ -148,13 +148,17 @@ pub(super) fn in_protected<T: Send>(
 /// and, where refusals go through it, the sentinel port (a connect() or bind(0) given it while no
 /// sentinel holds it would keep the daemon from taking it back, and post_bind refuses a bind(0)
 /// that lands on it).
-pub(super) fn protected_ranges(policy: &Policy, features: Features) -> Vec<PortRange> {
+/// `sentinel_ports` are the ports sentinels took in place of the configured one.
+pub(super) fn protected_ranges(
+    policy: &Policy,
+    features: Features,
+    sentinel_ports: &std::collections::BTreeSet<u16>,
+) -> Vec<PortRange> {
     let mut ranges: Vec<_> = policy.reserve.iter().map(|r| r.spec.range).collect();
     if features.uses_sentinel(policy) {
-        ranges.push(PortRange {
-            first: policy.sentinel_port,
-            last: policy.sentinel_port,
-        });
+        let mut ports = sentinel_ports.clone();
+        ports.insert(policy.sentinel_port);
+        ranges.extend(ports.into_iter().map(|p| PortRange { first: p, last: p }));
     }
     ranges
 }
@@ -167,9 +171,10 @@ pub(super) fn sync_ephemeral(
     policy: &Policy,
     features: Features,
     guarded: &GuardedNetns,
+    sentinel_ports: &std::collections::BTreeSet<u16>,
 ) -> Result<()> {
     if policy.protect_ephemeral {
-        let ranges = protected_ranges(policy, features);
+        let ranges = protected_ranges(policy, features, sentinel_ports);
         for (name, value) in in_protected(guarded, |path| {
             crate::ephemeral::apply(pin.path(), &ranges, path)
         })? {
@@ -257,9 +262,7 @@ impl Daemon<'_> {
                 self.resolved = r;
                 self.watch_allowed();
                 self.write_netns();
-                if let Some(s) = &mut self.sentinels {
-                    s.sync(&self.netns.sentinel_targets(), &mut self.guard.maps);
-                }
+                self.sync_sentinels();
                 for line in news {
                     info!("{line}");
                 }
@@ -332,13 +335,21 @@ impl Daemon<'_> {
         netns.set_scope(&r.policy.netns);
         let (_, news) = netns.refresh(&mut self.guard, cg, &self.scratch);
         let fresh = self.guard.maps.write_policy(&r, self.features)?;
+        let sentinel_ports = self.sentinel_ports();
         let rest = self
             .guard
             .maps
             .write_netns(&netns.set(), netns.scoped())
             .map_err(anyhow::Error::from)
             .and_then(|()| {
-                sync_ephemeral(self.pin, &mut self.guard, &r.policy, self.features, &netns)
+                sync_ephemeral(
+                    self.pin,
+                    &mut self.guard,
+                    &r.policy,
+                    self.features,
+                    &netns,
+                    &sentinel_ports,
+                )
             });
         if let Err(e) = rest {
             // The maps hold (part of) the new policy: put the old one back, whole.

@@ -123,8 +123,10 @@ impl Sentinels {
 
     /// Holds a port in every target netns, lets go of it elsewhere, and makes the maps say
     /// exactly that (`PG_SENTINELS`, `PG_SENT_NETNS`, the sentinel ports marked in `PG_PORTS`).
-    /// A netns where no port could be held is tried again every few seconds.
-    pub(super) fn sync(&mut self, targets: &[Target], maps: &mut crate::maps::Maps) {
+    /// A netns where no port could be held is tried again every few seconds. Returns whether
+    /// the set of ports held ([`Sentinels::ports`]) changed.
+    pub(super) fn sync(&mut self, targets: &[Target], maps: &mut crate::maps::Maps) -> bool {
+        let ports_before = self.ports();
         let mut changed = false;
         self.failing
             .retain(|inode, _| targets.iter().any(|t| t.1 == *inode));
@@ -183,6 +185,7 @@ impl Sentinels {
             self.prune();
             self.mark(maps);
         }
+        self.ports() != ports_before
     }
 
     fn in_range(&self, port: u16) -> bool {
@@ -367,15 +370,24 @@ impl Sentinels {
     }
 
     /// Where the sentinel holds the port, by name, for the log.
+    /// `49151 (held in: host, blue)`, or with a port taken in place of the configured one
+    /// `49151 (held in: host on port 49150, blue)`.
     pub(super) fn describe(&self) -> String {
         if self.held.is_empty() {
-            return "nowhere yet".into();
+            return format!("{} (held nowhere yet)", self.port);
         }
-        self.held
+        let places: Vec<String> = self
+            .held
             .values()
-            .map(|h| format!("{} on port {}", h.name, h.port))
-            .collect::<Vec<_>>()
-            .join(", ")
+            .map(|h| {
+                if h.port == self.port {
+                    h.name.clone()
+                } else {
+                    format!("{} on port {}", h.name, h.port)
+                }
+            })
+            .collect();
+        format!("{} (held in: {})", self.port, places.join(", "))
     }
 
     /// The daemon stops. With an fd store the sockets outlive it and stay announced; without

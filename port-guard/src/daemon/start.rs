@@ -197,7 +197,14 @@ fn start_guard(
         }
     };
     let guarded = guarded.expect("Guard::start ran its before_attach");
-    if let Err(e) = policy::sync_ephemeral(pin, &mut guard, &resolved.policy, features, &guarded) {
+    if let Err(e) = policy::sync_ephemeral(
+        pin,
+        &mut guard,
+        &resolved.policy,
+        features,
+        &guarded,
+        &Default::default(),
+    ) {
         if !guard.adopted {
             drop(guard);
             let _ = guard::unload(pin);
@@ -242,9 +249,22 @@ fn start_sentinels(
         .collect();
     match Sentinels::new(guard, resolved.policy.sentinel_port, reserved, inherited) {
         Ok(mut s) => {
-            s.sync(&guarded.sentinel_targets(), &mut guard.maps);
+            if s.sync(&guarded.sentinel_targets(), &mut guard.maps) && resolved.policy.protect_ephemeral
+            {
+                // A sentinel took another port: the kernel must not hand it out either.
+                if let Err(e) = policy::sync_ephemeral(
+                    pin,
+                    guard,
+                    &resolved.policy,
+                    features,
+                    guarded,
+                    &s.ports(),
+                ) {
+                    warn!("protecting the port the sentinel took from ephemeral use: {e:#}");
+                }
+            }
             info!(
-                "refused binds get EADDRINUSE through the sentinel port (held in: {}); EPERM in a netns where none is held",
+                "refused binds get EADDRINUSE through the sentinel port {}; EPERM in a netns where none is held",
                 s.describe()
             );
             Ok(Some(s))
