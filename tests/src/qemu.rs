@@ -161,6 +161,19 @@ impl Qmp {
             .to_owned()
     }
 
+    /// Waits up to `timeout` for the status `wanted`; returns the last one seen. A destination
+    /// still says "inmigrate" for a moment after its source says "completed".
+    pub fn wait_status(&mut self, wanted: &str, timeout: Duration) -> String {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let st = self.status();
+            if st == wanted || Instant::now() > deadline {
+                return st;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     /// Starts a migration to `uri` and waits for it to end: its final status and the whole
     /// `query-migrate` answer.
     pub fn migrate(&mut self, uri: &str, timeout: Duration) -> (String, Value) {

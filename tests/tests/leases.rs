@@ -625,13 +625,10 @@ fn cgroups_abandoned_by_a_killed_spawn_are_removed_and_fresh_or_busy_ones_kept()
         "a cgroup made moments ago is kept (its spawn may be about to move in)"
     );
     assert!(busy.abs().exists(), "a cgroup with a process is kept");
-    let lines = e.daemon().lines().join("\n");
-    assert!(
-        lines.contains(&format!(
-            "removed cgroup {}/vm-killed",
-            e.spawn_parent.path()
-        )),
-        "{lines}"
+    // The directory goes before its line is written: wait for the line.
+    e.daemon().wait_for(
+        &format!("removed cgroup {}/vm-killed", e.spawn_parent.path()),
+        LOG_TIMEOUT,
     );
 }
 
@@ -778,7 +775,7 @@ fn live_migrations_through_spawn_survive_a_hostile_binder_and_fail_without_the_g
             continue;
         }
         let mut dq = dest.qmp();
-        let st = dq.status();
+        let st = dq.wait_status("running", Duration::from_secs(10));
         if st != "running" {
             failures.push(format!("migration {i}: destination is {st}"));
         }

@@ -32,6 +32,8 @@ pub fn test(root: &Path, filter: Option<&str>) -> Result<()> {
         "test",
         "--package",
         "integration-tests",
+        // Every test file runs, whatever failed before it: one report of all that fails.
+        "--no-fail-fast",
         "--",
         "--test-threads=1",
     ];
