@@ -2,10 +2,10 @@
 //! options, each verb's section, then the reference an operator looks for: configuration,
 //! kernels, metrics, files, exit status, signals, examples.
 //!
-//! The reference is written from the same facts as README.md and the code: the values that
+//! The reference is written from the same facts as docs/design.md and the code: the values that
 //! live in the code (default paths, limits, exit codes, the metrics endpoint's bounds) are put
 //! in from there, and the tests below check the page against the config file's keys (as serde
-//! knows them), the status exit codes and README.md's config example.
+//! knows them), the status exit codes and docs/design.md's config example.
 
 use std::io::Write as _;
 
@@ -219,9 +219,10 @@ run fails and with the package.
 \&.deb only, between removal and purge: a copy of the binary, for purge's unload.
 .TP
 /usr/share/doc/port-guard/
-README.md (how it works, commands, configuration), operations.md (install, upgrade, roll back,
-every start-up error), libvirt.md (a libvirt host), fleet.md (packages, roll-out, alerts,
-dashboard); examples/: a libvirt host's config, the Prometheus alert rules, the Grafana
+README.md (what it is, install, use), design.md (how it works, the configuration in full, the
+threat model), operations.md (install, upgrade, roll back, every start-up error), libvirt.md (a
+libvirt host), fleet.md (packages, roll-out, alerts, dashboard), benchmarks.md (what it costs);
+examples/: a libvirt host's config, the Prometheus alert rules, the Grafana
 dashboard, an Ansible playbook.
 .SH EXIT STATUS
 .TP
@@ -284,7 +285,8 @@ port-guard status --prometheus
 .fi
 .SH SEE ALSO
 systemctl(1), journalctl(1), systemd.timer(5), libvirtd(8), qemu(1);
-/usr/share/doc/port-guard/README.md, operations.md, libvirt.md and fleet.md.
+/usr/share/doc/port-guard/README.md, design.md, operations.md, libvirt.md, fleet.md and
+benchmarks.md.
 "#;
 
 #[cfg(test)]
@@ -345,12 +347,13 @@ mod tests {
     }
 
     #[test]
-    fn every_key_of_the_readme_config_is_documented() {
-        let readme =
-            std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../README.md")).unwrap();
+    fn every_key_of_the_design_config_is_documented() {
+        let design =
+            std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../docs/design.md"))
+                .unwrap();
         let config = section(&page(), "CONFIGURATION");
         let mut seen = 0;
-        for block in readme.split("```toml\n").skip(1) {
+        for block in design.split("```toml\n").skip(1) {
             let block = &block[..block.find("```").unwrap()];
             for line in block.lines() {
                 let key = line.trim_start_matches('#').trim();
@@ -361,12 +364,12 @@ mod tests {
                     seen += 1;
                     assert!(
                         config.contains(&format!("\\fB{key}\\fR = ")),
-                        "README.md's config has {key}, the man page does not"
+                        "docs/design.md's config has {key}, the man page does not"
                     );
                 }
             }
         }
-        assert!(seen >= 10, "{seen} keys in README.md's config blocks");
+        assert!(seen >= 10, "{seen} keys in docs/design.md's config blocks");
     }
 
     #[test]

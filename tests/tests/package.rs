@@ -73,6 +73,8 @@ const FILES: &[&str] = &[
     "/usr/sbin/port-guard",
     "/usr/share/bash-completion/completions/port-guard",
     "/usr/share/doc/port-guard/README.md",
+    "/usr/share/doc/port-guard/benchmarks.md",
+    "/usr/share/doc/port-guard/design.md",
     "/usr/share/doc/port-guard/examples/ansible/port-guard.yml",
     "/usr/share/doc/port-guard/examples/grafana/port-guard.json",
     "/usr/share/doc/port-guard/examples/libvirt-host.toml",
