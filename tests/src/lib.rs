@@ -14,6 +14,7 @@
 //!   calls bind(2); the errno is reported back.
 //! - [`Holder`]: a forked process parked in a cgroup (keeps it populated).
 //! - [`insert_lease`] / [`remove_lease`]: write the pinned `PG_LEASES` map directly with aya.
+//! - [`LeaseEnv`]: the guard of the lease and spawn tests (allowed, outsider and spawn cgroups).
 //! - [`run`], [`run_cmd`], [`status_json`]: one-shot invocations of the binary.
 //!
 //! Tests need root. The binary is `$PORT_GUARD_BIN` or `<dir of the test exe>/../port-guard`
@@ -57,6 +58,9 @@ pub use bind::{
 
 mod leases;
 pub use leases::{alloc_marked, get_lease, insert_lease, lease_for, remove_lease, set_alloc_mark};
+
+mod lease_env;
+pub use lease_env::{ports_of, LeaseEnv};
 
 mod assert;
 pub use assert::{contains_token, single_line};
