@@ -35,7 +35,9 @@
 //! One concern a file: `install` (apt-get, the qemu user), `cleanup` (what a killed run or a
 //! test's domains leave behind), `host` (one libvirtd + virtlogd, the domain XML), `caps` (qemu's
 //! capabilities probed once per process), `pair` (two hosts and the domain that migrates between
-//! them), `allocator` (pg-allocator, another port allocator on the host).
+//! them), `allocator` (pg-allocator, another port allocator on the host); and the tests' own
+//! world: `config` (contrib/libvirt-host.toml as a test runs it), `guard` (the port-guard
+//! daemon, its log in a file), `env` ([`LibvirtEnv`]: all of it for one test).
 
 use std::{
     ffi::CString,
@@ -48,15 +50,21 @@ use std::{
 mod allocator;
 mod caps;
 mod cleanup;
+mod config;
+mod env;
+mod guard;
 mod host;
 mod install;
 mod pair;
 
 pub use allocator::{Allocator, Pace};
 pub use cleanup::{sweep_dead_runs, MachineCleanup};
+pub use config::host_config;
+pub use env::{LibvirtEnv, PACE};
+pub use guard::{guard_lines, Guard};
 pub use host::{disk_path, disk_pattern, domain_xml, LibvirtHost};
 pub use install::{ensure_installed, find_program};
-pub use pair::{Migration, Pair};
+pub use pair::{assert_libvirt_layout, describe, Migration, Pair};
 
 /// Upper bound of one `virsh` call that is not a migration.
 pub const VIRSH_TIMEOUT: Duration = Duration::from_secs(60);

@@ -318,3 +318,51 @@ impl Drop for Pair {
         }
     }
 }
+
+fn ms(d: Duration) -> String {
+    format!("{:.0} ms", d.as_secs_f64() * 1000.0)
+}
+
+/// "mean M, median D, max X" of `v`.
+fn stats(mut v: Vec<Duration>) -> String {
+    if v.is_empty() {
+        return "-".into();
+    }
+    v.sort();
+    let mean = v.iter().sum::<Duration>() / v.len() as u32;
+    format!(
+        "mean {}, median {}, max {}",
+        ms(mean),
+        ms(v[v.len() / 2]),
+        ms(*v.last().unwrap())
+    )
+}
+
+/// Completed/run, virsh's wall time, and libvirt's prepare-to-finish and pick-to-listen times
+/// of the completed migrations.
+pub fn describe(ms_: &[Migration]) -> String {
+    let ok: Vec<&Migration> = ms_.iter().filter(|m| m.result.is_ok()).collect();
+    format!(
+        "{}/{} completed; virsh migrate: {}; libvirt prepare->finish: {}; port pick->listen: {}",
+        ok.len(),
+        ms_.len(),
+        stats(ok.iter().map(|m| m.took).collect()),
+        stats(ok.iter().filter_map(|m| m.prepare_to_finish).collect()),
+        stats(ok.iter().filter_map(|m| m.pick_to_listen).collect()),
+    )
+}
+
+/// Every completed migration's port is in the range and its qemu runs below /machine.
+#[track_caller]
+pub fn assert_libvirt_layout(ms_: &[Migration], ports: (u16, u16)) {
+    for m in ms_ {
+        if let Ok(p) = m.result {
+            assert!((ports.0..=ports.1).contains(&p), "{m:?}");
+            let cg = m.qemu_cgroup.as_deref().unwrap_or("");
+            assert!(
+                cg.starts_with("/machine/qemu-"),
+                "destination qemu is in {cg:?}, not below /machine"
+            );
+        }
+    }
+}
