@@ -6,13 +6,15 @@
 use std::{
     io::{BufRead, BufReader},
     path::PathBuf,
-    process::{Child, ChildStdout, Command, Stdio},
+    process::{Child, ChildStdout, Command, ExitStatus, Stdio},
+    time::Duration,
 };
 
 use serde_json::Value;
 
 use crate::{
-    bin, kernel_features, status_json, Cgroup, Daemon, PinDir, TempDir, TestCgroup, START_TIMEOUT,
+    bin, kernel_features, run, run_cmd, status_json, wait_until, Cgroup, Daemon, PinDir, TempDir,
+    TestCgroup, START_TIMEOUT,
 };
 
 /// `/<prefix>-<name>-<pid>` with `allowed`, `outsider` and `spawn` below it, ports
@@ -80,6 +82,13 @@ impl LeaseEnv {
         self.daemon = Some(d);
     }
 
+    /// SIGTERM to the daemon, which exits and leaves the guard pinned: its exit status.
+    pub fn stop_daemon(&mut self) -> ExitStatus {
+        let st = self.daemon.as_mut().expect("daemon running").terminate();
+        self.daemon = None;
+        st
+    }
+
     /// The running daemon (panics between a stop and the next [`LeaseEnv::start_daemon`]).
     pub fn daemon(&self) -> &Daemon {
         self.daemon.as_ref().expect("daemon running")
@@ -90,6 +99,34 @@ impl LeaseEnv {
         let mut c = Command::new(bin());
         c.arg("--pin-dir").arg(self.pin.path());
         c
+    }
+
+    /// `port-guard --pin-dir PIN ARGS...`: (exit code, stdout, stderr).
+    pub fn run(&self, args: &[&str]) -> (i32, String, String) {
+        let mut all = vec!["--pin-dir", self.pin.as_str()];
+        all.extend_from_slice(args);
+        run(&all)
+    }
+
+    /// `port-guard lease --cgroup CG`, which must succeed: the port it leased.
+    #[track_caller]
+    pub fn lease(&self, cg: &Cgroup) -> u16 {
+        let (code, out, err) = self.run(&["lease", "--cgroup", cg.path()]);
+        assert_eq!(code, 0, "{err}");
+        out.trim().parse().unwrap()
+    }
+
+    /// `port-guard lease --json ARGS...`: (exit code, the JSON on success, stderr).
+    pub fn lease_json(&self, args: &[&str]) -> (i32, Value, String) {
+        let mut c = self.pg();
+        c.arg("lease").arg("--json").args(args);
+        let (code, out, err) = run_cmd(c);
+        let v = if code == 0 {
+            serde_json::from_str(out.trim()).unwrap_or_else(|x| panic!("{x}: {out:?}"))
+        } else {
+            Value::Null
+        };
+        (code, v, err)
     }
 
     /// Starts `port-guard spawn [extra] -- cmd...` and reads the port from its first line.
@@ -119,6 +156,26 @@ impl LeaseEnv {
         }
     }
 
+    /// Runs `port-guard spawn FLAGS --json -- /bin/sh -c SCRIPT` to its end, which must be a
+    /// success: the JSON line spawn printed first, and the rest of stdout (the script's).
+    #[track_caller]
+    pub fn spawn_json_to_end(&self, flags: &[&str], script: &str) -> (Value, String) {
+        let mut c = self.pg();
+        c.arg("spawn")
+            .args(flags)
+            .args(["--json", "--", "/bin/sh", "-c", script]);
+        let out = c.output().unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let text = String::from_utf8_lossy(&out.stdout);
+        let (first, rest) = text.split_once('\n').unwrap_or((&text, ""));
+        let v: Value = serde_json::from_str(first).unwrap();
+        (v, rest.to_owned())
+    }
+
     /// `status --json`'s leases.
     pub fn leases(&self) -> Vec<Value> {
         status_json(self.pin.path())["leases"]
@@ -130,6 +187,11 @@ impl LeaseEnv {
     /// The lease of `port` in `status --json`, if any.
     pub fn lease_of(&self, port: u16) -> Option<Value> {
         self.leases().into_iter().find(|l| l["port"] == port)
+    }
+
+    /// Waits up to `timeout` for the lease of `port` to be gone from `status`: whether it went.
+    pub fn wait_lease_ended(&self, port: u16, timeout: Duration) -> bool {
+        wait_until(timeout, || self.lease_of(port).is_none().then_some(())).is_some()
     }
 }
 

@@ -71,16 +71,9 @@ fn concurrent_leases_are_distinct_and_the_extra_one_is_refused() {
         .collect();
     assert!(leftovers.is_empty(), "scratch cgroups left: {leftovers:?}");
     // release frees a port for the next lease.
-    let (code, _, err) = run(&["--pin-dir", e.pin.as_str(), "release", "--port", "62003"]);
+    let (code, _, err) = e.run(&["release", "--port", "62003"]);
     assert_eq!(code, 0, "{err}");
-    let (code, out, err) = run(&[
-        "--pin-dir",
-        e.pin.as_str(),
-        "lease",
-        "--cgroup",
-        targets[0].path(),
-    ]);
-    assert_eq!((code, out.trim()), (0, "62003"), "{err}");
+    assert_eq!(e.lease(&targets[0]), 62003);
 }
 
 #[test]
@@ -88,20 +81,14 @@ fn the_lease_map_decides_when_the_allocators_bitmap_is_wrong() {
     // The bitmap only proposes ports; the claim (BPF_NOEXIST on the lease map) decides. Both
     // ways the bitmap can be wrong after a crash are made by hand here.
     let mut e = LeaseEnv::new("lease-bits", 62140, 62143);
-    let pin = e.pin.as_str().to_owned();
-    let lease = |cg: &Cgroup| -> u16 {
-        let (code, out, err) = run(&["--pin-dir", &pin, "lease", "--cgroup", cg.path()]);
-        assert_eq!(code, 0, "{err}");
-        out.trim().parse().unwrap()
-    };
     let c: Vec<Cgroup> = (0..4).map(|i| e.attach.child(&format!("b{i}"))).collect();
     // Lowest port first, and marked.
-    assert_eq!(lease(&c[0]), 62140);
+    assert_eq!(e.lease(&c[0]), 62140);
     assert!(alloc_marked(e.pin.path(), 62140));
     // A lease the bitmap does not show (its allocator died between claim and mark): the next
     // allocation fails to claim it, marks it, and takes the next port.
     set_alloc_mark(e.pin.path(), 62140, false);
-    assert_eq!(lease(&c[1]), 62141);
+    assert_eq!(e.lease(&c[1]), 62141);
     assert!(
         alloc_marked(e.pin.path(), 62140),
         "the failed claim marks the port"
@@ -114,18 +101,12 @@ fn the_lease_map_decides_when_the_allocators_bitmap_is_wrong() {
     // A mark without a lease (its releaser died between the two): skipped until the daemon
     // reconciles, which it does when it starts.
     set_alloc_mark(e.pin.path(), 62142, true);
-    assert_eq!(lease(&c[2]), 62143);
-    let (code, _, err) = run(&[
-        "--pin-dir",
-        e.pin.as_str(),
-        "lease",
-        "--cgroup",
-        c[3].path(),
-    ]);
+    assert_eq!(e.lease(&c[2]), 62143);
+    let (code, _, err) = e.run(&["lease", "--cgroup", c[3].path()]);
     assert_eq!(code, 1, "every port marked: no free port ({err})");
     assert!(err.contains("no free port"), "{err}");
     assert!(get_lease(e.pin.path(), 62142).is_none());
-    e.daemon.as_mut().unwrap().terminate();
+    e.stop_daemon();
     e.start_daemon();
     let cleared = wait_until(Duration::from_secs(5), || {
         (!alloc_marked(e.pin.path(), 62142)).then_some(())
@@ -134,7 +115,7 @@ fn the_lease_map_decides_when_the_allocators_bitmap_is_wrong() {
         cleared.is_some(),
         "the daemon clears the stale mark when it starts"
     );
-    assert_eq!(lease(&c[3]), 62142);
+    assert_eq!(e.lease(&c[3]), 62142);
     let mut owners: Vec<(u64, u64)> = e
         .leases()
         .iter()
@@ -216,19 +197,6 @@ fn four_allocators_racing_fill_a_100_port_range_exactly_once() {
     );
 }
 
-/// `port-guard lease --json ARGS...`: (exit code, the JSON on success, stderr).
-fn lease_json(e: &LeaseEnv, args: &[&str]) -> (i32, Value, String) {
-    let mut c = e.pg();
-    c.arg("lease").arg("--json").args(args);
-    let (code, out, err) = run_cmd(c);
-    let v = if code == 0 {
-        serde_json::from_str(out.trim()).unwrap_or_else(|x| panic!("{x}: {out:?}"))
-    } else {
-        Value::Null
-    };
-    (code, v, err)
-}
-
 #[test]
 fn concurrent_two_port_leases_are_all_or_nothing() {
     // N leases of 2 ports at once on 2N+1 ports: all N succeed with distinct ports; the next
@@ -272,7 +240,7 @@ fn concurrent_two_port_leases_are_all_or_nothing() {
     let free: Vec<u16> = (e.first..=e.last).filter(|p| !all.contains(p)).collect();
     assert_eq!(free.len(), 1);
     // The next one: one port free, two asked for. Nothing stays claimed.
-    let (code, _, err) = lease_json(&e, &["--count", "2", "--cgroup", targets[N].path()]);
+    let (code, _, err) = e.lease_json(&["--count", "2", "--cgroup", targets[N].path()]);
     assert_eq!(code, 1, "{err}");
     assert!(
         single_line(&err)
@@ -289,7 +257,7 @@ fn concurrent_two_port_leases_are_all_or_nothing() {
         assert!(alloc_marked(e.pin.path(), *p), "{p} marked");
     }
     // The status table: one line per lessee, its ports together.
-    let (code, table, err) = run(&["--pin-dir", e.pin.as_str(), "status"]);
+    let (code, table, err) = e.run(&["status"]);
     assert_eq!(code, 0, "{err}");
     assert!(table.contains("LEASED PORTS"), "{table}");
     for t in &targets[..N] {
@@ -318,24 +286,10 @@ fn concurrent_two_port_leases_are_all_or_nothing() {
         );
     }
     // Plain output: the ports space-separated on one line.
-    let (code, out, err) = run(&[
-        "--pin-dir",
-        e.pin.as_str(),
-        "release",
-        "--cgroup",
-        targets[0].path(),
-    ]);
+    let (code, out, err) = e.run(&["release", "--cgroup", targets[0].path()]);
     assert_eq!(code, 0, "{err}");
     assert!(out.is_empty());
-    let (code, out, err) = run(&[
-        "--pin-dir",
-        e.pin.as_str(),
-        "lease",
-        "--count",
-        "3",
-        "--cgroup",
-        targets[N].path(),
-    ]);
+    let (code, out, err) = e.run(&["lease", "--count", "3", "--cgroup", targets[N].path()]);
     assert_eq!(code, 0, "{err}");
     let got: Vec<u16> = out.split_whitespace().map(|p| p.parse().unwrap()).collect();
     assert_eq!(got.len(), 3, "{out:?}");
@@ -348,15 +302,7 @@ fn a_lease_ends_within_seconds_of_its_cgroup_being_removed() {
     // generation counter on its next tick, and of the removal from inotify or that tick.
     let e = LeaseEnv::new("lease-rm", 62150, 62151);
     let target = e.attach.child("target");
-    let (code, out, err) = run(&[
-        "--pin-dir",
-        e.pin.as_str(),
-        "lease",
-        "--cgroup",
-        target.path(),
-    ]);
-    assert_eq!(code, 0, "{err}");
-    let port: u16 = out.trim().parse().unwrap();
+    let port = e.lease(&target);
     std::thread::sleep(Duration::from_millis(1500));
     assert!(
         e.lease_of(port).is_some(),
@@ -364,10 +310,12 @@ fn a_lease_ends_within_seconds_of_its_cgroup_being_removed() {
     );
     let t = Instant::now();
     std::fs::remove_dir(target.abs()).unwrap();
-    let ended = wait_until(Duration::from_secs(10), || {
-        e.lease_of(port).is_none().then_some(t.elapsed())
-    });
-    let ended = ended.unwrap_or_else(|| panic!("lease not ended: {:?}", e.leases()));
+    assert!(
+        e.wait_lease_ended(port, Duration::from_secs(10)),
+        "lease not ended: {:?}",
+        e.leases()
+    );
+    let ended = t.elapsed();
     eprintln!(
         "lease ended {} ms after its cgroup was removed",
         ended.as_millis()
@@ -384,10 +332,10 @@ fn a_plain_lease_outlives_its_processes_and_until_empty_does_not() {
     let e = LeaseEnv::new("lease-life", 62240, 62249);
     let plain = e.attach.child("orch-plain");
     let ue = e.attach.child("orch-ue");
-    let (code, v, err) = lease_json(&e, &["--cgroup", plain.path()]);
+    let (code, v, err) = e.lease_json(&["--cgroup", plain.path()]);
     assert_eq!(code, 0, "{err}");
     let p_plain = v["port"].as_u64().unwrap() as u16;
-    let (code, v, err) = lease_json(&e, &["--cgroup", ue.path(), "--until-empty"]);
+    let (code, v, err) = e.lease_json(&["--cgroup", ue.path(), "--until-empty"]);
     assert_eq!(code, 0, "{err}");
     let p_ue = v["port"].as_u64().unwrap() as u16;
     assert_eq!(v["until_empty"], true);
@@ -401,11 +349,8 @@ fn a_plain_lease_outlives_its_processes_and_until_empty_does_not() {
     }
     // --until-empty: over within seconds of the exit. Plain: still leased, still refused to
     // others, for as long as we look.
-    let ended = wait_until(Duration::from_secs(10), || {
-        e.lease_of(p_ue).is_none().then_some(())
-    });
     assert!(
-        ended.is_some(),
+        e.wait_lease_ended(p_ue, Duration::from_secs(10)),
         "--until-empty lease kept: {:?}",
         e.leases()
     );
@@ -436,10 +381,11 @@ fn a_plain_lease_outlives_its_processes_and_until_empty_does_not() {
     // rmdir of the lessee ends it.
     let _ = std::fs::remove_dir(plain.child("qemu").abs());
     std::fs::remove_dir(plain.abs()).unwrap();
-    let ended = wait_until(Duration::from_secs(10), || {
-        e.lease_of(p_plain).is_none().then_some(())
-    });
-    assert!(ended.is_some(), "{:?}", e.leases());
+    assert!(
+        e.wait_lease_ended(p_plain, Duration::from_secs(10)),
+        "{:?}",
+        e.leases()
+    );
     let ended = &status_json(e.pin.path())["leases_ended"];
     assert_eq!(
         (
@@ -458,17 +404,19 @@ fn a_ttl_ends_a_lease_also_across_a_daemon_restart_and_renew_keeps_it() {
     let a = e.attach.child("ttl-a");
     let b = e.attach.child("ttl-b");
     let c = e.attach.child("ttl-c");
-    let (code, v, err) = lease_json(&e, &["--cgroup", a.path(), "--ttl", "2s"]);
+    let (code, v, err) = e.lease_json(&["--cgroup", a.path(), "--ttl", "2s"]);
     assert_eq!(code, 0, "{err}");
     assert_eq!(v["ttl_secs"], 2);
     let pa = v["port"].as_u64().unwrap() as u16;
     let left = e.lease_of(pa).unwrap()["expires_in_secs"].as_u64().unwrap();
     assert!(left <= 2, "{left}");
     let t = Instant::now();
-    let ended = wait_until(Duration::from_secs(10), || {
-        e.lease_of(pa).is_none().then_some(t.elapsed())
-    });
-    let took = ended.unwrap_or_else(|| panic!("TTL lease kept: {:?}", e.leases()));
+    assert!(
+        e.wait_lease_ended(pa, Duration::from_secs(10)),
+        "TTL lease kept: {:?}",
+        e.leases()
+    );
+    let took = t.elapsed();
     eprintln!(
         "[measure] a 2 s TTL lease ended {} ms after it was made",
         took.as_millis()
@@ -483,11 +431,11 @@ fn a_ttl_ends_a_lease_also_across_a_daemon_restart_and_renew_keeps_it() {
     );
 
     // Renewed before it runs out: kept past the first TTL, ended after the second.
-    let (code, v, err) = lease_json(&e, &["--cgroup", b.path(), "--ttl", "3s"]);
+    let (code, v, err) = e.lease_json(&["--cgroup", b.path(), "--ttl", "3s"]);
     assert_eq!(code, 0, "{err}");
     let pb = v["port"].as_u64().unwrap() as u16;
     std::thread::sleep(Duration::from_secs(2));
-    let (code, v, err) = lease_json(&e, &["--cgroup", b.path(), "--renew", "--ttl", "4s"]);
+    let (code, v, err) = e.lease_json(&["--cgroup", b.path(), "--renew", "--ttl", "4s"]);
     assert_eq!(code, 0, "{err}");
     assert_eq!(ports_of(&v), vec![pb]);
     std::thread::sleep(Duration::from_secs(2));
@@ -495,12 +443,13 @@ fn a_ttl_ends_a_lease_also_across_a_daemon_restart_and_renew_keeps_it() {
         e.lease_of(pb).is_some(),
         "renewed lease ended at its first TTL"
     );
-    let ended = wait_until(Duration::from_secs(8), || {
-        e.lease_of(pb).is_none().then_some(())
-    });
-    assert!(ended.is_some(), "{:?}", e.leases());
+    assert!(
+        e.wait_lease_ended(pb, Duration::from_secs(8)),
+        "{:?}",
+        e.leases()
+    );
     // Renewing what is not there, or another's lease: one line, exit 1.
-    let (code, _, err) = lease_json(&e, &["--cgroup", b.path(), "--renew", "--ttl", "4s"]);
+    let (code, _, err) = e.lease_json(&["--cgroup", b.path(), "--renew", "--ttl", "4s"]);
     assert_eq!(code, 1);
     assert!(
         single_line(&err).contains("holds no lease to renew"),
@@ -508,21 +457,14 @@ fn a_ttl_ends_a_lease_also_across_a_daemon_restart_and_renew_keeps_it() {
     );
 
     // Across a daemon stop: the expiry is in the kernel map, the next daemon ends it at start.
-    let (code, v, err) = lease_json(&e, &["--cgroup", c.path(), "--ttl", "2s"]);
+    let (code, v, err) = e.lease_json(&["--cgroup", c.path(), "--ttl", "2s"]);
     assert_eq!(code, 0, "{err}");
     let pc = v["port"].as_u64().unwrap() as u16;
-    e.daemon.as_mut().unwrap().signal(libc::SIGTERM);
-    e.daemon = None;
+    e.stop_daemon();
     std::thread::sleep(Duration::from_secs(3));
-    let st = status_json(e.pin.path());
-    let l = st["leases"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|l| l["port"] == pc)
-        .cloned();
     assert_eq!(
-        l.unwrap_or_else(|| panic!("{st:#}"))["expires_in_secs"],
+        e.lease_of(pc)
+            .unwrap_or_else(|| panic!("{:#}", status_json(e.pin.path())))["expires_in_secs"],
         0,
         "run out, no daemon to end it"
     );
@@ -531,23 +473,16 @@ fn a_ttl_ends_a_lease_also_across_a_daemon_restart_and_renew_keeps_it() {
         Err(expected_errno_without_sentinel())
     );
     e.start_daemon();
-    let ended = wait_until(Duration::from_secs(5), || {
-        e.lease_of(pc).is_none().then_some(())
-    });
-    assert!(ended.is_some(), "{:?}", e.leases());
+    assert!(
+        e.wait_lease_ended(pc, Duration::from_secs(5)),
+        "{:?}",
+        e.leases()
+    );
     let ended = &status_json(e.pin.path())["leases_ended"];
     assert_eq!(ended["expired"], 3, "{ended}");
     // Bad durations: one line naming the value, exit 2.
     for bad in ["0s", "10x", "366d", "m"] {
-        let (code, _, err) = run(&[
-            "--pin-dir",
-            e.pin.as_str(),
-            "lease",
-            "--cgroup",
-            c.path(),
-            "--ttl",
-            bad,
-        ]);
+        let (code, _, err) = e.run(&["lease", "--cgroup", c.path(), "--ttl", bad]);
         assert_eq!(code, 2, "{bad}: {err}");
         assert!(err.contains(&format!("\"{bad}\"")), "{err}");
     }
@@ -574,16 +509,9 @@ fn an_orchestrator_that_never_releases_leaves_nothing_after_the_ttl() {
     // How long one `lease` takes here (a VM under TCG is ~10x slower): the kills land anywhere
     // from before its claim to after its exit.
     let t = Instant::now();
-    let (code, out, err) = run(&[
-        "--pin-dir",
-        e.pin.as_str(),
-        "lease",
-        "--cgroup",
-        lessees[0].path(),
-    ]);
-    assert_eq!(code, 0, "{err}");
+    let port = e.lease(&lessees[0]);
     let one = t.elapsed();
-    let (code, _, err) = run(&["--pin-dir", e.pin.as_str(), "release", "--port", out.trim()]);
+    let (code, _, err) = e.run(&["release", "--port", &port.to_string()]);
     assert_eq!(code, 0, "{err}");
     let window_us = (2 * one.as_micros()).max(1000) as u64;
     let (mut made, mut killed, mut refused) = (0, 0, 0);

@@ -194,9 +194,8 @@ fn live_migrations_through_spawn_survive_a_hostile_binder_and_fail_without_the_g
     );
 
     // Without the guard, the same race: libvirt's way (probe a free port, start qemu on it).
-    e.daemon.as_mut().unwrap().terminate();
-    e.daemon = None;
-    let (code, _, err) = run(&["--pin-dir", e.pin.as_str(), "unload"]);
+    e.stop_daemon();
+    let (code, _, err) = e.run(&["unload"]);
     assert_eq!(code, 0, "{err}");
     // Here the hostile binder leaves gaps, so the allocator does see free ports, and loses them.
     let h = hostile(&hostile_cg, e.first, e.last, 30, 30);

@@ -10,7 +10,6 @@
 use std::time::{Duration, Instant};
 
 use integration_tests::*;
-use serde_json::Value;
 
 fn sh(cmd: &str) -> Vec<String> {
     vec!["/bin/sh".into(), "-c".into(), cmd.into()]
@@ -59,43 +58,19 @@ fn a_spawned_port_is_refused_to_other_vms_allowed_cgroups_and_outsiders() {
     assert_eq!(bind_in(&e.allowed, &BindSpec::tcp(ANY4, free)), Ok(()));
     // Asking for a leased port, or one outside the range, fails with a clear line.
     let p = port.to_string();
-    let (code, _, err) = run(&[
-        "--pin-dir",
-        e.pin.as_str(),
-        "spawn",
-        "--port",
-        &p,
-        "--",
-        "/bin/true",
-    ]);
+    let (code, _, err) = e.run(&["spawn", "--port", &p, "--", "/bin/true"]);
     assert_eq!(code, 1, "{err}");
     assert!(
         err.contains(&format!("port {port} is already leased to {}", vm1.path())),
         "{err}"
     );
-    let (code, _, err) = run(&[
-        "--pin-dir",
-        e.pin.as_str(),
-        "spawn",
-        "--port",
-        "61999",
-        "--",
-        "/bin/true",
-    ]);
+    let (code, _, err) = e.run(&["spawn", "--port", "61999", "--", "/bin/true"]);
     assert_eq!(code, 2, "{err}");
     assert!(
         err.contains("61999") && err.contains("62020-62029"),
         "{err}"
     );
-    let (code, _, err) = run(&[
-        "--pin-dir",
-        e.pin.as_str(),
-        "spawn",
-        "--name",
-        "a/b",
-        "--",
-        "/bin/true",
-    ]);
+    let (code, _, err) = e.run(&["spawn", "--name", "a/b", "--", "/bin/true"]);
     assert_eq!(code, 2, "{err}");
     // Failed spawns leave no cgroup and no lease behind.
     assert_eq!(e.leases().len(), 2);
@@ -111,32 +86,13 @@ fn a_spawned_port_is_refused_to_other_vms_allowed_cgroups_and_outsiders() {
 #[test]
 fn spawn_json_names_port_pid_and_cgroup() {
     let e = LeaseEnv::new("lease-json", 62060, 62069);
-    let mut c = e.pg();
-    c.args([
-        "spawn",
-        "--json",
-        "--name",
-        "jvm",
-        "--",
-        "/bin/sh",
-        "-c",
-        "echo arg={port}",
-    ]);
-    let out = c.output().unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let text = String::from_utf8_lossy(&out.stdout);
-    let mut lines = text.lines();
-    let v: Value = serde_json::from_str(lines.next().unwrap()).unwrap();
+    let (v, rest) = e.spawn_json_to_end(&["--name", "jvm"], "echo arg={port}");
     let port = v["port"].as_u64().unwrap();
     assert!((62060..=62069).contains(&port), "{v}");
     assert_eq!(v["cgroup"], format!("{}/jvm", e.spawn_parent.path()));
     assert!(v["pid"].as_u64().unwrap() > 1);
     assert_eq!(
-        lines.next(),
+        rest.lines().next(),
         Some(format!("arg={port}").as_str()),
         "{{port}} replaced in the command"
     );
@@ -145,32 +101,14 @@ fn spawn_json_names_port_pid_and_cgroup() {
 #[test]
 fn spawn_count_substitutes_each_port() {
     let e = LeaseEnv::new("lease-spawn2", 62220, 62229);
-    let mut c = e.pg();
-    c.args([
-        "spawn",
-        "--count",
-        "2",
-        "--json",
-        "--name",
-        "svm",
-        "--",
-        "/bin/sh",
-        "-c",
+    let (v, rest) = e.spawn_json_to_end(
+        &["--count", "2", "--name", "svm"],
         "echo first={port} a={port0} b={port1}",
-    ]);
-    let out = c.output().unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
     );
-    let text = String::from_utf8_lossy(&out.stdout);
-    let mut lines = text.lines();
-    let v: Value = serde_json::from_str(lines.next().unwrap()).unwrap();
     let ports = ports_of(&v);
     assert_eq!(ports, vec![62220, 62221], "{v}");
     assert_eq!(v["port"], 62220);
-    assert_eq!(lines.next(), Some("first=62220 a=62220 b=62221"));
+    assert_eq!(rest.lines().next(), Some("first=62220 a=62220 b=62221"));
     // The VM exited: both end with its cgroup.
     let gone = wait_until(Duration::from_secs(10), || {
         e.leases().is_empty().then_some(())
@@ -211,9 +149,7 @@ fn lease_and_cgroup_end_when_the_vm_exits_while_the_daemon_runs() {
 #[test]
 fn leases_of_vms_that_ended_without_a_daemon_are_reaped_when_it_starts() {
     let mut e = LeaseEnv::new("lease-reap", 62080, 62089);
-    let st = e.daemon.as_mut().unwrap().terminate();
-    assert!(st.success());
-    e.daemon = None;
+    assert!(e.stop_daemon().success());
     // spawn works from the pins alone; the VM exits at once.
     let (port, mut child, _o) = e
         .spawn(&["--name", "gone"], &["/bin/true".to_string()])
@@ -225,27 +161,11 @@ fn leases_of_vms_that_ended_without_a_daemon_are_reaped_when_it_starts() {
     assert_eq!(lease["cgroup"], format!("{}/gone", e.spawn_parent.path()));
     // A lease to a cgroup that no longer exists at all.
     let doomed = e.attach.child("doomed");
-    let (code, out, err) = run(&[
-        "--pin-dir",
-        e.pin.as_str(),
-        "lease",
-        "--cgroup",
-        doomed.path(),
-    ]);
-    assert_eq!(code, 0, "{err}");
-    let port2: u16 = out.trim().parse().unwrap();
+    let port2 = e.lease(&doomed);
     std::fs::remove_dir(doomed.abs()).unwrap();
     // A lease to a live, empty cgroup that the orchestrator has not started qemu in yet stays.
     let pending = e.attach.child("pending");
-    let (code, out, err) = run(&[
-        "--pin-dir",
-        e.pin.as_str(),
-        "lease",
-        "--cgroup",
-        pending.path(),
-    ]);
-    assert_eq!(code, 0, "{err}");
-    let port3: u16 = out.trim().parse().unwrap();
+    let port3 = e.lease(&pending);
 
     e.start_daemon();
     let ok = wait_until(Duration::from_secs(10), || {
@@ -270,9 +190,7 @@ fn cgroups_abandoned_by_a_killed_spawn_are_removed_and_fresh_or_busy_ones_kept()
     // cgroup with no lease. The daemon removes such cgroups once they are a minute old (a leaf
     // cgroup's mtime is when it was made), here at its start.
     let mut e = LeaseEnv::new("lease-orphan", 62160, 62161);
-    let st = e.daemon.as_mut().unwrap().terminate();
-    assert!(st.success());
-    e.daemon = None;
+    assert!(e.stop_daemon().success());
     let old = e.spawn_parent.child("vm-killed");
     let fresh = e.spawn_parent.child("vm-starting");
     let busy = e.spawn_parent.child("vm-busy");
