@@ -7,15 +7,6 @@
 //! where that is impossible, e.g. the busybox guests of `cargo xtask vm-test`). Layout, the
 //! config and its rewriting: `integration_tests::libvirt::LibvirtEnv` and `host_config`.
 
-use std::{
-    sync::{
-        atomic::{AtomicBool, Ordering},
-        Arc,
-    },
-    thread,
-    time::Duration,
-};
-
 use integration_tests::{
     libvirt::{self, guard_lines, Allocator, LibvirtEnv, PACE},
     *,
@@ -36,7 +27,7 @@ fn a_port_leased_to_machine_carries_the_migration_and_nothing_else_binds_it() {
     let errno = libc::EADDRINUSE;
     for i in 0..2 {
         // On the destination: lease a port to libvirt's VM partition.
-        let (code, out, err) = run(&["--pin-dir", e.pin.as_str(), "lease", "--cgroup", "/machine"]);
+        let (code, out, err) = e.run(&["lease", "--cgroup", "/machine"]);
         assert_eq!(code, 0, "lease: {err}");
         let port: u16 = out
             .trim()
@@ -60,22 +51,9 @@ fn a_port_leased_to_machine_carries_the_migration_and_nothing_else_binds_it() {
             Err(errno)
         );
         // While the migration runs, keep trying to take the port from both.
-        let stop = Arc::new(AtomicBool::new(false));
-        let tries = {
-            let (stop, outsider) = (Arc::clone(&stop), e.outsider.clone());
-            thread::spawn(move || {
-                let mut results = Vec::new();
-                while !stop.load(Ordering::Relaxed) {
-                    results.push(bind_in(&outsider, &BindSpec::tcp(ANY6, port).reuseaddr()));
-                    results.push(bind_in(&dest_cg, &BindSpec::tcp(ANY4, port)));
-                    thread::sleep(Duration::from_millis(50));
-                }
-                results
-            })
-        };
+        let tries = e.keep_binding(&[port]);
         let m = e.pair.migrate(&format!("tcp://127.0.0.1:{port}"));
-        stop.store(true, Ordering::Relaxed);
-        let results = tries.join().unwrap();
+        let results = tries.stop();
         eprintln!(
             "[migration] lease #{i} {} to port {port}: {:?} in {} ms",
             m.direction,
@@ -99,13 +77,7 @@ fn a_port_leased_to_machine_carries_the_migration_and_nothing_else_binds_it() {
         );
         eprintln!("[measure] lease #{i}: {} binds of port {port} from outside /machine during the migration, all EADDRINUSE", results.len());
         // On the destination, once done.
-        let (code, _, err) = run(&[
-            "--pin-dir",
-            e.pin.as_str(),
-            "release",
-            "--port",
-            &port.to_string(),
-        ]);
+        let (code, _, err) = e.run(&["release", "--port", &port.to_string()]);
         assert_eq!(code, 0, "release: {err}");
         assert_eq!(
             status_json(e.pin.path())["leases"]
@@ -139,51 +111,21 @@ fn a_storage_migration_takes_two_leased_ports_and_nothing_else_binds_them() {
     e.allocator = Some(Allocator::start(ALLOCATOR, &e.outsider, e.ports, PACE));
     // On the destination: both ports at once, to libvirt's VM partition, with a TTL as the
     // safety net.
-    let (code, out, err) = run(&[
-        "--pin-dir",
-        e.pin.as_str(),
-        "lease",
-        "--cgroup",
-        "/machine",
-        "--count",
-        "2",
-        "--ttl",
-        "10m",
-        "--json",
+    let (code, out, err) = e.run(&[
+        "lease", "--cgroup", "/machine", "--count", "2", "--ttl", "10m", "--json",
     ]);
     assert_eq!(code, 0, "lease: {err}");
     let v: Value = serde_json::from_str(out.trim()).unwrap();
-    let ports: Vec<u16> = v["ports"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|p| p.as_u64().unwrap() as u16)
-        .collect();
+    let ports = ports_of(&v);
     let (p0, p1) = (ports[0], ports[1]);
     let errno = libc::EADDRINUSE;
     let denied_before = e.counters().1;
-    let stop = Arc::new(AtomicBool::new(false));
-    let tries = {
-        let (stop, outsider) = (Arc::clone(&stop), e.outsider.clone());
-        let dest_cg = e.pair.dest().cgroup.clone();
-        thread::spawn(move || {
-            let mut results = Vec::new();
-            while !stop.load(Ordering::Relaxed) {
-                for p in [p0, p1] {
-                    results.push(bind_in(&outsider, &BindSpec::tcp(ANY6, p).reuseaddr()));
-                    results.push(bind_in(&dest_cg, &BindSpec::tcp(ANY4, p)));
-                }
-                thread::sleep(Duration::from_millis(50));
-            }
-            results
-        })
-    };
+    let tries = e.keep_binding(&[p0, p1]);
     let m = e.pair.migrate_with(
         &format!("tcp://127.0.0.1:{p0}"),
         &["--copy-storage-all", "--disks-port", &p1.to_string()],
     );
-    stop.store(true, Ordering::Relaxed);
-    let results = tries.join().unwrap();
+    let results = tries.stop();
     let denied = e.counters().1 - denied_before;
     let alloc = e.allocator.take().unwrap().stop();
     eprintln!(
@@ -218,20 +160,12 @@ fn a_storage_migration_takes_two_leased_ports_and_nothing_else_binds_them() {
         "the destination's disk does not hold the source's data"
     );
     // The NBD server listened on the second leased port (qemu, in /machine).
-    let nbd = e
-        .guard()
-        .lines()
-        .into_iter()
-        .filter(|l| l.contains("denied bind") && l.contains(&format!("port={p1}/")))
+    let nbd = guard_lines(e.guard(), "denied bind")
+        .iter()
+        .filter(|l| l.contains(&format!("port={p1}/")))
         .count();
     eprintln!("[measure] {nbd} denial lines name the NBD port {p1}");
-    let (code, _, err) = run(&[
-        "--pin-dir",
-        e.pin.as_str(),
-        "release",
-        "--cgroup",
-        "/machine",
-    ]);
+    let (code, _, err) = e.run(&["release", "--cgroup", "/machine"]);
     assert_eq!(code, 0, "release: {err}");
     assert_eq!(
         status_json(e.pin.path())["leases_ended"]["released"],

@@ -89,13 +89,7 @@ fn migrations_under_the_guard_while_another_allocator_races_for_the_range() {
         "allowed binds {} for {GUARDED} migrations",
         allowed1 - allowed0
     );
-    let denials: Vec<String> = e
-        .guard()
-        .lines()
-        .into_iter()
-        .skip(skip)
-        .filter(|l| l.contains("denied bind"))
-        .collect();
+    let denials = e.guard().lines_after(skip, "denied bind");
     assert!(!denials.is_empty(), "no denial logged");
     let who = format!("cgroup={} ", e.outsider.path());
     for l in &denials {
@@ -245,13 +239,7 @@ fn a_vm_that_holds_the_range_fails_migrations_without_a_limit_and_none_with_the_
         e.pair.disk_head(1024 * 1024) == libvirt::disk_pattern(),
         "the destination's disk does not hold the source's data"
     );
-    let limited: Vec<String> = e
-        .guard()
-        .lines()
-        .into_iter()
-        .skip(skip)
-        .filter(|l| l.contains("reason=limit"))
-        .collect();
+    let limited = e.guard().lines_after(skip, "reason=limit");
     for l in &limited {
         assert!(
             l.contains(&format!("unit={}", evil_cg.trim_end_matches("/emulator"))),

@@ -11,7 +11,16 @@
 //! checks that `net.ipv4.ip_local_reserved_ports` is back to what it was), and by `PinDir`'s drop
 //! when an assertion fails.
 
-use std::{fs, path::PathBuf};
+use std::{
+    fs,
+    path::PathBuf,
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        Arc,
+    },
+    thread::{self, JoinHandle},
+    time::Duration,
+};
 
 use serde_json::Value;
 
@@ -19,7 +28,10 @@ use super::{
     ensure_installed, host_config, reserved_ports, sweep_dead_runs, Allocator, Guard, Migration,
     Pace, Pair,
 };
-use crate::{kernel_features, run, skip, status_json, Cgroup, PinDir, TestCgroup};
+use crate::{
+    bind_in, kernel_features, run, skip, status_json, BindSpec, Cgroup, PinDir, TestCgroup, ANY4,
+    ANY6,
+};
 
 /// pg-allocator's pace: probe the lowest free port, bind it 5 ms later, hold it 100 ms, wait
 /// 100 ms with nothing held, again. When no port is free (the guard refuses every probe) it
@@ -144,6 +156,37 @@ impl LibvirtEnv {
         );
     }
 
+    /// `port-guard --pin-dir PIN ARGS...`: (exit code, stdout, stderr).
+    pub fn run(&self, args: &[&str]) -> (i32, String, String) {
+        let mut all = vec!["--pin-dir", self.pin.as_str()];
+        all.extend_from_slice(args);
+        run(&all)
+    }
+
+    /// Keeps trying, every 50 ms until [`BindAttempts::stop`], to take each of `ports` from
+    /// outside /machine: from the outsider (v6 wildcard, SO_REUSEADDR) and from the destination's
+    /// libvirtd, which the range allows (v4 wildcard).
+    pub fn keep_binding(&self, ports: &[u16]) -> BindAttempts {
+        let stop = Arc::new(AtomicBool::new(false));
+        let (outsider, dest_cg) = (self.outsider.clone(), self.pair.dest().cgroup.clone());
+        let ports = ports.to_vec();
+        let thread = {
+            let stop = Arc::clone(&stop);
+            thread::spawn(move || {
+                let mut results = Vec::new();
+                while !stop.load(Ordering::Relaxed) {
+                    for &p in &ports {
+                        results.push(bind_in(&outsider, &BindSpec::tcp(ANY6, p).reuseaddr()));
+                        results.push(bind_in(&dest_cg, &BindSpec::tcp(ANY4, p)));
+                    }
+                    thread::sleep(Duration::from_millis(50));
+                }
+                results
+            })
+        };
+        BindAttempts { stop, thread }
+    }
+
     pub fn guard(&mut self) -> &mut Guard {
         self.guard.as_mut().expect("guard daemon running")
     }
@@ -195,5 +238,19 @@ impl LibvirtEnv {
                 m
             })
             .collect()
+    }
+}
+
+/// The binds [`LibvirtEnv::keep_binding`] keeps making in a thread.
+pub struct BindAttempts {
+    stop: Arc<AtomicBool>,
+    thread: JoinHandle<Vec<Result<(), i32>>>,
+}
+
+impl BindAttempts {
+    /// Stops them: every result, in order (`Err(errno)` for a refused bind).
+    pub fn stop(self) -> Vec<Result<(), i32>> {
+        self.stop.store(true, Ordering::Relaxed);
+        self.thread.join().unwrap()
     }
 }

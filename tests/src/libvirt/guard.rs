@@ -50,6 +50,15 @@ impl Guard {
         self.log().lines().map(str::to_owned).collect()
     }
 
+    /// The lines at index >= `skip` that contain `what` ("denied bind", "reason=limit", ...).
+    pub fn lines_after(&self, skip: usize, what: &str) -> Vec<String> {
+        self.lines()
+            .into_iter()
+            .skip(skip)
+            .filter(|l| l.contains(what))
+            .collect()
+    }
+
     /// The first line at index >= `skip` that contains `needle`.
     pub fn wait_for(&mut self, skip: usize, needle: &str, timeout: Duration) -> String {
         self.wait_line(skip, &format!("{needle:?}"), timeout, |l| {
@@ -145,5 +154,5 @@ impl Drop for Guard {
 
 /// "denied"/"audit" lines of the guard's log.
 pub fn guard_lines(g: &Guard, what: &str) -> Vec<String> {
-    g.lines().into_iter().filter(|l| l.contains(what)).collect()
+    g.lines_after(0, what)
 }

@@ -60,7 +60,7 @@ mod pair;
 pub use allocator::{Allocator, Pace};
 pub use cleanup::{sweep_dead_runs, MachineCleanup};
 pub use config::host_config;
-pub use env::{LibvirtEnv, PACE};
+pub use env::{BindAttempts, LibvirtEnv, PACE};
 pub use guard::{guard_lines, Guard};
 pub use host::{disk_path, disk_pattern, domain_xml, LibvirtHost};
 pub use install::{ensure_installed, find_program};
