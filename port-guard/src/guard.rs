@@ -30,8 +30,8 @@ use aya::{
 use log::{info, warn};
 pub use port_guard_common::PINNED_MAPS;
 use port_guard_common::{
-    ABI_VERSION, GLOBAL_SENTINEL_PORT, GLOBAL_USE_NETNS, GLOBAL_USE_RETVAL, MAP_NETNS_LEARN,
-    MAP_OFFENDERS_OLD, PROG_NETNS_LEARN,
+    ABI_VERSION, EVENTS_BYTES, GLOBAL_SENTINEL_PORT, GLOBAL_USE_NETNS, GLOBAL_USE_RETVAL,
+    MAP_EVENTS, MAP_NETNS_LEARN, MAP_OFFENDERS_OLD, PROG_NETNS_LEARN,
 };
 
 use crate::{
@@ -45,6 +45,14 @@ use crate::{
     probe::Features,
     sys,
 };
+
+/// The size of the pinned event ring buffer where it differs from this build's
+/// ([`EVENTS_BYTES`]): a guard loaded by another version keeps the one it made.
+fn pinned_events_size(pin: &PinDir) -> Option<u32> {
+    let data = MapData::from_pin(pin.file(MAP_EVENTS)).ok()?;
+    let bytes = data.info().ok()?.max_entries();
+    (bytes != EVENTS_BYTES).then_some(bytes)
+}
 
 /// What `what` (find, load, attach) failing on the program `name` is.
 fn program_error(what: &'static str, name: &'static str) -> impl Fn(ProgramError) -> GuardError {
@@ -244,12 +252,24 @@ impl Guard {
         } else {
             3
         };
-        let mut ebpf = EbpfLoader::new()
+        let mut loader = EbpfLoader::new();
+        loader
             .default_map_pin_directory(pin.path())
             .override_global(GLOBAL_USE_RETVAL, &use_retval, true)
             .override_global(GLOBAL_USE_NETNS, &use_netns, true)
             .override_global(GLOBAL_SENTINEL_PORT, &sentinel_port, true)
-            .override_global(aya_log::LEVEL, &log_level, false)
+            .override_global(aya_log::LEVEL, &log_level, false);
+        if let Some(bytes) = pinned_events_size(pin) {
+            // A pinned map is reused whatever this build declares: read the ring buffer with
+            // the size it has.
+            info!(
+                "the guard's event ring buffer keeps its {} KiB until the guard is unloaded (this build makes {} KiB)",
+                bytes / 1024,
+                EVENTS_BYTES / 1024
+            );
+            loader.map_max_entries(MAP_EVENTS, bytes);
+        }
+        let mut ebpf = loader
             .load(OBJECT)
             .map_err(|e| GuardError::Load(Box::new(e)))?;
         let mut maps = Maps::from_ebpf(&mut ebpf)?;
