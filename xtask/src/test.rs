@@ -45,11 +45,16 @@ pub fn test(root: &Path, filter: Option<&str>) -> Result<()> {
         .env("PORT_GUARD_BIN", &bin)
         .args(&args);
     if filter.is_none_or(|f| f.contains("upgrade") || f.contains("layout")) {
-        match abi2_binary(root)? {
-            Some(old) => {
-                cmd.env("PG_ABI2_BIN", old);
+        for old in OLD_BUILDS {
+            match old_binary(root, old.commit)? {
+                Some(bin) => {
+                    cmd.env(old.env, bin);
+                }
+                None => eprintln!(
+                    "xtask: WARNING: commit {} ({}) is not in this clone's history: its upgrade test is skipped",
+                    old.commit, old.what
+                ),
             }
-            None => eprintln!("xtask: WARNING: commit {ABI2_COMMIT} (map layout 2) is not in this clone's history: the upgrade test across layouts is skipped"),
         }
     }
     // The package tests' names say "package" (the_deb_package_…); "deb" and "rpm" pick them too.
@@ -73,52 +78,71 @@ pub fn test(root: &Path, filter: Option<&str>) -> Result<()> {
     Ok(())
 }
 
-/// The last commit of map layout 2 (ABI_VERSION 2): the binary the upgrade test starts from.
-/// Bump it with the next layout change.
-const ABI2_COMMIT: &str = "826b3363a948f3eeb3924605856a1f64a05fd48d";
+/// A binary of an earlier commit an upgrade test starts from, passed in `env`.
+struct OldBuild {
+    env: &'static str,
+    commit: &'static str,
+    what: &'static str,
+}
 
-/// `target/abi2/target/debug/port-guard`, built from [`ABI2_COMMIT`] in a worktree of its own
-/// (and a target dir of its own: about 2 minutes once, then reused). None when the clone lacks
-/// that commit (a shallow clone, a tarball).
-fn abi2_binary(root: &Path) -> Result<Option<PathBuf>> {
-    let dir = root.join("target/abi2");
-    let bin = dir.join("target/debug/port-guard");
-    let stamp = dir.join("commit");
-    if bin.exists() && std::fs::read_to_string(&stamp).is_ok_and(|s| s.trim() == ABI2_COMMIT) {
+/// The upgrade tests' starting points: the last commit of map layout 2 (ABI_VERSION 2; bump it
+/// with the next layout change), and the last commit before the per-VM shares (event records of
+/// 56 bytes, a 256 KiB ring buffer, no share maps), the guard every host of that layout runs.
+const OLD_BUILDS: [OldBuild; 2] = [
+    OldBuild {
+        env: "PG_ABI2_BIN",
+        commit: "826b3363a948f3eeb3924605856a1f64a05fd48d",
+        what: "map layout 2",
+    },
+    OldBuild {
+        env: "PG_PREV_BIN",
+        commit: "aec61c9fe08621047b63880dadd0024a2c1d389d",
+        what: "layout 3 before the per-VM shares",
+    },
+];
+
+/// `target/old/port-guard-<commit>`, built from `commit` in a worktree and a target dir shared
+/// by every old build (about 2 minutes for the first, less for the next, then reused). None
+/// when the clone lacks that commit (a shallow clone, a tarball).
+fn old_binary(root: &Path, commit: &str) -> Result<Option<PathBuf>> {
+    let dir = root.join("target/old");
+    let bin = dir.join(format!("port-guard-{commit}"));
+    if bin.exists() {
         return Ok(Some(bin));
     }
     let has = Command::new("git")
         .current_dir(root)
-        .args(["cat-file", "-e", &format!("{ABI2_COMMIT}^{{commit}}")])
+        .args(["cat-file", "-e", &format!("{commit}^{{commit}}")])
         .status()
         .is_ok_and(|s| s.success());
     if !has {
         return Ok(None);
     }
     let src = dir.join("src");
-    if output(
-        Command::new("git")
+    let head = output(Command::new("git").current_dir(&src).args(["rev-parse", "HEAD"]));
+    match head {
+        Some(h) if h.trim() == commit => {}
+        Some(_) => run(Command::new("git")
             .current_dir(&src)
-            .args(["rev-parse", "HEAD"]),
-    )
-    .is_none_or(|h| h.trim() != ABI2_COMMIT)
-    {
-        let _ = std::fs::remove_dir_all(&src);
-        let _ = Command::new("git")
-            .current_dir(root)
-            .args(["worktree", "prune"])
-            .status();
-        std::fs::create_dir_all(&dir).with_context(|| format!("mkdir {}", dir.display()))?;
-        run(Command::new("git").current_dir(root).args([
-            "worktree",
-            "add",
-            "--force",
-            "--detach",
-            src.to_str().context("target path is UTF-8")?,
-            ABI2_COMMIT,
-        ]))?;
+            .args(["checkout", "--force", "--detach", commit]))?,
+        None => {
+            let _ = std::fs::remove_dir_all(&src);
+            let _ = Command::new("git")
+                .current_dir(root)
+                .args(["worktree", "prune"])
+                .status();
+            std::fs::create_dir_all(&dir).with_context(|| format!("mkdir {}", dir.display()))?;
+            run(Command::new("git").current_dir(root).args([
+                "worktree",
+                "add",
+                "--force",
+                "--detach",
+                src.to_str().context("target path is UTF-8")?,
+                commit,
+            ]))?;
+        }
     }
-    eprintln!("xtask: building the map-layout-2 binary ({ABI2_COMMIT}) for the upgrade test");
+    eprintln!("xtask: building the binary of {commit} for an upgrade test");
     run(Command::new(env!("CARGO")).current_dir(&src).args([
         "build",
         "--package",
@@ -126,6 +150,11 @@ fn abi2_binary(root: &Path) -> Result<Option<PathBuf>> {
         "--target-dir",
         "../target",
     ]))?;
-    std::fs::write(&stamp, ABI2_COMMIT).with_context(|| format!("writing {}", stamp.display()))?;
+    let built = dir.join("target/debug/port-guard");
+    // Whole or not at all: a copy cut short must not pass for the binary next time.
+    let part = dir.join(format!("port-guard-{commit}.part"));
+    std::fs::copy(&built, &part)
+        .and_then(|_| std::fs::rename(&part, &bin))
+        .with_context(|| format!("copying {} to {}", built.display(), bin.display()))?;
     Ok(Some(bin))
 }
