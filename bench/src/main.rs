@@ -60,7 +60,7 @@ pub struct Opts {
     /// Interleaved rounds of bind() batches (default 200, quick 5).
     #[arg(long)]
     pub rounds: Option<usize>,
-    /// Also print the table as Markdown (for the README).
+    /// Also print the table as Markdown (for docs/benchmarks.md).
     #[arg(long)]
     pub markdown: bool,
     /// Write every summary as JSON to this file.

@@ -1,6 +1,6 @@
 //! The one table the bench prints: sections of rows, each a measurement, its median, the ratio or
 //! figure it is judged by, the target and whether it is met. Text for the terminal, Markdown for
-//! the README, JSON (every sample summary) for machines.
+//! docs/benchmarks.md, JSON (every sample summary) for machines.
 
 use std::fmt::Write as _;
 

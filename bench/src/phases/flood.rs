@@ -64,11 +64,14 @@ pub(super) fn measure(
     let allow = tree.mkdir("flood/allow")?;
     let offender = tree.mkdir("flood/offender")?;
     let second = tree.mkdir("flood/second")?;
+    // Its own spawn parent: the default (/port-guard) would be made on the host, and left there.
+    tree.mkdir("flood/spawn")?;
     let config = tmp.0.join("flood.toml");
     fs::write(
         &config,
         format!(
-            "attach = \"{a}\"\nmode = \"enforce\"\nerrno = \"eaddrinuse\"\nprotect_ephemeral = false\n{}",
+            "attach = \"{a}\"\nmode = \"enforce\"\nerrno = \"eaddrinuse\"\nprotect_ephemeral = false\n\
+             spawn_parent = \"{a}/spawn\"\n{}",
             reserve(SMALL_RANGE, &[&allow.rel]),
             a = attach.rel
         ),
