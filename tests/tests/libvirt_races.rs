@@ -9,7 +9,10 @@
 //! where that is impossible, e.g. the busybox guests of `cargo xtask vm-test`). Layout, the
 //! config and its rewriting: `integration_tests::libvirt::LibvirtEnv` and `host_config`.
 
-use std::process::{Command, Stdio};
+use std::{
+    process::{Command, Stdio},
+    time::Duration,
+};
 
 use integration_tests::{
     libvirt::{self, assert_libvirt_layout, describe, Allocator, LibvirtEnv, PACE},
@@ -195,10 +198,15 @@ fn a_vm_that_holds_the_range_fails_migrations_without_a_limit_and_none_with_the_
         (child, v["ok"].as_array().unwrap().len())
     };
 
+    // The domain's disk is not shared: libvirt refuses a live migration without copying it
+    // unless told it is safe. `--unsafe` leaves each disk where it is; an even number of them
+    // brings the domain back to A, whose disk holds the data the storage migration then copies.
+    const PLAIN: &[&str] = &["--unsafe"];
+
     // Before: no limit. The attacker holds every port and the migration fails.
     let (mut attacker, held) = grab(&e);
     assert_eq!(held, 20, "without a limit one VM holds the whole range");
-    let before = e.migrations("one VM holds the range, no limit", 1);
+    let before = e.migrations_with("one VM holds the range, no limit", 1, PLAIN);
     let _ = attacker.kill();
     let _ = attacker.wait();
     let err = before[0]
@@ -215,10 +223,13 @@ fn a_vm_that_holds_the_range_fails_migrations_without_a_limit_and_none_with_the_
     assert!(docs.contains("\nper_child_limit = 2\n"), "{docs}");
     let config = e.config.clone();
     e.guard().reload(&config, &docs);
+    let skip = e.guard().lines().len();
     let (mut attacker, held) = grab(&e);
     assert_eq!(held, 2, "with per_child_limit 2 the VM holds 2 ports");
-    let skip = e.guard().lines().len();
-    let plain = e.migrations("one VM holds its 2 ports, limit 2", 4);
+    // Its 18 other binds were refused for the limit, and said so.
+    e.guard()
+        .wait_for(skip, "denied bind", Duration::from_secs(10));
+    let plain = e.migrations_with("one VM holds its 2 ports, limit 2", 4, PLAIN);
     let storage = e
         .pair
         .migrate_with("tcp://127.0.0.1", &["--copy-storage-all"]);
@@ -239,8 +250,14 @@ fn a_vm_that_holds_the_range_fails_migrations_without_a_limit_and_none_with_the_
         e.pair.disk_head(1024 * 1024) == libvirt::disk_pattern(),
         "the destination's disk does not hold the source's data"
     );
+    // Each refusal's own line names the unit; a flood's summary lines name the uid instead.
     let limited = e.guard().lines_after(skip, "reason=limit");
-    for l in &limited {
+    let own: Vec<&String> = limited
+        .iter()
+        .filter(|l| l.contains("denied bind"))
+        .collect();
+    assert!(!own.is_empty(), "no refusal line for the limit");
+    for l in own {
         assert!(
             l.contains(&format!("unit={}", evil_cg.trim_end_matches("/emulator"))),
             "a refusal for the limit of another unit than the attacker's VM: {l}"

@@ -220,9 +220,14 @@ impl LibvirtEnv {
 
     /// `n` migrations, alternating direction, libvirt choosing the port.
     pub fn migrations(&mut self, phase: &str, n: usize) -> Vec<Migration> {
+        self.migrations_with(phase, n, &[])
+    }
+
+    /// [`LibvirtEnv::migrations`] with more `virsh migrate` arguments.
+    pub fn migrations_with(&mut self, phase: &str, n: usize, extra: &[&str]) -> Vec<Migration> {
         (0..n)
             .map(|i| {
-                let m = self.pair.migrate("tcp://127.0.0.1");
+                let m = self.pair.migrate_with("tcp://127.0.0.1", extra);
                 eprintln!(
                     "[migration] {phase} #{i} {}: {} in {} ms (libvirt prepare->finish {:?}, port pick->listen {:?}; destination qemu in {})",
                     m.direction,
