@@ -57,11 +57,14 @@ pub fn run(pin: &PinDir, config: Option<&std::path::Path>, out: Output) -> Resul
         Output::Prometheus(file) => {
             let maps = crate::maps::Maps::open(pin)?;
             let last = crate::state::load_stats(pin.path());
-            let text = crate::metrics::render(&maps, s.attached, None, last.as_ref())?;
-            let text = text.replace(
-                "port_guard_daemon_up 0",
-                &format!("port_guard_daemon_up {}", u8::from(s.daemon.running)),
-            );
+            // A running daemon's last counts (written every few seconds) are its own: its
+            // gauges (ephemeral protection) hold as the endpoint's do.
+            let first = crate::metrics::DaemonStats::default();
+            let running = s
+                .daemon
+                .running
+                .then(|| last.as_ref().unwrap_or(&first));
+            let text = crate::metrics::render(&maps, s.attached, running, last.as_ref())?;
             match file {
                 Some(path) => {
                     crate::metrics::textfile::check_path(&path).map_err(anyhow::Error::msg)?;
