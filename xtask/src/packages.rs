@@ -91,6 +91,11 @@ const PACKAGES: &[Package] = &[
         verbs: &[Test],
     },
     Package {
+        name: "prometheus-node-exporter",
+        why: "the Prometheus test reads the metrics timer's textfile through node_exporter, as a host without its daemon is seen",
+        verbs: &[Test],
+    },
+    Package {
         name: "ansible-core",
         why: "ansible-playbook: the playbook's syntax check",
         verbs: &[Test],
