@@ -837,6 +837,8 @@ fn panic(_info: &core::panic::PanicInfo<'_>) -> ! {
     loop {}
 }
 
+/// The licence the kernel reads when it loads the programs: GPL-compatible, as it requires of
+/// a program calling its GPL-only helpers (the source is MIT OR GPL-2.0-only, see the README).
 #[link_section = "license"]
 #[no_mangle]
-static LICENSE: [u8; 4] = *b"GPL\0";
+static LICENSE: [u8; 13] = *b"Dual MIT/GPL\0";
