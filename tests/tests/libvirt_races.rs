@@ -183,7 +183,8 @@ fn a_vm_that_holds_the_range_fails_migrations_without_a_limit_and_none_with_the_
             .arg(&evil_dir)
             .args(["--uid", "65534", "grab", "0.0.0.0", "tcp"])
             .args([e.ports.0.to_string(), e.ports.1.to_string()])
-            .args(["8", "plain"])
+            // SO_REUSEADDR: a port in TIME_WAIT from an earlier migration is taken too.
+            .args(["8", "reuseaddr"])
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .current_dir("/");
