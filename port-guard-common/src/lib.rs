@@ -182,6 +182,11 @@ pub const ALLOC_ENDED_EXPIRED: usize = 6;
 /// Requests that got their ports (added after layout 3 with no layout change: [`ALLOC_ALLOCATIONS`]
 /// counted requests before, and counts ports since).
 pub const ALLOC_REQUESTS: usize = 7;
+/// Sockets charged to a share: entries of [`MAP_CHARGES`], added by the bind programs after
+/// each insert and taken back by whoever removes one (a program or the agent). While it is 0 the
+/// release program skips the socket's cookie and its lookup. Zero in the pins of every guard
+/// before the shares, which had no charges.
+pub const ALLOC_CHARGED: usize = 8;
 /// First word of the leased-port bitmap.
 pub const ALLOC_BITMAP: usize = 16;
 /// Words in the bitmap: 65,536 ports.

@@ -299,7 +299,16 @@ impl Guard {
             ($ty:ty, $name:expr) => {{
                 let name = $name;
                 let prog: &mut $ty = program(&mut g.ebpf, name)?;
+                let t = std::time::Instant::now();
                 prog.load().map_err(program_error("load", name))?;
+                log::debug!(
+                    "{name} loaded in {} ms ({} instructions verified)",
+                    t.elapsed().as_millis(),
+                    prog.info()
+                        .ok()
+                        .and_then(|i| i.verified_instruction_count())
+                        .map_or("?".into(), |n| n.to_string())
+                );
                 let id = prog
                     // bpf_link_create takes no flags for cgroups (kernel/bpf/cgroup.c,
                     // cgroup_bpf_link_attach): a cgroup link always joins the multi-program

@@ -14,7 +14,7 @@ use std::{
 use aya::maps::MapData;
 use port_guard_common::{
     ALLOC_ALLOCATIONS, ALLOC_BITMAP, ALLOC_BITMAP_WORDS, ALLOC_ENTRIES, ALLOC_EXHAUSTIONS,
-    ALLOC_GENERATION, ALLOC_REQUESTS,
+    ALLOC_CHARGED, ALLOC_GENERATION, ALLOC_REQUESTS,
 };
 
 use crate::shared::SharedWords;
@@ -146,8 +146,16 @@ impl AllocMap {
 
     /// Adds `n` to counter word `i` (one of the `ALLOC_ENDED_*` totals).
     pub fn add(&self, i: usize, n: u64) {
-        debug_assert!(i > ALLOC_EXHAUSTIONS && i < ALLOC_BITMAP && i != ALLOC_REQUESTS);
+        debug_assert!(
+            i > ALLOC_EXHAUSTIONS && i < ALLOC_BITMAP && i != ALLOC_REQUESTS && i != ALLOC_CHARGED
+        );
         self.word(i).fetch_add(n, Ordering::Relaxed);
+    }
+
+    /// Takes `n` off [`ALLOC_CHARGED`]: charges the agent removed from `PG_CHARGES` (the
+    /// programs add and take back the rest with atomic adds on the same word).
+    pub fn uncount_charges(&self, n: u64) {
+        self.word(ALLOC_CHARGED).fetch_sub(n, Ordering::AcqRel);
     }
 
     /// Counter word `i`.

@@ -191,6 +191,11 @@ impl LeaseTable {
         })
     }
 
+    /// `n` charges removed from `PG_CHARGES` by the agent (see [`AllocMap::uncount_charges`]).
+    pub(crate) fn uncount_charges(&self, n: u64) {
+        self.bitmap.uncount_charges(n);
+    }
+
     /// The lease on `port`, if any.
     pub fn get(&self, port: u16) -> Result<Option<Lease>, LeaseError> {
         match self.map.get(&u32::from(port), 0) {

@@ -119,7 +119,8 @@ impl Maps {
         if limit == 0 || forget {
             // Off first, so that no program charges the slot while its counts are dropped.
             m.limits.set(slot, 0, 0).map_err(map_err(MAP_LIMITS))?;
-            m.forget_slot(slot)?;
+            let removed = m.forget_slot(slot)?;
+            self.leases.uncount_charges(removed);
         }
         m.limits.set(slot, limit, 0).map_err(map_err(MAP_LIMITS))
     }
@@ -148,8 +149,9 @@ impl Maps {
 }
 
 impl ShareMaps {
-    /// Drops the charges and counts of `slot`.
-    fn forget_slot(&mut self, slot: u32) -> Result<(), MapsError> {
+    /// Drops the charges and counts of `slot`. Returns how many charges it removed itself (a
+    /// program may remove one first, and takes its count back then).
+    fn forget_slot(&mut self, slot: u32) -> Result<u64, MapsError> {
         let charges: Vec<u64> = self
             .charges
             .iter()
@@ -157,9 +159,11 @@ impl ShareMaps {
             .filter(|(_, k)| k.slot == slot)
             .map(|(c, _)| c)
             .collect();
+        let mut removed = 0;
         for c in charges {
             match self.charges.remove(&c) {
-                Ok(()) | Err(MapError::KeyNotFound) => {}
+                Ok(()) => removed += 1,
+                Err(MapError::KeyNotFound) => {}
                 Err(e) => return Err(map_err(MAP_CHARGES)(e)),
             }
         }
@@ -175,7 +179,7 @@ impl ShareMaps {
                 Err(e) => return Err(map_err(MAP_SHARES)(e)),
             }
         }
-        Ok(())
+        Ok(removed)
     }
 }
 
