@@ -372,6 +372,7 @@ fn six_hundred_flooding_cgroups_of_one_user_hide_no_other_refusal() {
         &["bind-flood", "0.0.0.0", "64522", "0.001"],
     );
     assert_eq!(v["ok"], 0, "{v}");
+    assert!(v["binds"].as_u64().unwrap() > 0, "{v}");
     thread::sleep(Duration::from_millis(700));
     assert_eq!(
         bind_in(svc2.abs(), &BindSpec::tcp(ANY4, 64523).comm("pg-single3")),
