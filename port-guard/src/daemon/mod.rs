@@ -12,13 +12,19 @@ mod policy;
 mod sentinel;
 mod start;
 
-use std::time::{Duration, Instant};
+use std::{
+    os::fd::OwnedFd,
+    time::{Duration, Instant},
+};
 
 use anyhow::{Context as _, Result};
 use aya::maps::{HashMap, MapData, RingBuf};
 use log::{error, info, warn};
 use port_guard_common::{MAP_BUDGET, MAP_CGROUP_DENIALS, MAP_EVENTS};
-use tokio::{io::unix::AsyncFd, signal::unix::Signal};
+use tokio::{
+    io::unix::{AsyncFd, AsyncFdReadyGuard, AsyncFdReadyMutGuard},
+    signal::unix::Signal,
+};
 
 pub use self::{
     policy::{Loaded, Source},
@@ -32,6 +38,7 @@ use crate::{
     maps::Resolved,
     metrics::{self, DaemonStats},
     pin::PinDir,
+    policy::Errno,
     probe::Features,
     reaper::{self, Reaper, Wake},
     state::DaemonRecord,
@@ -92,8 +99,23 @@ struct Daemon<'a> {
 impl Daemon<'_> {
     /// Denial events: logs what is there. Returns whether the ring buffer is empty.
     fn on_denials(&mut self, ring: &mut RingBuf<MapData>) -> bool {
-        let errno = (self.resolved.policy.errno, self.features.set_retval);
+        let errno = self.errno();
         self.denials.drain(ring, &mut self.names, errno)
+    }
+
+    /// The errno a denial gets, and whether the programs can set it (for the log lines).
+    fn errno(&self) -> (Errno, bool) {
+        (self.resolved.policy.errno, self.features.set_retval)
+    }
+
+    /// Denials that got no line of their own, summarised: every `SUMMARY_EVERY`, or now when
+    /// `force`d.
+    fn summarise_denials(&mut self, force: bool) {
+        let errno = self.errno();
+        if let Some(offenders) = &self.offenders {
+            self.denials
+                .summarise(offenders, &self.guard.maps, &mut self.names, errno, force);
+        }
     }
 
     /// An allowed cgroup (or an ancestor of one) was created or removed.
@@ -132,11 +154,7 @@ impl Daemon<'_> {
         self.names.poll();
         self.reap(Wake::Tick);
         self.denials.check_lost(&self.guard.maps);
-        if let Some(offenders) = &self.offenders {
-            let errno = (self.resolved.policy.errno, self.features.set_retval);
-            self.denials
-                .summarise(offenders, &self.guard.maps, &mut self.names, errno, false);
-        }
+        self.summarise_denials(false);
         if self.resolved.policy.protect_ephemeral
             && self.last_sysctl_check.elapsed() >= SYSCTL_EVERY
         {
@@ -148,6 +166,24 @@ impl Daemon<'_> {
             self.write_outputs();
         }
         Ok(None)
+    }
+
+    /// The loop ended: what arrived before the signal is logged, then what got no line of its
+    /// own; the sentinels stop; the records are left as `status` should find them.
+    fn on_exit(&mut self, exit: &Exit, ring: &mut RingBuf<MapData>) {
+        while !self.on_denials(ring) {}
+        self.summarise_denials(true);
+        if let Some(s) = &mut self.sentinels {
+            s.stop();
+        }
+        if matches!(exit, Exit::Unloaded) {
+            // The guard is gone, and its records with it: nothing is left to describe.
+            crate::state::remove_daemon_files(self.pin.path());
+        } else {
+            self.write_outputs();
+            self.record.stopped = Some(crate::leases::now_secs());
+            self.save_record();
+        }
     }
 
     /// Every [`OUTPUTS_EVERY`]: the daemon's counts to the state dir (for `status --prometheus`
@@ -304,6 +340,41 @@ impl Daemon<'_> {
             .load(std::sync::atomic::Ordering::Relaxed);
     }
 
+    /// The metrics listener, if any, on a task of its own: its scrapes come back to the loop,
+    /// which owns the maps. The textfile, if any, is said here and written by the tick.
+    fn start_metrics(
+        &self,
+        listener: Option<metrics::Listener>,
+    ) -> tokio::sync::mpsc::Receiver<metrics::Scrape> {
+        let (scrape_tx, scrapes) = tokio::sync::mpsc::channel::<metrics::Scrape>(16);
+        if let Some(listener) = listener {
+            info!("metrics on {}", listener.describe());
+            tokio::spawn(metrics::serve(
+                listener,
+                scrape_tx,
+                std::sync::Arc::clone(&self.metrics_evicted),
+            ));
+        } else {
+            drop(scrape_tx);
+        }
+        if let Some(p) = &self.metrics.textfile {
+            info!(
+                "metrics written to {} every {} s",
+                p.display(),
+                OUTPUTS_EVERY.as_secs()
+            );
+        }
+        scrapes
+    }
+
+    /// A scrape from the listener's task: answered with the text, or not at all when the maps
+    /// cannot be read.
+    fn answer_scrape(&mut self, reply: metrics::Scrape) {
+        if let Some(text) = self.on_scrape() {
+            let _ = reply.send(text);
+        }
+    }
+
     /// A metrics scrape: the text, or None when the maps cannot be read.
     fn on_scrape(&mut self) -> Option<String> {
         self.update_stats();
@@ -406,96 +477,36 @@ fn record_counters(pin: &PinDir, r: &Resolved, fresh: &[(u16, u16)]) {
     }
 }
 
-/// The event loop: every source of work in one `select!`.
+/// The event loop: every source of work in one `select!`, each answered by a handler of its own.
 async fn serve(
     mut d: Daemon<'_>,
     mut signals: Signals,
     metrics_listener: Option<metrics::Listener>,
 ) -> Result<Exit> {
-    let (scrape_tx, mut scrapes) = tokio::sync::mpsc::channel::<metrics::Scrape>(16);
-    if let Some(listener) = metrics_listener {
-        info!("metrics on {}", listener.describe());
-        tokio::spawn(metrics::serve(
-            listener,
-            scrape_tx,
-            std::sync::Arc::clone(&d.metrics_evicted),
-        ));
-    } else {
-        drop(scrape_tx);
-    }
-    if let Some(p) = &d.metrics.textfile {
-        info!(
-            "metrics written to {} every {} s",
-            p.display(),
-            OUTPUTS_EVERY.as_secs()
-        );
-    }
-    let ring = d
-        .guard
-        .ebpf
-        .take_map(MAP_EVENTS)
-        .context("the object has no event ring buffer")?;
-    let ring: RingBuf<MapData> = RingBuf::try_from(ring)?;
-    // SAFETY: the ring buffer owns its fd, and the AsyncFd owns the ring buffer: the fd stays
-    // open for as long as it is registered.
-    let mut ring = unsafe { AsyncFd::register(ring) }
-        .map_err(|e| e.into_parts().1)
-        .context("watching the event ring buffer")?;
-    // The programs' own debug records (aya-log), read for as long as the daemon runs.
-    let mut ebpf_log = match aya_log::EbpfLogger::init(&mut d.guard.ebpf) {
-        // SAFETY: the logger owns its ring buffer fd; the AsyncFd owns the logger.
-        Ok(l) => Some(
-            unsafe { AsyncFd::register(l) }
-                .map_err(|e| e.into_parts().1)
-                .context("watching the aya-log ring buffer")?,
-        ),
-        Err(e) => {
-            warn!("no eBPF log records: {e}");
-            None
-        }
-    };
-    // SAFETY: each AsyncFd owns its duplicate of an inotify fd.
-    let allow_events = unsafe { AsyncFd::register(d.allow_watch.fd().try_clone()?) }
-        .map_err(|e| e.into_parts().1)
-        .context("watching allowed cgroups")?;
-    let inotify = unsafe { AsyncFd::register(d.reaper.inotify_fd().try_clone()?) }
-        .map_err(|e| e.into_parts().1)
-        .context("watching cgroup.events")?;
+    let mut scrapes = d.start_metrics(metrics_listener);
+    let Watched {
+        mut ring,
+        mut ebpf_log,
+        allow_events,
+        inotify,
+    } = Watched::register(&mut d)?;
     let mut tick = tokio::time::interval(Duration::from_secs(1));
 
     let exit = loop {
         tokio::select! {
-            ready = ring.readable_mut() => {
-                let mut ready = ready.context("waiting for denial events")?;
-                // Clear readiness only when empty: the ring buffer wakes us on new data only.
-                if d.on_denials(ready.get_inner_mut()) {
-                    ready.clear_ready();
-                } else {
-                    tokio::task::yield_now().await;
-                }
-            }
+            ready = ring.readable_mut() => denials_ready(&mut d, ready).await?,
             ready = allow_events.readable() => {
-                let mut ready = ready.context("waiting for cgroup creation events")?;
-                d.on_allowed_cgroups();
-                ready.clear_ready();
+                answer(ready, "waiting for cgroup creation events", || d.on_allowed_cgroups())?;
             }
             ready = inotify.readable() => {
-                let mut ready = ready.context("waiting for cgroup events")?;
-                d.on_cgroup_events();
-                ready.clear_ready();
+                answer(ready, "waiting for cgroup events", || d.on_cgroup_events())?;
             }
             ready = async { ebpf_log.as_mut().expect("guarded by the if").readable_mut().await }, if ebpf_log.is_some() => {
-                let mut ready = ready.context("waiting for eBPF log records")?;
-                ready.get_inner_mut().flush();
-                ready.clear_ready();
+                ebpf_log_ready(ready)?;
             }
-            _ = signals.term.recv() => { info!("SIGTERM: exiting, the guard stays in place"); break Exit::Signal; }
-            _ = signals.int.recv() => { info!("SIGINT: exiting, the guard stays in place"); break Exit::Signal; }
-            Some(reply) = scrapes.recv() => {
-                if let Some(text) = d.on_scrape() {
-                    let _ = reply.send(text);
-                }
-            }
+            _ = signals.term.recv() => break stopped_by("SIGTERM"),
+            _ = signals.int.recv() => break stopped_by("SIGINT"),
+            Some(reply) = scrapes.recv() => d.answer_scrape(reply),
             _ = signals.hup.recv() => d.on_reload(),
             _ = tick.tick() => {
                 if let Some(exit) = d.on_tick()? {
@@ -504,23 +515,113 @@ async fn serve(
             }
         }
     };
-    // Log what arrived before the signal, then what got no line of its own.
-    while !d.on_denials(ring.get_mut()) {}
-    if let Some(offenders) = &d.offenders {
-        let errno = (d.resolved.policy.errno, d.features.set_retval);
-        d.denials
-            .summarise(offenders, &d.guard.maps, &mut d.names, errno, true);
-    }
-    if let Some(s) = &mut d.sentinels {
-        s.stop();
-    }
-    if matches!(exit, Exit::Unloaded) {
-        // The guard is gone, and its records with it: nothing is left to describe.
-        crate::state::remove_daemon_files(d.pin.path());
-    } else {
-        d.write_outputs();
-        d.record.stopped = Some(crate::leases::now_secs());
-        d.save_record();
-    }
+    d.on_exit(&exit, ring.get_mut());
     Ok(exit)
+}
+
+/// What aya-log reads the programs' debug records with.
+type EbpfLogger = aya_log::EbpfLogger<&'static dyn log::Log>;
+
+/// The file descriptors the loop waits on besides the signals, the scrapes and the tick; each
+/// `AsyncFd` owns what it watches, so every fd stays open for as long as it is registered.
+struct Watched {
+    /// Denial events.
+    ring: AsyncFd<RingBuf<MapData>>,
+    /// The programs' own debug records (aya-log), when the object has them.
+    ebpf_log: Option<AsyncFd<EbpfLogger>>,
+    /// A duplicate of the allowed cgroups' inotify fd.
+    allow_events: AsyncFd<OwnedFd>,
+    /// A duplicate of the lease reaper's inotify fd.
+    inotify: AsyncFd<OwnedFd>,
+}
+
+impl Watched {
+    /// The event ring buffer taken from the object, aya-log started, both inotify fds
+    /// duplicated: each registered with the runtime.
+    fn register(d: &mut Daemon<'_>) -> Result<Watched> {
+        let ring = d
+            .guard
+            .ebpf
+            .take_map(MAP_EVENTS)
+            .context("the object has no event ring buffer")?;
+        let ring: RingBuf<MapData> = RingBuf::try_from(ring)?;
+        // SAFETY: the ring buffer owns its fd, and the AsyncFd owns the ring buffer: the fd stays
+        // open for as long as it is registered.
+        let ring = unsafe { AsyncFd::register(ring) }
+            .map_err(|e| e.into_parts().1)
+            .context("watching the event ring buffer")?;
+        let ebpf_log = ebpf_logger(&mut d.guard.ebpf)?;
+        // SAFETY: each AsyncFd owns its duplicate of an inotify fd.
+        let allow_events = unsafe { AsyncFd::register(d.allow_watch.fd().try_clone()?) }
+            .map_err(|e| e.into_parts().1)
+            .context("watching allowed cgroups")?;
+        let inotify = unsafe { AsyncFd::register(d.reaper.inotify_fd().try_clone()?) }
+            .map_err(|e| e.into_parts().1)
+            .context("watching cgroup.events")?;
+        Ok(Watched {
+            ring,
+            ebpf_log,
+            allow_events,
+            inotify,
+        })
+    }
+}
+
+/// The programs' own debug records (aya-log), read for as long as the daemon runs; None (and a
+/// warning) when the object has none.
+fn ebpf_logger(ebpf: &mut aya::Ebpf) -> Result<Option<AsyncFd<EbpfLogger>>> {
+    match EbpfLogger::init(ebpf) {
+        // SAFETY: the logger owns its ring buffer fd; the AsyncFd owns the logger.
+        Ok(l) => Ok(Some(
+            unsafe { AsyncFd::register(l) }
+                .map_err(|e| e.into_parts().1)
+                .context("watching the aya-log ring buffer")?,
+        )),
+        Err(e) => {
+            warn!("no eBPF log records: {e}");
+            Ok(None)
+        }
+    }
+}
+
+/// Denial events are ready: a turn's worth is logged. Readiness is cleared only once the ring
+/// buffer is empty, as it wakes the loop on new data only; otherwise the loop yields and the
+/// next turn comes.
+async fn denials_ready(
+    d: &mut Daemon<'_>,
+    ready: std::io::Result<AsyncFdReadyMutGuard<'_, RingBuf<MapData>>>,
+) -> Result<()> {
+    let mut ready = ready.context("waiting for denial events")?;
+    if d.on_denials(ready.get_inner_mut()) {
+        ready.clear_ready();
+    } else {
+        tokio::task::yield_now().await;
+    }
+    Ok(())
+}
+
+/// An inotify fd is ready: `handle` reads it whole, then its readiness is cleared.
+fn answer(
+    ready: std::io::Result<AsyncFdReadyGuard<'_, OwnedFd>>,
+    waiting_for: &'static str,
+    handle: impl FnOnce(),
+) -> Result<()> {
+    let mut ready = ready.context(waiting_for)?;
+    handle();
+    ready.clear_ready();
+    Ok(())
+}
+
+/// eBPF log records are ready: to the log, all of them.
+fn ebpf_log_ready(ready: std::io::Result<AsyncFdReadyMutGuard<'_, EbpfLogger>>) -> Result<()> {
+    let mut ready = ready.context("waiting for eBPF log records")?;
+    ready.get_inner_mut().flush();
+    ready.clear_ready();
+    Ok(())
+}
+
+/// SIGTERM or SIGINT: said, and the loop ends with the guard in place.
+fn stopped_by(signal: &str) -> Exit {
+    info!("{signal}: exiting, the guard stays in place");
+    Exit::Signal
 }
