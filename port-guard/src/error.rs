@@ -1,10 +1,19 @@
 //! The two errors every area shares: a filesystem or syscall failure at a path ([`IoError`]),
 //! and a request that cannot be done as asked ([`UsageError`], exit status 2). Each area's own
 //! error enum wraps them; `main` prints the chain once, on one line.
+//!
+//! Each error type that has an exit status of its own says it through [`ExitStatus`]; `main`
+//! asks the error it ends with, which asks each of its causes in turn.
 
 use std::{
+    error::Error,
     io,
     path::{Path, PathBuf},
+};
+
+use crate::{
+    cgroup::CgroupError, guard::GuardError, leases::LeaseError, maps::MapsError, pin::PinError,
+    policy::PolicyError,
 };
 
 /// Operation `op` on `path` failed.
@@ -70,13 +79,109 @@ pub struct ExecError {
     pub source: io::Error,
 }
 
-impl ExecError {
-    pub fn exit_code(&self) -> u8 {
+/// The exit status an error calls for (the man page's EXIT STATUS): [`EXIT_USAGE`] for a usage
+/// or config error, [`EXIT_FAILURE`] for a runtime failure, 126 or 127 for a command `spawn`
+/// cannot execute. (`status` has codes of its own for the states it finds; they are no errors.)
+pub trait ExitStatus {
+    fn exit_status(&self) -> u8;
+}
+
+/// A runtime failure, and any error that has no status of its own.
+pub const EXIT_FAILURE: u8 = 1;
+/// A usage or config error: the message names the bad value.
+pub const EXIT_USAGE: u8 = 2;
+
+/// [`EXIT_USAGE`] for bad input, else [`EXIT_FAILURE`].
+fn usage_if(usage: bool) -> u8 {
+    if usage {
+        EXIT_USAGE
+    } else {
+        EXIT_FAILURE
+    }
+}
+
+/// The status of the first cause, outermost first, that has one of its own; else
+/// [`EXIT_FAILURE`].
+impl ExitStatus for anyhow::Error {
+    fn exit_status(&self) -> u8 {
+        self.chain()
+            .find_map(|cause| STATUS_OF.iter().find_map(|of| of(cause)))
+            .unwrap_or(EXIT_FAILURE)
+    }
+}
+
+/// Each error type that has a status of its own, as a question to a cause: is it one, and its
+/// status if so.
+const STATUS_OF: [fn(&(dyn Error + 'static)) -> Option<u8>; 9] = [
+    status_as::<UsageError>,
+    status_as::<ExecError>,
+    status_as::<PolicyError>,
+    status_as::<crate::config::ConfigError>,
+    status_as::<CgroupError>,
+    status_as::<PinError>,
+    status_as::<LeaseError>,
+    status_as::<MapsError>,
+    status_as::<GuardError>,
+];
+
+fn status_as<E: ExitStatus + Error + 'static>(cause: &(dyn Error + 'static)) -> Option<u8> {
+    cause.downcast_ref::<E>().map(E::exit_status)
+}
+
+impl ExitStatus for UsageError {
+    fn exit_status(&self) -> u8 {
+        EXIT_USAGE
+    }
+}
+
+/// The shell's convention: 127 when the command does not exist, 126 when it cannot be executed.
+impl ExitStatus for ExecError {
+    fn exit_status(&self) -> u8 {
         if self.source.kind() == io::ErrorKind::NotFound {
             127
         } else {
             126
         }
+    }
+}
+
+/// A bad value, always.
+impl ExitStatus for PolicyError {
+    fn exit_status(&self) -> u8 {
+        EXIT_USAGE
+    }
+}
+
+// The areas' own enums tell bad input from a runtime failure themselves (`is_usage`), each
+// asking the errors it wraps.
+
+impl ExitStatus for CgroupError {
+    fn exit_status(&self) -> u8 {
+        usage_if(self.is_usage())
+    }
+}
+
+impl ExitStatus for PinError {
+    fn exit_status(&self) -> u8 {
+        usage_if(self.is_usage())
+    }
+}
+
+impl ExitStatus for LeaseError {
+    fn exit_status(&self) -> u8 {
+        usage_if(self.is_usage())
+    }
+}
+
+impl ExitStatus for MapsError {
+    fn exit_status(&self) -> u8 {
+        usage_if(self.is_usage())
+    }
+}
+
+impl ExitStatus for GuardError {
+    fn exit_status(&self) -> u8 {
+        usage_if(self.is_usage())
     }
 }
 
@@ -93,8 +198,8 @@ mod tests {
     /// The status `main` exits with for `e`, as the first error of a chain and under a context.
     fn status(e: impl Into<anyhow::Error>) -> u8 {
         let e: anyhow::Error = e.into();
-        let bare = crate::exit_code(&e);
-        let under_context = crate::exit_code(&e.context("doing something"));
+        let bare = e.exit_status();
+        let under_context = e.context("doing something").exit_status();
         assert_eq!(bare, under_context, "a context changes nothing");
         bare
     }
@@ -198,12 +303,12 @@ mod tests {
         let deep = anyhow::Error::new(UsageError::new("x"))
             .context("one")
             .context("two");
-        assert_eq!(crate::exit_code(&deep), 2);
+        assert_eq!(deep.exit_status(), 2);
         // A config file's bad value: the config error comes first and says 2.
         let in_file = ConfigError::PolicyIn {
             path: PathBuf::from("c.toml"),
             source: usage_policy(),
         };
-        assert_eq!(crate::exit_code(&anyhow::Error::new(in_file)), 2);
+        assert_eq!(anyhow::Error::new(in_file).exit_status(), 2);
     }
 }

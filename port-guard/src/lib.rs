@@ -40,35 +40,3 @@ pub mod sockets;
 pub mod state;
 pub mod status;
 pub mod sys;
-
-/// The exit status for an error: 2 for usage and config errors, 1 for runtime failures.
-pub fn exit_code(err: &anyhow::Error) -> u8 {
-    for cause in err.chain() {
-        if let Some(e) = cause.downcast_ref::<error::ExecError>() {
-            return e.exit_code();
-        }
-        let usage = if let Some(e) = cause.downcast_ref::<config::ConfigError>() {
-            Some(e.is_usage())
-        } else if let Some(e) = cause.downcast_ref::<cgroup::CgroupError>() {
-            Some(e.is_usage())
-        } else if let Some(e) = cause.downcast_ref::<leases::LeaseError>() {
-            Some(e.is_usage())
-        } else if let Some(e) = cause.downcast_ref::<maps::MapsError>() {
-            Some(e.is_usage())
-        } else if let Some(e) = cause.downcast_ref::<guard::GuardError>() {
-            Some(e.is_usage())
-        } else if let Some(e) = cause.downcast_ref::<pin::PinError>() {
-            Some(e.is_usage())
-        } else if cause.downcast_ref::<policy::PolicyError>().is_some()
-            || cause.downcast_ref::<error::UsageError>().is_some()
-        {
-            Some(true)
-        } else {
-            None
-        };
-        if let Some(usage) = usage {
-            return if usage { 2 } else { 1 };
-        }
-    }
-    1
-}

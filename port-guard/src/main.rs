@@ -3,7 +3,8 @@ use std::{io::Write as _, process::ExitCode};
 use clap::{CommandFactory as _, Parser as _};
 use port_guard::{
     cli::{Cli, Command},
-    commands, exit_code,
+    commands,
+    error::ExitStatus as _,
     pin::PinDir,
 };
 
@@ -104,7 +105,7 @@ fn main() -> ExitCode {
         Err(e) => {
             // One line: the error and its causes, joined.
             eprintln!("port-guard: {e:#}");
-            ExitCode::from(exit_code(&e))
+            ExitCode::from(e.exit_status())
         }
     }
 }

@@ -10,6 +10,7 @@ use serde::Deserialize;
 
 use crate::{
     cgroup::{Cgroup2, CgroupError, CgroupPath},
+    error::{ExitStatus, EXIT_USAGE},
     policy::{
         check_ranges, Errno, Mode, NetnsScope, Policy, PolicyError, PortRange, Protocols,
         Reservation, ReserveSpec, DEFAULT_RESERVE,
@@ -58,11 +59,13 @@ pub enum ConfigError {
     },
 }
 
-impl ConfigError {
-    pub fn is_usage(&self) -> bool {
+/// A config error is the operator's to mend (exit status 2); a cgroup's error says for itself (a
+/// bad or missing cgroup is 2, no cgroup2 mount or a failed syscall 1).
+impl ExitStatus for ConfigError {
+    fn exit_status(&self) -> u8 {
         match self {
-            ConfigError::Cgroup(e) => e.is_usage(),
-            _ => true,
+            ConfigError::Cgroup(e) => e.exit_status(),
+            _ => EXIT_USAGE,
         }
     }
 }

@@ -205,7 +205,7 @@ fn rejects_bad_files_with_one_line_naming_the_value() {
         ("[''", "invalid table header"),
     ] {
         let e = parse(text).unwrap_err();
-        assert!(e.is_usage());
+        assert_eq!(e.exit_status(), crate::error::EXIT_USAGE);
         // As main prints it: the error and its causes on one line.
         let msg = format!("{:#}", anyhow::Error::new(e));
         assert!(msg.contains(needle), "{text:?}: {msg}");
