@@ -1,5 +1,6 @@
-//! Denials, from the kernel to the log: ring buffer records turned into the log line of the
-//! SPEC, and the summaries that stand in for the lines a flood does not get.
+//! Denials, from the kernel to the log: ring buffer records turned into the daemon's denial lines
+//! (their fields are listed in docs/design.md, "Log lines"), and the summaries that stand in for
+//! the lines a flood does not get.
 //!
 //! A flood costs little and hides nothing. The programs send an event for an offender's first
 //! denial and then a few a second at most; the offender is the refused process's uid (every

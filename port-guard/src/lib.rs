@@ -5,11 +5,14 @@
 //! decide; their events → [`events`] → the daemon's log ([`daemon`]). Leases ([`leases`]) are
 //! made by `spawn` and `lease` without a daemon and ended by its [`reaper`].
 //!
-//! Rooms: `cli` and `commands/` (one thin file per verb); `daemon/` (the long-running agent);
-//! `policy`, `config` (pure); `cgroup/`, `pin`, `maps/`, `leases/`, `guard`, `status` (the
-//! kernel state); `events`, `logfmt`, `metrics`, `notify` (what the daemon says);
-//! `ephemeral`, `conflicts`, `sockets`, `probe` (the host around the guard); `sys`, `shared`,
-//! `inotify` (syscalls aya does not wrap); `error` (the errors every area shares).
+//! The modules, by what they do: `cli` (the command line), `commands/` (one thin file per verb)
+//! and `manpage`; `daemon/` (the long-running agent) and `reaper/` (which ends leases);
+//! `policy`, `config`, `plan` (pure: the policy, from the file and the flags, and what a reload
+//! of it would change); `cgroup/`, `pin`, `maps/`, `leases/`, `guard`, `status` (the kernel
+//! state) and `state` (the agent's own files beside it); `events`, `logfmt`, `metrics`, `notify`
+//! (what the daemon says); `ephemeral`, `conflicts`, `sockets`, `probe`, `netns`, `sentinel` (the
+//! host around the guard); `sys`, `shared`, `inotify` (syscalls aya does not wrap); `error` (the
+//! errors every area shares, and each error's exit status).
 
 pub mod cgroup;
 pub mod cli;
