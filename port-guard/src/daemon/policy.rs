@@ -193,6 +193,37 @@ pub(super) fn sync_ephemeral(
     Ok(())
 }
 
+/// The line a reload that took is logged with: where the config came from, what it decides,
+/// and the flags that override it.
+fn reloaded_line(loaded: &Loaded, r: &Resolved) -> String {
+    format!(
+        "SIGHUP: config reloaded from {}: mode={} errno={} netns={} ranges={}{}",
+        loaded
+            .path
+            .as_deref()
+            .map_or("(no file: defaults and flags)".into(), |p| p
+                .display()
+                .to_string()),
+        r.policy.mode.name(),
+        r.policy.errno.name(),
+        r.policy.netns,
+        r.policy
+            .reserve
+            .iter()
+            .map(|x| x.spec.to_string())
+            .collect::<Vec<_>>()
+            .join(" "),
+        if loaded.overrides.is_empty() {
+            String::new()
+        } else {
+            format!(
+                " (command-line flags override the file: {})",
+                loaded.overrides.join(", ")
+            )
+        }
+    )
+}
+
 impl Daemon<'_> {
     /// SIGHUP: the new config in force, or the old one, whole. The result goes to the log, to
     /// systemd (STATUS=), to the daemon's record (`status`, `port-guard reload`) and to the
@@ -206,93 +237,87 @@ impl Daemon<'_> {
         let now = crate::leases::now_secs();
         self.record.reloads += 1;
         match result {
-            Ok(Reloaded {
-                loaded,
-                resolved: r,
-                netns,
-                fresh,
-                news,
-            }) => {
-                self.stats.reloads_ok += 1;
-                for w in loaded.warnings() {
-                    warn!("{w}");
-                }
-                info!(
-                    "SIGHUP: config reloaded from {}: mode={} errno={} netns={} ranges={}{}",
-                    loaded
-                        .path
-                        .as_deref()
-                        .map_or("(no file: defaults and flags)".into(), |p| p
-                            .display()
-                            .to_string()),
-                    r.policy.mode.name(),
-                    r.policy.errno.name(),
-                    r.policy.netns,
-                    r.policy
-                        .reserve
-                        .iter()
-                        .map(|x| x.spec.to_string())
-                        .collect::<Vec<_>>()
-                        .join(" "),
-                    if loaded.overrides.is_empty() {
-                        String::new()
-                    } else {
-                        format!(
-                            " (command-line flags override the file: {})",
-                            loaded.overrides.join(", ")
-                        )
-                    }
-                );
-                if loaded.metrics.listen != self.metrics.listen {
-                    warn!("metrics_listen changed (to {}): it takes effect when the daemon starts again; metrics stay on {}", loaded.metrics.listen.as_ref().map_or("none".into(), ToString::to_string), self.metrics.listen.as_ref().map_or("none".into(), ToString::to_string));
-                }
-                self.metrics.textfile = loaded.metrics.textfile.clone();
-                self.record.config_digest = Some(Loaded::digest_of(&r.policy, &self.metrics));
-                self.record.config = loaded.path.clone();
-                self.record.overrides = loaded.overrides.clone();
-                self.record.ranges = loaded.configured();
-                self.record.netns = loaded.policy.netns.to_string();
-                self.record.last_reload = Some(crate::state::ReloadRecord {
-                    at: now,
-                    ok: true,
-                    error: None,
-                });
-                self.record_counters(&r, &fresh);
-                self.netns = netns;
-                self.resolved = r;
-                self.watch_allowed();
-                self.write_netns();
-                self.sync_sentinels();
-                for line in news {
-                    info!("{line}");
-                }
-                crate::notify::notify(&format!(
-                    "READY=1\nSTATUS=guard {} on {} (config reloaded)",
-                    if self.resolved.policy.mode == crate::policy::Mode::Audit {
-                        "auditing"
-                    } else {
-                        "enforcing"
-                    },
-                    self.resolved.policy.attach
-                ));
-            }
-            Err(e) => {
-                self.stats.reloads_failed += 1;
-                let error = format!("{e:#}");
-                error!("SIGHUP: new config refused, the old one stays in force: {error}");
-                self.record.last_reload = Some(crate::state::ReloadRecord {
-                    at: now,
-                    ok: false,
-                    error: Some(error.clone()),
-                });
-                crate::notify::notify(&format!(
-                    "READY=1\nSTATUS=guard enforcing on {}; last reload REFUSED (old config in force): {}",
-                    self.resolved.policy.attach,
-                    error.replace('\n', " ")
-                ));
-            }
+            Ok(reloaded) => self.on_reloaded(reloaded, now),
+            Err(e) => self.on_reload_refused(&e, now),
         }
         self.save_record();
+    }
+
+    /// A reload that took: said, recorded, then in force.
+    fn on_reloaded(&mut self, reloaded: Reloaded, now: u64) {
+        let Reloaded {
+            loaded,
+            resolved: r,
+            netns,
+            fresh,
+            news,
+        } = reloaded;
+        self.stats.reloads_ok += 1;
+        for w in loaded.warnings() {
+            warn!("{w}");
+        }
+        info!("{}", reloaded_line(&loaded, &r));
+        self.take_metrics_settings(&loaded.metrics);
+        self.record_reloaded(&loaded, &r, now);
+        self.record_counters(&r, &fresh);
+        self.netns = netns;
+        self.resolved = r;
+        self.watch_allowed();
+        self.write_netns();
+        self.sync_sentinels();
+        for line in news {
+            info!("{line}");
+        }
+        crate::notify::notify(&format!(
+            "READY=1\nSTATUS=guard {} on {} (config reloaded)",
+            if self.resolved.policy.mode == crate::policy::Mode::Audit {
+                "auditing"
+            } else {
+                "enforcing"
+            },
+            self.resolved.policy.attach
+        ));
+    }
+
+    /// The metrics settings of a reload: the textfile follows the config at once; a listener
+    /// that moved waits for the next start, and the log says so.
+    fn take_metrics_settings(&mut self, new: &crate::config::MetricsSettings) {
+        if new.listen != self.metrics.listen {
+            warn!("metrics_listen changed (to {}): it takes effect when the daemon starts again; metrics stay on {}", new.listen.as_ref().map_or("none".into(), ToString::to_string), self.metrics.listen.as_ref().map_or("none".into(), ToString::to_string));
+        }
+        self.metrics.textfile = new.textfile.clone();
+    }
+
+    /// The daemon's record after a reload that took: the config in force now, and when.
+    fn record_reloaded(&mut self, loaded: &Loaded, r: &Resolved, now: u64) {
+        self.record.config_digest = Some(Loaded::digest_of(&r.policy, &self.metrics));
+        self.record.config = loaded.path.clone();
+        self.record.overrides = loaded.overrides.clone();
+        self.record.ranges = loaded.configured();
+        self.record.netns = loaded.policy.netns.to_string();
+        self.record.last_reload = Some(crate::state::ReloadRecord {
+            at: now,
+            ok: true,
+            error: None,
+        });
+    }
+
+    /// A reload that was refused: the old config stays in force, and the log, the record and
+    /// systemd say why.
+    fn on_reload_refused(&mut self, e: &anyhow::Error, now: u64) {
+        self.stats.reloads_failed += 1;
+        let error = format!("{e:#}");
+        error!("SIGHUP: new config refused, the old one stays in force: {error}");
+        self.record.last_reload = Some(crate::state::ReloadRecord {
+            at: now,
+            ok: false,
+            error: Some(error.clone()),
+        });
+        crate::notify::notify(&format!(
+            "READY=1\nSTATUS=guard enforcing on {}; last reload REFUSED (old config in force): {}",
+            self.resolved.policy.attach,
+            error.replace('\n', " ")
+        ));
     }
 
     /// Builds and checks the new policy completely, then updates the maps in place. A failed map
@@ -303,28 +328,7 @@ impl Daemon<'_> {
         let loaded = self.source.load(cg)?;
         let policy = loaded.policy.clone();
         self.features.check(&policy)?;
-        if self.sentinels.is_none() && self.features.uses_sentinel(&policy) {
-            bail!(
-                "sentinel_port {} needs a daemon started with it: restart the daemon",
-                policy.sentinel_port
-            );
-        }
-        if let Some(s) = &self.sentinels {
-            if policy.sentinel_port != s.port {
-                bail!(
-                    "sentinel_port changed from {} to {}: restart the daemon to move the sentinel",
-                    s.port,
-                    policy.sentinel_port
-                );
-            }
-        }
-        if policy.attach != old.policy.attach {
-            bail!(
-                "attach changed from {} to {}: restart the daemon to move the guard",
-                old.policy.attach,
-                policy.attach
-            );
-        }
+        self.check_no_restart_needed(&policy)?;
         let spawn_parent_id = if policy.spawn_parent == old.policy.spawn_parent {
             old.spawn_parent_id
         } else {
@@ -352,20 +356,7 @@ impl Daemon<'_> {
                 )
             });
         if let Err(e) = rest {
-            // The maps hold (part of) the new policy: put the old one back, whole.
-            let old = self.resolved.clone();
-            if let Err(undo) = self
-                .guard
-                .maps
-                .write_policy(&old, self.features)
-                .and_then(|_| {
-                    self.guard
-                        .maps
-                        .write_netns(&self.netns.set(), self.netns.scoped())
-                })
-            {
-                error!("restoring the old policy after a failed reload: {undo}");
-            }
+            self.restore_old_policy();
             return Err(e);
         }
         Ok(Reloaded {
@@ -375,6 +366,52 @@ impl Daemon<'_> {
             fresh,
             news,
         })
+    }
+
+    /// Refuses a policy that only a restart can bring in force: a sentinel port where the daemon
+    /// started without one, or another one, or another attach point.
+    fn check_no_restart_needed(&self, policy: &Policy) -> Result<()> {
+        let old = &self.resolved;
+        if self.sentinels.is_none() && self.features.uses_sentinel(policy) {
+            bail!(
+                "sentinel_port {} needs a daemon started with it: restart the daemon",
+                policy.sentinel_port
+            );
+        }
+        if let Some(s) = &self.sentinels {
+            if policy.sentinel_port != s.port {
+                bail!(
+                    "sentinel_port changed from {} to {}: restart the daemon to move the sentinel",
+                    s.port,
+                    policy.sentinel_port
+                );
+            }
+        }
+        if policy.attach != old.policy.attach {
+            bail!(
+                "attach changed from {} to {}: restart the daemon to move the guard",
+                old.policy.attach,
+                policy.attach
+            );
+        }
+        Ok(())
+    }
+
+    /// After a failed reload the maps hold (part of) the new policy: put the old one back, whole.
+    fn restore_old_policy(&mut self) {
+        let old = self.resolved.clone();
+        if let Err(undo) = self
+            .guard
+            .maps
+            .write_policy(&old, self.features)
+            .and_then(|_| {
+                self.guard
+                    .maps
+                    .write_netns(&self.netns.set(), self.netns.scoped())
+            })
+        {
+            error!("restoring the old policy after a failed reload: {undo}");
+        }
     }
 
     /// Watches the nearest existing directory above each allowed cgroup.
