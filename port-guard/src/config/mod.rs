@@ -281,44 +281,72 @@ pub fn build_policy(
     if let Some(p) = &file.spawn_parent {
         p.parse::<CgroupPath>()?;
     }
-    let attach: CgroupPath = flags
-        .attach
-        .as_deref()
-        .or(file.attach.as_deref())
-        .unwrap_or("/")
-        .parse()?;
-    let file_mode = file
-        .mode
-        .as_deref()
-        .map(str::parse::<Mode>)
-        .transpose()
-        .map_err(in_file)?;
-    let mode = match &flags.mode {
-        Some(m) => m.parse::<Mode>()?,
-        None => file_mode.unwrap_or_default(),
-    };
-    let file_errno = file
-        .errno
-        .as_deref()
-        .map(str::parse::<Errno>)
-        .transpose()
-        .map_err(in_file)?;
-    let errno = match &flags.errno {
-        Some(e) => e.parse::<Errno>()?,
-        None => file_errno.unwrap_or_default(),
-    };
-    let spawn_parent: CgroupPath = flags
-        .spawn_parent
-        .as_deref()
-        .or(file.spawn_parent.as_deref())
-        .unwrap_or(DEFAULT_SPAWN_PARENT)
-        .parse()?;
-    let flag_allow = flags
-        .allow
-        .iter()
-        .map(|a| a.parse::<CgroupPath>())
-        .collect::<Result<Vec<_>, _>>()?;
+    let attach = cgroup(flags.attach.as_deref(), file.attach.as_deref(), "/")?;
+    let mode = flag_or_file::<Mode>(flags.mode.as_deref(), file.mode.as_deref(), &in_file)?;
+    let errno = flag_or_file::<Errno>(flags.errno.as_deref(), file.errno.as_deref(), &in_file)?;
+    let spawn_parent = cgroup(
+        flags.spawn_parent.as_deref(),
+        file.spawn_parent.as_deref(),
+        DEFAULT_SPAWN_PARENT,
+    )?;
+    let reserve = reserve(file, flags, &in_file)?;
+    let netns = netns(file, flags, &in_file)?;
+    let sentinel_port = sentinel_port(file, flags, &reserve, &in_file)?;
+    Ok(Policy {
+        netns,
+        sentinel_port,
+        attach,
+        mode,
+        errno,
+        // On unless turned off: a refused process must not get a reserved port by letting the
+        // kernel pick it.
+        protect_ephemeral: flags
+            .protect_ephemeral
+            .or(file.protect_ephemeral)
+            .unwrap_or(true),
+        allow_fallback: flags.allow_fallback || file.allow_fallback.unwrap_or(false),
+        spawn_parent,
+        reserve,
+    })
+}
 
+/// Names the config file in the error of a bad value it holds (when there is a file).
+type InFile<'a> = &'a dyn Fn(PolicyError) -> ConfigError;
+
+/// A cgroup the flag or the file names (the flag wins), else `default`.
+fn cgroup(
+    flag: Option<&str>,
+    file: Option<&str>,
+    default: &str,
+) -> Result<CgroupPath, ConfigError> {
+    Ok(flag.or(file).unwrap_or(default).parse()?)
+}
+
+/// A value the flag or the file gives (the flag wins), else the default; the file's is checked
+/// even where the flag wins.
+fn flag_or_file<T>(
+    flag: Option<&str>,
+    file: Option<&str>,
+    in_file: InFile<'_>,
+) -> Result<T, ConfigError>
+where
+    T: std::str::FromStr<Err = PolicyError> + Default,
+{
+    let from_file = file.map(str::parse::<T>).transpose().map_err(in_file)?;
+    match flag {
+        Some(v) => Ok(v.parse::<T>()?),
+        None => Ok(from_file.unwrap_or_default()),
+    }
+}
+
+/// The reserved ranges: `--reserve`'s, else the file's, else the default range; each with the
+/// `--allow` cgroups added, and none overlapping another.
+fn reserve(
+    file: &ConfigFile,
+    flags: &Overrides,
+    in_file: InFile<'_>,
+) -> Result<Vec<Reservation>, ConfigError> {
+    let flag_allow = cgroups(&flags.allow)?;
     let flag_limit = flags.per_child_limit.map(check_limit).transpose()?;
     if let Some(entries) = &file.reserve {
         for e in entries {
@@ -342,24 +370,7 @@ pub fn build_policy(
     } else if let Some(entries) = &file.reserve {
         entries
             .iter()
-            .map(|e| {
-                let range = e.ports.parse::<PortRange>().map_err(in_file)?;
-                let protocols = match &e.protocols {
-                    None => Protocols::TCP,
-                    Some(list) => Protocols::parse_list(&e.ports, list.iter().map(String::as_str))
-                        .map_err(in_file)?,
-                };
-                let allow = e
-                    .allow
-                    .iter()
-                    .map(|a| a.parse::<CgroupPath>())
-                    .collect::<Result<Vec<_>, _>>()?;
-                Ok(Reservation {
-                    spec: ReserveSpec { range, protocols },
-                    allow,
-                    per_child_limit: e.per_child_limit.unwrap_or(0),
-                })
-            })
+            .map(|e| file_range(e, in_file))
             .collect::<Result<Vec<_>, ConfigError>>()?
     } else {
         vec![Reservation {
@@ -372,19 +383,7 @@ pub fn build_policy(
         return Err(PolicyError::LimitFlagWithFileRanges.into());
     }
     for r in &mut reserve {
-        for a in &flag_allow {
-            if !r.allow.contains(a) {
-                r.allow.push(a.clone());
-            }
-        }
-        let mut seen = r.allow.clone();
-        seen.sort();
-        if let Some(w) = seen.windows(2).find(|w| w[0] == w[1]) {
-            return Err(ConfigError::Duplicate {
-                what: "allowed cgroup",
-                path: w[0].clone(),
-            });
-        }
+        allow_too(r, &flag_allow)?;
     }
     check_ranges(&reserve).map_err(|e| {
         if flags.reserve.is_empty() {
@@ -393,38 +392,83 @@ pub fn build_policy(
             e.into()
         }
     })?;
-    let netns = if !flags.netns.is_empty() {
+    Ok(reserve)
+}
+
+/// Cgroup paths, each checked.
+fn cgroups(paths: &[String]) -> Result<Vec<CgroupPath>, ConfigError> {
+    Ok(paths
+        .iter()
+        .map(|a| a.parse::<CgroupPath>())
+        .collect::<Result<Vec<_>, _>>()?)
+}
+
+/// A `[[reserve]]` table of the file (its per_child_limit checked already).
+fn file_range(e: &ReserveEntry, in_file: InFile<'_>) -> Result<Reservation, ConfigError> {
+    let range = e.ports.parse::<PortRange>().map_err(in_file)?;
+    let protocols = match &e.protocols {
+        None => Protocols::TCP,
+        Some(list) => {
+            Protocols::parse_list(&e.ports, list.iter().map(String::as_str)).map_err(in_file)?
+        }
+    };
+    Ok(Reservation {
+        spec: ReserveSpec { range, protocols },
+        allow: cgroups(&e.allow)?,
+        per_child_limit: e.per_child_limit.unwrap_or(0),
+    })
+}
+
+/// Adds the `--allow` cgroups to a range; a cgroup the range then names twice is refused.
+fn allow_too(r: &mut Reservation, flag_allow: &[CgroupPath]) -> Result<(), ConfigError> {
+    for a in flag_allow {
+        if !r.allow.contains(a) {
+            r.allow.push(a.clone());
+        }
+    }
+    let mut seen = r.allow.clone();
+    seen.sort();
+    if let Some(w) = seen.windows(2).find(|w| w[0] == w[1]) {
+        return Err(ConfigError::Duplicate {
+            what: "allowed cgroup",
+            path: w[0].clone(),
+        });
+    }
+    Ok(())
+}
+
+/// Where the guard enforces: `--netns`'s list, else the file's, else the host's.
+fn netns(
+    file: &ConfigFile,
+    flags: &Overrides,
+    in_file: InFile<'_>,
+) -> Result<NetnsScope, ConfigError> {
+    Ok(if !flags.netns.is_empty() {
         NetnsScope::parse_list(flags.netns.iter().map(String::as_str))?
     } else if let Some(list) = &file.netns {
         NetnsScope::parse_list(list.iter().map(String::as_str)).map_err(in_file)?
     } else {
         NetnsScope::default()
-    };
+    })
+}
+
+/// The sentinel port: the flag's, else the file's (checked even where the flag wins), else the
+/// default for these ranges.
+fn sentinel_port(
+    file: &ConfigFile,
+    flags: &Overrides,
+    reserve: &[Reservation],
+    in_file: InFile<'_>,
+) -> Result<u16, ConfigError> {
     if let Some(p) = file.sentinel_port {
-        crate::policy::check_sentinel(p, &reserve).map_err(in_file)?;
+        crate::policy::check_sentinel(p, reserve).map_err(in_file)?;
     }
-    let sentinel_port = match flags.sentinel_port.or(file.sentinel_port) {
+    Ok(match flags.sentinel_port.or(file.sentinel_port) {
         Some(p) => {
-            crate::policy::check_sentinel(p, &reserve)?;
+            crate::policy::check_sentinel(p, reserve)?;
             p
         }
-        None => crate::policy::default_sentinel_port(&reserve),
-    };
-    Ok(Policy {
-        netns,
-        sentinel_port,
-        attach,
-        mode,
-        errno,
-        // On unless turned off: a refused process must not get a reserved port by letting the
-        // kernel pick it.
-        protect_ephemeral: flags
-            .protect_ephemeral
-            .or(file.protect_ephemeral)
-            .unwrap_or(true),
-        allow_fallback: flags.allow_fallback || file.allow_fallback.unwrap_or(false),
-        spawn_parent,
-        reserve,
+        None => crate::policy::default_sentinel_port(reserve),
     })
 }
 
