@@ -82,6 +82,137 @@ fn subdirs_at(parent: &OwnedFd, name: &std::ffi::OsStr) -> io::Result<u64> {
 /// entry's inode number), and only directories that have subdirectories are opened and read:
 /// a walk costs one listing per parent and one `fstatat` per leaf.
 pub fn walk(mount: &Path, names: &HashSet<u64>, fds: &HashSet<u64>) -> io::Result<Found> {
+    let mut w = Walk {
+        names,
+        fds,
+        found: Found {
+            complete: true,
+            ..Found::default()
+        },
+        stack: Vec::new(),
+    };
+    w.start(mount)?;
+    let wanted = names.len() + fds.len();
+    while let Some(dir) = w.stack.pop() {
+        if wanted > 0 && w.found.paths.len() + w.found.fds.len() == wanted {
+            break;
+        }
+        let Some(entries) = w.list(&dir) else {
+            continue;
+        };
+        for entry in entries {
+            let Ok(entry) = entry else {
+                w.found.complete = false;
+                break;
+            };
+            w.visit(&dir, &entry);
+        }
+    }
+    Ok(w.found)
+}
+
+/// One walk under way: what it looks for, what it found, what it has still to list.
+struct Walk<'a> {
+    /// Ids whose paths are wanted.
+    names: &'a HashSet<u64>,
+    /// Ids whose directories are wanted.
+    fds: &'a HashSet<u64>,
+    found: Found,
+    /// Directories to list, each with its fd, path and depth.
+    stack: Vec<Rc<Dir>>,
+}
+
+impl Walk<'_> {
+    /// The root: opened, found if it is wanted, and the first directory to list.
+    fn start(&mut self, mount: &Path) -> io::Result<()> {
+        let root = open_root(mount)?;
+        let root_id = fs::metadata(mount)?.ino();
+        if self.names.contains(&root_id) {
+            self.found.paths.insert(root_id, "/".into());
+        }
+        if self.fds.contains(&root_id) {
+            self.found.fds.insert(root_id, root.try_clone()?);
+        }
+        self.stack.push(Rc::new(Dir {
+            fd: root,
+            path: Rc::from(""),
+            depth: 0,
+        }));
+        Ok(())
+    }
+
+    /// The listing of `dir`; None when it cannot be read (the walk is then incomplete) or was
+    /// removed since it was listed.
+    fn list(&mut self, dir: &Dir) -> Option<fs::ReadDir> {
+        match fs::read_dir(format!("/proc/self/fd/{}", dir.fd.as_raw_fd())) {
+            Ok(e) => Some(e),
+            // Removed since it was listed.
+            Err(e) if e.kind() == io::ErrorKind::NotFound => None,
+            Err(_) => {
+                self.found.complete = false;
+                None
+            }
+        }
+    }
+
+    /// One entry of `dir`'s listing: a subdirectory is found if its id is wanted, and opened
+    /// (never when it is a leaf that is not wanted by fd) to be handed over or listed in turn.
+    fn visit(&mut self, dir: &Dir, entry: &fs::DirEntry) {
+        if !entry.file_type().is_ok_and(|t| t.is_dir()) {
+            return;
+        }
+        let id = std::os::unix::fs::DirEntryExt::ino(entry);
+        let name = entry.file_name();
+        let path = || format!("{}/{}", dir.path, name.to_string_lossy());
+        if self.names.contains(&id) {
+            self.found.paths.insert(id, path());
+        }
+        let want_fd = self.fds.contains(&id);
+        let Some(subdirs) = self.or_incomplete(subdirs_at(&dir.fd, &name)) else {
+            return;
+        };
+        if !want_fd && subdirs == 0 {
+            return;
+        }
+        if subdirs > 0 && dir.depth + 1 >= MAX_WALK_DEPTH {
+            self.found.complete = false;
+        }
+        let Some(fd) = self.or_incomplete(open_at(&dir.fd, &name)) else {
+            return;
+        };
+        if want_fd {
+            match fd.try_clone() {
+                Ok(f) => {
+                    self.found.fds.insert(id, f);
+                }
+                Err(_) => self.found.complete = false,
+            }
+        }
+        if subdirs > 0 && dir.depth + 1 < MAX_WALK_DEPTH {
+            self.stack.push(Rc::new(Dir {
+                fd,
+                path: Rc::from(path()),
+                depth: dir.depth + 1,
+            }));
+        }
+    }
+
+    /// What a call on an entry gave; None when it failed: an entry removed since the listing
+    /// is no loss, any other failure leaves the walk incomplete.
+    fn or_incomplete<T>(&mut self, r: io::Result<T>) -> Option<T> {
+        match r {
+            Ok(v) => Some(v),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => None,
+            Err(_) => {
+                self.found.complete = false;
+                None
+            }
+        }
+    }
+}
+
+/// Opens the mount itself as a directory.
+fn open_root(mount: &Path) -> io::Result<OwnedFd> {
     let c = CString::new(mount.as_os_str().as_bytes()).map_err(io::Error::other)?;
     // SAFETY: a valid C string.
     let root = unsafe {
@@ -94,93 +225,7 @@ pub fn walk(mount: &Path, names: &HashSet<u64>, fds: &HashSet<u64>) -> io::Resul
         return Err(io::Error::last_os_error());
     }
     // SAFETY: a fresh fd nothing else owns.
-    let root = unsafe { OwnedFd::from_raw_fd(root) };
-    let mut found = Found {
-        complete: true,
-        ..Found::default()
-    };
-    let wanted = names.len() + fds.len();
-    let root_id = fs::metadata(mount)?.ino();
-    if names.contains(&root_id) {
-        found.paths.insert(root_id, "/".into());
-    }
-    if fds.contains(&root_id) {
-        found.fds.insert(root_id, root.try_clone()?);
-    }
-    // Directories to list: (their fd, their path, their depth).
-    let mut stack: Vec<Rc<Dir>> = vec![Rc::new(Dir {
-        fd: root,
-        path: Rc::from(""),
-        depth: 0,
-    })];
-    while let Some(dir) = stack.pop() {
-        if wanted > 0 && found.paths.len() + found.fds.len() == wanted {
-            break;
-        }
-        let entries = match fs::read_dir(format!("/proc/self/fd/{}", dir.fd.as_raw_fd())) {
-            Ok(e) => e,
-            // Removed since it was listed.
-            Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
-            Err(_) => {
-                found.complete = false;
-                continue;
-            }
-        };
-        for entry in entries {
-            let Ok(entry) = entry else {
-                found.complete = false;
-                break;
-            };
-            if !entry.file_type().is_ok_and(|t| t.is_dir()) {
-                continue;
-            }
-            let id = std::os::unix::fs::DirEntryExt::ino(&entry);
-            let name = entry.file_name();
-            let path = || format!("{}/{}", dir.path, name.to_string_lossy());
-            if names.contains(&id) {
-                found.paths.insert(id, path());
-            }
-            let want_fd = fds.contains(&id);
-            let subdirs = match subdirs_at(&dir.fd, &name) {
-                Ok(n) => n,
-                Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
-                Err(_) => {
-                    found.complete = false;
-                    continue;
-                }
-            };
-            if !want_fd && subdirs == 0 {
-                continue;
-            }
-            if subdirs > 0 && dir.depth + 1 >= MAX_WALK_DEPTH {
-                found.complete = false;
-            }
-            let fd = match open_at(&dir.fd, &name) {
-                Ok(fd) => fd,
-                Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
-                Err(_) => {
-                    found.complete = false;
-                    continue;
-                }
-            };
-            if want_fd {
-                match fd.try_clone() {
-                    Ok(f) => {
-                        found.fds.insert(id, f);
-                    }
-                    Err(_) => found.complete = false,
-                }
-            }
-            if subdirs > 0 && dir.depth + 1 < MAX_WALK_DEPTH {
-                stack.push(Rc::new(Dir {
-                    fd,
-                    path: Rc::from(path()),
-                    depth: dir.depth + 1,
-                }));
-            }
-        }
-    }
-    Ok(found)
+    Ok(unsafe { OwnedFd::from_raw_fd(root) })
 }
 
 #[cfg(test)]
