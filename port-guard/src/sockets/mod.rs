@@ -8,12 +8,9 @@
 //! bound-only TCP ones; [`Scan::bound_inactive_visible`] says which case applies. Processes are
 //! found by matching socket inodes in /proc/PID/fd.
 
-use std::{
-    collections::HashMap,
-    fs, io,
-    mem::size_of,
-    os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd},
-};
+mod diag;
+
+use std::{collections::HashMap, fs, io};
 
 use crate::cgroup::{self, CgroupPath};
 
@@ -52,12 +49,6 @@ pub struct Scan {
     pub partial: bool,
 }
 
-const NETLINK_SOCK_DIAG: i32 = 4;
-const SOCK_DIAG_BY_FAMILY: u16 = 20;
-const NLM_F_REQUEST: u16 = 1;
-const NLM_F_DUMP: u16 = 0x300;
-const NLMSG_ERROR: u16 = 2;
-const NLMSG_DONE: u16 = 3;
 const TCP_LISTEN: u8 = 10;
 const TCP_CLOSE: u8 = 7;
 const TCP_BOUND_INACTIVE: u8 = 13;
@@ -82,122 +73,8 @@ fn tcp_state(s: u8) -> &'static str {
     }
 }
 
-#[repr(C)]
-struct NlMsgHdr {
-    len: u32,
-    kind: u16,
-    flags: u16,
-    seq: u32,
-    pid: u32,
-}
-
-#[repr(C)]
-struct InetDiagReqV2 {
-    family: u8,
-    protocol: u8,
-    ext: u8,
-    pad: u8,
-    states: u32,
-    id: [u8; 48],
-}
-
 /// A socket as a table lists it: (local port, state, inode, cookie).
 type Row = (u16, u8, u64, u64);
-
-/// Dumps one family/protocol through sock_diag.
-fn diag_dump(family: u8, protocol: u8, states: u32) -> io::Result<Vec<Row>> {
-    // SAFETY: plain socket calls on an fd owned below.
-    let fd = unsafe {
-        libc::socket(
-            libc::AF_NETLINK,
-            libc::SOCK_DGRAM | libc::SOCK_CLOEXEC,
-            NETLINK_SOCK_DIAG,
-        )
-    };
-    if fd < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: fresh fd.
-    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
-    #[repr(C)]
-    struct Req {
-        hdr: NlMsgHdr,
-        body: InetDiagReqV2,
-    }
-    let req = Req {
-        hdr: NlMsgHdr {
-            len: size_of::<Req>() as u32,
-            kind: SOCK_DIAG_BY_FAMILY,
-            flags: NLM_F_REQUEST | NLM_F_DUMP,
-            seq: 1,
-            pid: 0,
-        },
-        body: InetDiagReqV2 {
-            family,
-            protocol,
-            ext: 0,
-            pad: 0,
-            states,
-            id: [0; 48],
-        },
-    };
-    // SAFETY: sending a fully initialised request.
-    let n = unsafe {
-        libc::send(
-            fd.as_raw_fd(),
-            (&req as *const Req).cast(),
-            size_of::<Req>(),
-            0,
-        )
-    };
-    if n < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    let mut out = Vec::new();
-    let mut buf = vec![0u8; 64 * 1024];
-    loop {
-        // SAFETY: receiving into our buffer.
-        let n = unsafe { libc::recv(fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
-        if n < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        let n = n as usize;
-        let mut off = 0;
-        while off + size_of::<NlMsgHdr>() <= n {
-            let len = u32::from_ne_bytes(buf[off..off + 4].try_into().unwrap()) as usize;
-            let kind = u16::from_ne_bytes(buf[off + 4..off + 6].try_into().unwrap());
-            if len < size_of::<NlMsgHdr>() || off + len > n {
-                return Err(io::Error::new(
-                    io::ErrorKind::InvalidData,
-                    "truncated sock_diag message",
-                ));
-            }
-            let body = &buf[off + size_of::<NlMsgHdr>()..off + len];
-            match kind {
-                NLMSG_DONE => return Ok(out),
-                NLMSG_ERROR => {
-                    let errno = i32::from_ne_bytes(body[..4].try_into().unwrap());
-                    return Err(io::Error::from_raw_os_error(-errno));
-                }
-                SOCK_DIAG_BY_FAMILY if body.len() >= 4 + 48 + 20 => {
-                    // inet_diag_msg: family, state, timer, retrans, id { sport be16, ... },
-                    // expires, rqueue, wqueue, uid, inode.
-                    let state = body[1];
-                    let sport = u16::from_be_bytes([body[4], body[5]]);
-                    let inode =
-                        u32::from_ne_bytes(body[4 + 48 + 16..4 + 48 + 20].try_into().unwrap());
-                    // id: sport, dport, src[16], dst[16], if, cookie[2] (u32 each, native).
-                    let lo = u32::from_ne_bytes(body[4 + 40..4 + 44].try_into().unwrap());
-                    let hi = u32::from_ne_bytes(body[4 + 44..4 + 48].try_into().unwrap());
-                    let cookie = u64::from(lo) | (u64::from(hi) << 32);
-                    out.push((sport, state, u64::from(inode), cookie));
-                }
-                _ => {}
-            }
-            off += (len + 3) & !3;
-        }
-    }
-}
 
 /// Reads a /proc/net table (no cookies there).
 fn proc_net(file: &str) -> io::Result<Vec<Row>> {
@@ -282,79 +159,12 @@ pub fn scan_until(
     wanted: impl Fn(u16, &'static str) -> bool,
     deadline: Option<std::time::Instant>,
 ) -> Scan {
-    let all_states = !0u32;
-    let mut raw: Vec<(u16, &'static str, &'static str, u8, u64, u64)> = Vec::new();
-    let mut source = "sock_diag";
-    let mut bound_inactive_visible = true;
-    let tables = [
-        (
-            libc::AF_INET as u8,
-            libc::IPPROTO_TCP as u8,
-            "tcp",
-            "ipv4",
-            "/proc/net/tcp",
-        ),
-        (
-            libc::AF_INET6 as u8,
-            libc::IPPROTO_TCP as u8,
-            "tcp",
-            "ipv6",
-            "/proc/net/tcp6",
-        ),
-        (
-            libc::AF_INET as u8,
-            libc::IPPROTO_UDP as u8,
-            "udp",
-            "ipv4",
-            "/proc/net/udp",
-        ),
-        (
-            libc::AF_INET6 as u8,
-            libc::IPPROTO_UDP as u8,
-            "udp",
-            "ipv6",
-            "/proc/net/udp6",
-        ),
-    ];
-    for (family, proto, pname, fname, proc_file) in tables {
-        let rows = match diag_dump(family, proto, all_states) {
-            Ok(rows) => rows,
-            Err(_) => {
-                source = "/proc/net";
-                if pname == "tcp" {
-                    bound_inactive_visible = false;
-                }
-                proc_net(proc_file).unwrap_or_default()
-            }
-        };
-        for (port, state, inode, cookie) in rows {
-            if port != 0 && wanted(port, pname) {
-                raw.push((port, pname, fname, state, inode, cookie));
-            }
-        }
-    }
-    // TCP_BOUND_INACTIVE dumps arrived in 6.8 (inet_diag_dump_icsk); older kernels ignore the
-    // state bit.
-    bound_inactive_visible =
-        bound_inactive_visible && source == "sock_diag" && kernel_at_least(6, 8);
-    let inodes: std::collections::HashSet<u64> = raw.iter().map(|r| r.4).collect();
-    let (owners, complete) = if raw.is_empty() {
-        (HashMap::new(), true)
-    } else {
-        owners_by_inode(&inodes, deadline)
-    };
-    let mut sockets: Vec<Socket> = raw
-        .into_iter()
-        .map(|(port, protocol, family, state, inode, cookie)| Socket {
-            port,
-            protocol,
-            family,
-            state: tcp_state(state),
-            inode,
-            cookie,
-            owners: owners.get(&inode).cloned().unwrap_or_default(),
-        })
-        .collect();
+    let Listed {
+        mut sockets,
+        source,
+        bound_inactive_visible,
+    } = list(wanted);
+    let complete = name_owners(&mut sockets, deadline);
     sockets.sort_by_key(|s| (s.port, s.protocol, s.family, s.inode));
     sockets.dedup_by_key(|s| (s.port, s.protocol, s.family, s.inode));
     Scan {
@@ -363,6 +173,114 @@ pub fn scan_until(
         source,
         partial: !complete,
     }
+}
+
+/// One table of sockets: what sock_diag is asked for, and the /proc/net file that lists the
+/// same sockets where it cannot be asked.
+struct Table {
+    family: u8,
+    protocol: u8,
+    /// "tcp" or "udp".
+    protocol_name: &'static str,
+    /// "ipv4" or "ipv6".
+    family_name: &'static str,
+    proc_file: &'static str,
+}
+
+const TABLES: [Table; 4] = [
+    Table {
+        family: libc::AF_INET as u8,
+        protocol: libc::IPPROTO_TCP as u8,
+        protocol_name: "tcp",
+        family_name: "ipv4",
+        proc_file: "/proc/net/tcp",
+    },
+    Table {
+        family: libc::AF_INET6 as u8,
+        protocol: libc::IPPROTO_TCP as u8,
+        protocol_name: "tcp",
+        family_name: "ipv6",
+        proc_file: "/proc/net/tcp6",
+    },
+    Table {
+        family: libc::AF_INET as u8,
+        protocol: libc::IPPROTO_UDP as u8,
+        protocol_name: "udp",
+        family_name: "ipv4",
+        proc_file: "/proc/net/udp",
+    },
+    Table {
+        family: libc::AF_INET6 as u8,
+        protocol: libc::IPPROTO_UDP as u8,
+        protocol_name: "udp",
+        family_name: "ipv6",
+        proc_file: "/proc/net/udp6",
+    },
+];
+
+/// The sockets of a scan before their owners are named.
+struct Listed {
+    /// Every socket with a wanted local port, no owners yet.
+    sockets: Vec<Socket>,
+    source: &'static str,
+    bound_inactive_visible: bool,
+}
+
+/// Lists every TCP and UDP socket with a local port in `wanted`, from sock_diag, or from
+/// /proc/net for a table that sock_diag cannot dump.
+fn list(wanted: impl Fn(u16, &'static str) -> bool) -> Listed {
+    let all_states = !0u32;
+    let mut sockets = Vec::new();
+    let mut source = "sock_diag";
+    let mut bound_inactive_visible = true;
+    for t in TABLES {
+        let rows = match diag::dump(t.family, t.protocol, all_states) {
+            Ok(rows) => rows,
+            Err(_) => {
+                source = "/proc/net";
+                if t.protocol_name == "tcp" {
+                    bound_inactive_visible = false;
+                }
+                proc_net(t.proc_file).unwrap_or_default()
+            }
+        };
+        for (port, state, inode, cookie) in rows {
+            if port != 0 && wanted(port, t.protocol_name) {
+                sockets.push(Socket {
+                    port,
+                    protocol: t.protocol_name,
+                    family: t.family_name,
+                    state: tcp_state(state),
+                    inode,
+                    cookie,
+                    owners: Vec::new(),
+                });
+            }
+        }
+    }
+    // TCP_BOUND_INACTIVE dumps arrived in 6.8 (inet_diag_dump_icsk); older kernels ignore the
+    // state bit.
+    bound_inactive_visible =
+        bound_inactive_visible && source == "sock_diag" && kernel_at_least(6, 8);
+    Listed {
+        sockets,
+        source,
+        bound_inactive_visible,
+    }
+}
+
+/// Names the processes that hold each socket, until `deadline` at most; false when it passed
+/// before every process was looked at.
+fn name_owners(sockets: &mut [Socket], deadline: Option<std::time::Instant>) -> bool {
+    if sockets.is_empty() {
+        return true;
+    }
+    let inodes: std::collections::HashSet<u64> = sockets.iter().map(|s| s.inode).collect();
+    let (owners, complete) = owners_by_inode(&inodes, deadline);
+    for s in sockets {
+        s.owners = owners.get(&s.inode).cloned().unwrap_or_default();
+    }
+    complete
 }
 
 /// Whether the running kernel is at least `major.minor`.
