@@ -9,42 +9,58 @@ use port_guard::{
 };
 
 fn main() -> ExitCode {
-    let cli = match Cli::try_parse() {
+    let cli = match parse() {
         Ok(cli) => cli,
-        Err(e) => {
-            use clap::error::ErrorKind;
-            if matches!(
-                e.kind(),
-                ErrorKind::DisplayHelp
-                    | ErrorKind::DisplayVersion
-                    | ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand
-            ) {
-                let _ = e.print();
-                return ExitCode::from(if e.use_stderr() { 2 } else { 0 });
-            }
-            // Clap's usage errors whole: the missing arguments, the "did you mean" hint and the
-            // usage line are what a user needs to fix the call (only port-guard's own errors
-            // are one line).
-            let _ = e.print();
-            return ExitCode::from(2);
-        }
+        Err(code) => return code,
     };
     init_logging(cli.verbose);
+    match run(cli) {
+        Ok(code) => code,
+        Err(e) => {
+            // One line: the error and its causes, joined.
+            eprintln!("port-guard: {e:#}");
+            ExitCode::from(e.exit_status())
+        }
+    }
+}
+
+/// The command line; else clap's answer, printed, and the status to exit with.
+fn parse() -> Result<Cli, ExitCode> {
+    Cli::try_parse().map_err(|e| {
+        use clap::error::ErrorKind;
+        if matches!(
+            e.kind(),
+            ErrorKind::DisplayHelp
+                | ErrorKind::DisplayVersion
+                | ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand
+        ) {
+            let _ = e.print();
+            return ExitCode::from(if e.use_stderr() { 2 } else { 0 });
+        }
+        // Clap's usage errors whole: the missing arguments, the "did you mean" hint and the
+        // usage line are what a user needs to fix the call (only port-guard's own errors are one
+        // line).
+        let _ = e.print();
+        ExitCode::from(2)
+    })
+}
+
+/// Runs the verb. `status` and `check` say how it went in their exit status; the others exit 0
+/// when they succeed.
+fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     let pin = PinDir::new(&cli.pin_dir);
-    let result = match cli.command {
-        Command::Daemon(args) => commands::daemon::run(&pin, cli.config.as_deref(), args),
+    let config = cli.config.as_deref();
+    let done = match cli.command {
         Command::Status {
             json,
             prometheus,
             textfile,
-        } => match commands::status::run(
-            &pin,
-            cli.config.as_deref(),
-            commands::status::Output::of(json, prometheus, textfile),
-        ) {
-            Ok(code) => return code,
-            Err(e) => Err(e),
-        },
+        } => {
+            let out = commands::status::Output::of(json, prometheus, textfile);
+            return commands::status::run(&pin, config, out);
+        }
+        Command::Check { json } => return commands::check::run(&pin, config, json),
+        Command::Daemon(args) => commands::daemon::run(&pin, config, args),
         Command::Unload { forget_unreachable } => commands::unload::run(&pin, forget_unreachable),
         Command::Reload { timeout } => commands::reload::run(&pin, timeout),
         Command::Man => man(),
@@ -57,10 +73,6 @@ fn main() -> ExitCode {
             );
             Ok(())
         }
-        Command::Check { json } => match commands::check::run(&pin, cli.config.as_deref(), json) {
-            Ok(code) => return code,
-            Err(e) => Err(e),
-        },
         Command::Spawn {
             name,
             port,
@@ -100,14 +112,7 @@ fn main() -> ExitCode {
             commands::lease::release(&pin, port, cgroup.as_deref())
         }
     };
-    match result {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            // One line: the error and its causes, joined.
-            eprintln!("port-guard: {e:#}");
-            ExitCode::from(e.exit_status())
-        }
-    }
+    done.map(|()| ExitCode::SUCCESS)
 }
 
 fn man() -> anyhow::Result<()> {
