@@ -37,7 +37,7 @@ pub const MAP_ALLOWED: &str = "PG_ALLOWED";
 pub const MAP_LEASES: &str = "PG_LEASES";
 /// `Array<GuardConfig>`, one entry: mode, errno and bookkeeping.
 pub const MAP_CONFIG: &str = "PG_CONFIG";
-/// `PerCpuArray<u64>` indexed by [`counter_index`].
+/// `PerCpuArray<u64>` indexed by [`Slot::counter`], and [`EVENTS_LOST_INDEX`].
 pub const MAP_COUNTERS: &str = "PG_COUNTERS";
 /// `RingBuf` of [`DenialEvent`].
 pub const MAP_EVENTS: &str = "PG_EVENTS";
@@ -269,13 +269,6 @@ pub const COUNTER_KINDS: u32 = 3;
 pub const EVENTS_LOST_INDEX: u32 = MAX_RANGES as u32 * 2 * COUNTER_KINDS;
 /// Entries in [`MAP_COUNTERS`].
 pub const COUNTERS_LEN: u32 = EVENTS_LOST_INDEX + 1;
-
-/// Index into [`MAP_COUNTERS`] for range slot `slot`, protocol index `proto` (0 tcp, 1 udp) and
-/// counter `kind`.
-#[inline(always)]
-pub const fn counter_index(slot: u32, proto: u32, kind: u32) -> u32 {
-    (slot * 2 + proto) * COUNTER_KINDS + kind
-}
 
 /// `GuardConfig::mode` values.
 pub const MODE_ENFORCE: u32 = 0;
@@ -557,6 +550,11 @@ impl Slot {
         }
     }
 
+    /// Every slot, in order.
+    pub fn all() -> impl Iterator<Item = Slot> {
+        (0..MAX_RANGES as u32).map(Slot)
+    }
+
     /// What [`PortEntry::slot`] holds for this slot.
     pub const fn entry(self) -> u16 {
         self.0 as u16 + 1
@@ -653,17 +651,14 @@ mod tests {
             last.counter(Proto::Udp, COUNTER_KINDS - 1) + 1,
             EVENTS_LOST_INDEX
         );
-        for i in 0..MAX_RANGES as u32 {
-            let s = Slot::new(i).unwrap();
+        for (i, s) in Slot::all().enumerate() {
+            assert_eq!(s.index(), i as u32);
             assert_eq!(Slot::of_entry(s.entry()), Some(s));
             for p in Proto::ALL {
-                assert_eq!(
-                    s.counter(p, COUNTER_DENIED),
-                    counter_index(i, p.index(), COUNTER_DENIED)
-                );
                 assert_eq!(Proto::from_bit(p.bit()), Some(p));
             }
         }
+        assert_eq!(Slot::all().count(), MAX_RANGES);
         assert_eq!(Slot::of_entry(0), None);
         assert_eq!(Slot::of_entry(SLOT_SENTINEL), None);
         assert_eq!(budget_key(0, 42), 42);
@@ -672,9 +667,19 @@ mod tests {
 
     #[test]
     fn counter_indices_are_distinct_and_in_bounds() {
-        let last = counter_index(MAX_RANGES as u32 - 1, 1, COUNTER_KINDS - 1);
-        assert_eq!(last + 1, EVENTS_LOST_INDEX);
+        // Every slot, protocol and kind has a cell of its own below the lost-events one.
+        let mut seen = [false; COUNTERS_LEN as usize];
+        for s in Slot::all() {
+            for p in Proto::ALL {
+                for kind in [COUNTER_ALLOWED, COUNTER_DENIED, COUNTER_AUDITED] {
+                    let i = s.counter(p, kind);
+                    assert!(i < EVENTS_LOST_INDEX);
+                    assert!(!seen[i as usize]);
+                    seen[i as usize] = true;
+                }
+            }
+        }
         assert_eq!(EVENTS_LOST_INDEX, COUNTERS_LEN - 1);
-        assert_ne!(counter_index(0, 1, 0), counter_index(1, 0, 0));
+        assert!(!seen[EVENTS_LOST_INDEX as usize]);
     }
 }

@@ -16,7 +16,7 @@ use std::{
     net::{Ipv4Addr, Ipv6Addr, SocketAddr},
 };
 
-use port_guard_common::{PROBE_MARK, PROTO_UDP};
+use port_guard_common::{Proto, PROBE_MARK};
 use socket2::{Domain, Socket, Type};
 
 use super::{Holder, LeaseError, LeaseTable};
@@ -46,13 +46,11 @@ pub fn probe_free(port: u16, protocols: Protocols) -> Result<bool, LeaseError> {
         SocketAddr::from((Ipv6Addr::UNSPECIFIED, port)),
         SocketAddr::from((Ipv4Addr::UNSPECIFIED, port)),
     ];
-    for (wanted, ty) in [
-        (protocols.0 & Protocols::TCP.0 != 0, Type::STREAM),
-        (protocols.0 & PROTO_UDP != 0, Type::DGRAM),
-    ] {
-        if !wanted {
-            continue;
-        }
+    for proto in Proto::ALL.into_iter().filter(|p| p.in_set(protocols.0)) {
+        let ty = match proto {
+            Proto::Tcp => Type::STREAM,
+            Proto::Udp => Type::DGRAM,
+        };
         for addr in wildcards {
             match probe_bind(addr, ty) {
                 Ok(()) => {}

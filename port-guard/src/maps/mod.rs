@@ -18,7 +18,7 @@ use aya::{
     Ebpf,
 };
 use port_guard_common::{
-    counter_index, CgroupDenials, GuardConfig, Offender, PortEntry, Proto, RangeDef, ABI_VERSION,
+    CgroupDenials, GuardConfig, Offender, PortEntry, Proto, RangeDef, Slot, ABI_VERSION,
     COUNTER_ALLOWED, COUNTER_AUDITED, COUNTER_DENIED, EVENTS_LOST_INDEX, FLAG_NETNS_SCOPED,
     FLAG_PROTECT_EPHEMERAL, FLAG_RETVAL, FLAG_SENTINEL, MAP_ALLOC, MAP_ALLOWED, MAP_BUDGET,
     MAP_CGROUP_DENIALS, MAP_CONFIG, MAP_COUNTERS, MAP_LEASES, MAP_NETNS, MAP_PORTS, MAP_RANGES,
@@ -96,6 +96,17 @@ fn syscall_err(name: &'static str, call: &'static str) -> impl FnOnce(io::Error)
     }
 }
 
+/// The range slot `index` of a map read by slot: one past the last is the map's out-of-bounds
+/// error (every slot the maps hand out is one).
+fn checked_slot(name: &'static str, index: u32) -> Result<Slot, MapsError> {
+    Slot::new(index).ok_or_else(|| {
+        map_err(name)(MapError::OutOfBounds {
+            index,
+            max_entries: MAX_RANGES as u32,
+        })
+    })
+}
+
 /// Allowed, denied and audited binds.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq, serde::Serialize)]
 pub struct Counters {
@@ -124,6 +135,14 @@ pub struct RangeCounters {
 }
 
 impl RangeCounters {
+    /// The counters of `proto`.
+    pub fn of(&self, proto: Proto) -> Counters {
+        match proto {
+            Proto::Tcp => self.tcp,
+            Proto::Udp => self.udp,
+        }
+    }
+
     pub fn total(&self) -> Counters {
         let mut t = self.tcp;
         t += self.udp;
@@ -132,10 +151,10 @@ impl RangeCounters {
 
     /// The counters of each protocol the range covers, with its name.
     pub fn by_protocol(&self, protocols: Protocols) -> Vec<(&'static str, Counters)> {
-        protocols
-            .names()
+        Proto::ALL
             .into_iter()
-            .map(|p| (p, if p == "udp" { self.udp } else { self.tcp }))
+            .filter(|p| p.in_set(protocols.0))
+            .map(|p| (p.name(), self.of(p)))
             .collect()
     }
 }
@@ -380,16 +399,13 @@ impl Maps {
     /// The configured ranges with their slots, in port order, read from the mapping.
     pub fn ranges(&self) -> Vec<SlotRange> {
         const _: () = assert!(size_of::<RangeDef>() == 8);
-        let mut v: Vec<SlotRange> = self
-            .ranges_view
-            .snapshot()
-            .into_iter()
-            .enumerate()
+        let mut v: Vec<SlotRange> = Slot::all()
+            .zip(self.ranges_view.snapshot())
             .filter_map(|(slot, w)| {
                 // SAFETY: RangeDef is 8 bytes of plain integers: any bits are a value.
                 let r: RangeDef = unsafe { std::mem::transmute::<u64, RangeDef>(w) };
                 (r.in_use != 0).then_some(SlotRange {
-                    slot: slot as u32,
+                    slot: slot.index(),
                     spec: ReserveSpec {
                         range: PortRange {
                             first: r.first,
@@ -419,7 +435,8 @@ impl Maps {
 
     /// The counters of range `slot`.
     pub fn counters(&self, slot: u32) -> Result<RangeCounters, MapsError> {
-        let read = |proto: u32| -> Result<Counters, MapsError> {
+        let s = checked_slot(MAP_COUNTERS, slot)?;
+        let read = |proto: Proto| -> Result<Counters, MapsError> {
             let mut cells = [0u64; 3];
             for (kind, cell) in [COUNTER_ALLOWED, COUNTER_DENIED, COUNTER_AUDITED]
                 .into_iter()
@@ -427,7 +444,7 @@ impl Maps {
             {
                 let values = self
                     .counters
-                    .get(&counter_index(slot, proto, kind), 0)
+                    .get(&s.counter(proto, kind), 0)
                     .map_err(map_err(MAP_COUNTERS))?;
                 *cell = values.iter().sum();
             }
@@ -439,8 +456,8 @@ impl Maps {
             })
         };
         let mut c = RangeCounters {
-            tcp: read(0)?,
-            udp: read(1)?,
+            tcp: read(Proto::Tcp)?,
+            udp: read(Proto::Udp)?,
         };
         c.tcp.limited = self.reasons(slot, Proto::Tcp)?[REASON_LIMIT as usize];
         c.udp.limited = self.reasons(slot, Proto::Udp)?[REASON_LIMIT as usize];
@@ -639,13 +656,14 @@ impl Maps {
         let Some(m) = &self.unguarded else {
             return Ok((0, 0));
         };
-        let read = |proto: u32| -> Result<u64, MapsError> {
-            Ok(m.get(&(slot * 2 + proto), 0)
+        let s = checked_slot(MAP_UNGUARDED, slot)?;
+        let read = |proto: Proto| -> Result<u64, MapsError> {
+            Ok(m.get(&s.proto_index(proto), 0)
                 .map_err(map_err(MAP_UNGUARDED))?
                 .iter()
                 .sum())
         };
-        Ok((read(0)?, read(1)?))
+        Ok((read(Proto::Tcp)?, read(Proto::Udp)?))
     }
 
     /// Leases a port of the configured ranges to `cgroup_id`, free in every netns of

@@ -60,8 +60,11 @@ impl Maps {
     pub fn limits(&self) -> Result<[u32; MAX_RANGES], MapsError> {
         let mut out = [0u32; MAX_RANGES];
         if let Some(m) = &self.shares {
-            for (i, v) in out.iter_mut().enumerate() {
-                *v = m.limits.get(&(i as u32), 0).map_err(map_err(MAP_LIMITS))?;
+            for (slot, v) in Slot::all().zip(out.iter_mut()) {
+                *v = m
+                    .limits
+                    .get(&slot.index(), 0)
+                    .map_err(map_err(MAP_LIMITS))?;
             }
         }
         Ok(out)
@@ -109,7 +112,7 @@ impl Maps {
     /// (`forget`) loses its counts: sockets bound before a limit is set again are not counted.
     pub(super) fn set_limit(
         &mut self,
-        slot: u32,
+        slot: Slot,
         limit: u32,
         forget: bool,
     ) -> Result<(), MapsError> {
@@ -118,11 +121,15 @@ impl Maps {
         };
         if limit == 0 || forget {
             // Off first, so that no program charges the slot while its counts are dropped.
-            m.limits.set(slot, 0, 0).map_err(map_err(MAP_LIMITS))?;
+            m.limits
+                .set(slot.index(), 0, 0)
+                .map_err(map_err(MAP_LIMITS))?;
             let removed = m.forget_slot(slot)?;
             self.leases.uncount_charges(removed);
         }
-        m.limits.set(slot, limit, 0).map_err(map_err(MAP_LIMITS))
+        m.limits
+            .set(slot.index(), limit, 0)
+            .map_err(map_err(MAP_LIMITS))
     }
 
     /// Units whose cgroup is gone and that hold nothing: their entries go (no process can bind
@@ -151,12 +158,12 @@ impl Maps {
 impl ShareMaps {
     /// Drops the charges and counts of `slot`. Returns how many charges it removed itself (a
     /// program may remove one first, and takes its count back then).
-    fn forget_slot(&mut self, slot: u32) -> Result<u64, MapsError> {
+    fn forget_slot(&mut self, slot: Slot) -> Result<u64, MapsError> {
         let charges: Vec<u64> = self
             .charges
             .iter()
             .filter_map(Result::ok)
-            .filter(|(_, k)| k.slot == slot)
+            .filter(|(_, k)| k.slot == slot.index())
             .map(|(c, _)| c)
             .collect();
         let mut removed = 0;
@@ -171,7 +178,7 @@ impl ShareMaps {
             .shares
             .keys()
             .filter_map(Result::ok)
-            .filter(|k| k.slot == slot)
+            .filter(|k| k.slot == slot.index())
             .collect();
         for k in keys {
             match self.shares.remove(&k) {
