@@ -56,6 +56,8 @@ pub fn substitute(args: &[String], ports: &[u16]) -> Vec<String> {
         .collect()
 }
 
+/// Leases the ports to a new cgroup below the spawn parent, moves there and execs the command;
+/// returns only when it could not (leases released, cgroup left and removed).
 pub fn run(pin: &PinDir, args: SpawnArgs) -> Result<()> {
     let cg = Cgroup2::find()?;
     let mut maps = Maps::open(pin)?;
@@ -63,65 +65,14 @@ pub fn run(pin: &PinDir, args: SpawnArgs) -> Result<()> {
     // The port must be free in the guarded namespaces, whichever this process is in.
     let probe_in = ProbeIn::guarded(pin.path())?;
     let pid = std::process::id();
-    let path = match &args.name {
-        Some(n) => {
-            let p = parent.join(n)?;
-            if p.level() != parent.level() + 1 {
-                bail!(UsageError::new(format!(
-                    "--name {n:?} must be one cgroup name, without '/'"
-                )));
-            }
-            p
-        }
-        None => parent.join(&format!("vm-{pid}"))?,
-    };
-    let dir = cg.dir(&path);
-    std::fs::create_dir(&dir).map_err(|e| match e.kind() {
-        std::io::ErrorKind::AlreadyExists => anyhow::anyhow!(UsageError::new(
-            "cgroup already exists; choose another --name"
-        ))
-        .context(format!("cgroup {path}")),
-        _ => anyhow::Error::new(e).context(format!("creating cgroup {path}")),
-    })?;
+    let path = child(&parent, args.name.as_deref(), pid)?;
+    create(&cg, &path)?;
     let original = cgroup::of_pid(pid).unwrap_or_else(CgroupPath::root);
     let undo = |cg: &Cgroup2| {
         let _ = enter(cg, &original);
         let _ = std::fs::remove_dir(cg.dir(&path));
     };
-    let result = (|| -> Result<(Vec<u16>, std::io::Error)> {
-        enter(&cg, &path)?;
-        let id = cg.id(&path)?;
-        let holder = crate::leases::Holder::until_empty(id, path.level());
-        let ports = match args.port {
-            Some(p) => vec![maps.allocate(holder, Some(p), &probe_in)?],
-            None => maps.allocate_many(holder, args.count.max(1), &probe_in)?,
-        };
-        let argv = substitute(&args.cmd, &ports);
-        let line = if args.json {
-            serde_json::json!({
-                "port": ports[0],
-                "ports": ports,
-                "pid": pid,
-                "cgroup": path.as_str(),
-            })
-            .to_string()
-        } else {
-            ports
-                .iter()
-                .map(u16::to_string)
-                .collect::<Vec<_>>()
-                .join(" ")
-        };
-        let mut out = std::io::stdout().lock();
-        writeln!(out, "{line}")
-            .and_then(|()| out.flush())
-            .context("writing the port to stdout")?;
-        drop(out);
-        // Only returns on failure.
-        let err = Command::new(&argv[0]).args(&argv[1..]).exec();
-        Ok((ports, err))
-    })();
-    match result {
+    match lease_and_exec(&cg, &path, &mut maps, &probe_in, &args) {
         Ok((ports, err)) => {
             // The leases must not outlive the command that never ran.
             for port in ports {
@@ -139,6 +90,77 @@ pub fn run(pin: &PinDir, args: SpawnArgs) -> Result<()> {
             Err(e)
         }
     }
+}
+
+/// The cgroup to make: `--name` (one name) or `vm-PID`, below the spawn parent.
+fn child(parent: &CgroupPath, name: Option<&str>, pid: u32) -> Result<CgroupPath> {
+    let Some(n) = name else {
+        return Ok(parent.join(&format!("vm-{pid}"))?);
+    };
+    let p = parent.join(n)?;
+    if p.level() != parent.level() + 1 {
+        bail!(UsageError::new(format!(
+            "--name {n:?} must be one cgroup name, without '/'"
+        )));
+    }
+    Ok(p)
+}
+
+/// Makes the cgroup; one that exists already is another's, and refused.
+fn create(cg: &Cgroup2, path: &CgroupPath) -> Result<()> {
+    std::fs::create_dir(cg.dir(path)).map_err(|e| match e.kind() {
+        std::io::ErrorKind::AlreadyExists => anyhow::anyhow!(UsageError::new(
+            "cgroup already exists; choose another --name"
+        ))
+        .context(format!("cgroup {path}")),
+        _ => anyhow::Error::new(e).context(format!("creating cgroup {path}")),
+    })
+}
+
+/// Moves into `path`, leases the ports to it, says them on stdout and execs the command: returns
+/// only when the exec failed, with the ports leased and why.
+fn lease_and_exec(
+    cg: &Cgroup2,
+    path: &CgroupPath,
+    maps: &mut Maps,
+    probe_in: &ProbeIn,
+    args: &SpawnArgs,
+) -> Result<(Vec<u16>, std::io::Error)> {
+    enter(cg, path)?;
+    let id = cg.id(path)?;
+    let holder = crate::leases::Holder::until_empty(id, path.level());
+    let ports = match args.port {
+        Some(p) => vec![maps.allocate(holder, Some(p), probe_in)?],
+        None => maps.allocate_many(holder, args.count.max(1), probe_in)?,
+    };
+    let argv = substitute(&args.cmd, &ports);
+    announce(&ports, path, args.json)?;
+    // Only returns on failure.
+    let err = Command::new(&argv[0]).args(&argv[1..]).exec();
+    Ok((ports, err))
+}
+
+/// The leased ports on stdout, before the exec: one line, the ports or (`--json`) an object.
+fn announce(ports: &[u16], path: &CgroupPath, json: bool) -> Result<()> {
+    let line = if json {
+        serde_json::json!({
+            "port": ports[0],
+            "ports": ports,
+            "pid": std::process::id(),
+            "cgroup": path.as_str(),
+        })
+        .to_string()
+    } else {
+        ports
+            .iter()
+            .map(u16::to_string)
+            .collect::<Vec<_>>()
+            .join(" ")
+    };
+    let mut out = std::io::stdout().lock();
+    writeln!(out, "{line}")
+        .and_then(|()| out.flush())
+        .context("writing the port to stdout")
 }
 
 #[cfg(test)]
