@@ -218,3 +218,6 @@ fn end_migration(pin: &PinDir, m: Migration, started: bool) {
         ),
     }
 }
+
+#[cfg(test)]
+mod tests;
