@@ -1,6 +1,9 @@
 //! `port-guard check`: can this host run the guard, and who already holds reserved ports.
 
-use std::{path::Path, process::ExitCode};
+use std::{
+    path::{Path, PathBuf},
+    process::ExitCode,
+};
 
 use anyhow::Result;
 use serde::Serialize;
@@ -9,9 +12,13 @@ use crate::{
     cgroup::Cgroup2,
     config::{build_policy, check_cgroups, ConfigFile},
     conflicts::{self, View},
+    maps::Maps,
     pin::PinDir,
-    policy::Policy,
+    policy::{NetnsScope, Policy},
     probe,
+    sockets::Scan,
+    state::DaemonRecord,
+    status::{status_of, Status},
 };
 
 #[derive(Serialize)]
@@ -32,7 +39,7 @@ struct Report {
     /// One line per fallback the guard takes on this kernel.
     fallbacks: Vec<String>,
     /// The config file checked (None: no file, the defaults).
-    config: Option<std::path::PathBuf>,
+    config: Option<PathBuf>,
     /// What that config would change against the loaded guard (None: no guard is loaded).
     changes: Option<Vec<String>>,
     /// Where the reserved ranges came from: "config" (with --config, or when no guard is
@@ -55,20 +62,17 @@ struct Features {
 
 /// What `check` reads of a loaded guard, once: its maps, the daemon's record, its status.
 struct Loaded {
-    maps: Option<crate::maps::Maps>,
-    record: Option<crate::state::DaemonRecord>,
-    status: Option<crate::status::Status>,
+    maps: Option<Maps>,
+    record: Option<DaemonRecord>,
+    status: Option<Status>,
 }
 
 impl Loaded {
     fn read(pin: &PinDir, cg: Option<&Cgroup2>) -> Loaded {
-        let maps = pin
-            .exists()
-            .then(|| crate::maps::Maps::open(pin).ok())
-            .flatten();
-        let record = crate::state::DaemonRecord::load(pin.path()).ok().flatten();
+        let maps = pin.exists().then(|| Maps::open(pin).ok()).flatten();
+        let record = DaemonRecord::load(pin.path()).ok().flatten();
         let status = match (&maps, cg) {
-            (Some(m), Some(c)) => crate::status::status_of(pin, c, m, Ok(record.clone())).ok(),
+            (Some(m), Some(c)) => status_of(pin, c, m, Ok(record.clone())).ok(),
             _ => None,
         };
         Loaded {
@@ -76,6 +80,38 @@ impl Loaded {
             record,
             status,
         }
+    }
+}
+
+/// The config `check` judges: the file (`--config`, else the default one) merged with the
+/// daemon's command-line flags as it last started, as its reload would merge them.
+struct Judged {
+    policy: Policy,
+    /// The file (None: no file, the defaults).
+    path: Option<PathBuf>,
+    /// The daemon's flags that override a key of the file.
+    overriding: Vec<String>,
+}
+
+impl Judged {
+    fn load(config: Option<&Path>, record: Option<&DaemonRecord>) -> Result<Judged> {
+        let (file, path) = ConfigFile::load(config)?;
+        let flags = record.map(|r| r.flags.clone()).unwrap_or_default();
+        let policy = build_policy(&file, path.as_deref(), &flags)?;
+        Ok(Judged {
+            policy,
+            overriding: flags.overriding(&file),
+            path,
+        })
+    }
+
+    /// The file, or the defaults, as the config items name it.
+    fn named(&self) -> String {
+        self.path
+            .as_deref()
+            .map_or("the defaults (no config file)".to_owned(), |p| {
+                p.display().to_string()
+            })
     }
 }
 
@@ -182,11 +218,7 @@ impl Preflight {
     }
 
     /// What a reload of `policy` would change against the loaded guard, and refuse.
-    fn plan(
-        &mut self,
-        policy: &Policy,
-        status: Option<&crate::status::Status>,
-    ) -> Option<Vec<String>> {
+    fn plan(&mut self, policy: &Policy, status: Option<&Status>) -> Option<Vec<String>> {
         let p = crate::plan::plan(policy, status?);
         for problem in p.problems {
             self.push("reload", !problem.fatal, !problem.fatal, problem.detail);
@@ -204,65 +236,85 @@ impl Preflight {
         }
         f.fallbacks()
     }
+
+    /// Who holds the sentinel port, where refusals go through it.
+    fn sentinel(
+        &mut self,
+        features: Option<probe::Features>,
+        policy: &Policy,
+        maps: Option<&Maps>,
+    ) {
+        if let Some(f) = features.filter(|f| f.uses_sentinel(policy)) {
+            self.0.push(sentinel_item(f, policy.sentinel_port, maps));
+        }
+    }
+
+    /// The sockets on the reserved ports of `view` in the guarded namespaces; what the scan
+    /// could not see, as items.
+    fn sockets(&mut self, view: &View, netns: &NetnsScope) -> (Scan, Vec<conflicts::Holder>) {
+        let (scan, holders, netns_notes) = conflicts::find_in(view, netns);
+        for note in netns_notes {
+            self.warn("netns", note);
+        }
+        if !scan.bound_inactive_visible {
+            self.push("sockets", true, false, format!("read from {}: TCP sockets bound but not listening are not visible on this kernel (needs sock_diag, 6.8+)", scan.source));
+        }
+        (scan, holders)
+    }
 }
 
 /// Exit status: 0 when the preflight passes and nothing conflicts, 1 otherwise.
 pub fn run(pin: &PinDir, config: Option<&Path>, json: bool) -> Result<ExitCode> {
+    let (report, view) = check(pin, config)?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        print!("{}", render(&report, &view));
+    }
+    Ok(if report.ok {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    })
+}
+
+/// The checks in their order: the kernel and filesystems, the config as the daemon would take
+/// it, then the sockets already on reserved ports. The loaded guard (its maps, its daemon's
+/// record and its status) is read once, and what was read is passed down.
+fn check(pin: &PinDir, config: Option<&Path>) -> Result<(Report, View)> {
     let mut preflight = Preflight::default();
     let features = preflight.bpf();
     let cg = preflight.cgroup2();
     preflight.filesystems(pin);
     let loaded = Loaded::read(pin, cg.as_ref());
-    // Merged with the daemon's command-line flags (as it last started), as its reload would.
-    let (file, path) = ConfigFile::load(config)?;
-    let flags = loaded
-        .record
-        .as_ref()
-        .map(|r| r.flags.clone())
-        .unwrap_or_default();
-    let policy = build_policy(&file, path.as_deref(), &flags)?;
-    let named = path
-        .as_deref()
-        .map_or("the defaults (no config file)".to_owned(), |p| {
-            p.display().to_string()
-        });
-    preflight.config(&policy, &named, &flags.overriding(&file), cg.as_ref());
-    let changes = preflight.plan(&policy, loaded.status.as_ref());
-    if let Some(f) = features.filter(|f| f.uses_sentinel(&policy)) {
-        preflight
-            .0
-            .push(sentinel_item(f, policy.sentinel_port, loaded.maps.as_ref()));
-    }
-    let fallbacks = preflight.errno(features, &policy);
+    let judged = Judged::load(config, loaded.record.as_ref())?;
+    let policy = &judged.policy;
+    preflight.config(policy, &judged.named(), &judged.overriding, cg.as_ref());
+    let changes = preflight.plan(policy, loaded.status.as_ref());
+    preflight.sentinel(features, policy, loaded.maps.as_ref());
+    let fallbacks = preflight.errno(features, policy);
     // The file's ranges when one is named; else the loaded guard's, if any.
     let view = match (&cg, &loaded.maps) {
         (Some(c), Some(m)) if config.is_none() => View::from_maps(m, c).ok(),
         _ => None,
     }
-    .unwrap_or_else(|| View::from_policy(&policy));
-    let (scan, holders, netns_notes) = conflicts::find_in(&view, &policy.netns);
-    for note in netns_notes {
-        preflight.warn("netns", note);
-    }
-    if !scan.bound_inactive_visible {
-        preflight.push("sockets", true, false, format!("read from {}: TCP sockets bound but not listening are not visible on this kernel (needs sock_diag, 6.8+)", scan.source));
-    }
+    .unwrap_or_else(|| View::from_policy(policy));
+    let (scan, holders) = preflight.sockets(&view, &policy.netns);
     let conflicts = holders.iter().filter(|h| h.would_refuse).count();
-    let preflight = preflight.0;
-    let ok = preflight.iter().all(|i| i.ok) && conflicts == 0;
+    let ok = preflight.0.iter().all(|i| i.ok) && conflicts == 0;
     let report = Report {
         kernel: std::fs::read_to_string("/proc/sys/kernel/osrelease")
             .unwrap_or_default()
             .trim()
             .to_owned(),
-        preflight,
+        preflight: preflight.0,
         features: Features {
             set_retval: features.is_some_and(|f| f.set_retval),
             netns_cookie: features.is_some_and(|f| f.netns_cookie),
-            sentinel: features.is_some_and(|f| f.uses_sentinel(&policy)),
+            sentinel: features.is_some_and(|f| f.uses_sentinel(policy)),
         },
         fallbacks,
-        config: path,
+        config: judged.path,
         changes,
         policy_source: view.source,
         socket_source: scan.source,
@@ -271,20 +323,33 @@ pub fn run(pin: &PinDir, config: Option<&Path>, json: bool) -> Result<ExitCode> 
         conflicts,
         ok,
     };
-    if json {
-        println!("{}", serde_json::to_string_pretty(&report)?);
-    } else {
-        print!("{}", render(&report, &view));
-    }
-    Ok(if ok {
-        ExitCode::SUCCESS
-    } else {
-        ExitCode::from(1)
-    })
+    Ok((report, view))
 }
 
+/// The table: the preflight, what the config would change, the sockets, the verdict.
 fn render(r: &Report, view: &View) -> String {
     let mut out = format!("kernel {}\n", r.kernel);
+    out += &preflight_lines(r);
+    out += &changes_lines(r);
+    out += &sockets_table(r, view);
+    out += &format!(
+        "\n{}\n",
+        if r.ok {
+            "check passed".to_owned()
+        } else {
+            let failed = r.preflight.iter().filter(|i| !i.ok).count();
+            format!(
+                "check failed: {failed} failed item(s), {} conflict(s)",
+                r.conflicts
+            )
+        }
+    );
+    out
+}
+
+/// One line per item (ok, WARN or FAIL), then the fallbacks this kernel takes.
+fn preflight_lines(r: &Report) -> String {
+    let mut out = String::new();
     for i in &r.preflight {
         out += &format!(
             "{:<5} {:<8} {}\n",
@@ -300,13 +365,16 @@ fn render(r: &Report, view: &View) -> String {
     for f in &r.fallbacks {
         out += &format!("{:<5} {:<8} {}\n", "note", "fallback", f);
     }
+    out
+}
+
+/// What the config would change against the loaded guard (nothing when none is loaded).
+fn changes_lines(r: &Report) -> String {
     match &r.changes {
-        None => {}
-        Some(c) if c.is_empty() => {
-            out += "\nagainst the loaded guard: no change\n";
-        }
+        None => String::new(),
+        Some(c) if c.is_empty() => "\nagainst the loaded guard: no change\n".to_owned(),
         Some(c) => {
-            out += &format!(
+            let mut out = format!(
                 "\nagainst the loaded guard, {} would change:\n",
                 r.config
                     .as_deref()
@@ -315,56 +383,54 @@ fn render(r: &Report, view: &View) -> String {
             for line in c {
                 out += &format!("  {line}\n");
             }
+            out
         }
     }
+}
+
+/// The sockets on reserved ports, one row each with what the guard would do to it.
+fn sockets_table(r: &Report, view: &View) -> String {
     let ranges: Vec<String> = view.ranges.iter().map(|(s, _)| s.to_string()).collect();
-    out += &format!(
+    let mut out = format!(
         "\nsockets on reserved ports ({}; ranges from {}):\n",
         ranges.join(" "),
         r.policy_source
     );
     if r.sockets.is_empty() {
         out += "(none)\n";
-    } else {
-        out += &format!(
-            "{:<6} {:<5} {:<5} {:<12} {:>7} {:<16} {:<40} {:<12} {}\n",
-            "PORT", "PROTO", "FAM", "STATE", "PID", "COMMAND", "CGROUP", "NETNS", "GUARD"
-        );
-        for h in &r.sockets {
-            out += &format!(
-                "{:<6} {:<5} {:<5} {:<12} {:>7} {:<16} {:<40} {:<12} {}\n",
-                h.port,
-                h.protocol,
-                h.family.trim_start_matches("ip"),
-                h.state,
-                h.pid.map(|p| p.to_string()).unwrap_or("?".into()),
-                shown(h.command.as_deref()),
-                shown(h.cgroup.as_deref()),
-                shown(Some(&h.netns)),
-                if h.would_refuse {
-                    format!("CONFLICT: would refuse ({})", escaped(&h.reason))
-                } else {
-                    match &h.unit {
-                        Some(u) => format!("ok ({}; unit {})", escaped(&h.reason), shown(Some(u))),
-                        None => format!("ok ({})", escaped(&h.reason)),
-                    }
-                },
-            );
-        }
+        return out;
     }
     out += &format!(
-        "\n{}\n",
-        if r.ok {
-            "check passed".to_owned()
-        } else {
-            let failed = r.preflight.iter().filter(|i| !i.ok).count();
-            format!(
-                "check failed: {failed} failed item(s), {} conflict(s)",
-                r.conflicts
-            )
-        }
+        "{:<6} {:<5} {:<5} {:<12} {:>7} {:<16} {:<40} {:<12} {}\n",
+        "PORT", "PROTO", "FAM", "STATE", "PID", "COMMAND", "CGROUP", "NETNS", "GUARD"
     );
+    for h in &r.sockets {
+        out += &format!(
+            "{:<6} {:<5} {:<5} {:<12} {:>7} {:<16} {:<40} {:<12} {}\n",
+            h.port,
+            h.protocol,
+            h.family.trim_start_matches("ip"),
+            h.state,
+            h.pid.map(|p| p.to_string()).unwrap_or("?".into()),
+            shown(h.command.as_deref()),
+            shown(h.cgroup.as_deref()),
+            shown(Some(&h.netns)),
+            guard_column(h),
+        );
+    }
     out
+}
+
+/// What the guard would do to a socket's holder, and why.
+fn guard_column(h: &conflicts::Holder) -> String {
+    if h.would_refuse {
+        format!("CONFLICT: would refuse ({})", escaped(&h.reason))
+    } else {
+        match &h.unit {
+            Some(u) => format!("ok ({}; unit {})", escaped(&h.reason), shown(Some(u))),
+            None => format!("ok ({})", escaped(&h.reason)),
+        }
+    }
 }
 
 /// A value a process chose (its comm, its cgroup's name), for the table: quoted and escaped as
@@ -390,36 +456,13 @@ fn escaped(s: &str) -> String {
 /// (`PG_SENTINELS` of the loaded guard), never by a process name anyone can choose. Someone
 /// else on the port: the daemon takes the nearest free port below it instead (where a guard is
 /// loaded, its sentinel may already have).
-fn sentinel_item(f: probe::Features, port: u16, maps: Option<&crate::maps::Maps>) -> Item {
+fn sentinel_item(f: probe::Features, port: u16, maps: Option<&Maps>) -> Item {
     let ours = maps.map(|m| m.sentinel_cookies()).unwrap_or_default();
     let taken_instead = maps
         .and_then(|m| m.sentinel_netns_ports().ok())
         .unwrap_or_default();
     let scan = crate::sockets::scan(|p, _| p == port);
-    let others: Vec<String> = scan
-        .sockets
-        .iter()
-        .filter(|s| !ours.contains(&s.cookie))
-        .flat_map(|s| {
-            let owners: Vec<String> = if s.owners.is_empty() {
-                vec![format!("{}/{} (owner unknown)", s.port, s.protocol)]
-            } else {
-                s.owners
-                    .iter()
-                    .map(|o| {
-                        format!(
-                            "{}/{} by pid {} ({})",
-                            s.port,
-                            s.protocol,
-                            o.pid,
-                            shown(Some(&o.command))
-                        )
-                    })
-                    .collect()
-            };
-            owners
-        })
-        .collect();
+    let others = held_by_others(&scan, &ours);
     let how = if f.set_retval {
         "forced with PORT_GUARD_SENTINEL=force"
     } else {
@@ -466,4 +509,30 @@ fn sentinel_item(f: probe::Features, port: u16, maps: Option<&crate::maps::Maps>
             format!("port {port} is held by the daemon's sentinel (its socket cookies are the guard's): refused binds get EADDRINUSE")
         },
     }
+}
+
+/// The sockets of `scan` that are not the guard's sentinels (by their cookies), each as
+/// `PORT/PROTOCOL by pid N (COMMAND)`, or `(owner unknown)`.
+fn held_by_others(scan: &Scan, ours: &std::collections::HashSet<u64>) -> Vec<String> {
+    scan.sockets
+        .iter()
+        .filter(|s| !ours.contains(&s.cookie))
+        .flat_map(|s| {
+            if s.owners.is_empty() {
+                return vec![format!("{}/{} (owner unknown)", s.port, s.protocol)];
+            }
+            s.owners
+                .iter()
+                .map(|o| {
+                    format!(
+                        "{}/{} by pid {} ({})",
+                        s.port,
+                        s.protocol,
+                        o.pid,
+                        shown(Some(&o.command))
+                    )
+                })
+                .collect()
+        })
+        .collect()
 }
