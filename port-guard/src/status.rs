@@ -58,13 +58,17 @@ pub struct Status {
 
 /// Whether the config file the running daemon read (`--config` names another) is the policy in
 /// force: it is read again, merged with the daemon's flags, and compared with what the daemon
-/// recorded it loaded. None when it is, or when no daemon runs (nothing is "in force" but the
-/// pins, which `status` shows).
-pub fn config_drift(pin: &PinDir, config: Option<&std::path::Path>, s: &Status) -> Option<String> {
+/// recorded it loaded (`record`, the one [`status_of`] was given). None when it is, or when no
+/// daemon runs (nothing is "in force" but the pins, which `status` shows).
+pub fn config_drift(
+    record: Option<&DaemonRecord>,
+    config: Option<&std::path::Path>,
+    s: &Status,
+) -> Option<String> {
     if !s.daemon.running {
         return None;
     }
-    let record = DaemonRecord::load(pin.path()).ok().flatten()?;
+    let record = record?;
     let in_force = record.config_digest.as_deref()?;
     let path = config.map(ToOwned::to_owned).or(record.config.clone());
     let shown = path
@@ -399,24 +403,20 @@ fn links(
     (out, notes)
 }
 
-/// Reads everything `status` shows from the pins.
-pub fn status(pin: &PinDir, cg: &Cgroup2) -> Result<Status, GuardError> {
-    let maps = Maps::open(pin)?;
-    status_of(pin, cg, &maps, DaemonRecord::load(pin.path()))
-}
-
-/// [`status`] from maps and a daemon record already read.
+/// Everything `status` shows, from the maps and the daemon's record already read (each once, by
+/// the caller, which may use them too); the rest of the pin dir's files are read here.
 pub fn status_of(
     pin: &PinDir,
     cg: &Cgroup2,
     maps: &Maps,
-    record: Result<Option<DaemonRecord>, crate::error::IoError>,
+    record: &Result<Option<DaemonRecord>, crate::error::IoError>,
 ) -> Result<Status, GuardError> {
     let settings = maps.settings()?;
     let mut names = CgroupNames::new(cg);
-    let daemon = DaemonStatus::from_record(&record);
-    let record = record.ok().flatten();
-    let reserve = ranges(pin, cg, maps, record.as_ref(), &mut names)?;
+    let daemon = DaemonStatus::from_record(record);
+    let record = record.as_ref().ok().and_then(Option::as_ref);
+    let since = crate::state::counters_since(pin.path());
+    let reserve = ranges(cg, maps, record, &since, &mut names)?;
     let mut total = Counters::default();
     for r in &reserve {
         total += r.counters;
@@ -453,7 +453,7 @@ pub fn status_of(
             .map(|e| e.label())
             .zip(maps.leases().ended())
             .collect(),
-        sentinel: settings.sentinel.then(|| sentinels(pin, maps, &recorded)),
+        sentinel: settings.sentinel.then(|| sentinels(maps, &recorded)),
         config_drift: None,
         netns: NetnsStatus {
             scoped: settings.netns_scoped,
@@ -466,14 +466,13 @@ pub fn status_of(
 
 /// Each configured range: its allowed cgroups (in force and as configured), counters and shares.
 fn ranges(
-    pin: &PinDir,
     cg: &Cgroup2,
     maps: &Maps,
     record: Option<&DaemonRecord>,
+    since: &std::collections::BTreeMap<(u16, u16), u64>,
     names: &mut CgroupNames<'_>,
 ) -> Result<Vec<RangeStatus>, GuardError> {
     let allowed = maps.allowed()?;
-    let since = crate::state::counters_since(pin.path());
     let limits = maps.limits()?;
     let shares = crate::maps::by_slot(&maps.shares()?);
     let mut reserve = Vec::new();
@@ -560,13 +559,8 @@ fn lease_status(
 }
 
 /// Where sentinels hold their port, named.
-fn sentinels(
-    pin: &PinDir,
-    maps: &Maps,
-    recorded: &std::collections::HashMap<u64, String>,
-) -> SentinelStatus {
+fn sentinels(maps: &Maps, recorded: &std::collections::HashMap<u64, String>) -> SentinelStatus {
     let guarded = maps.guarded_netns().unwrap_or_default();
-    let _ = pin;
     sentinel_status(maps, |cookie| {
         guarded
             .get(&cookie)

@@ -12,6 +12,7 @@ use crate::{
     cgroup::Cgroup2,
     config::{build_policy, check_cgroups, ConfigFile},
     conflicts::{self, View},
+    error::IoError,
     maps::Maps,
     pin::PinDir,
     policy::{NetnsScope, Policy},
@@ -63,16 +64,16 @@ struct Features {
 /// What `check` reads of a loaded guard, once: its maps, the daemon's record, its status.
 struct Loaded {
     maps: Option<Maps>,
-    record: Option<DaemonRecord>,
+    record: Result<Option<DaemonRecord>, IoError>,
     status: Option<Status>,
 }
 
 impl Loaded {
     fn read(pin: &PinDir, cg: Option<&Cgroup2>) -> Loaded {
         let maps = pin.exists().then(|| Maps::open(pin).ok()).flatten();
-        let record = DaemonRecord::load(pin.path()).ok().flatten();
+        let record = DaemonRecord::load(pin.path());
         let status = match (&maps, cg) {
-            (Some(m), Some(c)) => status_of(pin, c, m, Ok(record.clone())).ok(),
+            (Some(m), Some(c)) => status_of(pin, c, m, &record).ok(),
             _ => None,
         };
         Loaded {
@@ -80,6 +81,11 @@ impl Loaded {
             record,
             status,
         }
+    }
+
+    /// The daemon's record, where it could be read.
+    fn record(&self) -> Option<&DaemonRecord> {
+        self.record.as_ref().ok().and_then(Option::as_ref)
     }
 }
 
@@ -287,7 +293,7 @@ fn check(pin: &PinDir, config: Option<&Path>) -> Result<(Report, View)> {
     let cg = preflight.cgroup2();
     preflight.filesystems(pin);
     let loaded = Loaded::read(pin, cg.as_ref());
-    let judged = Judged::load(config, loaded.record.as_ref())?;
+    let judged = Judged::load(config, loaded.record())?;
     let policy = &judged.policy;
     preflight.config(policy, &judged.named(), &judged.overriding, cg.as_ref());
     let changes = preflight.plan(policy, loaded.status.as_ref());

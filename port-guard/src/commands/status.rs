@@ -19,7 +19,9 @@ use anyhow::Result;
 use crate::{
     cgroup::Cgroup2,
     leases::now_secs,
+    maps::Maps,
     pin::PinDir,
+    state::DaemonRecord,
     status::{self, Status},
 };
 
@@ -47,38 +49,49 @@ impl Output {
     }
 }
 
+/// Reads the guard's maps and its daemon's record once, and shows what they say; the exit
+/// status says how the guard stands (the metrics' only that they were read).
 pub fn run(pin: &PinDir, config: Option<&std::path::Path>, out: Output) -> Result<ExitCode> {
     let cg = Cgroup2::find()?;
-    let mut s = status::status(pin, &cg)?;
-    s.config_drift = status::config_drift(pin, config, &s);
+    let maps = Maps::open(pin)?;
+    let record = DaemonRecord::load(pin.path());
+    let mut s = status::status_of(pin, &cg, &maps, &record)?;
+    s.config_drift =
+        status::config_drift(record.as_ref().ok().and_then(Option::as_ref), config, &s);
     match out {
         Output::Json => println!("{}", serde_json::to_string_pretty(&s)?),
         Output::Table => print!("{}", render(&s)),
         Output::Prometheus(file) => {
-            let maps = crate::maps::Maps::open(pin)?;
-            let last = crate::state::load_stats(pin.path());
-            // A running daemon's last counts (written every few seconds) are its own: its
-            // gauges (ephemeral protection) hold as the endpoint's do.
-            let first = crate::metrics::DaemonStats::default();
-            let running = s
-                .daemon
-                .running
-                .then(|| last.as_ref().unwrap_or(&first));
-            let text = crate::metrics::render(&maps, s.attached, running, last.as_ref())?;
-            match file {
-                Some(path) => {
-                    crate::metrics::textfile::check_path(&path).map_err(anyhow::Error::msg)?;
-                    crate::metrics::textfile::write(&path, &text).map_err(|e| {
-                        anyhow::anyhow!("writing the metrics to {}: {e}", path.display())
-                    })?;
-                }
-                None => print!("{text}"),
-            }
+            prometheus(pin, &maps, &s, file)?;
             // Metrics are for a collector: their exit status says only whether they were read.
             return Ok(ExitCode::SUCCESS);
         }
     }
     Ok(ExitCode::from(exit_code(&s)))
+}
+
+/// The guard's state as metrics, on stdout or into `file`.
+fn prometheus(
+    pin: &PinDir,
+    maps: &Maps,
+    s: &Status,
+    file: Option<std::path::PathBuf>,
+) -> Result<()> {
+    let last = crate::state::load_stats(pin.path());
+    // A running daemon's last counts (written every few seconds) are its own: its gauges
+    // (ephemeral protection) hold as the endpoint's do.
+    let first = crate::metrics::DaemonStats::default();
+    let running = s.daemon.running.then(|| last.as_ref().unwrap_or(&first));
+    let text = crate::metrics::render(maps, s.attached, running, last.as_ref())?;
+    match file {
+        Some(path) => {
+            crate::metrics::textfile::check_path(&path).map_err(anyhow::Error::msg)?;
+            crate::metrics::textfile::write(&path, &text)
+                .map_err(|e| anyhow::anyhow!("writing the metrics to {}: {e}", path.display()))?;
+        }
+        None => print!("{text}"),
+    }
+    Ok(())
 }
 
 /// The exit status `s` calls for.
