@@ -374,33 +374,45 @@ fn links(
             prog_id: st.map_or(0, |s| s.prog_id),
         });
     }
-    // Guard programs attached to the attach cgroup that no pin holds: a daemon that holds its
-    // links by fd only (its pins were removed), or an older guard's.
-    if let Some(Ok(attach)) = names
+    notes.extend(unpinned(cg, names, attach_id, &pinned_progs));
+    (out, notes)
+}
+
+/// Guard programs attached to the attach cgroup that no pin holds (a daemon that holds its links
+/// by fd only, its pins removed, or an older guard's): a note per hook that has any.
+fn unpinned(
+    cg: &Cgroup2,
+    names: &mut CgroupNames<'_>,
+    attach_id: u64,
+    pinned_progs: &[u32],
+) -> Vec<String> {
+    let mut notes = Vec::new();
+    let Some(Ok(attach)) = names
         .lookup(attach_id)
         .ok()
         .flatten()
         .map(|p| File::open(cg.dir(&p)))
-    {
-        for (hook, attach_type) in [
-            ("bind4", sys::ATTACH_INET4_BIND),
-            ("bind6", sys::ATTACH_INET6_BIND),
-        ] {
-            let Ok(ids) = sys::cgroup_prog_ids(attach.as_fd(), attach_type) else {
-                continue;
-            };
-            let unpinned = ids
-                .iter()
-                .filter(|id| !pinned_progs.contains(id))
-                // The kernel keeps 15 bytes of a name: both programs are "port_guard_bind".
-                .filter(|id| sys::prog_name(**id).is_ok_and(|n| n == PROG_BIND4[..15]))
-                .count();
-            if unpinned > 0 {
-                notes.push(format!("{hook}: {unpinned} guard program(s) attached to the attach cgroup without a pin (held by a running daemon, which pins them again)"));
-            }
+    else {
+        return notes;
+    };
+    for (hook, attach_type) in [
+        ("bind4", sys::ATTACH_INET4_BIND),
+        ("bind6", sys::ATTACH_INET6_BIND),
+    ] {
+        let Ok(ids) = sys::cgroup_prog_ids(attach.as_fd(), attach_type) else {
+            continue;
+        };
+        let unpinned = ids
+            .iter()
+            .filter(|id| !pinned_progs.contains(id))
+            // The kernel keeps 15 bytes of a name: both programs are "port_guard_bind".
+            .filter(|id| sys::prog_name(**id).is_ok_and(|n| n == PROG_BIND4[..15]))
+            .count();
+        if unpinned > 0 {
+            notes.push(format!("{hook}: {unpinned} guard program(s) attached to the attach cgroup without a pin (held by a running daemon, which pins them again)"));
         }
     }
-    (out, notes)
+    notes
 }
 
 /// Everything `status` shows, from the maps and the daemon's record already read (each once, by
