@@ -17,7 +17,7 @@ use port_guard_common::{
     EVENTS_BYTES, GLOBAL_SENTINEL_PORT, GLOBAL_USE_NETNS, GLOBAL_USE_RETVAL, MAP_EVENTS,
 };
 
-use super::GuardError;
+use super::error::GuardError;
 use crate::{
     error::IoContext as _,
     pin::{PinDir, LINKS, POST_LINKS, RELEASE_LINKS},

@@ -12,100 +12,35 @@
 //! The daemon keeps an fd of every pin it made or adopted ([`Guard::check_pins`]): a pin that
 //! vanishes while the links are still attached is put back from it; links that were detached
 //! (`port-guard unload`) end the daemon.
+//!
+//! Here is [`Guard`] and the order of its steps; each step is a module: `load` (the object,
+//! then its programs attached), `pins` (pinning and keeping the pins), `unload`, and `learn`
+//! (a network namespace's cookie).
 
+mod error;
 mod learn;
 mod load;
 mod pins;
 mod unload;
 
-use aya::{
-    programs::{links::LinkError, ProgramError},
-    Ebpf, EbpfError,
-};
+use aya::Ebpf;
 use log::{info, warn};
 use port_guard_common::ABI_VERSION;
 pub use port_guard_common::PINNED_MAPS;
 
-pub use self::unload::{unload, unload_with};
+pub use self::{
+    error::GuardError,
+    pins::PinCheck,
+    unload::{unload, unload_with},
+};
 use crate::{
-    cgroup::{Cgroup2, CgroupError},
-    ephemeral::EphemeralError,
-    error::IoError,
+    cgroup::{Cgroup2, CgroupPath},
     leases::migrate::Migration,
     maps::{Maps, MapsError, Resolved},
-    pin::{PinDir, PinError},
+    netns::Netns,
+    pin::PinDir,
     probe::Features,
 };
-
-/// A guard problem at run time (exit status 1 unless it wraps a usage error).
-#[derive(Debug, thiserror::Error)]
-pub enum GuardError {
-    /// Loading the object failed.
-    #[error("loading the eBPF object")]
-    Load(#[source] Box<EbpfError>),
-    /// A program could not be loaded or attached.
-    #[error("{what} {program}")]
-    Program {
-        what: &'static str,
-        program: &'static str,
-        #[source]
-        source: Box<ProgramError>,
-    },
-    /// A link could not be made.
-    #[error("{what} link of {program}")]
-    Link {
-        what: &'static str,
-        program: &'static str,
-        #[source]
-        source: Box<LinkError>,
-    },
-    /// A link could not be pinned.
-    #[error("pin link of {program}")]
-    PinLink {
-        program: &'static str,
-        #[source]
-        source: Box<aya::pin::PinError>,
-    },
-    /// The pin dir cannot be used.
-    #[error(transparent)]
-    PinDir(#[from] PinError),
-    /// A map problem.
-    #[error(transparent)]
-    Maps(#[from] MapsError),
-    /// A cgroup problem.
-    #[error(transparent)]
-    Cgroup(#[from] CgroupError),
-    /// Restoring the ephemeral port sysctl failed.
-    #[error(transparent)]
-    Ephemeral(#[from] EphemeralError),
-    /// A filesystem or syscall failure.
-    #[error(transparent)]
-    Io(#[from] IoError),
-}
-
-impl GuardError {
-    pub fn is_usage(&self) -> bool {
-        match self {
-            GuardError::Maps(e) => e.is_usage(),
-            GuardError::Cgroup(e) => e.is_usage(),
-            GuardError::PinDir(e) => e.is_usage(),
-            _ => false,
-        }
-    }
-}
-
-/// What [`Guard::check_pins`] found.
-#[derive(Debug)]
-pub enum PinCheck {
-    /// Every pin is in place and both links are attached.
-    Intact,
-    /// Pins had vanished while the links were attached; they were pinned again.
-    Repinned(Vec<String>),
-    /// The links were detached and their pins removed: `port-guard unload`.
-    Unloaded,
-    /// A link was detached while its pin remains: only a restart attaches again.
-    Detached(Vec<String>),
-}
 
 /// A loaded guard: the object (its programs and the event ring buffer) and the maps.
 pub struct Guard {
@@ -153,7 +88,7 @@ impl Guard {
     }
 
     /// The start's steps: load the object, take its maps (moving the leases of a migration
-    /// over first), write the policy, then `before_attach`, attach, pin, and hold the pins.
+    /// over first), write the policy, then `before_attach`, attach, and pin.
     fn start_inner(
         pin: &PinDir,
         r: &Resolved,
@@ -180,10 +115,24 @@ impl Guard {
         };
         before_attach(&mut g)?;
         let links = load::attach(&mut g.ebpf, &cg.dir(&r.policy.attach), sentinel)?;
-        pins::pin_links(pin, links)?;
-        pins::remove_leftovers(pin, sentinel)?;
-        g.held = pins::hold(pin, sentinel)?;
+        g.held = pins::install(pin, links, sentinel)?;
         Ok(g)
+    }
+
+    /// Looks at the pins: puts back any that vanished while the links are attached.
+    pub fn check_pins(&self, pin: &PinDir) -> Result<PinCheck, GuardError> {
+        pins::check(pin, &self.held)
+    }
+
+    /// The cookie the kernel gives the network namespace `ns` (what the programs compare with
+    /// the guarded set), learnt by the object's helper program.
+    pub fn cookie_of(
+        &mut self,
+        cg: &Cgroup2,
+        scratch: &CgroupPath,
+        ns: &Netns,
+    ) -> Result<u64, GuardError> {
+        learn::cookie_of(&mut self.ebpf, cg, scratch, ns)
     }
 }
 

@@ -1,6 +1,6 @@
 //! The pin step, and keeping the pins: the new links pinned over the old ones, what an older
 //! guard left removed, an fd of every pin held for as long as the daemon runs, and a pin that
-//! vanishes put back from it ([`Guard::check_pins`]).
+//! vanishes put back from it ([`check`]).
 
 use std::{
     fs, io,
@@ -10,7 +10,7 @@ use std::{
 use log::warn;
 use port_guard_common::{MAP_OFFENDERS_OLD, PINNED_MAPS};
 
-use super::{load::NewLink, Guard, GuardError, PinCheck};
+use super::{error::GuardError, load::NewLink};
 use crate::{
     error::{IoContext as _, IoError},
     pin::{PinDir, LINKS, POST_LINKS, RELEASE_LINKS},
@@ -29,11 +29,23 @@ enum Pinned {
     Map(u32),
 }
 
+/// The pin step: the new links pinned, the pins an older guard left removed, and every pin
+/// held for as long as the daemon runs.
+pub(super) fn install(
+    pin: &PinDir,
+    links: Vec<NewLink>,
+    sentinel: bool,
+) -> Result<Vec<Held>, GuardError> {
+    pin_links(pin, links)?;
+    remove_leftovers(pin, sentinel)?;
+    hold(pin, sentinel)
+}
+
 /// Pins the new links, back to back: the only window in which a crash leaves one hook pinned
 /// without the other is between these syscalls; `PinDir::recover` completes it at the next
 /// start. Where old links are pinned, the new ones go under `_new` and are renamed over them:
 /// the old link detaches only once the new one is in place.
-pub(super) fn pin_links(pin: &PinDir, links: Vec<NewLink>) -> Result<(), GuardError> {
+fn pin_links(pin: &PinDir, links: Vec<NewLink>) -> Result<(), GuardError> {
     let mut staged = Vec::new();
     for NewLink {
         program,
@@ -65,7 +77,7 @@ pub(super) fn pin_links(pin: &PinDir, links: Vec<NewLink>) -> Result<(), GuardEr
 }
 
 /// Removes the pins an older guard left that this one does not use.
-pub(super) fn remove_leftovers(pin: &PinDir, sentinel: bool) -> Result<(), GuardError> {
+fn remove_leftovers(pin: &PinDir, sentinel: bool) -> Result<(), GuardError> {
     // The old guard's post_bind links, when this one refuses without the sentinel: its bind
     // programs, the only ones that rewrote, are gone with their pins.
     if !sentinel {
@@ -81,7 +93,7 @@ pub(super) fn remove_leftovers(pin: &PinDir, sentinel: bool) -> Result<(), Guard
 
 /// What every pin names (the maps, and the links this guard attached), kept for as long as the
 /// daemon runs.
-pub(super) fn hold(pin: &PinDir, sentinel: bool) -> Result<Vec<Held>, GuardError> {
+fn hold(pin: &PinDir, sentinel: bool) -> Result<Vec<Held>, GuardError> {
     let links = LINKS
         .iter()
         .chain(&RELEASE_LINKS)
@@ -104,51 +116,63 @@ pub(super) fn hold(pin: &PinDir, sentinel: bool) -> Result<Vec<Held>, GuardError
     Ok(held)
 }
 
-impl Guard {
-    /// Whether this daemon's links are attached, from its own fds (positive evidence both ways:
-    /// an error reading one is an error).
-    fn detached_links(&self) -> io::Result<Vec<String>> {
-        let mut detached = Vec::new();
-        for h in &self.held {
-            if let Pinned::Link(fd) = &h.what {
-                if sys::link_state(fd.as_fd())?.cgroup_id == 0 {
-                    detached.push(h.name.clone());
-                }
-            }
-        }
-        Ok(detached)
-    }
-
-    /// Looks at the pins: puts back any that vanished while the links are attached.
-    pub fn check_pins(&self, pin: &PinDir) -> Result<PinCheck, GuardError> {
-        let mut missing = Vec::new();
-        for h in &self.held {
-            let path = pin.file(&h.name);
-            match fs::symlink_metadata(&path) {
-                Ok(_) => {}
-                Err(e) if e.kind() == io::ErrorKind::NotFound => missing.push(h),
-                Err(e) => return Err(IoError::new("stat", path, e).into()),
-            }
-        }
-        let detached = self.detached_links().at("read link info of", pin.path())?;
-        if !detached.is_empty() {
-            let links_gone = missing.iter().any(|h| matches!(h.what, Pinned::Link(_)));
-            return Ok(if links_gone {
-                PinCheck::Unloaded
-            } else {
-                PinCheck::Detached(detached)
-            });
-        }
-        if missing.is_empty() {
-            return Ok(PinCheck::Intact);
-        }
-        pin.recreate()?;
-        repin(pin, &missing).map(PinCheck::Repinned)
-    }
+/// What `Guard::check_pins` found.
+#[derive(Debug)]
+pub enum PinCheck {
+    /// Every pin is in place and both links are attached.
+    Intact,
+    /// Pins had vanished while the links were attached; they were pinned again.
+    Repinned(Vec<String>),
+    /// The links were detached and their pins removed: `port-guard unload`.
+    Unloaded,
+    /// A link was detached while its pin remains: only a restart attaches again.
+    Detached(Vec<String>),
 }
 
-/// Pins `missing` again from what the daemon holds; returns their names.
+/// Whether the links of `held` are attached, from the daemon's own fds (positive evidence both
+/// ways: an error reading one is an error).
+fn detached_links(held: &[Held]) -> io::Result<Vec<String>> {
+    let mut detached = Vec::new();
+    for h in held {
+        if let Pinned::Link(fd) = &h.what {
+            if sys::link_state(fd.as_fd())?.cgroup_id == 0 {
+                detached.push(h.name.clone());
+            }
+        }
+    }
+    Ok(detached)
+}
+
+/// Looks at the pins of `held`: puts back any that vanished while the links are attached.
+pub(super) fn check(pin: &PinDir, held: &[Held]) -> Result<PinCheck, GuardError> {
+    let mut missing = Vec::new();
+    for h in held {
+        let path = pin.file(&h.name);
+        match fs::symlink_metadata(&path) {
+            Ok(_) => {}
+            Err(e) if e.kind() == io::ErrorKind::NotFound => missing.push(h),
+            Err(e) => return Err(IoError::new("stat", path, e).into()),
+        }
+    }
+    let detached = detached_links(held).at("read link info of", pin.path())?;
+    if !detached.is_empty() {
+        let links_gone = missing.iter().any(|h| matches!(h.what, Pinned::Link(_)));
+        return Ok(if links_gone {
+            PinCheck::Unloaded
+        } else {
+            PinCheck::Detached(detached)
+        });
+    }
+    if missing.is_empty() {
+        return Ok(PinCheck::Intact);
+    }
+    repin(pin, &missing).map(PinCheck::Repinned)
+}
+
+/// Pins `missing` again from what the daemon holds (the pin dir made again first, if it went
+/// too); returns their names.
 fn repin(pin: &PinDir, missing: &[&Held]) -> Result<Vec<String>, GuardError> {
+    pin.recreate()?;
     let mut done = Vec::new();
     for h in missing {
         let path = pin.file(&h.name);

@@ -42,5 +42,8 @@ fn the_object_pins_exactly_the_pinned_maps() {
         .into_iter()
         .chain(NOT_PINNED.map(|(name, _)| name))
         .collect();
-    assert_eq!(all, expected, "a map not pinned must be listed in NOT_PINNED, with why");
+    assert_eq!(
+        all, expected,
+        "a map not pinned must be listed in NOT_PINNED, with why"
+    );
 }

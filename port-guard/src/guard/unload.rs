@@ -5,7 +5,7 @@ use std::fs;
 
 use log::{info, warn};
 
-use super::{pins::remove_links, GuardError};
+use super::{error::GuardError, pins::remove_links};
 use crate::{
     error::IoContext as _,
     pin::{PinDir, LINKS, POST_LINKS, RELEASE_LINKS},
