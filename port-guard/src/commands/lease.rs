@@ -72,18 +72,7 @@ pub fn lease(
             None => maps.allocate_many(scratch_holder, count, &probe_in)?,
         };
         let holder = terms.holder(target_id, target.level(), cg.cpu_usec(&target).ok());
-        for (i, p) in ports.iter().enumerate() {
-            if let Err(e) = maps.leases_mut().hand_over(*p, holder) {
-                // All or nothing: the ones handed over and the ones still claimed.
-                for q in &ports[..=i] {
-                    let _ = maps.leases_mut().release_if_held_by(*q, target_id);
-                }
-                for q in &ports[i..] {
-                    let _ = maps.leases_mut().release_if_held_by(*q, scratch_id);
-                }
-                return Err(e.into());
-            }
-        }
+        hand_over(&mut maps, &ports, holder, scratch_id)?;
         Ok(ports)
     })();
     let back = enter(&cg, &original);
@@ -91,6 +80,23 @@ pub fn lease(
     let ports = result?;
     back?;
     print_ports(&ports, &target, terms, json);
+    Ok(())
+}
+
+/// Hands each of `ports`, claimed by the scratch cgroup, to `holder`; all or nothing: on a
+/// failure every port is released, handed over already or still claimed.
+fn hand_over(maps: &mut Maps, ports: &[u16], holder: Holder, scratch_id: u64) -> Result<()> {
+    for (i, p) in ports.iter().enumerate() {
+        if let Err(e) = maps.leases_mut().hand_over(*p, holder) {
+            for q in &ports[..=i] {
+                let _ = maps.leases_mut().release_if_held_by(*q, holder.cgroup_id);
+            }
+            for q in &ports[i..] {
+                let _ = maps.leases_mut().release_if_held_by(*q, scratch_id);
+            }
+            return Err(e.into());
+        }
+    }
     Ok(())
 }
 

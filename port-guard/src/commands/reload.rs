@@ -2,6 +2,7 @@
 
 use std::{
     os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd},
+    path::Path,
     time::{Duration, Instant},
 };
 
@@ -9,8 +10,16 @@ use anyhow::{bail, Context as _, Result};
 
 use crate::{pin::PinDir, state::DaemonRecord};
 
+/// Tells the running daemon to reload, and waits for its answer in its record.
 pub fn run(pin: &PinDir, timeout: u64) -> Result<()> {
     let dir = pin.path();
+    let record = running_daemon(dir)?;
+    signal(&record)?;
+    answer(dir, &record, timeout)
+}
+
+/// The record of the daemon of `dir`, which must be running.
+fn running_daemon(dir: &Path) -> Result<DaemonRecord> {
     let Some(record) = DaemonRecord::load(dir)? else {
         bail!(
             "no daemon ran on {} since boot: nothing to reload",
@@ -24,8 +33,12 @@ pub fn run(pin: &PinDir, timeout: u64) -> Result<()> {
             record.pid
         );
     }
-    let before = record.reloads;
-    signal(&record)?;
+    Ok(record)
+}
+
+/// Waits until the daemon counts a reload past the one `record` (read before the signal) counts,
+/// and says how it went.
+fn answer(dir: &Path, record: &DaemonRecord, timeout: u64) -> Result<()> {
     let deadline = Instant::now() + Duration::from_secs(timeout);
     loop {
         std::thread::sleep(Duration::from_millis(50));
@@ -36,7 +49,7 @@ pub fn run(pin: &PinDir, timeout: u64) -> Result<()> {
                 record.pid
             );
         }
-        if now.reloads > before {
+        if now.reloads > record.reloads {
             return match now.last_reload {
                 Some(r) if r.ok => {
                     println!("config reloaded (daemon pid {})", record.pid);
