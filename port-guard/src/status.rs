@@ -58,7 +58,7 @@ pub struct Status {
 
 /// Whether the config file the running daemon read (`--config` names another) is the policy in
 /// force: it is read again, merged with the daemon's flags, and compared with what the daemon
-/// recorded it loaded (`record`, the one [`status_of`] was given). None when it is, or when no
+/// recorded it loaded (`record`, as [`Recorded`] read it). None when it is, or when no
 /// daemon runs (nothing is "in force" but the pins, which `status` shows).
 pub fn config_drift(
     record: Option<&DaemonRecord>,
@@ -216,8 +216,33 @@ pub struct GuardedNetns {
     pub cookie: u64,
 }
 
+/// What the agent keeps about a pin dir beside the pins (its files under
+/// [`crate::state::STATE_DIR`]), read once: the daemon's record, when each range's counters
+/// started, and the names of the namespaces it guards.
+pub struct Recorded {
+    /// The daemon's record (None: no daemon ran since boot; an error: a damaged or untrusted file).
+    pub daemon: Result<Option<DaemonRecord>, crate::error::IoError>,
+    counters_since: std::collections::BTreeMap<(u16, u16), u64>,
+    netns_names: std::collections::HashMap<u64, String>,
+}
+
+impl Recorded {
+    pub fn read(pin: &PinDir) -> Recorded {
+        Recorded {
+            daemon: DaemonRecord::load(pin.path()),
+            counters_since: crate::state::counters_since(pin.path()),
+            netns_names: recorded_netns_names(pin),
+        }
+    }
+
+    /// The daemon's record, where there is one that could be read.
+    pub fn daemon(&self) -> Option<&DaemonRecord> {
+        self.daemon.as_ref().ok().and_then(Option::as_ref)
+    }
+}
+
 /// Names of guarded namespaces as the daemon recorded them: inode → name.
-pub fn recorded_netns_names(pin: &PinDir) -> std::collections::HashMap<u64, String> {
+fn recorded_netns_names(pin: &PinDir) -> std::collections::HashMap<u64, String> {
     std::fs::read_to_string(crate::state::path(pin.path(), "netns"))
         .unwrap_or_default()
         .lines()
@@ -415,20 +440,24 @@ fn unpinned(
     notes
 }
 
-/// Everything `status` shows, from the maps and the daemon's record already read (each once, by
-/// the caller, which may use them too); the rest of the pin dir's files are read here.
+/// Everything `status` shows, from the maps and the agent's files already read (each once, by
+/// the caller, which may use them too) and the links pinned beside the maps.
 pub fn status_of(
     pin: &PinDir,
     cg: &Cgroup2,
     maps: &Maps,
-    record: &Result<Option<DaemonRecord>, crate::error::IoError>,
+    recorded: &Recorded,
 ) -> Result<Status, GuardError> {
     let settings = maps.settings()?;
     let mut names = CgroupNames::new(cg);
-    let daemon = DaemonStatus::from_record(record);
-    let record = record.as_ref().ok().and_then(Option::as_ref);
-    let since = crate::state::counters_since(pin.path());
-    let reserve = ranges(cg, maps, record, &since, &mut names)?;
+    let daemon = DaemonStatus::from_record(&recorded.daemon);
+    let reserve = ranges(
+        cg,
+        maps,
+        recorded.daemon(),
+        &recorded.counters_since,
+        &mut names,
+    )?;
     let mut total = Counters::default();
     for r in &reserve {
         total += r.counters;
@@ -436,7 +465,6 @@ pub fn status_of(
     let unguarded_total = reserve.iter().map(|r| r.unguarded).sum();
     let leases = lease_status(maps, &reserve, &mut names)?;
     let (links, disagreements) = links(pin, cg, &mut names, settings.attach_id);
-    let recorded = recorded_netns_names(pin);
     Ok(Status {
         pin_dir: pin.path().to_owned(),
         attached: links
@@ -465,11 +493,13 @@ pub fn status_of(
             .map(|e| e.label())
             .zip(maps.leases().ended())
             .collect(),
-        sentinel: settings.sentinel.then(|| sentinels(maps, &recorded)),
+        sentinel: settings
+            .sentinel
+            .then(|| sentinels(maps, &recorded.netns_names)),
         config_drift: None,
         netns: NetnsStatus {
             scoped: settings.netns_scoped,
-            guarded: guarded_netns(maps, &recorded)?,
+            guarded: guarded_netns(maps, &recorded.netns_names)?,
             unguarded_binds: unguarded_total,
         },
         daemon,

@@ -12,14 +12,13 @@ use crate::{
     cgroup::Cgroup2,
     config::{build_policy, check_cgroups, ConfigFile},
     conflicts::{self, View},
-    error::IoError,
     maps::Maps,
     pin::PinDir,
     policy::{NetnsScope, Policy},
     probe,
     sockets::Scan,
     state::DaemonRecord,
-    status::{status_of, Status},
+    status::{status_of, Recorded, Status},
 };
 
 #[derive(Serialize)]
@@ -61,31 +60,27 @@ struct Features {
     sentinel: bool,
 }
 
-/// What `check` reads of a loaded guard, once: its maps, the daemon's record, its status.
+/// What `check` reads of a loaded guard, once: its maps, the agent's files (the daemon's record
+/// among them), its status.
 struct Loaded {
     maps: Option<Maps>,
-    record: Result<Option<DaemonRecord>, IoError>,
+    recorded: Recorded,
     status: Option<Status>,
 }
 
 impl Loaded {
     fn read(pin: &PinDir, cg: Option<&Cgroup2>) -> Loaded {
         let maps = pin.exists().then(|| Maps::open(pin).ok()).flatten();
-        let record = DaemonRecord::load(pin.path());
+        let recorded = Recorded::read(pin);
         let status = match (&maps, cg) {
-            (Some(m), Some(c)) => status_of(pin, c, m, &record).ok(),
+            (Some(m), Some(c)) => status_of(pin, c, m, &recorded).ok(),
             _ => None,
         };
         Loaded {
             maps,
-            record,
+            recorded,
             status,
         }
-    }
-
-    /// The daemon's record, where it could be read.
-    fn record(&self) -> Option<&DaemonRecord> {
-        self.record.as_ref().ok().and_then(Option::as_ref)
     }
 }
 
@@ -293,7 +288,7 @@ fn check(pin: &PinDir, config: Option<&Path>) -> Result<(Report, View)> {
     let cg = preflight.cgroup2();
     preflight.filesystems(pin);
     let loaded = Loaded::read(pin, cg.as_ref());
-    let judged = Judged::load(config, loaded.record())?;
+    let judged = Judged::load(config, loaded.recorded.daemon())?;
     let policy = &judged.policy;
     preflight.config(policy, &judged.named(), &judged.overriding, cg.as_ref());
     let changes = preflight.plan(policy, loaded.status.as_ref());

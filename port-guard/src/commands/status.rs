@@ -21,8 +21,7 @@ use crate::{
     leases::now_secs,
     maps::Maps,
     pin::PinDir,
-    state::DaemonRecord,
-    status::{self, Status},
+    status::{self, Recorded, Status},
 };
 
 /// Status exit codes, most serious first.
@@ -49,15 +48,14 @@ impl Output {
     }
 }
 
-/// Reads the guard's maps and its daemon's record once, and shows what they say; the exit
+/// Reads the guard's maps and the agent's files about it once, and shows what they say; the exit
 /// status says how the guard stands (the metrics' only that they were read).
 pub fn run(pin: &PinDir, config: Option<&std::path::Path>, out: Output) -> Result<ExitCode> {
     let cg = Cgroup2::find()?;
     let maps = Maps::open(pin)?;
-    let record = DaemonRecord::load(pin.path());
-    let mut s = status::status_of(pin, &cg, &maps, &record)?;
-    s.config_drift =
-        status::config_drift(record.as_ref().ok().and_then(Option::as_ref), config, &s);
+    let recorded = Recorded::read(pin);
+    let mut s = status::status_of(pin, &cg, &maps, &recorded)?;
+    s.config_drift = status::config_drift(recorded.daemon(), config, &s);
     match out {
         Output::Json => println!("{}", serde_json::to_string_pretty(&s)?),
         Output::Table => print!("{}", render(&s)),
