@@ -187,13 +187,8 @@ impl ExitStatus for GuardError {
 
 #[cfg(test)]
 mod tests {
-    use std::{io, path::PathBuf};
-
     use super::*;
-    use crate::{
-        cgroup::CgroupError, config::ConfigError, guard::GuardError, leases::LeaseError,
-        maps::MapsError, pin::PinError, policy::PolicyError,
-    };
+    use crate::config::ConfigError;
 
     /// The status `main` exits with for `e`, as the first error of a chain and under a context.
     fn status(e: impl Into<anyhow::Error>) -> u8 {
