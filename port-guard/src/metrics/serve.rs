@@ -4,14 +4,19 @@
 //! Anyone who can reach a TCP address can connect, so what connections can cost is bounded: at
 //! most [`MAX_CONNECTIONS`] are served at once, each gets [`REQUEST_TIMEOUT`] to send its
 //! request and as long to take the answer, accept errors back off instead of spinning, and when
-//! every slot is held a new connection takes the slot of the oldest one that has not sent its
-//! request yet: idle connections cannot keep a scrape out.
+//! every slot is held a new connection takes the slot of the oldest idle one: one that has not
+//! sent a byte (nothing read, nothing waiting in its socket). A scrape's request is never idle
+//! once it is on its way, however many connections arrive behind it: idle connections cannot keep
+//! a scrape out.
 
 use std::{
     collections::BTreeMap,
     io,
     net::SocketAddr,
-    os::unix::fs::{FileTypeExt as _, MetadataExt as _, PermissionsExt as _},
+    os::{
+        fd::{AsRawFd, RawFd},
+        unix::fs::{FileTypeExt as _, MetadataExt as _, PermissionsExt as _},
+    },
     path::{Path, PathBuf},
     str::FromStr,
     sync::{
@@ -28,8 +33,8 @@ use tokio::{
     task::JoinHandle,
 };
 
-/// Connections served at once.
-pub const MAX_CONNECTIONS: usize = 16;
+/// Connections served at once (each an fd, a task and, once its request arrives, a buffer).
+pub const MAX_CONNECTIONS: usize = 64;
 /// Time a connection has to send its request head, and again to take the answer.
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -155,10 +160,33 @@ fn bind_unix(path: &Path) -> io::Result<Listener> {
 /// A scrape asks the daemon loop, which owns the maps, for the text.
 pub type Scrape = oneshot::Sender<String>;
 
-/// The connections being served: by arrival, whether each has sent its request yet.
+/// One connection being served: whether its request head is in, its socket (to see whether
+/// bytes wait in it), its task.
+struct Slot {
+    answered: Arc<AtomicBool>,
+    fd: RawFd,
+    task: JoinHandle<()>,
+}
+
+impl Slot {
+    /// Nothing read and nothing waiting to be read: a connection that has sent no byte. The fd
+    /// is the task's own and still open: a task leaves the slots before it drops its connection,
+    /// and both happen on this runtime's one thread.
+    fn idle(&self) -> bool {
+        if self.answered.load(Ordering::Relaxed) {
+            return false;
+        }
+        let mut waiting: libc::c_int = 0;
+        // SAFETY: FIONREAD writes one int; a failure (not a socket any more) counts as idle.
+        let r = unsafe { libc::ioctl(self.fd, libc::FIONREAD, &mut waiting) };
+        r != 0 || waiting == 0
+    }
+}
+
+/// The connections being served, by arrival.
 #[derive(Default)]
 struct Slots {
-    conns: Mutex<BTreeMap<u64, (Arc<AtomicBool>, Option<JoinHandle<()>>)>>,
+    conns: Mutex<BTreeMap<u64, Slot>>,
     next: AtomicU64,
 }
 
@@ -171,29 +199,23 @@ impl Slots {
         if conns.len() < MAX_CONNECTIONS {
             return Ok(None);
         }
-        let oldest_idle = conns
-            .iter()
-            .find(|(_, (answered, _))| !answered.load(Ordering::Relaxed))
-            .map(|(k, _)| *k);
-        match oldest_idle {
-            Some(k) => {
-                let task = conns.remove(&k).and_then(|(_, t)| t);
-                if let Some(t) = &task {
-                    t.abort();
-                }
+        let oldest_idle = conns.iter().find(|(_, s)| s.idle()).map(|(k, _)| *k);
+        match oldest_idle.and_then(|k| conns.remove(&k)) {
+            Some(slot) => {
+                slot.task.abort();
                 evicted.fetch_add(1, Ordering::Relaxed);
-                Ok(task)
+                Ok(Some(slot.task))
             }
             None => Err(()),
         }
     }
 
-    fn add(&self, answered: Arc<AtomicBool>, task: JoinHandle<()>) -> u64 {
+    fn add(&self, slot: Slot) -> u64 {
         let k = self.next.fetch_add(1, Ordering::Relaxed);
         self.conns
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .insert(k, (answered, Some(task)));
+            .insert(k, slot);
         k
     }
 
@@ -240,27 +262,45 @@ pub async fn serve(listener: Listener, tx: mpsc::Sender<Scrape>, evicted: Arc<At
         }
         let answered = Arc::new(AtomicBool::new(false));
         let (tx, flag, slots2) = (tx.clone(), Arc::clone(&answered), Arc::clone(&slots));
+        let fd = conn.fd();
         // The task registers itself before it reads: a slot is taken from the first instant.
         let (key_tx, key_rx) = oneshot::channel::<u64>();
         let task = tokio::spawn(async move {
             let key = key_rx.await.ok();
-            answer(conn, tx, &flag).await;
+            let mut conn = conn;
+            answer(&mut conn, tx, &flag).await;
+            // Out of the slots before the fd is closed (see Slot::idle).
             if let Some(k) = key {
                 slots2.remove(k);
             }
+            drop(conn);
         });
-        let key = slots.add(answered, task);
+        let key = slots.add(Slot { answered, fd, task });
         let _ = key_tx.send(key);
+        // The new connection's task runs before the next accept: a request already in its
+        // socket is read now, not after a burst of connections behind it.
+        tokio::task::yield_now().await;
     }
 }
 
 /// A connection of either kind.
-trait Conn: AsyncRead + AsyncWrite + Unpin + Send {}
-impl<T: AsyncRead + AsyncWrite + Unpin + Send> Conn for T {}
+trait Conn: AsyncRead + AsyncWrite + Unpin + Send {
+    fn fd(&self) -> RawFd;
+}
+impl Conn for tokio::net::TcpStream {
+    fn fd(&self) -> RawFd {
+        self.as_raw_fd()
+    }
+}
+impl Conn for tokio::net::UnixStream {
+    fn fd(&self) -> RawFd {
+        self.as_raw_fd()
+    }
+}
 
 /// Reads one request head and answers it; every step is bounded in size and time. `answered`
 /// is set once the head is in: from then on the connection is not evicted.
-async fn answer(mut conn: Box<dyn Conn>, tx: mpsc::Sender<Scrape>, answered: &AtomicBool) {
+async fn answer(conn: &mut Box<dyn Conn>, tx: mpsc::Sender<Scrape>, answered: &AtomicBool) {
     let mut buf = vec![0u8; 8192];
     let mut used = 0;
     let head = tokio::time::timeout(REQUEST_TIMEOUT, async {
