@@ -74,7 +74,7 @@ fn subdirs_at(parent: &OwnedFd, name: &std::ffi::OsStr) -> io::Result<u64> {
     {
         return Err(io::Error::last_os_error());
     }
-    Ok(u64::from(st.st_nlink).saturating_sub(2))
+    Ok(st.st_nlink.saturating_sub(2))
 }
 
 /// Walks the tree at `mount` for `names` (paths wanted) and `fds` (directories wanted). Stops

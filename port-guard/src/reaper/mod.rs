@@ -156,7 +156,7 @@ impl Reaper {
     }
 
     /// The cgroups inotify says changed; true when the queue overflowed (look at everything).
-    fn heard(&mut self, ctx: &mut Ctx<'_, '_>, check: &mut HashSet<u64>) -> bool {
+    fn heard(&mut self, ctx: &Ctx<'_, '_>, check: &mut HashSet<u64>) -> bool {
         let mut overflow = false;
         for ev in self.watcher.inotify.read_events() {
             if ev.mask & libc::IN_Q_OVERFLOW != 0 {
@@ -181,7 +181,7 @@ impl Reaper {
 
     /// Reads the lease map when an allocator changed it (or on a full pass); false when it
     /// cannot be read (nothing is done this pass).
-    fn read_leases(&mut self, maps: &mut Maps, full: bool, check: &mut HashSet<u64>) -> bool {
+    fn read_leases(&mut self, maps: &Maps, full: bool, check: &mut HashSet<u64>) -> bool {
         let generation = maps.leases().generation();
         if !full && self.generation == Some(generation) {
             return true;
@@ -216,7 +216,7 @@ impl Reaper {
     }
 
     /// Every child of the spawn parent: abandoned ones removed, the others watched.
-    fn spawn_parent_pass(&mut self, ctx: &mut Ctx<'_, '_>) {
+    fn spawn_parent_pass(&mut self, ctx: &Ctx<'_, '_>) {
         let dir = ctx.cg.dir(ctx.spawn_parent);
         self.watcher.watch_dir(&dir);
         let Ok(entries) = std::fs::read_dir(&dir) else {
@@ -234,7 +234,7 @@ impl Reaper {
     }
 
     /// Opens (and watches) the spawn parent's child `name`.
-    fn open_spawned(&mut self, ctx: &mut Ctx<'_, '_>, name: &str) {
+    fn open_spawned(&mut self, ctx: &Ctx<'_, '_>, name: &str) {
         let Ok(path) = ctx.spawn_parent.join(name) else {
             return;
         };
@@ -247,14 +247,13 @@ impl Reaper {
 
     /// The lessee `id`, opened if it is not yet: by its file handle, or by the walk.
     fn reach(&mut self, id: u64, ctx: &mut Ctx<'_, '_>) -> Result<Option<&Lessee>, Looked> {
-        if !self.lessees.contains_key(&id) {
+        if let std::collections::hash_map::Entry::Vacant(v) = self.lessees.entry(id) {
             let sp_id = ctx.cg.id(ctx.spawn_parent).ok();
-            match Lessee::reach(id, ctx.names, sp_id) {
-                Ok(Some(l)) => {
-                    self.lessees.insert(id, l);
+            match Lessee::reach(id, ctx.names, sp_id)? {
+                Some(l) => {
+                    v.insert(l);
                 }
-                Ok(None) => return Ok(None),
-                Err(e) => return Err(e),
+                None => return Ok(None),
             }
         }
         Ok(self.lessees.get(&id))
@@ -436,7 +435,7 @@ impl Reaper {
 
     /// The share counts of units whose cgroup is gone and that hold nothing go (their entries
     /// would otherwise stay for ever).
-    fn prune_shares(&mut self, ctx: &mut Ctx<'_, '_>) {
+    fn prune_shares(&self, ctx: &mut Ctx<'_, '_>) {
         if !ctx.names.handles() {
             // Without handles every unit would cost a walk; the entries are small and bounded.
             return;
@@ -470,7 +469,7 @@ impl Reaper {
     /// was killed between making it and claiming a port: no lease, no process, and made more
     /// than [`ABANDONED_AFTER`] ago (a leaf cgroup's mtime is its creation time; spawn moves
     /// itself in within milliseconds of the mkdir). True when it was removed.
-    fn remove_if_abandoned(&mut self, ctx: &mut Ctx<'_, '_>, name: &str) -> bool {
+    fn remove_if_abandoned(&mut self, ctx: &Ctx<'_, '_>, name: &str) -> bool {
         let Ok(child) = ctx.spawn_parent.join(name) else {
             return false;
         };
