@@ -331,7 +331,9 @@ fn fd_count(pid: i32) -> usize {
 
 #[test]
 fn idle_connections_to_the_metrics_port_end_no_lease() {
-    const LIMIT: u64 = 128;
+    const LIMIT: u64 = 160;
+    // port-guard's metrics::MAX_CONNECTIONS: the connections it serves at once.
+    const SLOTS: usize = 64;
     let s = Fixture::new("fds");
     let metrics = "127.0.0.1:63190";
     let mut cmd = s.daemon_cmd(
@@ -417,7 +419,7 @@ fn idle_connections_to_the_metrics_port_end_no_lease() {
         "the attack ran: {v}"
     );
     assert!(
-        most <= base + 16 + 4,
+        most <= base + SLOTS + 4,
         "the daemon held {most} fds under the attack ({base} at rest)"
     );
 
