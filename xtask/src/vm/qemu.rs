@@ -134,114 +134,8 @@ pub(super) fn boot(k: &Kernel, initrd: &Path, log_path: &Path, opts: &Options) -
         spawn_lines(child.stdout.take().expect("piped"), "", tx.clone()),
         spawn_lines(child.stderr.take().expect("piped"), "[qemu] ", tx),
     ];
-    let mut log = io::LineWriter::new(fs::File::create(log_path)?);
-    let exec = opts.exec.is_some();
-    let mut results: Vec<TestResult> = Vec::new();
-    let mut started: HashMap<String, Instant> = HashMap::new();
-    let mut captured: Option<(String, Vec<String>)> = None;
-    let mut last_output: HashMap<String, Vec<String>> = HashMap::new();
-    let (mut boot_at, mut done_at) = (None, None);
-    let deadline = start + opts.timeout;
-    let end = loop {
-        let now = Instant::now();
-        if now >= deadline {
-            break End::Timeout(opts.timeout);
-        }
-        let line = match rx.recv_timeout(deadline - now) {
-            Ok(l) => l,
-            Err(mpsc::RecvTimeoutError::Timeout) => continue,
-            Err(mpsc::RecvTimeoutError::Disconnected) => {
-                let st = child.wait().map(|s| s.to_string()).unwrap_or_default();
-                break End::Exited(st);
-            }
-        };
-        writeln!(log, "[{:8.3}] {line}", start.elapsed().as_secs_f64())?;
-        if opts.verbose || exec {
-            eprintln!("  | {line}");
-        }
-        if let Some((id, buf)) = &mut captured {
-            if line.contains(&format!("PG-OUTPUT-END {id}")) {
-                let (id, buf) = captured.take().expect("capturing");
-                last_output.insert(id, buf);
-            } else {
-                buf.push(line);
-            }
-            continue;
-        }
-        if line.contains("Kernel panic") {
-            // A few more lines for the log (the panic's reason), then stop it.
-            let t = Instant::now();
-            while let Ok(l) = rx.recv_timeout(Duration::from_secs(2)) {
-                writeln!(log, "[{:8.3}] {l}", start.elapsed().as_secs_f64())?;
-                if t.elapsed() > Duration::from_secs(3) {
-                    break;
-                }
-            }
-            break End::Panic(line);
-        }
-        if let Some(rest) = after(&line, "PG-ABORT ") {
-            break End::Aborted(rest.to_owned());
-        }
-        if line.contains("PG-INIT") && boot_at.is_none() {
-            boot_at = Some(start.elapsed());
-            eprintln!(
-                "  booted in {:.1} s: {}",
-                start.elapsed().as_secs_f64(),
-                after(&line, "PG-INIT ").unwrap_or("")
-            );
-        } else if let Some(rest) = after(&line, "PG-START ") {
-            started.insert(rest.trim().to_owned(), Instant::now());
-        } else if let Some(rest) = after(&line, "PG-OUTPUT-BEGIN ") {
-            captured = Some((rest.trim().to_owned(), Vec::new()));
-        } else if let Some(rest) = after(&line, "PG-RESULT ") {
-            let mut parts = rest.splitn(3, ' ');
-            let id = parts.next().unwrap_or_default().to_owned();
-            let status = match parts.next() {
-                Some("pass") => Status::Pass,
-                Some("skip") => Status::Skip,
-                _ => Status::Fail,
-            };
-            let mut note = parts.next().unwrap_or_default().trim().to_owned();
-            let out = last_output.remove(&id).unwrap_or_default();
-            if status == Status::Fail {
-                if let Some(p) = panic_summary(&out) {
-                    note = format!("{note}: {p}");
-                }
-            }
-            let took = started.remove(&id).map(|t| t.elapsed());
-            let secs = took
-                .map(|t| format!("{:6.1} s", t.as_secs_f64()))
-                .unwrap_or_default();
-            let tag = match status {
-                Status::Pass => "pass",
-                Status::Skip => "SKIP",
-                Status::Fail => "FAIL",
-            };
-            eprintln!(
-                "  {tag} {secs}  {id}{}",
-                if note.is_empty() {
-                    String::new()
-                } else {
-                    format!("  ({note})")
-                }
-            );
-            if status == Status::Fail && !opts.verbose {
-                let tail = out.len().saturating_sub(150);
-                for l in &out[tail..] {
-                    eprintln!("    | {l}");
-                }
-            }
-            results.push(TestResult {
-                id,
-                status,
-                note,
-                took,
-            });
-        } else if line.contains("PG-DONE") {
-            done_at = Some(start.elapsed());
-            break End::Done;
-        }
-    };
+    let mut console = Console::new(start, log_path, opts)?;
+    let end = console.read(&rx, &mut child)?;
     // Let it power off by itself for a moment, then make sure it is gone.
     let t = Instant::now();
     while matches!(child.try_wait(), Ok(None))
@@ -252,42 +146,196 @@ pub(super) fn boot(k: &Kernel, initrd: &Path, log_path: &Path, opts: &Options) -
     }
     stop(&mut child);
     for l in rx.try_iter() {
-        writeln!(log, "[{:8.3}] {l}", start.elapsed().as_secs_f64())?;
+        console.log(&l)?;
     }
-    log.flush()?;
+    console.file.flush()?;
     drop(readers);
-    // Tests that started but never reported.
-    for (id, t) in started {
-        results.push(TestResult {
+    Ok(console.outcome(k, end))
+}
+
+/// What the console has told so far: the results, the tests running, the output being captured.
+struct Console<'a> {
+    start: Instant,
+    file: io::LineWriter<fs::File>,
+    opts: &'a Options,
+    results: Vec<TestResult>,
+    started: HashMap<String, Instant>,
+    captured: Option<(String, Vec<String>)>,
+    last_output: HashMap<String, Vec<String>>,
+    boot_at: Option<Duration>,
+    done_at: Option<Duration>,
+}
+
+impl<'a> Console<'a> {
+    fn new(start: Instant, log_path: &Path, opts: &'a Options) -> Result<Console<'a>> {
+        Ok(Console {
+            start,
+            file: io::LineWriter::new(fs::File::create(log_path)?),
+            opts,
+            results: Vec::new(),
+            started: HashMap::new(),
+            captured: None,
+            last_output: HashMap::new(),
+            boot_at: None,
+            done_at: None,
+        })
+    }
+
+    fn log(&mut self, line: &str) -> io::Result<()> {
+        writeln!(self.file, "[{:8.3}] {line}", self.start.elapsed().as_secs_f64())
+    }
+
+    /// Lines until the guest is done, panics, gives up, exits, or the timeout.
+    fn read(&mut self, rx: &mpsc::Receiver<String>, child: &mut Child) -> Result<End> {
+        let deadline = self.start + self.opts.timeout;
+        loop {
+            let now = Instant::now();
+            if now >= deadline {
+                return Ok(End::Timeout(self.opts.timeout));
+            }
+            let line = match rx.recv_timeout(deadline - now) {
+                Ok(l) => l,
+                Err(mpsc::RecvTimeoutError::Timeout) => continue,
+                Err(mpsc::RecvTimeoutError::Disconnected) => {
+                    let st = child.wait().map(|s| s.to_string()).unwrap_or_default();
+                    return Ok(End::Exited(st));
+                }
+            };
+            self.log(&line)?;
+            if self.opts.verbose || self.opts.exec.is_some() {
+                eprintln!("  | {line}");
+            }
+            if line.contains("Kernel panic") {
+                // A few more lines for the log (the panic's reason), then stop it.
+                let t = Instant::now();
+                while let Ok(l) = rx.recv_timeout(Duration::from_secs(2)) {
+                    self.log(&l)?;
+                    if t.elapsed() > Duration::from_secs(3) {
+                        break;
+                    }
+                }
+                return Ok(End::Panic(line));
+            }
+            if let Some(end) = self.line(line) {
+                return Ok(end);
+            }
+        }
+    }
+
+    /// One console line (not a panic): the end it says, if it says one.
+    fn line(&mut self, line: String) -> Option<End> {
+        if let Some((id, buf)) = &mut self.captured {
+            if line.contains(&format!("PG-OUTPUT-END {id}")) {
+                let (id, buf) = self.captured.take().expect("capturing");
+                self.last_output.insert(id, buf);
+            } else {
+                buf.push(line);
+            }
+            return None;
+        }
+        if let Some(rest) = after(&line, "PG-ABORT ") {
+            return Some(End::Aborted(rest.to_owned()));
+        }
+        if line.contains("PG-INIT") && self.boot_at.is_none() {
+            self.boot_at = Some(self.start.elapsed());
+            eprintln!(
+                "  booted in {:.1} s: {}",
+                self.start.elapsed().as_secs_f64(),
+                after(&line, "PG-INIT ").unwrap_or("")
+            );
+        } else if let Some(rest) = after(&line, "PG-START ") {
+            self.started.insert(rest.trim().to_owned(), Instant::now());
+        } else if let Some(rest) = after(&line, "PG-OUTPUT-BEGIN ") {
+            self.captured = Some((rest.trim().to_owned(), Vec::new()));
+        } else if let Some(rest) = after(&line, "PG-RESULT ") {
+            self.result(rest);
+        } else if line.contains("PG-DONE") {
+            self.done_at = Some(self.start.elapsed());
+            return Some(End::Done);
+        }
+        None
+    }
+
+    /// `PG-RESULT <id> pass|skip|fail [note]`: the result, printed (with the output of a
+    /// failure) and kept.
+    fn result(&mut self, rest: &str) {
+        let mut parts = rest.splitn(3, ' ');
+        let id = parts.next().unwrap_or_default().to_owned();
+        let status = match parts.next() {
+            Some("pass") => Status::Pass,
+            Some("skip") => Status::Skip,
+            _ => Status::Fail,
+        };
+        let mut note = parts.next().unwrap_or_default().trim().to_owned();
+        let out = self.last_output.remove(&id).unwrap_or_default();
+        if status == Status::Fail {
+            if let Some(p) = panic_summary(&out) {
+                note = format!("{note}: {p}");
+            }
+        }
+        let took = self.started.remove(&id).map(|t| t.elapsed());
+        let secs = took
+            .map(|t| format!("{:6.1} s", t.as_secs_f64()))
+            .unwrap_or_default();
+        let tag = match status {
+            Status::Pass => "pass",
+            Status::Skip => "SKIP",
+            Status::Fail => "FAIL",
+        };
+        let shown = if note.is_empty() {
+            String::new()
+        } else {
+            format!("  ({note})")
+        };
+        eprintln!("  {tag} {secs}  {id}{shown}");
+        if status == Status::Fail && !self.opts.verbose {
+            let tail = out.len().saturating_sub(150);
+            for l in &out[tail..] {
+                eprintln!("    | {l}");
+            }
+        }
+        self.results.push(TestResult {
             id,
-            status: Status::Fail,
-            note: format!("no result: {}", end.describe()),
-            took: Some(t.elapsed()),
+            status,
+            note,
+            took,
         });
     }
-    let wall = start.elapsed();
-    let suite = match (boot_at, done_at) {
-        (Some(b), Some(d)) => Some(d - b),
-        _ => None,
-    };
-    eprintln!(
-        "  {}: {}; boot {}, suite {}, wall {:.1} s",
-        k.series.name,
-        end.describe(),
-        fmt_secs(boot_at),
-        fmt_secs(suite),
-        wall.as_secs_f64()
-    );
-    Ok(Outcome {
-        series: k.series,
-        package: k.package.clone(),
-        version: k.version.clone(),
-        results,
-        boot: boot_at,
-        suite,
-        wall,
-        end,
-    })
+
+    /// The run's outcome: tests that started but never reported fail with the way it ended.
+    fn outcome(mut self, k: &Kernel, end: End) -> Outcome {
+        for (id, t) in std::mem::take(&mut self.started) {
+            self.results.push(TestResult {
+                id,
+                status: Status::Fail,
+                note: format!("no result: {}", end.describe()),
+                took: Some(t.elapsed()),
+            });
+        }
+        let wall = self.start.elapsed();
+        let suite = match (self.boot_at, self.done_at) {
+            (Some(b), Some(d)) => Some(d - b),
+            _ => None,
+        };
+        eprintln!(
+            "  {}: {}; boot {}, suite {}, wall {:.1} s",
+            k.series.name,
+            end.describe(),
+            fmt_secs(self.boot_at),
+            fmt_secs(suite),
+            wall.as_secs_f64()
+        );
+        Outcome {
+            series: k.series,
+            package: k.package.clone(),
+            version: k.version.clone(),
+            results: self.results,
+            boot: self.boot_at,
+            suite,
+            wall,
+            end,
+        }
+    }
 }
 
 /// The text after `marker` in `line` (kernel messages can land in the middle of a console line).
