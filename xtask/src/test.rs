@@ -119,7 +119,11 @@ fn old_binary(root: &Path, commit: &str) -> Result<Option<PathBuf>> {
         return Ok(None);
     }
     let src = dir.join("src");
-    let head = output(Command::new("git").current_dir(&src).args(["rev-parse", "HEAD"]));
+    let head = output(
+        Command::new("git")
+            .current_dir(&src)
+            .args(["rev-parse", "HEAD"]),
+    );
     match head {
         Some(h) if h.trim() == commit => {}
         Some(_) => run(Command::new("git")

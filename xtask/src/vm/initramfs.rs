@@ -14,7 +14,13 @@ use std::{
 use anyhow::{bail, ensure, Context as _, Result};
 use xtask::output;
 
-use super::{cpio::write_cpio, elf, kernel::Kernel, static_build::Artifacts, Options};
+use super::{
+    cpio::{write_cpio, Cpio},
+    elf,
+    kernel::Kernel,
+    static_build::Artifacts,
+    Options,
+};
 
 /// Dynamically linked host tools shipped into the guest with their libraries (found with ldd),
 /// and whether the run needs them: iproute2's `ip` for the network-namespace tests (busybox's
@@ -214,56 +220,15 @@ pub(super) fn write_base_initramfs(out: &Path, art: &Artifacts, opts: &Options) 
     let mut tools = Vec::new();
     for (name, required) in HOST_TOOLS {
         match find_tool(name) {
-            Some(p) => tools.push((name, p)),
+            Some(p) => tools.push((*name, p)),
             None if *required => bail!("{name} is not installed on this host"),
             None => eprintln!("xtask: {name} is not installed: the guest runs without it"),
         }
     }
-    let mut plan = String::new();
-    for (name, exe) in &art.tests {
-        plan += &format!("{name} {}\n", exe.display());
-    }
     let file = fs::File::create(out).with_context(|| format!("creating {}", out.display()))?;
     write_cpio(file, |c| {
-        for d in [
-            "proc",
-            "sys",
-            "tmp",
-            "run",
-            "root",
-            "etc",
-            "usr/local/bin",
-            "usr/local/sbin",
-        ] {
-            c.dir(d)?;
-        }
-        c.symlink("var/run", "/run")?;
-        c.char_dev("dev/console", 0o600, 5, 1)?;
-        c.char_dev("dev/null", 0o666, 1, 3)?;
-        c.file("bin/busybox", 0o755, &data)?;
-        for applet in applets
-            .lines()
-            .map(str::trim)
-            .filter(|a| !a.is_empty() && *a != "bin/busybox")
-        {
-            c.symlink(applet, "/bin/busybox")?;
-        }
-        c.file("init", 0o755, INIT.as_bytes())?;
-        c.file(
-            "etc/passwd",
-            0o644,
-            b"root:x:0:0:root:/root:/bin/sh\nnobody:x:65534:65534:nobody:/nonexistent:/bin/false\n",
-        )?;
-        c.file("etc/group", 0o644, b"root:x:0:\nnogroup:x:65534:\n")?;
-        c.file("etc/hosts", 0o644, b"127.0.0.1 localhost\n::1 localhost\n")?;
-        let mut libs = BTreeSet::new();
-        for (name, path) in &tools {
-            c.host_file(&format!("usr/local/sbin/{name}"), path)?;
-            libs.extend(libraries(path)?);
-        }
-        for lib in &libs {
-            c.host_file(&lib.to_string_lossy(), lib)?;
-        }
+        skeleton(c, &data, &applets)?;
+        host_tools(c, &tools)?;
         c.host_file("usr/local/bin/port-guard", &art.agent)?;
         for (_, exe) in &art.tests {
             c.host_file(&exe.to_string_lossy(), exe)?;
@@ -271,32 +236,93 @@ pub(super) fn write_base_initramfs(out: &Path, art: &Artifacts, opts: &Options) 
         for exe in &art.bins {
             c.host_file(&exe.to_string_lossy(), exe)?;
         }
-        c.file("pg/tests", 0o644, plan.as_bytes())?;
-        c.file(
-            "pg/test-timeout",
-            0o644,
-            opts.test_timeout.as_secs().to_string().as_bytes(),
-        )?;
-        c.file(
-            "pg/filter",
-            0o644,
-            opts.filter.as_deref().unwrap_or("").as_bytes(),
-        )?;
-        let not_in_vm: String = NOT_IN_VM
-            .iter()
-            .map(|(id, why)| format!("{id} {why}\n"))
-            .collect();
-        c.file("pg/not-in-vm", 0o644, not_in_vm.as_bytes())?;
-        let env: String = VM_ENV
-            .iter()
-            .map(|(k, v)| format!("export {k}={v}\n"))
-            .collect();
-        c.file("pg/env", 0o644, env.as_bytes())?;
-        if let Some(cmd) = &opts.exec {
-            c.file("pg/exec", 0o644, format!("{cmd}\n").as_bytes())?;
-        }
-        Ok(())
+        suite_files(c, art, opts)
     })
+}
+
+/// The guest's root: directories, the two device nodes, busybox and its applets, the init, the
+/// users and hosts files.
+fn skeleton<W: std::io::Write>(c: &mut Cpio<W>, busybox: &[u8], applets: &str) -> Result<()> {
+    for d in [
+        "proc",
+        "sys",
+        "tmp",
+        "run",
+        "root",
+        "etc",
+        "usr/local/bin",
+        "usr/local/sbin",
+    ] {
+        c.dir(d)?;
+    }
+    c.symlink("var/run", "/run")?;
+    c.char_dev("dev/console", 0o600, 5, 1)?;
+    c.char_dev("dev/null", 0o666, 1, 3)?;
+    c.file("bin/busybox", 0o755, busybox)?;
+    for applet in applets
+        .lines()
+        .map(str::trim)
+        .filter(|a| !a.is_empty() && *a != "bin/busybox")
+    {
+        c.symlink(applet, "/bin/busybox")?;
+    }
+    c.file("init", 0o755, INIT.as_bytes())?;
+    c.file(
+        "etc/passwd",
+        0o644,
+        b"root:x:0:0:root:/root:/bin/sh\nnobody:x:65534:65534:nobody:/nonexistent:/bin/false\n",
+    )?;
+    c.file("etc/group", 0o644, b"root:x:0:\nnogroup:x:65534:\n")?;
+    c.file("etc/hosts", 0o644, b"127.0.0.1 localhost\n::1 localhost\n")?;
+    Ok(())
+}
+
+/// The host's tools under /usr/local/sbin, with the shared libraries they load.
+fn host_tools<W: std::io::Write>(c: &mut Cpio<W>, tools: &[(&str, PathBuf)]) -> Result<()> {
+    let mut libs = BTreeSet::new();
+    for (name, path) in tools {
+        c.host_file(&format!("usr/local/sbin/{name}"), path)?;
+        libs.extend(libraries(path)?);
+    }
+    for lib in &libs {
+        c.host_file(&lib.to_string_lossy(), lib)?;
+    }
+    Ok(())
+}
+
+/// What the init reads under /pg: the test binaries, the timeout, the filter, the tests not run
+/// in VMs and why, the environment, and the command to run instead of the suite.
+fn suite_files<W: std::io::Write>(c: &mut Cpio<W>, art: &Artifacts, opts: &Options) -> Result<()> {
+    let plan: String = art
+        .tests
+        .iter()
+        .map(|(name, exe)| format!("{name} {}\n", exe.display()))
+        .collect();
+    c.file("pg/tests", 0o644, plan.as_bytes())?;
+    c.file(
+        "pg/test-timeout",
+        0o644,
+        opts.test_timeout.as_secs().to_string().as_bytes(),
+    )?;
+    c.file(
+        "pg/filter",
+        0o644,
+        opts.filter.as_deref().unwrap_or("").as_bytes(),
+    )?;
+    let not_in_vm: String = NOT_IN_VM
+        .iter()
+        .map(|(id, why)| format!("{id} {why}\n"))
+        .collect();
+    c.file("pg/not-in-vm", 0o644, not_in_vm.as_bytes())?;
+    let env: String = VM_ENV
+        .iter()
+        .map(|(k, v)| format!("export {k}={v}\n"))
+        .collect();
+    c.file("pg/env", 0o644, env.as_bytes())?;
+    if let Some(cmd) = &opts.exec {
+        c.file("pg/exec", 0o644, format!("{cmd}\n").as_bytes())?;
+    }
+    Ok(())
 }
 
 /// `base` followed by a cpio of the kernel's modules (the kernel unpacks concatenated archives).

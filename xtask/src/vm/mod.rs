@@ -41,7 +41,7 @@
 
 use std::{
     fs,
-    path::Path,
+    path::{Path, PathBuf},
     time::{Duration, Instant},
 };
 
@@ -142,9 +142,45 @@ pub fn vm_test(root: &Path, opts: &Options) -> Result<()> {
         }
     }
     let t_all = Instant::now();
-    let cache = root.join("target/vm-cache");
     let work = root.join("target/vm");
+    let (kernels, images, times) = prepare(root, &work, &series, opts)?;
+    let logs = work.join("logs");
+    fs::create_dir_all(&logs)?;
+    let mut outcomes = Vec::new();
+    for (k, img) in kernels.iter().zip(&images) {
+        let log = logs.join(format!("{}.log", k.series.name));
+        eprintln!(
+            "\nxtask: booting {} ({}: {} {}), console in {}",
+            k.series.name,
+            k.release,
+            k.package,
+            k.version,
+            log.display()
+        );
+        outcomes.push(qemu::boot(k, img, &log, opts)?);
+    }
+    if opts.exec.is_some() {
+        return Ok(());
+    }
+    report::report(&outcomes);
+    let [kernels_s, build_s, initramfs_s] = times.map(|t| t.as_secs_f64());
+    eprintln!(
+        "times: kernels {kernels_s:.1} s (download and unpack, or cache), build {build_s:.1} s, initramfs {initramfs_s:.1} s, VMs {:.1} s, total {:.1} s",
+        outcomes.iter().map(|o| o.wall.as_secs_f64()).sum::<f64>(),
+        t_all.elapsed().as_secs_f64()
+    );
+    verdict(&outcomes)
+}
 
+/// The kernels (fetched or cached), the static build, and an initramfs per kernel; with the time
+/// each of the three took.
+fn prepare(
+    root: &Path,
+    work: &Path,
+    series: &[Series],
+    opts: &Options,
+) -> Result<(Vec<kernel::Kernel>, Vec<PathBuf>, [Duration; 3])> {
+    let cache = root.join("target/vm-cache");
     let t = Instant::now();
     let mut apt = Apt::new(&cache.join("apt"))?;
     let kernels = series
@@ -154,7 +190,7 @@ pub fn vm_test(root: &Path, opts: &Options) -> Result<()> {
     let t_kernels = t.elapsed();
 
     let t = Instant::now();
-    let art = static_build::build(root, &work)?;
+    let art = static_build::build(root, work)?;
     let t_build = t.elapsed();
 
     let t = Instant::now();
@@ -176,34 +212,11 @@ pub fn vm_test(root: &Path, opts: &Options) -> Result<()> {
         t_initramfs.as_secs_f64(),
         fs::metadata(&base)?.len() >> 20
     );
+    Ok((kernels, images, [t_kernels, t_build, t_initramfs]))
+}
 
-    let logs = work.join("logs");
-    fs::create_dir_all(&logs)?;
-    let mut outcomes = Vec::new();
-    for (k, img) in kernels.iter().zip(&images) {
-        let log = logs.join(format!("{}.log", k.series.name));
-        eprintln!(
-            "\nxtask: booting {} ({}: {} {}), console in {}",
-            k.series.name,
-            k.release,
-            k.package,
-            k.version,
-            log.display()
-        );
-        outcomes.push(qemu::boot(k, img, &log, opts)?);
-    }
-    if opts.exec.is_some() {
-        return Ok(());
-    }
-    report::report(&outcomes);
-    eprintln!(
-        "times: kernels {:.1} s (download and unpack, or cache), build {:.1} s, initramfs {:.1} s, VMs {:.1} s, total {:.1} s",
-        t_kernels.as_secs_f64(),
-        t_build.as_secs_f64(),
-        t_initramfs.as_secs_f64(),
-        outcomes.iter().map(|o| o.wall.as_secs_f64()).sum::<f64>(),
-        t_all.elapsed().as_secs_f64()
-    );
+/// An error naming what failed: tests, kernels that did not finish, kernels that ran no test.
+fn verdict(outcomes: &[qemu::Outcome]) -> Result<()> {
     let failed: usize = outcomes
         .iter()
         .map(|o| {

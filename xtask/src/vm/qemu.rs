@@ -182,7 +182,11 @@ impl<'a> Console<'a> {
     }
 
     fn log(&mut self, line: &str) -> io::Result<()> {
-        writeln!(self.file, "[{:8.3}] {line}", self.start.elapsed().as_secs_f64())
+        writeln!(
+            self.file,
+            "[{:8.3}] {line}",
+            self.start.elapsed().as_secs_f64()
+        )
     }
 
     /// Lines until the guest is done, panics, gives up, exits, or the timeout.
