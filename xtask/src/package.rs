@@ -138,27 +138,7 @@ pub fn package(root: &Path) -> Result<Packages> {
     let assets = out.join("assets");
     std::fs::create_dir_all(&assets).with_context(|| format!("mkdir {}", assets.display()))?;
     let version = version(root)?;
-
-    let write = |name: &str, data: &[u8]| -> Result<()> {
-        std::fs::write(assets.join(name), data).with_context(|| format!("writing {name}"))
-    };
-    write("config.toml", audit_config(root)?.as_bytes())?;
-    gzip(&generated(&bin, &["man"])?, &assets.join("port-guard.8.gz"))?;
-    write(
-        "port-guard.bash",
-        &generated(&bin, &["completions", "bash"])?,
-    )?;
-    write("_port-guard", &generated(&bin, &["completions", "zsh"])?)?;
-    write(
-        "port-guard.fish",
-        &generated(&bin, &["completions", "fish"])?,
-    )?;
-    // cargo-generate-rpm packages what it is given: a stripped copy (cargo-deb strips its own).
-    let stripped = assets.join("port-guard");
-    std::fs::copy(&bin, &stripped).context("copying the binary for the rpm")?;
-    run(Command::new("strip").arg("--strip-unneeded").arg(&stripped))?;
-    let changelog = changelog(root, &version)?;
-    write("changelog", changelog.as_bytes())?;
+    write_assets(root, &bin, &assets, &version)?;
 
     // Old packages of other versions would confuse whoever picks "the" package up.
     for entry in std::fs::read_dir(&out)? {
@@ -168,17 +148,15 @@ pub fn package(root: &Path) -> Result<Packages> {
         }
     }
     let out_str = out.to_str().context("target path is UTF-8")?;
-    cargo(
-        root,
-        &[
-            "deb",
-            "--package",
-            "port-guard",
-            "--no-build",
-            "--output",
-            out_str,
-        ],
-    )?;
+    let deb = [
+        "deb",
+        "--package",
+        "port-guard",
+        "--no-build",
+        "--output",
+        out_str,
+    ];
+    cargo(root, &deb)?;
     cargo(
         root,
         &[
@@ -189,22 +167,9 @@ pub fn package(root: &Path) -> Result<Packages> {
             out_str,
         ],
     )?;
-    let find = |ext: &str| -> Result<PathBuf> {
-        let mut found = Vec::new();
-        for entry in std::fs::read_dir(&out)? {
-            let path = entry?.path();
-            if path.extension().is_some_and(|e| e == ext) {
-                found.push(path);
-            }
-        }
-        match found.as_slice() {
-            [one] => Ok(one.clone()),
-            _ => bail!("expected one .{ext} in {}, found {found:?}", out.display()),
-        }
-    };
     let packages = Packages {
-        deb: find("deb")?,
-        rpm: find("rpm")?,
+        deb: find_one(&out, "deb")?,
+        rpm: find_one(&out, "rpm")?,
     };
     for p in [&packages.deb, &packages.rpm] {
         let size = std::fs::metadata(p)?.len();
@@ -215,4 +180,41 @@ pub fn package(root: &Path) -> Result<Packages> {
         );
     }
     Ok(packages)
+}
+
+/// What the packages carry beside the binary, generated into `assets`: the audit-mode config,
+/// the man page, the shell completions, a stripped binary for the rpm, the changelog.
+fn write_assets(root: &Path, bin: &Path, assets: &Path, version: &str) -> Result<()> {
+    let write = |name: &str, data: &[u8]| -> Result<()> {
+        std::fs::write(assets.join(name), data).with_context(|| format!("writing {name}"))
+    };
+    write("config.toml", audit_config(root)?.as_bytes())?;
+    gzip(&generated(bin, &["man"])?, &assets.join("port-guard.8.gz"))?;
+    for (shell, name) in [
+        ("bash", "port-guard.bash"),
+        ("zsh", "_port-guard"),
+        ("fish", "port-guard.fish"),
+    ] {
+        write(name, &generated(bin, &["completions", shell])?)?;
+    }
+    // cargo-generate-rpm packages what it is given: a stripped copy (cargo-deb strips its own).
+    let stripped = assets.join("port-guard");
+    std::fs::copy(bin, &stripped).context("copying the binary for the rpm")?;
+    run(Command::new("strip").arg("--strip-unneeded").arg(&stripped))?;
+    write("changelog", changelog(root, version)?.as_bytes())
+}
+
+/// The one file in `dir` ending in `.ext`.
+fn find_one(dir: &Path, ext: &str) -> Result<PathBuf> {
+    let mut found = Vec::new();
+    for entry in std::fs::read_dir(dir)? {
+        let path = entry?.path();
+        if path.extension().is_some_and(|e| e == ext) {
+            found.push(path);
+        }
+    }
+    match found.as_slice() {
+        [one] => Ok(one.clone()),
+        _ => bail!("expected one .{ext} in {}, found {found:?}", dir.display()),
+    }
 }
