@@ -54,7 +54,7 @@ impl View {
             .map(|r| {
                 let allow = allowed
                     .iter()
-                    .filter(|(_, mask)| *mask & (1u64 << r.slot) != 0)
+                    .filter(|(_, mask)| *mask & r.bit() != 0)
                     .filter_map(|(id, _)| path(*id))
                     .collect();
                 (r.spec, allow)

@@ -521,7 +521,7 @@ fn ranges(
     for r in maps.ranges() {
         let ids: Vec<u64> = allowed
             .iter()
-            .filter(|(_, mask)| *mask & (1u64 << r.slot) != 0)
+            .filter(|(_, mask)| *mask & r.bit() != 0)
             .map(|(id, _)| *id)
             .collect();
         let mut allow: Vec<String> = ids.iter().map(|id| names.name(*id)).collect();

@@ -166,6 +166,13 @@ pub struct SlotRange {
     pub spec: ReserveSpec,
 }
 
+impl SlotRange {
+    /// The range's bit in an allowed cgroup's mask (none for a slot out of bounds).
+    pub fn bit(&self) -> u64 {
+        Slot::new(self.slot).map_or(0, Slot::bit)
+    }
+}
+
 /// The config entry, decoded.
 #[derive(Debug, Clone, Copy)]
 pub struct Settings {
