@@ -110,6 +110,7 @@ enum Cmd {
 fn main() -> Result<()> {
     let cli = Cli::parse();
     let root = xtask::workspace_root();
+    let t = std::time::Instant::now();
     setup::setup()?;
     // The Debian packages the verb (and the tests it runs) needs: one list, in packages.rs.
     match &cli.cmd {
@@ -127,6 +128,10 @@ fn main() -> Result<()> {
         }
         Cmd::Run { .. } | Cmd::Package => {}
     }
+    eprintln!(
+        "xtask: set-up (eBPF toolchain, cargo tools, Debian packages: what was missing) took {:.0} s",
+        t.elapsed().as_secs_f64()
+    );
     match cli.cmd {
         Cmd::Setup => Ok(()),
         Cmd::Package => package::package(&root).map(|_| ()),

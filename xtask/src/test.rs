@@ -4,6 +4,7 @@
 use std::{
     path::{Path, PathBuf},
     process::Command,
+    time::Instant,
 };
 
 use anyhow::{Context as _, Result};
@@ -11,22 +12,24 @@ use xtask::{cargo, output, require_root, run};
 
 use crate::{fuzz, package};
 
+/// Runs `step` and says how long `what` took: CI's hour is spent in these parts.
+fn timed<T>(what: &str, step: impl FnOnce() -> Result<T>) -> Result<T> {
+    let t = Instant::now();
+    let r = step();
+    eprintln!(
+        "xtask: test: {what} took {:.0} s",
+        t.elapsed().as_secs_f64()
+    );
+    r
+}
+
 pub fn test(root: &Path, filter: Option<&str>) -> Result<()> {
     // Unit tests: no root needed.
-    cargo(
-        root,
-        &[
-            "test",
-            "--package",
-            "port-guard",
-            "--package",
-            "port-guard-common",
-            "--package",
-            "xtask",
-        ],
-    )?;
+    timed("the unit tests (with their build)", || unit_tests(root))?;
     require_root("the integration tests load BPF programs and create cgroups")?;
-    cargo(root, &["build", "--package", "port-guard"])?;
+    timed("the agent's build", || {
+        cargo(root, &["build", "--package", "port-guard"])
+    })?;
     let bin = root.join("target/debug/port-guard");
     let mut args = vec![
         "test",
@@ -45,35 +48,60 @@ pub fn test(root: &Path, filter: Option<&str>) -> Result<()> {
         .env("PORT_GUARD_BIN", &bin)
         .args(&args);
     if filter.is_none_or(|f| f.contains("upgrade") || f.contains("layout")) {
-        for old in OLD_BUILDS {
-            match old_binary(root, old.commit)? {
-                Some(bin) => {
-                    cmd.env(old.env, bin);
-                }
-                None => eprintln!(
-                    "xtask: WARNING: commit {} ({}) is not in this clone's history: its upgrade test is skipped",
-                    old.commit, old.what
-                ),
-            }
-        }
+        timed("the earlier releases' builds", || {
+            old_builds(root, &mut cmd)
+        })?;
     }
     // The package tests' names say "package" (the_deb_package_…); "deb" and "rpm" pick them too.
     if filter.is_none_or(|f| ["package", "deb", "rpm"].iter().any(|k| f.contains(k))) {
         // The packages' tests install the .deb on this machine and read both packages.
-        let built = package::package(root)?;
+        let built = timed("the packages", || package::package(root))?;
         cmd.env(
             "PG_PACKAGE_DIR",
             built.deb.parent().context("the .deb is in a directory")?,
         );
     }
-    run(&mut cmd)?;
+    timed("the integration suite (with its build)", || run(&mut cmd))?;
     if filter.is_none() {
         // Hostile input: every fuzz target for a bounded time (PG_FUZZ_SECONDS, default 30).
         let seconds = std::env::var("PG_FUZZ_SECONDS")
             .ok()
             .and_then(|s| s.parse().ok())
             .unwrap_or(30);
-        fuzz::fuzz(root, seconds)?;
+        timed("the fuzz targets (with their build)", || {
+            fuzz::fuzz(root, seconds)
+        })?;
+    }
+    Ok(())
+}
+
+fn unit_tests(root: &Path) -> Result<()> {
+    cargo(
+        root,
+        &[
+            "test",
+            "--package",
+            "port-guard",
+            "--package",
+            "port-guard-common",
+            "--package",
+            "xtask",
+        ],
+    )
+}
+
+/// The earlier releases the upgrade tests start from, built (or reused) and passed to `cmd`.
+fn old_builds(root: &Path, cmd: &mut Command) -> Result<()> {
+    for old in OLD_BUILDS {
+        match old_binary(root, old.commit)? {
+            Some(bin) => {
+                cmd.env(old.env, bin);
+            }
+            None => eprintln!(
+                "xtask: WARNING: commit {} ({}) is not in this clone's history: its upgrade test is skipped",
+                old.commit, old.what
+            ),
+        }
     }
     Ok(())
 }
