@@ -201,7 +201,7 @@ fn prepare(
     let mut images = Vec::new();
     for k in &kernels {
         let img = initramfs_dir.join(format!("initramfs-{}.cpio", k.series.name));
-        initramfs::write_kernel_initramfs(&img, &base, k)?;
+        initramfs::write_kernel_initramfs(&img, &base, k, kernels[0].series.name)?;
         images.push(img);
     }
     let t_initramfs = t.elapsed();
