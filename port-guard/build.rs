@@ -1,5 +1,5 @@
 //! Builds the eBPF object from port-guard-ebpf (nightly, build-std) and leaves it in OUT_DIR,
-//! where src/guard.rs embeds it. No prebuilt object is committed.
+//! where src/guard/load.rs embeds it. No prebuilt object is committed.
 use anyhow::{anyhow, Context as _};
 
 fn main() -> anyhow::Result<()> {
