@@ -446,7 +446,8 @@ fn allowed_unit(slot: Slot, config: Option<&GuardConfig>, want_unit: bool) -> u6
 }
 
 /// Whether an allowed cgroup for range `slot` is on the caller's path (the caller's own cgroup
-/// or an ancestor; the shallowest counts), and with `want_unit` the unit the caller binds as:
+/// or an ancestor at a level up to [`MAX_CGROUP_LEVEL`], which bounds what the verifier walks;
+/// the shallowest counts), and with `want_unit` the unit the caller binds as:
 /// that cgroup's child on the path, or the allowed cgroup itself for its own processes (0
 /// without `want_unit`). The unit is computed inside the loop, so that what follows sees one
 /// value the verifier knows nothing of rather than a constant level per loop exit.
@@ -470,11 +471,9 @@ fn allowed(slot: Slot, config: Option<&GuardConfig>, want_unit: bool) -> Option<
                     if !want_unit {
                         return Some(0);
                     }
-                    let below = if level < MAX_CGROUP_LEVEL {
-                        unsafe { bpf_get_current_ancestor_cgroup_id(level as i32 + 1) }
-                    } else {
-                        0
-                    };
+                    // 0 when the caller is in the allowed cgroup itself.
+                    let below =
+                        unsafe { bpf_get_current_ancestor_cgroup_id(level as i32 + 1) };
                     return Some(if below != 0 { below } else { id });
                 }
             }

@@ -6,7 +6,8 @@
 //! test's cgroup.
 //!
 //! Usage/config cases: `--reserve 0`, `70000`, `5000-4000`, overlapping ranges, `61500/sctp`,
-//! `--errno enoent`, `--mode block`, `--allow /a/../b`, `--attach` of a missing cgroup, an
+//! `--errno enoent`, `--mode block`, `--allow /a/../b`, `--allow` of a cgroup 16 levels deep,
+//! `--attach` of a missing cgroup, an
 //! explicit `--config` that does not exist, and config files with an unknown key or
 //! `ports = "0"`.
 //! Runtime cases: no cgroup2 mount (the binary runs in a private mount namespace where the
@@ -205,6 +206,20 @@ fn cgroup_path_with_dotdot_is_rejected() {
         &cfg,
         &attach_args(&c, &["--reserve", "61580-61589", "--allow", "/a/../b"]),
         &["/a/../b"],
+    );
+}
+
+#[test]
+fn an_allowed_cgroup_deeper_than_the_walk_is_rejected() {
+    // Level 16: one deeper than the programs' walk of allowed cgroups reaches. It need not
+    // exist: an allowed cgroup may appear later, and its depth is in its path.
+    let c = Case::new("allow-deep");
+    let cfg = c.config(OK_CONFIG);
+    let deep: String = (1..=16).map(|i| format!("/l{i}")).collect();
+    c.usage(
+        &cfg,
+        &attach_args(&c, &["--reserve", "61590-61599", "--allow", &deep]),
+        &[&deep, "level 15"],
     );
 }
 

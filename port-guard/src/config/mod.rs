@@ -396,11 +396,17 @@ fn reserve(
 }
 
 /// Cgroup paths, each checked.
+/// Allowed cgroups: valid paths, none deeper than the programs' walk reaches.
 fn cgroups(paths: &[String]) -> Result<Vec<CgroupPath>, ConfigError> {
-    Ok(paths
-        .iter()
-        .map(|a| a.parse::<CgroupPath>())
-        .collect::<Result<Vec<_>, _>>()?)
+    let mut out = Vec::with_capacity(paths.len());
+    for a in paths {
+        let path = a.parse::<CgroupPath>()?;
+        if path.level() > port_guard_common::MAX_CGROUP_LEVEL {
+            return Err(CgroupError::TooDeep(path).into());
+        }
+        out.push(path);
+    }
+    Ok(out)
 }
 
 /// A `[[reserve]]` table of the file (its per_child_limit checked already).
