@@ -153,7 +153,7 @@ leased ports do not count. Absent: no limit.
 .PP
 With no file and no flags: one range 49152-49215/tcp, nothing allowed (leases only), errno
 EADDRINUSE, ephemeral ports protected, the daemon's network namespace guarded, no per-child
-limit, no metrics. Limits: @MAX_RANGES@ ranges, @MAX_ALLOWED@ allowed cgroups, @MAX_LEASES@ leases, cgroup depth @MAX_LEVEL@; a config
+limit, no metrics. Limits: @MAX_RANGES@ ranges, @MAX_ALLOWED@ allowed cgroups, @MAX_LEASES@ leases, allowed cgroups at level @MAX_LEVEL@ or above (the root is 0); a config
 over a limit is refused whole.
 .SH KERNELS
 What a refused bind gets, by kernel (\fBcheck\fR shows the features found; \fBstatus\fR what
