@@ -3,11 +3,14 @@
 //! capabilities, the maintainer scripts' deb-systemd-helper and deb-systemd-invoke, the fd
 //! store keeping the sentinel sockets across the upgrade's restart).
 //!
-//! The guest is Debian 12 (`debootstrap --variant=minbase`, with systemd; cached as a cpio under
-//! `target/vm-cache/systemd`), booted with systemd as its init straight from the initramfs. A
-//! second cpio appended to it carries the package and a version-bumped build of it, pg-hostile
-//! (static), busybox (for insmod), the kernel's modules and [`GUEST`], run once by a unit at
-//! boot: install, enforce, lease, upgrade under a hostile binder, remove, purge.
+//! The guest is Debian 12 (`debootstrap --variant=minbase`, with systemd and ansible-core; cached
+//! as a cpio under `target/vm-cache/systemd`), booted with systemd as its init straight from the
+//! initramfs. A second cpio appended to it carries the package and a version-bumped build of it,
+//! contrib/ansible/port-guard.yml, pg-hostile (static), busybox (for insmod and nc), the kernel's
+//! modules and [`GUEST`], run once by a unit at boot: the roll-out through the playbook with a
+//! local connection (install in audit mode, the enforce gate, enforce, --check, the upgrade under
+//! a hostile binder: one kernel runs all of it, two or more share it out), a lease, remove,
+//! purge.
 
 use std::{
     collections::VecDeque,
@@ -32,24 +35,35 @@ use super::{
 
 /// The guest's script (bash).
 const GUEST: &str = include_str!("systemd_guest.sh");
+/// The roll-out playbook the guest runs against itself (docs/fleet.md).
+const PLAYBOOK: &str = include_str!("../../../contrib/ansible/port-guard.yml");
 
 const UNIT: &str = "[Unit]\nDescription=port-guard package test\n\n[Service]\nType=oneshot\n\
 ExecStart=/pg/run.sh\nStandardOutput=tty\nStandardError=tty\nTTYPath=/dev/ttyS0\n\n\
 [Install]\nWantedBy=multi-user.target\n";
 
-/// The rootfs: Debian 12, its smallest variant plus systemd as init.
+/// The rootfs: Debian 12, its smallest variant plus systemd as init, and what running
+/// contrib/ansible/port-guard.yml on it takes: Debian's ansible-core, python3-apt (its apt
+/// module), sudo (the play's `become`). debootstrap does not resolve virtual packages:
+/// python3-cffi-backend provides the python3-cffi-backend-api-* that python3-cryptography (an
+/// ansible-core dependency) needs.
 const SUITE: &str = "bookworm";
-const INCLUDE: &str = "systemd,systemd-sysv,dbus";
+const INCLUDE: &str =
+    "systemd,systemd-sysv,dbus,ansible-core,python3-cffi-backend,python3-apt,sudo";
+/// Part of the cache key with SUITE and INCLUDE: bump it when [`rootfs_cpio`] makes another image.
+const IMAGE: u32 = 2;
 
-/// `target/vm-cache/systemd/rootfs-<suite>.cpio`, made once (about 40 s of debootstrap).
+/// `target/vm-cache/systemd/rootfs-<suite>.cpio`, made once (about 70 s of debootstrap and 10 s
+/// of cpio here), and again when its key (the stamp beside it) changes.
 fn rootfs_cpio(cache: &Path) -> Result<PathBuf> {
     let dir = cache.join("systemd");
     let cpio = dir.join(format!("rootfs-{SUITE}.cpio"));
     let stamp = dir.join(format!("rootfs-{SUITE}.stamp"));
-    let want = format!("{SUITE} minbase {INCLUDE}\n");
+    let want = format!("{SUITE} minbase {INCLUDE} image {IMAGE}\n");
     if cpio.exists() && fs::read_to_string(&stamp).is_ok_and(|s| s == want) {
         return Ok(cpio);
     }
+    let started = Instant::now();
     let root = dir.join(format!("rootfs-{SUITE}"));
     let _ = fs::remove_dir_all(&root);
     fs::create_dir_all(&dir)?;
@@ -57,15 +71,14 @@ fn rootfs_cpio(cache: &Path) -> Result<PathBuf> {
         .args(["--variant=minbase", &format!("--include={INCLUDE}"), SUITE])
         .arg(&root)
         .arg("http://deb.debian.org/debian"))?;
-    // What the guest does not need: a smaller initramfs boots faster under TCG.
-    for sub in [
-        "usr/share/doc",
-        "usr/share/man",
-        "usr/share/locale",
-        "var/cache/apt",
-        "var/lib/apt/lists",
-    ] {
+    // What the guest does not need: a smaller initramfs boots faster under TCG. apt's own
+    // directories stay, empty (python3-apt opens its cache there).
+    for sub in ["usr/share/doc", "usr/share/man", "usr/share/locale"] {
         let _ = fs::remove_dir_all(root.join(sub));
+    }
+    for sub in ["var/cache/apt", "var/lib/apt/lists"] {
+        let _ = fs::remove_dir_all(root.join(sub));
+        fs::create_dir_all(root.join(sub).join("partial"))?;
     }
     // No login prompt on the console the test reads.
     std::os::unix::fs::symlink(
@@ -82,6 +95,11 @@ fn rootfs_cpio(cache: &Path) -> Result<PathBuf> {
     ensure!(st.success(), "find | cpio in {} failed", root.display());
     fs::remove_dir_all(&root)?;
     fs::write(&stamp, want)?;
+    eprintln!(
+        "xtask: the guest's rootfs made in {:.1} s: {}",
+        started.elapsed().as_secs_f64(),
+        cpio.display()
+    );
     Ok(cpio)
 }
 
@@ -134,7 +152,16 @@ pub fn vm_systemd(root: &Path, kernels: &[KernelArg], timeout: Duration) -> Resu
             series.push(s);
         }
     }
-    for s in series {
+    // Every ansible-playbook run costs 20 s to a minute under TCG: one kernel runs the whole
+    // roll-out through the playbook; two or more share it out, the audit and enforce gate on
+    // one, --check and the upgrade on the next (the guest script says what each part does).
+    let single = series.len() == 1;
+    for (i, s) in series.into_iter().enumerate() {
+        let flow = match (single, i % 2) {
+            (true, _) => "full",
+            (false, 0) => "audit",
+            (false, _) => "upgrade",
+        };
         let k = kernel::fetch_kernel(&cache, &mut apt, s, false)?;
         let img = work.join(format!("initramfs-{}.cpio", s.name));
         fs::copy(&base, &img).with_context(|| format!("creating {}", img.display()))?;
@@ -153,6 +180,7 @@ pub fn vm_systemd(root: &Path, kernels: &[KernelArg], timeout: Duration) -> Resu
             }
             c.file("pg/modules/order", 0o644, order.as_bytes())?;
             c.file("pg/run.sh", 0o755, GUEST.as_bytes())?;
+            c.file("pg/ansible/port-guard.yml", 0o644, PLAYBOOK.as_bytes())?;
             c.file("etc/systemd/system/pg-test.service", 0o644, UNIT.as_bytes())?;
             c.symlink(
                 "etc/systemd/system/multi-user.target.wants/pg-test.service",
@@ -162,7 +190,7 @@ pub fn vm_systemd(root: &Path, kernels: &[KernelArg], timeout: Duration) -> Resu
         })?;
         let log = work.join(format!("{}.log", s.name));
         eprintln!(
-            "\nxtask: booting {} ({}) with systemd as init, console in {}",
+            "\nxtask: booting {} ({}) with systemd as init, roll-out part {flow:?} through the playbook, console in {}",
             s.name,
             k.release,
             log.display()
@@ -172,9 +200,13 @@ pub fn vm_systemd(root: &Path, kernels: &[KernelArg], timeout: Duration) -> Resu
         // it is shown and tried once more. A guest that reached the test is never retried.
         let mut attempt = 1;
         loop {
-            let b = boot(&k.vmlinuz, &img, &log, timeout)?;
+            let b = boot(&k.vmlinuz, &img, &log, flow, timeout)?;
             match b.result.as_deref() {
-                Some("PASS") => eprintln!("xtask: vm-systemd {}: pass", s.name),
+                Some("PASS") => eprintln!(
+                    "xtask: vm-systemd {}: pass in {:.1} s (boot to power-off)",
+                    s.name,
+                    b.elapsed.as_secs_f64()
+                ),
                 Some(why) => failed.push(format!("{}: {why}", s.name)),
                 None => {
                     eprintln!(
@@ -224,14 +256,22 @@ struct Booted {
 }
 
 /// Boots the image; echoes the guest's `PG-SYSTEMD:` lines.
-fn boot(vmlinuz: &Path, initrd: &Path, log: &Path, timeout: Duration) -> Result<Booted> {
+fn boot(
+    vmlinuz: &Path,
+    initrd: &Path,
+    log: &Path,
+    flow: &str,
+    timeout: Duration,
+) -> Result<Booted> {
     let start = Instant::now();
     let mut child = command(
         Accel::Tcg,
         2048,
         vmlinuz,
         initrd,
-        "console=ttyS0 rdinit=/lib/systemd/systemd panic=-1 systemd.show_status=0 quiet",
+        &format!(
+            "console=ttyS0 rdinit=/lib/systemd/systemd panic=-1 systemd.show_status=0 quiet pg.flow={flow}"
+        ),
     )
     .spawn()
     .context("starting qemu-system-x86_64")?;
