@@ -395,8 +395,8 @@ fn reserve(
     Ok(reserve)
 }
 
-/// Cgroup paths, each checked.
-/// Allowed cgroups: valid paths, none deeper than the programs' walk reaches.
+/// Allowed cgroups: valid paths, none deeper than the programs' walk reaches (checked here, at
+/// the config, so the one line comes before any probe; maps::write checks again as it writes).
 fn cgroups(paths: &[String]) -> Result<Vec<CgroupPath>, ConfigError> {
     let mut out = Vec::with_capacity(paths.len());
     for a in paths {

@@ -262,7 +262,7 @@ pub async fn serve(listener: Listener, tx: mpsc::Sender<Scrape>, evicted: Arc<At
         }
         let answered = Arc::new(AtomicBool::new(false));
         let (tx, flag, slots2) = (tx.clone(), Arc::clone(&answered), Arc::clone(&slots));
-        let fd = conn.fd();
+        let fd = conn.as_raw_fd();
         // The task registers itself before it reads: a slot is taken from the first instant.
         let (key_tx, key_rx) = oneshot::channel::<u64>();
         let task = tokio::spawn(async move {
@@ -284,19 +284,8 @@ pub async fn serve(listener: Listener, tx: mpsc::Sender<Scrape>, evicted: Arc<At
 }
 
 /// A connection of either kind.
-trait Conn: AsyncRead + AsyncWrite + Unpin + Send {
-    fn fd(&self) -> RawFd;
-}
-impl Conn for tokio::net::TcpStream {
-    fn fd(&self) -> RawFd {
-        self.as_raw_fd()
-    }
-}
-impl Conn for tokio::net::UnixStream {
-    fn fd(&self) -> RawFd {
-        self.as_raw_fd()
-    }
-}
+trait Conn: AsyncRead + AsyncWrite + AsRawFd + Unpin + Send {}
+impl<T: AsyncRead + AsyncWrite + AsRawFd + Unpin + Send> Conn for T {}
 
 /// Reads one request head and answers it; every step is bounded in size and time. `answered`
 /// is set once the head is in: from then on the connection is not evicted.
