@@ -4,10 +4,10 @@
 //! Anyone who can reach a TCP address can connect, so what connections can cost is bounded: at
 //! most [`MAX_CONNECTIONS`] are served at once, each gets [`REQUEST_TIMEOUT`] to send its
 //! request and as long to take the answer, accept errors back off instead of spinning, and when
-//! every slot is held a new connection takes the slot of the oldest idle one: one that has not
-//! sent a byte (nothing read, nothing waiting in its socket). A scrape's request is never idle
-//! once it is on its way, however many connections arrive behind it: idle connections cannot keep
-//! a scrape out.
+//! every slot is held a new connection takes the slot of the oldest idle one: one whose request
+//! head is not complete and that has nothing waiting unread in its socket (bytes already read
+//! but no whole head count as idle). A scrape whose request is waiting to be read is not idle,
+//! however many connections arrive behind it: idle connections cannot keep a scrape out.
 
 use std::{
     collections::BTreeMap,
@@ -169,7 +169,7 @@ struct Slot {
 }
 
 impl Slot {
-    /// Nothing read and nothing waiting to be read: a connection that has sent no byte. The fd
+    /// No complete request head, and nothing waiting unread in the socket. The fd
     /// is the task's own and still open: a task leaves the slots before it drops its connection,
     /// and both happen on this runtime's one thread.
     fn idle(&self) -> bool {
